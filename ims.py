@@ -1,0 +1,1856 @@
+"""IMS: a tiny image store with resizing, served over HTTP.
+
+Run it with nothing but the standard library and Pillow:
+
+    python3 -m pip install -r requirements.txt
+    python3 ims.py                  # http://127.0.0.1:5000, images in ./storage
+
+Embed it (tests and other programs do this rather than start a process):
+
+    import threading, ims
+    server = ims.make_server("path/to/storage", host="127.0.0.1", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ...  # talk to server.server_address
+    server.shutdown(); server.server_close()
+
+README.md describes every endpoint, option and error.
+"""
+from __future__ import annotations
+
+__version__ = "1.0.0"
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import email.utils
+import errno
+import http.server
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import secrets
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+import traceback
+import unicodedata
+import urllib.parse
+
+from PIL import BmpImagePlugin  # noqa: F401  (registers the format)
+from PIL import GifImagePlugin  # noqa: F401
+from PIL import Image
+from PIL import JpegImagePlugin
+from PIL import PngImagePlugin  # noqa: F401
+from PIL import TiffImagePlugin  # noqa: F401
+from PIL import WebPImagePlugin  # noqa: F401
+
+
+# ====
+# Settings
+# ====
+# Owns the options of the contract's table and the fixed limits. Never reads the environment:
+# the command line turns flags and variables into a Settings.
+
+DEFAULT_STORAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every option of the contract's table, with its default."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    storage: str = DEFAULT_STORAGE
+    max_upload: int = 16_000_000
+    max_pixels: int = 90_000_000
+    resize_workers: int = os.cpu_count() or 1
+    max_queue: int = 256
+    resize_timeout: float = 60.0
+    timeout: float = 30.0
+    max_connections: int = 256
+
+    def __post_init__(self):
+        for field in ("max_upload", "max_pixels", "resize_workers", "max_connections"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, not {getattr(self, field)!r}")
+        for field in ("max_queue", "port"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must not be negative, not {getattr(self, field)!r}")
+        for field in ("resize_timeout", "timeout"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"{field} must be a positive number of seconds")
+
+
+# A socket read hands over at most what the kernel has buffered; 64 KiB reads keep system calls
+# few without holding more than that in memory per upload.
+READ_CHUNK_SIZE = 64 * 1024
+# Headers of one multipart part: Apache's LimitRequestFieldSize allows 8 KiB per header line, and a
+# part carries two or three short lines.
+MAX_PART_HEADER_BYTES = 8 * 1024
+# A chunk-size line is a few hex digits; extensions are ignored but must not grow without bound.
+MAX_CHUNK_LINE_BYTES = 4 * 1024
+# Trailer fields after the last chunk are read and dropped; the same bound as part headers.
+MAX_TRAILER_BYTES = 8 * 1024
+# Resize parameters are a few dozen bytes of JSON or form data.
+MAX_PARAMETERS_BYTES = 64 * 1024
+# Apache's lingering close: after an early error, read and drop what the client still sends for
+# this long, so it reads our answer instead of a connection reset.
+LINGER_SECONDS = 2.0
+# socketserver's default backlog of 5 resets connections under a burst; the kernel caps this at
+# net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+# Directory mtimes tick with the kernel clock, not per change: a listing taken within this much of
+# the folder's mtime may miss a change made in the same tick, so it is not trusted (git's
+# "racily clean" rule).
+FOLDER_MTIME_SLACK_NS = 1_000_000_000
+MAX_JOB_WAIT_SECONDS = 60
+JOB_RETENTION_SECONDS = 3600
+JOB_RETENTION_COUNT = 1000
+
+
+# ====
+# Names and formats
+# ====
+# Owns what a stored name may be and which formats exist. Pure: never touches a file.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+FORMAT_BY_EXTENSION = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+CONTENT_TYPE_BY_FORMAT = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+ALLOWED_FORMATS = tuple(CONTENT_TYPE_BY_FORMAT)
+# Temporary files are hidden, so they are never listed, and carry the writer's process id, so a
+# start-up scan removes only the leftovers of processes that are gone.
+TEMP_PREFIX = ".ims-tmp-"
+
+_UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class HTTPError(Exception):
+    """A request that cannot be served: `status` and a `message` for the client.
+
+    Raised at any depth; Handler.dispatch() turns it into `{"message": ...}`.
+    """
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def extension_of(name):
+    """Return the lower-case extension of `name`, dot included ("" when it has none)."""
+    return os.path.splitext(name)[1].lower()
+
+
+def is_image_name(name):
+    """Tell whether `name` can be a stored image: one visible path segment with an image extension."""
+    return (
+        extension_of(name) in FORMAT_BY_EXTENSION
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and not _CONTROL_CHARACTERS.search(name)
+        and not any("\ud800" <= character <= "\udfff" for character in name)
+    )
+
+
+def secure_filename(filename):
+    """Return `filename` made safe the way Werkzeug's secure_filename does on POSIX.
+
+    ASCII only, no directory parts, runs of white space to "_", no leading or trailing dots or
+    underscores. The result may be empty.
+    """
+    filename = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode("ascii")
+    filename = filename.replace("/", " ")
+    return _UNSAFE_FILENAME_CHARACTERS.sub("", "_".join(filename.split())).strip("._")
+
+
+def image_name_from_path(path):
+    """Return the image name a request path names, or None when it names no possible image.
+
+    The path is one segment after "/", percent-decoded as UTF-8; "/" or "\\" after decoding,
+    control characters and a leading dot name nothing, so no path can reach outside the folder.
+    """
+    if not path.startswith("/"):
+        return None
+    try:
+        name = urllib.parse.unquote(path[1:], errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return name if is_image_name(name) else None
+
+
+def make_etag(file_status):
+    """Return a strong ETag that changes whenever the file at that name is written or replaced."""
+    return f'"{file_status.st_ino:x}-{file_status.st_mtime_ns:x}-{file_status.st_size:x}"'
+
+
+# ====
+# Catalogue
+# ====
+# Owns the storage folder: which names are stored, publishing uploads and replacing resized files.
+# The folder is the truth; the catalogue only caches its listing. Never parses HTTP.
+
+# Errors that mean "the disk is full or we may not write here", answered 507.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def storage_error(error):
+    """Return the HTTPError for an OSError met while writing to the storage folder."""
+    if error.errno in STORAGE_ERRNOS:
+        return HTTPError(507, f"the storage folder is full or not writable ({error.strerror})")
+    return error
+
+
+def is_process_alive(pid):
+    """Tell whether a process with this id exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fsync_folder(folder):
+    """Make the folder's entries (a new link, a removal, a rename) durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def temp_path_in(folder, suffix=""):
+    """Return a fresh hidden temp file path in `folder`, named after this process."""
+    return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}")
+
+
+def remove_if_present(path):
+    """Delete the file at `path`; it may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class TempFile:
+    """A hidden file in the storage folder that is either published or removed, never left.
+
+    Write errors that mean a full or read-only disk raise HTTPError(507).
+    """
+
+    def __init__(self, folder, suffix=""):
+        self.path = temp_path_in(folder, suffix)
+        try:
+            self._descriptor = os.open(
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644
+            )
+        except OSError as error:
+            raise storage_error(error) from None
+
+    def write(self, data):
+        """Append `data`; raises HTTPError(507) when the disk is full."""
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._descriptor, view):]
+        except OSError as error:
+            raise storage_error(error) from None
+
+    def finish(self):
+        """Flush the bytes to disk and close the file."""
+        try:
+            os.fsync(self._descriptor)
+        except OSError as error:
+            raise storage_error(error) from None
+        finally:
+            self._close()
+
+    def remove(self):
+        """Close and delete the file; it may already be gone."""
+        self._close()
+        remove_if_present(self.path)
+
+    def _close(self):
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+def publish(temp_path, path):
+    """Give the finished temp file its final name without ever overwriting an existing file.
+
+    A hard link fails when the name exists, also when another process made it a moment ago, so of
+    two uploads of one name exactly one wins. Raises HTTPError(409) for the loser, 507 when the
+    folder is not writable.
+    """
+    try:
+        os.link(temp_path, path)
+        fsync_folder(os.path.dirname(path))
+    except FileExistsError:
+        raise HTTPError(409, f"an image named {os.path.basename(path)!r} is already stored") from None
+    except OSError as error:
+        raise storage_error(error) from None
+
+
+def replace_atomically(temp_path, path):
+    """Put the finished temp file in place of `path`: readers see the old or the new file, whole."""
+    os.replace(temp_path, path)
+    fsync_folder(os.path.dirname(path))
+
+
+class Catalogue:
+    """The names stored in one folder, re-read whenever the folder's mtime moves."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._names = frozenset()
+        self._listing = b"[]\n"
+        self._mtime_ns = None
+        self._is_settled = False
+
+    def scan(self):
+        """Remove leftovers of interrupted writes by processes that are gone, then read the folder."""
+        for entry in os.scandir(self.folder):
+            if entry.name.startswith(TEMP_PREFIX) and not self._is_writer_alive(entry.name):
+                remove_if_present(entry.path)
+        with self._lock:
+            self._refresh(force=True)
+
+    def remove_own_temp_files(self):
+        """Remove the temp files this process made; called when the server stops."""
+        own_prefix = f"{TEMP_PREFIX}{os.getpid()}-"
+        for entry in os.scandir(self.folder):
+            if entry.name.startswith(own_prefix):
+                remove_if_present(entry.path)
+
+    def names(self):
+        """Return the stored names as a frozenset."""
+        with self._lock:
+            self._refresh()
+            return self._names
+
+    def listing(self):
+        """Return the sorted JSON list of names, encoded, ready to send."""
+        with self._lock:
+            self._refresh()
+            return self._listing
+
+    def __contains__(self, name):
+        return name in self.names()
+
+    def path_of(self, name):
+        """Return the path of `name` in the folder; `name` must satisfy is_image_name()."""
+        return os.path.join(self.folder, name)
+
+    def _refresh(self, force=False):
+        mtime_ns = os.stat(self.folder).st_mtime_ns
+        if mtime_ns == self._mtime_ns and self._is_settled and not force:
+            return
+        now_ns = time.time_ns()
+        names = frozenset(
+            entry.name
+            for entry in os.scandir(self.folder)
+            if is_image_name(entry.name) and entry.is_file(follow_symlinks=False)
+        )
+        self._mtime_ns = mtime_ns
+        self._is_settled = now_ns - mtime_ns > FOLDER_MTIME_SLACK_NS
+        if names != self._names:
+            self._names = names
+            self._listing = (json.dumps(sorted(names)) + "\n").encode()
+
+    @staticmethod
+    def _is_writer_alive(temp_name):
+        pid_text = temp_name[len(TEMP_PREFIX):].partition("-")[0]
+        if not pid_text.isdigit():
+            return False
+        pid = int(pid_text)
+        return pid != os.getpid() and is_process_alive(pid)
+
+
+# ====
+# Body parsing
+# ====
+# Owns the grammar of request bodies, parameters and conditional headers. Pure: takes bytes and
+# strings, returns values or events, raises HTTPError; never touches a socket or a file.
+
+PREAMBLE = "preamble"
+PART_HEADERS = "part headers"
+PART_BODY = "part body"
+EPILOGUE = "epilogue"
+DONE = "done"
+
+CHUNK_SIZE = "chunk size"
+CHUNK_DATA = "chunk data"
+CHUNK_END = "chunk end"
+TRAILER = "trailer"
+
+_PARAMETER = re.compile(r';\s*([^\s;=]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]*)')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartStart:
+    """A multipart part begins; `filename` is None when the part carries none."""
+
+    name: str
+    filename: str | None
+    content_type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PartData:
+    """The next bytes of the current part's body."""
+
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PartEnd:
+    """The current part's body is complete."""
+
+
+def parse_header_parameters(value):
+    """Split a header like Content-Type or Content-Disposition into its value and parameters.
+
+    Returns (lower-cased value, {lower-cased name: value}); quoted values are unquoted, and the first
+    of two parameters with one name wins.
+    """
+    main, _, rest = value.partition(";")
+    parameters = {}
+    for match in _PARAMETER.finditer(";" + rest):
+        key, raw = match.group(1).lower(), match.group(2)
+        if raw.startswith('"'):
+            raw = _QUOTED_PAIR.sub(r"\1", raw[1:-1])
+        parameters.setdefault(key, raw)
+    return main.strip().lower(), parameters
+
+
+def _decode_extended_value(value):
+    # RFC 8187: charset'language'percent-encoded; RFC 7578 §4.2 discourages it, yet some clients send it.
+    charset, _, rest = value.partition("'")
+    _, _, encoded = rest.partition("'")
+    try:
+        return urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="replace")
+    except LookupError:
+        return urllib.parse.unquote(encoded, errors="replace")
+
+
+def _decode_header_text(raw):
+    # Browsers send file names as raw UTF-8 (RFC 7578 §4.2); anything else is read as Latin-1.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+class MultipartParser:
+    """A push parser for multipart/form-data bodies (RFC 7578, RFC 2046 §5.1).
+
+    feed(data) returns a list of PartStart, PartData and PartEnd events; close() marks the end of
+    the body. Between calls it holds at most one part's headers plus a tail shorter than the
+    delimiter line, so memory does not grow with the body. Malformed or truncated input raises
+    HTTPError(400).
+    """
+
+    def __init__(self, boundary):
+        if not isinstance(boundary, str) or not _BOUNDARY.fullmatch(boundary):
+            raise HTTPError(400, f"the multipart boundary {boundary!r} is not valid (RFC 2046 §5.1.1)")
+        self.state = PREAMBLE
+        self._delimiter = b"\r\n--" + boundary.encode("ascii")
+        # The first delimiter may open the body with no CRLF before it; pretending there is one
+        # makes every delimiter look alike.
+        self._buffer = b"\r\n"
+
+    def feed(self, data):
+        """Parse the next bytes of the body; return the events they complete."""
+        if self.state == DONE:
+            raise HTTPError(400, "the multipart body continues after its end")
+        buffer = self._buffer + data if self._buffer else bytes(data)
+        events = []
+        while True:
+            if self.state in (PREAMBLE, PART_BODY):
+                buffer = self._parse_until_delimiter(buffer, events)
+                if self.state in (PREAMBLE, PART_BODY):
+                    break
+            elif self.state == PART_HEADERS:
+                buffer = self._parse_part_headers(buffer, events)
+                if self.state == PART_HEADERS:
+                    break
+            else:
+                buffer = b""
+                break
+        self._buffer = buffer
+        return events
+
+    def close(self):
+        """Mark the end of the body; raise HTTPError(400) unless the closing delimiter was seen."""
+        if self.state not in (EPILOGUE, DONE):
+            raise HTTPError(400, "the multipart body ended before its closing boundary")
+        self.state = DONE
+
+    def _parse_until_delimiter(self, buffer, events):
+        index = buffer.find(self._delimiter)
+        if index < 0:
+            keep = self._start_of_possible_delimiter(buffer)
+            if self.state == PART_BODY and keep:
+                events.append(PartData(buffer[:keep]))
+            return buffer[keep:]
+        if self.state == PART_BODY and index:
+            events.append(PartData(buffer[:index]))
+        after = index + len(self._delimiter)
+        if buffer.startswith(b"--", after):
+            if self.state == PART_BODY:
+                events.append(PartEnd())
+            self.state = EPILOGUE
+            return b""
+        line_end = buffer.find(b"\r\n", after)
+        if line_end < 0:
+            if len(buffer) - after > MAX_PART_HEADER_BYTES or buffer[after:].strip(b" \t\r"):
+                raise HTTPError(400, "a multipart boundary line is followed by unexpected bytes")
+            return buffer[index:]
+        if buffer[after:line_end].strip(b" \t"):
+            raise HTTPError(400, "a multipart boundary line is followed by unexpected bytes")
+        if self.state == PART_BODY:
+            events.append(PartEnd())
+        self.state = PART_HEADERS
+        return buffer[line_end + 2:]
+
+    def _start_of_possible_delimiter(self, buffer):
+        # Every delimiter starts with CR; only the last len(delimiter) - 1 bytes can hold the start
+        # of one that is not complete yet.
+        index = buffer.find(b"\r", max(0, len(buffer) - len(self._delimiter) + 1))
+        return len(buffer) if index < 0 else index
+
+    def _parse_part_headers(self, buffer, events):
+        if buffer.startswith(b"\r\n"):
+            block, rest = b"", buffer[2:]
+        else:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0 or end > MAX_PART_HEADER_BYTES:
+                if len(buffer) > MAX_PART_HEADER_BYTES:
+                    raise HTTPError(400, f"the headers of a multipart part exceed {MAX_PART_HEADER_BYTES} bytes")
+                return buffer
+            block, rest = buffer[:end], buffer[end + 4:]
+        events.append(self._part_start(block))
+        self.state = PART_BODY
+        return rest
+
+    @staticmethod
+    def _part_start(block):
+        headers = {}
+        for line in block.split(b"\r\n") if block else ():
+            name, colon, value = line.partition(b":")
+            # RFC 9112 §5.2: obsolete line folding is refused rather than guessed at.
+            if not colon or not name.strip() or line[:1] in (b" ", b"\t") or name != name.strip():
+                raise HTTPError(400, f"a multipart part has a malformed header line {line[:80]!r}")
+            headers.setdefault(name.decode("latin-1").lower(), _decode_header_text(value).strip())
+        disposition, parameters = parse_header_parameters(headers.get("content-disposition", ""))
+        if disposition != "form-data" or "name" not in parameters:
+            raise HTTPError(400, 'every multipart part needs "Content-Disposition: form-data; name=..."')
+        filename = parameters.get("filename")
+        if "filename*" in parameters:
+            filename = _decode_extended_value(parameters["filename*"])
+        content_type = headers.get("content-type", "text/plain")
+        return PartStart(parameters["name"], filename, content_type)
+
+
+class ChunkedDecoder:
+    """A push decoder for the chunked transfer coding (RFC 9112 §7.1).
+
+    feed(data) returns the decoded bytes that `data` completes; `done` turns true after the last
+    chunk and its trailer section, and `unused` then holds the bytes that follow (the next request).
+    Malformed input raises HTTPError(400).
+    """
+
+    def __init__(self):
+        self.state = CHUNK_SIZE
+        self.done = False
+        self.unused = b""
+        self._buffer = b""
+        self._remaining = 0
+        self._trailer_bytes = 0
+
+    def feed(self, data):
+        """Decode the next bytes; return the chunk data they hold."""
+        if self.done:
+            self.unused += data
+            return b""
+        buffer = self._buffer + data if self._buffer else bytes(data)
+        position = 0
+        pieces = []
+        while position < len(buffer) and not self.done:
+            if self.state == CHUNK_SIZE:
+                position = self._parse_size_line(buffer, position)
+                if position < 0:
+                    position = -position - 1
+                    break
+            elif self.state == CHUNK_DATA:
+                taken = min(self._remaining, len(buffer) - position)
+                pieces.append(buffer[position:position + taken])
+                position += taken
+                self._remaining -= taken
+                if not self._remaining:
+                    self.state = CHUNK_END
+            elif self.state == CHUNK_END:
+                if len(buffer) - position < 2:
+                    break
+                if buffer[position:position + 2] != b"\r\n":
+                    raise HTTPError(400, "a chunk of the chunked body is longer than its size line says")
+                position += 2
+                self.state = CHUNK_SIZE
+            else:
+                line_end = buffer.find(b"\r\n", position)
+                if line_end < 0:
+                    self._check_trailer_size(len(buffer) - position)
+                    break
+                if line_end == position:
+                    self.done = True
+                    self.state = DONE
+                    self.unused = buffer[position + 2:]
+                    position = len(buffer)
+                else:
+                    self._check_trailer_size(line_end + 2 - position)
+                    position = line_end + 2
+        self._buffer = buffer[position:]
+        return b"".join(pieces)
+
+    def close(self):
+        """Mark the end of input; raise HTTPError(400) unless the last chunk was seen."""
+        if not self.done:
+            raise HTTPError(400, "the chunked body ended before its last chunk")
+
+    def _parse_size_line(self, buffer, position):
+        # Returns the position after the line, or -(position + 1) when the line is incomplete.
+        line_end = buffer.find(b"\r\n", position)
+        if line_end < 0:
+            if len(buffer) - position > MAX_CHUNK_LINE_BYTES:
+                raise HTTPError(400, "a chunk-size line of the chunked body is too long")
+            return -(position + 1)
+        if line_end - position > MAX_CHUNK_LINE_BYTES:
+            raise HTTPError(400, "a chunk-size line of the chunked body is too long")
+        # RFC 9112 §7.1.1: chunk extensions are ignored.
+        size_text = buffer[position:line_end].split(b";", 1)[0].strip(b" \t")
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise HTTPError(400, f"{size_text[:40]!r} is not a valid chunk size")
+        size = int(size_text, 16)
+        if size:
+            self._remaining = size
+            self.state = CHUNK_DATA
+        else:
+            self.state = TRAILER
+        return line_end + 2
+
+    def _check_trailer_size(self, more_bytes):
+        self._trailer_bytes += more_bytes
+        if self._trailer_bytes > MAX_TRAILER_BYTES:
+            raise HTTPError(400, f"the trailer of the chunked body exceeds {MAX_TRAILER_BYTES} bytes")
+
+
+FITS = ("fill", "contain", "cover")
+
+
+def _dimension(parameters, key):
+    value = parameters.get(key)
+    if value is None:
+        raise HTTPError(400, f"{key} is required: a positive integer number of pixels")
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HTTPError(400, f"{key} must be a positive integer, not {value!r}")
+    if value < 1:
+        raise HTTPError(400, f"{key} must be at least 1, not {value!r}")
+    return value
+
+
+def parse_resize_params(query, body, content_type, max_pixels):
+    """Return (width, height, fit) from a query string and a JSON or form-urlencoded body.
+
+    Body parameters override query parameters. Raises HTTPError(400) naming the parameter that is
+    missing or invalid, or when width × height exceeds `max_pixels`.
+    """
+    parameters = dict(urllib.parse.parse_qsl(query))
+    media_type, _ = parse_header_parameters(content_type)
+    if body.strip():
+        # curl -d sends JSON labelled as a form; a body that opens with "{" is JSON whatever its label.
+        if media_type == "application/json" or media_type.endswith("+json") or body.lstrip()[:1] == b"{":
+            try:
+                values = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise HTTPError(400, "the body is not valid JSON") from None
+            if not isinstance(values, dict):
+                raise HTTPError(400, 'the JSON body must be an object like {"width": 300, "height": 200}')
+        else:
+            try:
+                values = dict(urllib.parse.parse_qsl(body.decode("utf-8"), strict_parsing=True))
+            except (ValueError, UnicodeDecodeError):
+                raise HTTPError(400, "the body is not valid form data (width=300&height=200)") from None
+        parameters.update(values)
+    width = _dimension(parameters, "width")
+    height = _dimension(parameters, "height")
+    fit = parameters.get("fit", "fill")
+    if fit not in FITS:
+        raise HTTPError(400, f"fit must be one of fill, contain, cover, not {fit!r}")
+    if width * height > max_pixels:
+        raise HTTPError(400, f"{width}x{height} is more than the {max_pixels} pixels an image may have")
+    return width, height, fit
+
+
+def parse_range(header, size):
+    """Return the (start, end) byte range, end inclusive, that a Range header asks of `size` bytes.
+
+    Returns None when the whole file should be sent: no header, a unit other than bytes, a
+    malformed value, or several ranges (RFC 9110 §14.2 lets a server ignore Range). Raises
+    HTTPError(416) when the single range asked for is unsatisfiable.
+    """
+    if not header:
+        return None
+    unit, _, ranges = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
+        return None
+    first, dash, last = ranges.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first or last) or not all(_DIGITS.fullmatch(text) for text in (first, last) if text):
+        return None
+    if not first:
+        length = int(last)
+        if length == 0 or size == 0:
+            raise HTTPError(416, f"the range {header!r} selects nothing of {size} bytes", {"Content-Range": f"bytes */{size}"})
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        raise HTTPError(416, f"the range {header!r} starts beyond the {size} bytes of the image", {"Content-Range": f"bytes */{size}"})
+    return start, min(end, size - 1)
+
+
+def parse_http_date(text):
+    """Return the POSIX time of an HTTP date (RFC 9110 §5.6.7), or None when it is not one."""
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _entity_tags(header):
+    return [tag.strip() for tag in header.split(",") if tag.strip()]
+
+
+def is_etag_match(header, etag, weak):
+    """Tell whether an If-Match / If-None-Match header lists `etag` (or "*").
+
+    Weak comparison (If-None-Match) ignores a W/ prefix; strong comparison (If-Match) never
+    matches a weak tag (RFC 9110 §8.8.3.2).
+    """
+    for tag in _entity_tags(header):
+        if tag == "*":
+            return True
+        if weak and tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == etag:
+            return True
+    return False
+
+
+def is_not_modified(headers, etag, mtime):
+    """Tell whether a GET may be answered 304 (RFC 9110 §13.1.2–3; If-None-Match wins)."""
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        return is_etag_match(if_none_match, etag, weak=True)
+    since = parse_http_date(headers.get("If-Modified-Since", ""))
+    return since is not None and int(mtime) <= since
+
+
+# ====
+# Image work
+# ====
+# Owns what is done to pixels: checking uploads and resizing. Top-level functions that take paths
+# and plain values, so they can run in a child process; never touch the catalogue or a socket.
+
+# EXIF Orientation → the transpose that makes the picture upright.
+TRANSPOSE_BY_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+EXIF_ORIENTATION = 0x0112
+# Draft and reduce to this many times the target size first, then filter: thumbnail()'s default,
+# indistinguishable from filtering the full image at a fraction of the cost.
+REDUCING_GAP = 2.0
+
+
+def check_image(path, extension, max_pixels):
+    """Check that the file at `path` is an image that may be stored under `extension`.
+
+    Only the allowed formats' decoders are offered the bytes. The header is read and the file's
+    structure verified (PNG checksums, for one) without decoding the pixels, so a decompression
+    bomb costs nothing. Raises HTTPError(415) for an unreadable image, another format or a format
+    that does not match the extension, HTTPError(413) for more than `max_pixels` pixels.
+    """
+    expected_format = FORMAT_BY_EXTENSION[extension]
+    try:
+        with Image.open(path, formats=ALLOWED_FORMATS) as image:
+            if image.format != expected_format:
+                raise HTTPError(415, f"the file is a {image.format} image, but its name ends in {extension!r}")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise HTTPError(413, f"the image has {width}x{height} pixels, more than the {max_pixels} allowed")
+            image.verify()
+    except Image.DecompressionBombError:
+        raise HTTPError(413, f"the image has more than the {max_pixels} pixels allowed") from None
+    except HTTPError:
+        raise
+    except Exception:
+        allowed = ", ".join(ALLOWED_FORMATS)
+        raise HTTPError(415, f"the file is not a readable image of an allowed format ({allowed})") from None
+
+
+def fitted_size(size, width, height, fit):
+    """Return the size an image of `size` takes before any crop, for a width × height box and fit."""
+    source_width, source_height = size
+    if fit == "fill":
+        return width, height
+    scale_x, scale_y = width / source_width, height / source_height
+    scale = min(scale_x, scale_y) if fit == "contain" else max(scale_x, scale_y)
+    return max(1, round(source_width * scale)), max(1, round(source_height * scale))
+
+
+def resize_frame(frame, width, height, fit):
+    """Return `frame` resized for the box and fit; `cover` crops the overflow around the centre."""
+    if fit != "cover":
+        return frame.resize(fitted_size(frame.size, width, height, fit), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    source_width, source_height = frame.size
+    scale = max(width / source_width, height / source_height)
+    crop_width, crop_height = width / scale, height / scale
+    left, top = (source_width - crop_width) / 2, (source_height - crop_height) / 2
+    box = (left, top, left + crop_width, top + crop_height)
+    return frame.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+
+
+def _resizable(frame, has_transparency):
+    # Palette and bilevel images only resize with NEAREST; 16-bit grey resizes as 32-bit.
+    if frame.mode in ("P", "PA"):
+        return frame.convert("RGBA" if has_transparency or frame.mode == "PA" else "RGB")
+    if frame.mode == "1":
+        return frame.convert("L")
+    if frame.mode.startswith("I;16"):
+        return frame.convert("I")
+    return frame
+
+
+def upright_frames(image, width, height, fit):
+    """Return every frame of `image` made upright by its EXIF orientation, resized, and their durations."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    transpose = TRANSPOSE_BY_ORIENTATION.get(orientation)
+    n_frames = getattr(image, "n_frames", 1)
+    if n_frames == 1 and image.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 scale right in libjpeg, never below twice the stored-orientation size.
+        stored_box = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        box_width, box_height = stored_box if fit == "fill" else fitted_size(image.size, *stored_box, fit)
+        image.draft(None, (int(box_width * REDUCING_GAP), int(box_height * REDUCING_GAP)))
+    has_transparency = "transparency" in image.info
+    frames, durations = [], []
+    for index in range(n_frames):
+        image.seek(index)
+        frame = _resizable(image, has_transparency)
+        if transpose is not None:
+            frame = frame.transpose(transpose)
+        frames.append(resize_frame(frame, width, height, fit))
+        durations.append(image.info.get("duration", 0))
+    return frames, durations
+
+
+def save_like(original, frames, durations, path):
+    """Save `frames` to `path` in the format of `original`, keeping its profile, EXIF and animation.
+
+    The ICC profile is kept, EXIF is kept without its Orientation (the pixels are upright now),
+    JPEG keeps the original's quantisation tables and subsampling so quality does not drop, and
+    animations keep every frame, their durations and the loop count.
+    """
+    image_format = original.format
+    options = {}
+    icc_profile = original.info.get("icc_profile")
+    if icc_profile and image_format != "GIF":
+        options["icc_profile"] = icc_profile
+    exif = original.getexif()
+    if EXIF_ORIENTATION in exif:
+        del exif[EXIF_ORIENTATION]
+    if exif and image_format in ("JPEG", "PNG", "WEBP", "TIFF"):
+        options["exif"] = exif.tobytes()
+    first = frames[0]
+    if image_format == "JPEG":
+        if first.mode not in ("L", "RGB", "CMYK"):
+            first = first.convert("RGB")
+        options["qtables"] = original.quantization
+        subsampling = JpegImagePlugin.get_sampling(original)
+        if subsampling != -1:
+            options["subsampling"] = subsampling
+    elif image_format == "PNG" and original.mode in ("P", "PA"):
+        first = first.quantize(256, method=Image.Quantize.FASTOCTREE)
+    elif image_format == "BMP" and first.mode not in ("1", "L", "P", "RGB", "RGBA"):
+        first = first.convert("RGB")
+    if len(frames) > 1:
+        options.update(save_all=True, append_images=frames[1:], duration=durations)
+        if "loop" in original.info:
+            options["loop"] = original.info["loop"]
+    elif image_format == "GIF" and "duration" in original.info:
+        options["duration"] = durations[0]
+    if image_format == "WEBP" and original.info.get("lossless"):
+        options["lossless"] = True
+    first.save(path, format=image_format, **options)
+
+
+def resize_file(source_path, target_path, width, height, fit):
+    """Write to `target_path` the image at `source_path` made upright and resized, in its format.
+
+    Runs in a child process; raises whatever Pillow raises for an image it cannot handle.
+    """
+    with Image.open(source_path, formats=ALLOWED_FORMATS) as original:
+        frames, durations = upright_frames(original, width, height, fit)
+        original.seek(0)
+        save_like(original, frames, durations, target_path)
+
+
+def run_resize(connection, source_path, target_path, width, height, fit):
+    """Child process entry point: resize, then send None or the reason it failed through `connection`."""
+    try:
+        resize_file(source_path, target_path, width, height, fit)
+    except Exception as error:
+        connection.send(f"the image could not be resized: {error}")
+    else:
+        connection.send(None)
+
+
+# ====
+# Jobs
+# ====
+# Owns resize jobs: the queue, the child processes and their time limit, order per image, and
+# waiting for an end. Never parses HTTP; replaces stored files only through replace_atomically().
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE_STATE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+ENDED_STATES = (DONE_STATE, FAILED, CANCELLED)
+
+
+def _iso_time(timestamp):
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass
+class Job:
+    """One resize: what was asked, where it stands, and when it was submitted and finished."""
+
+    id: str
+    image: str
+    width: int
+    height: int
+    fit: str
+    state: str = QUEUED
+    error: str | None = None
+    submitted: float = dataclasses.field(default_factory=time.time)
+    finished: float | None = None
+
+    def to_json(self):
+        """Return the job as the contract's JSON object."""
+        return {
+            "id": self.id,
+            "image": self.image,
+            "width": self.width,
+            "height": self.height,
+            "fit": self.fit,
+            "state": self.state,
+            "error": self.error,
+            "submitted": _iso_time(self.submitted),
+            "finished": _iso_time(self.finished),
+        }
+
+
+def _multiprocessing_context():
+    # Forking a threaded server can copy a lock mid-use into the child; forkserver forks from a
+    # clean single-threaded process that has already imported Pillow and this module.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        main_module = "__main__" if __name__ == "__main__" else __name__
+        context.set_forkserver_preload([main_module, "PIL.Image", "PIL.JpegImagePlugin"])
+        # Started now, so the first resize does not wait for it to import Pillow.
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class Resizer:
+    """Runs resize jobs, each in its own process, at most `workers` at once, in order per image.
+
+    submit() raises HTTPError(503) when `max_queue` jobs already wait. A child still running after
+    `timeout_seconds` is killed and its job fails. The result replaces the stored file only if
+    that file is still the one the job started from.
+    """
+
+    def __init__(self, catalogue, files_lock, workers, max_queue, timeout_seconds):
+        self._catalogue = catalogue
+        self._files_lock = files_lock
+        self._workers = workers
+        self._max_queue = max_queue
+        self._timeout_seconds = timeout_seconds
+        self._context = _multiprocessing_context()
+        self._condition = threading.Condition()
+        self._jobs = {}
+        self._ended = collections.deque()
+        self._queue = collections.deque()
+        self._running = {}
+        self._processes = {}
+        self._threads = set()
+        self._is_stopping = False
+
+    def submit(self, name, width, height, fit):
+        """Queue a resize of `name` and return its Job; HTTPError(503) when the queue is full."""
+        with self._condition:
+            if self._is_stopping:
+                raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
+            if len(self._queue) >= self._max_queue:
+                raise HTTPError(
+                    503, f"{len(self._queue)} resizes are already waiting; try again later", {"Retry-After": "1"}
+                )
+            job = Job(secrets.token_hex(8), name, width, height, fit)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._start_ready_jobs()
+            return job
+
+    def cancel_for(self, name):
+        """Cancel the queued and running resizes of `name` (it was deleted)."""
+        with self._condition:
+            for job in [job for job in self._queue if job.image == name]:
+                self._queue.remove(job)
+                self._end(job, CANCELLED, "the image was deleted")
+            job = self._running.get(name)
+            if job is not None:
+                self._end(job, CANCELLED, "the image was deleted")
+                process = self._processes.get(job.id)
+                if process is not None:
+                    process.kill()
+
+    def wait(self, job_id, timeout_seconds):
+        """Return the job's JSON once it has ended or `timeout_seconds` passed; HTTPError(404) if unknown."""
+        with self._condition:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise HTTPError(404, f"no resize job {job_id!r} is known (ended jobs are kept for an hour)")
+            self._condition.wait_for(lambda: job.state in ENDED_STATES or self._is_stopping, timeout_seconds)
+            return job.to_json()
+
+    def stop(self):
+        """Drop queued jobs, kill running children and wait for their threads."""
+        with self._condition:
+            self._is_stopping = True
+            while self._queue:
+                self._end(self._queue.popleft(), CANCELLED, "the server stopped")
+            for process in self._processes.values():
+                process.kill()
+            threads = list(self._threads)
+            self._condition.notify_all()
+        for thread in threads:
+            thread.join()
+
+    def _start_ready_jobs(self):
+        for job in list(self._queue):
+            if len(self._running) >= self._workers:
+                return
+            if job.image in self._running:
+                continue
+            self._queue.remove(job)
+            job.state = RUNNING
+            self._running[job.image] = job
+            thread = threading.Thread(target=self._run, args=(job,), name=f"ims-job-{job.id}", daemon=True)
+            self._threads.add(thread)
+            thread.start()
+
+    def _end(self, job, state, error=None):
+        if job.state in ENDED_STATES:
+            return
+        job.state = state
+        job.error = error
+        job.finished = time.time()
+        self._ended.append(job.id)
+        while len(self._ended) > JOB_RETENTION_COUNT:
+            oldest = self._jobs.get(self._ended[0])
+            if oldest is not None and time.time() - oldest.finished < JOB_RETENTION_SECONDS:
+                break
+            self._jobs.pop(self._ended.popleft(), None)
+        self._condition.notify_all()
+
+    def _run(self, job):
+        path = self._catalogue.path_of(job.image)
+        target_path = temp_path_in(self._catalogue.folder, extension_of(job.image))
+        state, error = FAILED, None
+        try:
+            state, error = self._resize(job, path, target_path)
+        except HTTPError as failure:
+            error = failure.message
+        except Exception:
+            traceback.print_exc()
+            error = "the resize failed unexpectedly; the server log has the details"
+        finally:
+            remove_if_present(target_path)
+            with self._condition:
+                self._end(job, state, error)
+                del self._running[job.image]
+                self._processes.pop(job.id, None)
+                self._threads.discard(threading.current_thread())
+                if not self._is_stopping:
+                    self._start_ready_jobs()
+
+    def _resize(self, job, path, target_path):
+        try:
+            identity = _file_identity(path)
+        except FileNotFoundError:
+            return FAILED, "the image no longer exists"
+        reader, writer = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=run_resize,
+            args=(writer, path, target_path, job.width, job.height, job.fit),
+            name=f"ims-resize-{job.id}",
+            daemon=True,
+        )
+        with self._condition:
+            if job.state in ENDED_STATES or self._is_stopping:
+                return CANCELLED, "the server stopped"
+            self._processes[job.id] = process
+            process.start()
+        writer.close()
+        try:
+            ready = multiprocessing.connection.wait([reader, process.sentinel], self._timeout_seconds)
+            message = reader.recv() if reader in ready and reader.poll() else False
+        except EOFError:
+            message = False
+        finally:
+            reader.close()
+        if not ready:
+            process.kill()
+            process.join()
+            return FAILED, f"the resize took longer than {self._timeout_seconds:g} seconds and was stopped"
+        process.join()
+        if message is False:
+            return FAILED, f"the resize process died (exit code {process.exitcode})"
+        if message is not None:
+            return FAILED, message
+        with self._files_lock:
+            if job.state in ENDED_STATES:
+                return job.state, job.error
+            try:
+                if _file_identity(path) != identity:
+                    return CANCELLED, "the image was replaced or deleted while it was being resized"
+            except FileNotFoundError:
+                return CANCELLED, "the image was deleted while it was being resized"
+            try:
+                replace_atomically(target_path, path)
+            except OSError as failure:
+                raise storage_error(failure) from None
+        return DONE_STATE, None
+
+
+def _file_identity(path):
+    file_status = os.stat(path, follow_symlinks=False)
+    return file_status.st_ino, file_status.st_mtime_ns, file_status.st_size
+
+
+# ====
+# HTTP handler
+# ====
+# Owns one connection: request framing, routing, and the answers. read_body() is the only reader
+# of the socket; every error leaves through dispatch().
+
+ROOT_METHODS = ("GET", "HEAD", "POST")
+IMAGE_METHODS = ("GET", "HEAD", "DELETE", "PATCH")
+JOB_METHODS = ("GET", "HEAD")
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves the contract's endpoints over HTTP/1.1 with keep-alive."""
+
+    # HTTP/1.1 for keep-alive and 100-continue, which the stdlib answers only for 1.1 handlers.
+    protocol_version = "HTTP/1.1"
+    server_version = f"IMS/{__version__}"
+    # Without TCP_NODELAY a keep-alive client waits 40 ms for the delayed ACK after each answer.
+    disable_nagle_algorithm = True
+    rbufsize = READ_CHUNK_SIZE
+    # Buffered writes put a small answer's headers and body in one packet; handle_one_request()
+    # flushes after each request.
+    wbufsize = READ_CHUNK_SIZE
+
+    def setup(self):
+        self.timeout = self.server.settings.timeout
+        super().setup()
+        self.is_idle = True
+        self.server.track_handler(self, True)
+
+    def finish(self):
+        self.server.track_handler(self, False)
+        super().finish()
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and self.server.mark_idle(self):
+            self.handle_one_request()
+        if getattr(self, "must_linger", False):
+            self.linger()
+
+    def parse_request(self):
+        self.is_idle = False
+        self.body_is_consumed = True
+        self.must_linger = False
+        self.response_started = False
+        return super().parse_request()
+
+    def handle_expect_100(self):
+        # Answered in read_body(), once the headers have been checked: a request refused on its
+        # headers gets its final answer and the client never sends the body.
+        return True
+
+    def __getattr__(self, name):
+        # Every other method gets 405 on a known path and 404 elsewhere, not the stdlib's 501.
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
+
+    def do_GET(self):
+        self.dispatch()
+
+    def do_HEAD(self):
+        self.dispatch()
+
+    def do_POST(self):
+        self.dispatch()
+
+    def do_PATCH(self):
+        self.dispatch()
+
+    def do_DELETE(self):
+        self.dispatch()
+
+    # Routing and errors
+
+    def dispatch(self):
+        """Route the request and answer it; the one place where errors become responses."""
+        try:
+            self.check_framing()
+            path, self.query = self.split_target()
+            action = self.route(path)
+            action()
+        except HTTPError as error:
+            self.send_error_response(error.status, error.message, error.headers)
+        except socket.timeout:
+            self.close_connection = True
+            self.send_error_response(408, f"the request body stalled for {self.timeout:g} seconds")
+        except (ConnectionError, BrokenPipeError):
+            self.close_connection = True
+        except Exception:
+            self.log_error("unexpected error in %r:\n%s", self.requestline, traceback.format_exc())
+            self.send_error_response(500, "the server failed unexpectedly; its log has the details")
+        if not self.body_is_consumed:
+            self.close_connection = True
+            self.must_linger = True
+
+    def send_error_response(self, status, message, headers=None):
+        """Answer with `{"message": ...}` unless an answer has already begun (then just close)."""
+        if self.response_started:
+            self.close_connection = True
+            return
+        if not self.body_is_consumed:
+            # The unread body must not be parsed as the next request.
+            self.close_connection = True
+        try:
+            self.send_json(status, {"message": message}, headers)
+        except OSError:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """Answer the stdlib's own refusals (bad request line, 414, 431, 505) in JSON too."""
+        self.close_connection = True
+        self.response_started = False
+        self.body_is_consumed = True
+        self.send_json(code, {"message": message or explain or http.HTTPStatus(code).phrase})
+
+    def check_framing(self):
+        """Work out how the body is framed; refuse ambiguous framing as request smuggling."""
+        self.is_chunked = False
+        self.content_length = 0
+        transfer_encodings = self.headers.get_all("Transfer-Encoding") or []
+        content_lengths = self.headers.get_all("Content-Length") or []
+        if transfer_encodings:
+            self.body_is_consumed = False
+            # RFC 9112 §6.3: Transfer-Encoding with Content-Length is how requests are smuggled
+            # past a proxy that reads the other one; refuse rather than pick one.
+            if content_lengths:
+                raise HTTPError(400, "a request must not carry both Transfer-Encoding and Content-Length")
+            codings = [coding.strip().lower() for value in transfer_encodings for coding in value.split(",")]
+            if codings != ["chunked"]:
+                raise HTTPError(400, f"only Transfer-Encoding: chunked is supported, not {', '.join(codings)!r}")
+            if self.request_version == "HTTP/1.0":
+                raise HTTPError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+            self.is_chunked = True
+        elif content_lengths:
+            values = {value.strip() for header in content_lengths for value in header.split(",")}
+            # RFC 9110 §8.6: a list of identical values is one length; differing ones are an attack.
+            if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+                self.body_is_consumed = False
+                raise HTTPError(400, f"Content-Length must be one non-negative integer, not {', '.join(content_lengths)!r}")
+            self.content_length = int(values.pop())
+            self.body_is_consumed = self.content_length == 0
+
+    def split_target(self):
+        """Return the request target's path and query string; absolute-form is accepted."""
+        target = self.path
+        if not target.startswith("/"):
+            scheme, _, rest = target.partition("://")
+            if scheme.lower() not in ("http", "https") or not rest:
+                raise HTTPError(400, f"the request target {target[:100]!r} is not a path")
+            target = "/" + rest.partition("/")[2]
+        path, _, query = target.partition("?")
+        return path, query
+
+    def route(self, path):
+        """Return the bound method that answers this path and method; 404 or 405 otherwise."""
+        if path == "/":
+            actions = {"GET": self.list_images, "HEAD": self.list_images, "POST": self.upload_image}
+            allowed = ROOT_METHODS
+        elif path.startswith("/jobs/") and len(path) > len("/jobs/"):
+            job_id = urllib.parse.unquote(path[len("/jobs/"):])
+            actions = {"GET": lambda: self.show_job(job_id)}
+            actions["HEAD"] = actions["GET"]
+            allowed = JOB_METHODS
+        else:
+            name = image_name_from_path(path)
+            if name is None:
+                raise HTTPError(404, f"there is nothing at {path[:200]!r}; images live at /<name> with an image extension")
+            actions = {
+                "GET": lambda: self.download_image(name),
+                "HEAD": lambda: self.download_image(name),
+                "DELETE": lambda: self.delete_image(name),
+                "PATCH": lambda: self.request_resize(name),
+            }
+            allowed = IMAGE_METHODS
+        action = actions.get(self.command)
+        if action is None:
+            raise HTTPError(405, f"{self.command} is not allowed here; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
+        return action
+
+    # Routes
+
+    def list_images(self):
+        """GET / and HEAD /: the sorted JSON list of names."""
+        self.send_body(200, self.server.catalogue.listing(), "application/json")
+
+    def upload_image(self):
+        """POST /: stream a multipart upload to a temp file, check it, publish it."""
+        settings = self.server.settings
+        if not self.is_chunked and self.body_is_consumed and "Content-Length" not in self.headers:
+            raise HTTPError(411, "send the upload with a Content-Length or Transfer-Encoding: chunked")
+        if self.content_length > settings.max_upload:
+            raise HTTPError(413, f"the body has {self.content_length} bytes, more than the {settings.max_upload} allowed")
+        media_type, parameters = parse_header_parameters(self.headers.get("Content-Type", ""))
+        if media_type != "multipart/form-data":
+            raise HTTPError(415, f"upload the image as multipart/form-data with a part named 'file', not as {media_type or 'nothing'!r}")
+        if not parameters.get("boundary"):
+            raise HTTPError(400, "the multipart/form-data Content-Type has no boundary")
+        parser = MultipartParser(parameters["boundary"])
+        upload = None
+        name = None
+        is_writing = False
+        try:
+            for data in self.read_body(settings.max_upload):
+                for event in parser.feed(data):
+                    if isinstance(event, PartData):
+                        if is_writing:
+                            upload.write(event.data)
+                    elif isinstance(event, PartStart):
+                        if event.name == "file" and event.filename is not None and name is None:
+                            name = self.checked_upload_name(event.filename)
+                            upload = TempFile(self.server.catalogue.folder, extension_of(name))
+                            is_writing = True
+                    else:
+                        is_writing = False
+            parser.close()
+            if name is None:
+                raise HTTPError(400, "the form has no part named 'file' carrying a filename")
+            upload.finish()
+            check_image(upload.path, extension_of(name), settings.max_pixels)
+            publish(upload.path, self.server.catalogue.path_of(name))
+        finally:
+            if upload is not None:
+                upload.remove()
+        self.send_json(201, "Image successfully uploaded", {"Location": "/" + urllib.parse.quote(name)})
+
+    def checked_upload_name(self, filename):
+        """Return the safe name for an uploaded file name; 400, 415 or 409 when it cannot be stored."""
+        if not filename:
+            raise HTTPError(400, "the file part has an empty filename; choose an image to upload")
+        name = secure_filename(filename)
+        if not name:
+            raise HTTPError(400, f"nothing is left of the filename {filename!r} once made safe; rename the file")
+        if extension_of(name) not in FORMAT_BY_EXTENSION:
+            raise HTTPError(415, f"{name!r} does not end in an image extension ({' '.join(IMAGE_EXTENSIONS)})")
+        if name in self.server.catalogue:
+            raise HTTPError(409, f"an image named {name!r} is already stored")
+        return name
+
+    def download_image(self, name):
+        """GET and HEAD /<name>: the bytes, with validators, 304 and single ranges."""
+        try:
+            descriptor = os.open(self.server.catalogue.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            raise HTTPError(404, f"no image named {name!r} is stored") from None
+        with open(descriptor, "rb") as file:
+            file_status = os.fstat(descriptor)
+            if not stat.S_ISREG(file_status.st_mode):
+                raise HTTPError(404, f"no image named {name!r} is stored")
+            etag = make_etag(file_status)
+            headers = {
+                "ETag": etag,
+                "Last-Modified": email.utils.formatdate(file_status.st_mtime, usegmt=True),
+                "Cache-Control": "no-cache",
+                "Content-Disposition": content_disposition(name),
+                "Accept-Ranges": "bytes",
+            }
+            if is_not_modified(self.headers, etag, file_status.st_mtime):
+                self.send_head(304, headers)
+                return
+            size = file_status.st_size
+            byte_range = None
+            if_range = self.headers.get("If-Range")
+            if if_range is None or if_range.strip() in (etag, headers["Last-Modified"]):
+                byte_range = parse_range(self.headers.get("Range"), size)
+            headers["Content-Type"] = CONTENT_TYPE_BY_FORMAT[FORMAT_BY_EXTENSION[extension_of(name)]]
+            if byte_range is None:
+                start, length, status = 0, size, 200
+            else:
+                start, length, status = byte_range[0], byte_range[1] - byte_range[0] + 1, 206
+                headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
+            headers["Content-Length"] = str(length)
+            self.send_head(status, headers)
+            if self.command != "HEAD":
+                self.send_file_range(file, start, length)
+
+    def delete_image(self, name):
+        """DELETE /<name>: remove it, unless If-Match names another version; cancel its resizes."""
+        path = self.server.catalogue.path_of(name)
+        with self.server.files_lock:
+            try:
+                file_status = os.stat(path, follow_symlinks=False)
+            except OSError:
+                file_status = None
+            if file_status is None or not stat.S_ISREG(file_status.st_mode):
+                raise HTTPError(404, f"no image named {name!r} is stored")
+            if_match = self.headers.get("If-Match")
+            if if_match is not None and not is_etag_match(if_match, make_etag(file_status), weak=False):
+                raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was deleted")
+            try:
+                os.unlink(path)
+                fsync_folder(self.server.catalogue.folder)
+            except FileNotFoundError:
+                raise HTTPError(404, f"no image named {name!r} is stored") from None
+            except OSError as error:
+                raise storage_error(error) from None
+        self.server.resizer.cancel_for(name)
+        self.send_no_content()
+
+    def request_resize(self, name):
+        """PATCH /<name>: check the parameters and queue a resize job; 202 with its Location."""
+        try:
+            file_status = os.stat(self.server.catalogue.path_of(name), follow_symlinks=False)
+        except OSError:
+            raise HTTPError(404, f"no image named {name!r} is stored") from None
+        body = b"".join(self.read_body(MAX_PARAMETERS_BYTES))
+        width, height, fit = parse_resize_params(
+            self.query, body, self.headers.get("Content-Type", ""), self.server.settings.max_pixels
+        )
+        if_match = self.headers.get("If-Match")
+        if if_match is not None and not is_etag_match(if_match, make_etag(file_status), weak=False):
+            raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was queued")
+        job = self.server.resizer.submit(name, width, height, fit)
+        self.send_json(202, "Image resize command received", {"Location": f"/jobs/{job.id}"})
+
+    def show_job(self, job_id):
+        """GET /jobs/<id>: the job's state, after waiting up to ?wait= seconds for it to end."""
+        wait_text = urllib.parse.parse_qs(self.query).get("wait", ["0"])[-1]
+        try:
+            wait_seconds = float(wait_text)
+        except ValueError:
+            wait_seconds = -1.0
+        if not 0 <= wait_seconds < float("inf"):
+            raise HTTPError(400, f"wait must be a number of seconds from 0 to {MAX_JOB_WAIT_SECONDS}, not {wait_text!r}")
+        self.send_json(200, self.server.resizer.wait(job_id, min(wait_seconds, MAX_JOB_WAIT_SECONDS)))
+
+    # Reading
+
+    def read_body(self, limit_bytes):
+        """Yield the request body in pieces of at most READ_CHUNK_SIZE bytes.
+
+        Sends 100 Continue first when the client waits for it. Raises HTTPError(413) past
+        `limit_bytes`, HTTPError(400) for a truncated or malformed body.
+        """
+        if self.body_is_consumed:
+            return
+        if self.content_length > limit_bytes:
+            raise HTTPError(413, f"the body has {self.content_length} bytes, more than the {limit_bytes} allowed")
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+        if self.is_chunked:
+            yield from self._read_chunked(limit_bytes)
+        else:
+            remaining = self.content_length
+            while remaining:
+                data = self.rfile.read1(min(remaining, READ_CHUNK_SIZE))
+                if not data:
+                    raise HTTPError(400, f"the body ended after {self.content_length - remaining} of {self.content_length} bytes")
+                remaining -= len(data)
+                yield data
+        self.body_is_consumed = True
+
+    def _read_chunked(self, limit_bytes):
+        decoder = ChunkedDecoder()
+        total = 0
+        while not decoder.done:
+            # peek, then consume only what the decoder used: bytes after the last chunk are the
+            # next request's.
+            data = self.rfile.peek(READ_CHUNK_SIZE)
+            if not data:
+                decoder.close()
+            decoded = decoder.feed(data)
+            self.rfile.read(len(data) - len(decoder.unused))
+            total += len(decoded)
+            if total > limit_bytes:
+                raise HTTPError(413, f"the chunked body exceeds the {limit_bytes} bytes allowed")
+            if decoded:
+                yield decoded
+
+    # Writing
+
+    def send_head(self, status, headers):
+        """Send the status line and headers; the body, if any, follows."""
+        self.response_started = True
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
+        self.end_headers()
+
+    def send_body(self, status, body, content_type, headers=None):
+        """Send a whole response whose body is in memory (not sent for HEAD)."""
+        all_headers = dict(headers or {})
+        all_headers["Content-Type"] = content_type
+        all_headers["Content-Length"] = str(len(body))
+        self.send_head(status, all_headers)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, value, headers=None):
+        """Send `value` as JSON."""
+        self.send_body(status, (json.dumps(value) + "\n").encode(), "application/json", headers)
+
+    def send_no_content(self):
+        """Send 204 with no body."""
+        self.send_head(204, {})
+
+    def send_file_range(self, file, start, length):
+        """Send `length` bytes of the open `file` from `start` with sendfile()."""
+        self.wfile.flush()
+        sent = self.connection.sendfile(file, start, length)
+        if sent != length:
+            # The file shrank under us (truncated in place by someone else): the framing is broken.
+            self.close_connection = True
+
+    def linger(self):
+        """Close after an early answer without resetting: read and drop what the client still sends."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                if not self.connection.recv(READ_CHUNK_SIZE):
+                    break
+        except OSError:
+            pass
+
+    # Logging
+
+    def version_string(self):
+        return self.server_version
+
+    def log_request(self, code="-", size="-"):
+        if not self.server.quiet:
+            super().log_request(code, size)
+
+
+def content_disposition(name):
+    """Return `inline; filename=<name>`, quoted or RFC 8187-encoded when the name needs it."""
+    if re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~-]+", name):
+        return f"inline; filename={name}"
+    ascii_name = secure_filename(name) or "image" + extension_of(name)
+    return f"inline; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name)}"
+
+
+# ====
+# Server and command line
+# ====
+# Owns the listening socket, the connection threads, start-up and shutdown, and turning flags and
+# environment variables into Settings.
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """The HTTP server: settings, catalogue and resizer, one thread per connection."""
+
+    daemon_threads = False
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, settings, quiet=False):
+        self.settings = settings
+        self.quiet = quiet
+        os.makedirs(settings.storage, exist_ok=True)
+        self.catalogue = Catalogue(settings.storage)
+        self.catalogue.scan()
+        self.files_lock = threading.Lock()
+        self.connection_slots = threading.BoundedSemaphore(settings.max_connections)
+        self._handlers_lock = threading.Lock()
+        self._handlers = set()
+        self._connection_threads = set()
+        self._is_stopping = False
+        if ":" in settings.host:
+            self.address_family = socket.AF_INET6
+        self.resizer = Resizer(
+            self.catalogue, self.files_lock, settings.resize_workers, settings.max_queue, settings.resize_timeout
+        )
+        try:
+            super().__init__((settings.host, settings.port), Handler)
+        except BaseException:
+            self.resizer.stop()
+            raise
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the host's FQDN, which can stall on a host without DNS.
+        socketserver_bind = http.server.socketserver.TCPServer.server_bind
+        socketserver_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        # Past max_connections, leave new connections in the listen backlog rather than accept them.
+        if not self.connection_slots.acquire(timeout=0.5):
+            raise OSError("every connection slot is busy")
+        try:
+            return self.socket.accept()
+        except BaseException:
+            self.connection_slots.release()
+            raise
+
+    def shutdown_request(self, request):
+        try:
+            super().shutdown_request(request)
+        finally:
+            self.connection_slots.release()
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address))
+        with self._handlers_lock:
+            self._connection_threads.add(thread)
+        thread.start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._handlers_lock:
+                self._connection_threads.discard(threading.current_thread())
+
+    def track_handler(self, handler, is_open):
+        """Remember the open connections, so stopping can close the idle ones."""
+        with self._handlers_lock:
+            if is_open:
+                self._handlers.add(handler)
+            else:
+                self._handlers.discard(handler)
+
+    def mark_idle(self, handler):
+        """Mark a connection as waiting for its next request; False when the server is stopping."""
+        with self._handlers_lock:
+            handler.is_idle = not self._is_stopping
+            return handler.is_idle
+
+    def server_close(self):
+        """Stop: close the listener, stop resizes, finish requests in flight, remove temp files."""
+        super().server_close()
+        with self._handlers_lock:
+            self._is_stopping = True
+            for handler in self._handlers:
+                if handler.is_idle:
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        self.resizer.stop()
+        with self._handlers_lock:
+            threads = list(self._connection_threads)
+        for thread in threads:
+            thread.join()
+        self.catalogue.remove_own_temp_files()
+
+    def handle_error(self, request, client_address):
+        sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
+
+
+def make_server(storage, host="127.0.0.1", port=5000, quiet=False, **options):
+    """Return a Server for `storage`, already listening; run it with serve_forever().
+
+    `options` are the other Settings fields (max_upload=..., timeout=...); `quiet` silences the
+    per-request log lines. Raises ValueError for an invalid option, OSError when the address is
+    taken.
+    """
+    settings = Settings(host=host, port=port, storage=os.path.abspath(storage), **options)
+    return Server(settings, quiet=quiet)
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _positive_seconds(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+_non_negative_int.__name__ = "non-negative integer"
+_positive_seconds.__name__ = "positive number of seconds"
+
+# flag, type, help; the environment variable is IMS_ + the flag in capitals.
+OPTIONS = (
+    ("--host", str, "interface to bind; 0.0.0.0 serves other hosts (there is no authentication)"),
+    ("--port", _non_negative_int, "port to listen on; 0 picks a free one"),
+    ("--storage", str, "folder that holds the images; created if missing"),
+    ("--max-upload", _positive_int, "largest request body accepted for an upload, in bytes"),
+    ("--max-pixels", _positive_int, "largest image (width x height) accepted, uploaded or produced"),
+    ("--resize-workers", _positive_int, "resize processes running at once; more wait in a queue"),
+    ("--max-queue", _non_negative_int, "resizes waiting beyond the running ones; past it PATCH answers 503"),
+    ("--resize-timeout", _positive_seconds, "seconds after which a resize process is killed and its job fails"),
+    ("--timeout", _positive_seconds, "seconds a client may take to send its request head, or stay silent"),
+    ("--max-connections", _positive_int, "connections served at once; more wait in the listen backlog"),
+)
+
+
+def parse_args(argv, environ):
+    """Return the Settings that command-line flags, then IMS_* environment variables, then defaults give."""
+    parser = argparse.ArgumentParser(
+        prog="ims.py",
+        description="IMS: a tiny image store with resizing, served over HTTP.",
+        epilog="Every option falls back to its environment variable (IMS_HOST, IMS_PORT, ...).",
+    )
+    parser.add_argument("--version", action="version", version=f"IMS {__version__}")
+    defaults = Settings()
+    for flag, value_type, help_text in OPTIONS:
+        field = flag[2:].replace("-", "_")
+        variable = "IMS_" + field.upper()
+        default = environ.get(variable, getattr(defaults, field))
+        parser.add_argument(
+            flag, type=value_type, default=default, metavar=variable.replace("IMS_", ""),
+            help=f"{help_text} (env {variable}, default {getattr(defaults, field)})",
+        )
+    arguments = parser.parse_args(argv)
+    values = vars(arguments)
+    values["storage"] = os.path.abspath(values["storage"])
+    return Settings(**values)
+
+
+def main(argv=None):
+    """Run IMS until SIGINT or SIGTERM; return the exit status."""
+    settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    try:
+        server = Server(settings)
+    except OSError as error:
+        sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
+        return 1
+    host, port = server.server_address[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"IMS serving {settings.storage} on http://{shown_host}:{port}", flush=True)
+
+    def stop(signal_number, frame):
+        # shutdown() waits for serve_forever() to return, which runs in this very thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
