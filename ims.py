@@ -90,6 +90,12 @@ class Settings:
 # A socket read hands over at most what the kernel has buffered; 64 KiB reads keep system calls
 # few without holding more than that in memory per upload.
 READ_CHUNK_SIZE = 64 * 1024
+# Apache's LimitRequestLine and LimitRequestFieldSize (8190 bytes) and LimitRequestFields (100);
+# a longer request line is answered 414, a longer header line or more fields 431.
+MAX_REQUEST_LINE_BYTES = 8 * 1024
+MAX_HEADER_LINE_BYTES = 8 * 1024
+MAX_HEADER_FIELDS = 100
+MAX_HEAD_BYTES = 64 * 1024
 # Headers of one multipart part: Apache's LimitRequestFieldSize allows 8 KiB per header line, and a
 # part carries two or three short lines.
 MAX_PART_HEADER_BYTES = 8 * 1024
@@ -144,7 +150,9 @@ ALLOWED_FORMATS = tuple(CONTENT_TYPE_BY_FORMAT)
 TEMP_PREFIX = ".ims-tmp-"
 
 _UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]")
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Path separators, control characters (they could split a header line) and lone surrogates (names
+# that are not valid UTF-8 on disk) never appear in a stored name.
+_FORBIDDEN_IN_NAME = re.compile(r"[/\\\x00-\x1f\x7f\ud800-\udfff]")
 
 
 class HTTPError(Exception):
@@ -170,10 +178,7 @@ def is_image_name(name):
     return (
         extension_of(name) in FORMAT_BY_EXTENSION
         and not name.startswith(".")
-        and "/" not in name
-        and "\\" not in name
-        and not _CONTROL_CHARACTERS.search(name)
-        and not any("\ud800" <= character <= "\udfff" for character in name)
+        and not _FORBIDDEN_IN_NAME.search(name)
     )
 
 
@@ -400,6 +405,85 @@ class Catalogue:
 # ====
 # Owns the grammar of request bodies, parameters and conditional headers. Pure: takes bytes and
 # strings, returns values or events, raises HTTPError; never touches a socket or a file.
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class Headers:
+    """Request header fields: case-insensitive look-up, repeated fields kept in order."""
+
+    def __init__(self, fields=()):
+        self._values = {}
+        for name, value in fields:
+            self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        """Return the first value of field `name`, or `default`."""
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name):
+        """Return every value of field `name` in order, or None."""
+        return self._values.get(name.lower())
+
+    def __contains__(self, name):
+        return name.lower() in self._values
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestHead:
+    """A parsed request line and header section."""
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+
+
+def parse_request_head(head):
+    """Parse a request head (RFC 9112 §2–§5), the bytes up to and including its blank line.
+
+    Lines may end in CRLF or a bare LF (RFC 9112 §2.2). Raises HTTPError(400) for a malformed
+    request line or field, 414 for a request line over MAX_REQUEST_LINE_BYTES, 431 for a field line
+    over MAX_HEADER_LINE_BYTES or more than MAX_HEADER_FIELDS fields, 505 for a version other than
+    HTTP/1.0 and HTTP/1.1.
+    """
+    lines = head.split(b"\n")
+    request_line = lines[0].rstrip(b"\r")
+    if len(request_line) > MAX_REQUEST_LINE_BYTES:
+        raise HTTPError(414, f"the request line is longer than {MAX_REQUEST_LINE_BYTES} bytes")
+    words = request_line.decode("latin-1").split(" ")
+    if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or not words[1]:
+        raise HTTPError(400, f"the request line {request_line[:100].decode('latin-1')!r} is not 'METHOD /path HTTP/1.1'")
+    method, target, version = words
+    version_match = _HTTP_VERSION.fullmatch(version)
+    if not version_match:
+        raise HTTPError(400, f"{version[:20]!r} is not an HTTP version")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise HTTPError(505, f"{version} is not supported; use HTTP/1.1")
+    if any(ord(character) < 0x21 or ord(character) == 0x7F for character in target):
+        raise HTTPError(400, "the request target contains control characters or spaces")
+    fields = []
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        if len(line) > MAX_HEADER_LINE_BYTES:
+            raise HTTPError(431, f"a header line is longer than {MAX_HEADER_LINE_BYTES} bytes")
+        if len(fields) == MAX_HEADER_FIELDS:
+            raise HTTPError(431, f"the request has more than {MAX_HEADER_FIELDS} header fields")
+        name, colon, value = line.partition(b":")
+        # RFC 9112 §5.1–5.2: no white space before the colon, and obsolete line folding refused.
+        if not colon or not _TOKEN.fullmatch(name.decode("latin-1")):
+            raise HTTPError(400, f"the header line {line[:100].decode('latin-1')!r} is malformed")
+        value = value.strip(b" \t")
+        if b"\r" in value or b"\0" in value:
+            raise HTTPError(400, f"the header field {name.decode('latin-1')!r} contains CR or NUL")
+        fields.append((name.decode("latin-1"), value.decode("latin-1")))
+    return RequestHead(method, target, version, Headers(fields))
+
 
 PREAMBLE = "preamble"
 PART_HEADERS = "part headers"
@@ -1239,56 +1323,92 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle(self):
         self.close_connection = True
+        self.must_linger = False
         self.handle_one_request()
         while not self.close_connection and self.server.mark_idle(self):
             self.handle_one_request()
-        if getattr(self, "must_linger", False):
+        if self.must_linger:
             self.linger()
 
-    def parse_request(self):
-        self.is_idle = False
+    def handle_one_request(self):
+        """Read one request head within the time limit, then answer the request."""
+        self.requestline = ""
+        self.command = ""
+        self.request_version = "HTTP/1.1"
         self.body_is_consumed = True
-        self.must_linger = False
         self.response_started = False
-        return super().parse_request()
+        self.close_connection = True
+        try:
+            head = self.read_request_head()
+        except socket.timeout:
+            return
+        except HTTPError as error:
+            self.send_error_response(error.status, error.message)
+            self.must_linger = True
+            return
+        if head is None:
+            return
+        self.is_idle = False
+        self.dispatch(head)
+        try:
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
 
-    def handle_expect_100(self):
-        # Answered in read_body(), once the headers have been checked: a request refused on its
-        # headers gets its final answer and the client never sends the body.
-        return True
+    def read_request_head(self):
+        """Return the bytes of the next request head, or None when the client closed the connection.
 
-    def __getattr__(self, name):
-        # Every other method gets 405 on a known path and 404 elsewhere, not the stdlib's 501.
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
-    def do_GET(self):
-        self.dispatch()
-
-    def do_HEAD(self):
-        self.dispatch()
-
-    def do_POST(self):
-        self.dispatch()
-
-    def do_PATCH(self):
-        self.dispatch()
-
-    def do_DELETE(self):
-        self.dispatch()
+        The whole head must arrive within the timeout, however slowly it trickles; raises
+        socket.timeout otherwise, and HTTPError(414 or 431) when it grows past MAX_HEAD_BYTES.
+        """
+        deadline = time.monotonic() + self.timeout
+        head = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request head took too long")
+            self.connection.settimeout(remaining)
+            try:
+                data = self.rfile.peek(READ_CHUNK_SIZE)
+            except ConnectionError:
+                return None
+            if not data:
+                return None
+            if not head:
+                # RFC 9112 §2.2: empty lines before a request line are ignored.
+                stripped = data.lstrip(b"\r\n")
+                if not stripped:
+                    self.rfile.read(len(data))
+                    continue
+                self.rfile.read(len(data) - len(stripped))
+                data = stripped
+            searched_from = max(0, len(head) - 3)
+            head += data
+            end = _HEAD_END.search(head, searched_from)
+            if end:
+                self.rfile.read(end.end() - (len(head) - len(data)))
+                self.connection.settimeout(self.timeout)
+                return head[:end.end()]
+            self.rfile.read(len(data))
+            if len(head) > MAX_HEAD_BYTES:
+                if b"\n" not in head:
+                    raise HTTPError(414, f"the request line is longer than {MAX_REQUEST_LINE_BYTES} bytes")
+                raise HTTPError(431, f"the request head is longer than {MAX_HEAD_BYTES} bytes")
 
     # Routing and errors
 
-    def dispatch(self):
-        """Route the request and answer it; the one place where errors become responses."""
+    def dispatch(self, head):
+        """Parse the head, route the request and answer it; the one place where errors become responses."""
+        self.requestline = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         try:
+            self.accept_head(parse_request_head(head))
             self.check_framing()
             path, self.query = self.split_target()
             action = self.route(path)
             action()
         except HTTPError as error:
             self.send_error_response(error.status, error.message, error.headers)
+            self.must_linger = self.close_connection
         except socket.timeout:
             self.close_connection = True
             self.send_error_response(408, f"the request body stalled for {self.timeout:g} seconds")
@@ -1314,12 +1434,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
-    def send_error(self, code, message=None, explain=None):
-        """Answer the stdlib's own refusals (bad request line, 414, 431, 505) in JSON too."""
-        self.close_connection = True
-        self.response_started = False
-        self.body_is_consumed = True
-        self.send_json(code, {"message": message or explain or http.HTTPStatus(code).phrase})
+    def accept_head(self, request):
+        """Take the parsed head's method, target, version and headers; decide on keep-alive."""
+        self.command, self.path, self.request_version = request.method, request.target, request.version
+        self.headers = request.headers
+        connection_options = {option.strip().lower() for option in request.headers.get("Connection", "").split(",")}
+        if request.version == "HTTP/1.1":
+            self.close_connection = "close" in connection_options
+        else:
+            self.close_connection = "keep-alive" not in connection_options
 
     def check_framing(self):
         """Work out how the body is framed; refuse ambiguous framing as request smuggling."""
@@ -1607,9 +1730,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_head(204, {})
 
     def send_file_range(self, file, start, length):
-        """Send `length` bytes of the open `file` from `start` with sendfile()."""
-        self.wfile.flush()
-        sent = self.connection.sendfile(file, start, length)
+        """Send `length` bytes of the open `file` from `start`.
+
+        A small file goes out with the headers in one write; a larger one with sendfile(), which
+        spares copying it through Python.
+        """
+        if length <= READ_CHUNK_SIZE:
+            data = os.pread(file.fileno(), length, start)
+            self.wfile.write(data)
+            sent = len(data)
+        else:
+            self.wfile.flush()
+            sent = self.connection.sendfile(file, start, length)
         if sent != length:
             # The file shrank under us (truncated in place by someone else): the framing is broken.
             self.close_connection = True
