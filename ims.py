@@ -499,6 +499,7 @@ TRAILER = "trailer"
 _PARAMETER = re.compile(r';\s*([^\s;=]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]*)')
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
+_BOUNDARY_LINE_START = re.compile(rb"[ \t]*\r?")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
@@ -541,13 +542,12 @@ def parse_header_parameters(value):
 
 
 def _decode_extended_value(value):
-    # RFC 8187: charset'language'percent-encoded; RFC 7578 §4.2 discourages it, yet some clients send it.
+    # RFC 8187: charset'language'percent-encoded, and UTF-8 or ISO-8859-1 are the only charsets a
+    # recipient must know; RFC 7578 §4.2 discourages it, yet some clients send it.
     charset, _, rest = value.partition("'")
     _, _, encoded = rest.partition("'")
-    try:
-        return urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="replace")
-    except LookupError:
-        return urllib.parse.unquote(encoded, errors="replace")
+    encoding = "iso-8859-1" if charset.lower() == "iso-8859-1" else "utf-8"
+    return urllib.parse.unquote(encoded, encoding=encoding, errors="replace")
 
 
 def _decode_header_text(raw):
@@ -620,7 +620,9 @@ class MultipartParser:
             return b""
         line_end = buffer.find(b"\r\n", after)
         if line_end < 0:
-            if len(buffer) - after > MAX_PART_HEADER_BYTES or buffer[after:].strip(b" \t\r"):
+            # Not decided yet while what follows may still become "--" or white space and CRLF.
+            rest = buffer[after:]
+            if rest != b"-" and (len(rest) > MAX_PART_HEADER_BYTES or not _BOUNDARY_LINE_START.fullmatch(rest)):
                 raise HTTPError(400, "a multipart boundary line is followed by unexpected bytes")
             return buffer[index:]
         if buffer[after:line_end].strip(b" \t"):
@@ -642,7 +644,7 @@ class MultipartParser:
         else:
             end = buffer.find(b"\r\n\r\n")
             if end < 0 or end > MAX_PART_HEADER_BYTES:
-                if len(buffer) > MAX_PART_HEADER_BYTES:
+                if end > MAX_PART_HEADER_BYTES or len(buffer) > MAX_PART_HEADER_BYTES + 3:
                     raise HTTPError(400, f"the headers of a multipart part exceed {MAX_PART_HEADER_BYTES} bytes")
                 return buffer
             block, rest = buffer[:end], buffer[end + 4:]
@@ -716,7 +718,7 @@ class ChunkedDecoder:
             else:
                 line_end = buffer.find(b"\r\n", position)
                 if line_end < 0:
-                    self._check_trailer_size(len(buffer) - position)
+                    self._check_trailer_size(len(buffer) - position, is_complete=False)
                     break
                 if line_end == position:
                     self.done = True
@@ -724,7 +726,7 @@ class ChunkedDecoder:
                     self.unused = buffer[position + 2:]
                     position = len(buffer)
                 else:
-                    self._check_trailer_size(line_end + 2 - position)
+                    self._check_trailer_size(line_end + 2 - position, is_complete=True)
                     position = line_end + 2
         self._buffer = buffer[position:]
         return b"".join(pieces)
@@ -738,7 +740,7 @@ class ChunkedDecoder:
         # Returns the position after the line, or -(position + 1) when the line is incomplete.
         line_end = buffer.find(b"\r\n", position)
         if line_end < 0:
-            if len(buffer) - position > MAX_CHUNK_LINE_BYTES:
+            if len(buffer) - position > MAX_CHUNK_LINE_BYTES + 1:
                 raise HTTPError(400, "a chunk-size line of the chunked body is too long")
             return -(position + 1)
         if line_end - position > MAX_CHUNK_LINE_BYTES:
@@ -755,9 +757,11 @@ class ChunkedDecoder:
             self.state = TRAILER
         return line_end + 2
 
-    def _check_trailer_size(self, more_bytes):
-        self._trailer_bytes += more_bytes
-        if self._trailer_bytes > MAX_TRAILER_BYTES:
+    def _check_trailer_size(self, line_bytes, is_complete):
+        if is_complete:
+            self._trailer_bytes += line_bytes
+            line_bytes = 0
+        if self._trailer_bytes + line_bytes > MAX_TRAILER_BYTES:
             raise HTTPError(400, f"the trailer of the chunked body exceeds {MAX_TRAILER_BYTES} bytes")
 
 
@@ -790,7 +794,7 @@ def parse_resize_params(query, body, content_type, max_pixels):
         if media_type == "application/json" or media_type.endswith("+json") or body.lstrip()[:1] == b"{":
             try:
                 values = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise HTTPError(400, "the body is not valid JSON") from None
             if not isinstance(values, dict):
                 raise HTTPError(400, 'the JSON body must be an object like {"width": 300, "height": 200}')
@@ -833,7 +837,7 @@ def parse_range(header, size):
         return max(0, size - length), size - 1
     start = int(first)
     end = int(last) if last else size - 1
-    if end < start:
+    if last and end < start:
         return None
     if start >= size:
         raise HTTPError(416, f"the range {header!r} starts beyond the {size} bytes of the image", {"Content-Range": f"bytes */{size}"})
@@ -844,7 +848,7 @@ def parse_http_date(text):
     """Return the POSIX time of an HTTP date (RFC 9110 §5.6.7), or None when it is not one."""
     try:
         moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if moment is None:
         return None
@@ -1327,7 +1331,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.handle_one_request()
         while not self.close_connection and self.server.mark_idle(self):
             self.handle_one_request()
-        if self.must_linger:
+        # Lingering counts as idle, so a stopping server cuts it short.
+        if self.must_linger and self.server.mark_idle(self):
             self.linger()
 
     def handle_one_request(self):
