@@ -787,7 +787,7 @@ def parse_resize_params(query, body, content_type, max_pixels):
     Body parameters override query parameters. Raises HTTPError(400) naming the parameter that is
     missing or invalid, or when width × height exceeds `max_pixels`.
     """
-    parameters = dict(urllib.parse.parse_qsl(query))
+    parameters = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     media_type, _ = parse_header_parameters(content_type)
     if body.strip():
         # curl -d sends JSON labelled as a form; a body that opens with "{" is JSON whatever its label.
@@ -800,13 +800,15 @@ def parse_resize_params(query, body, content_type, max_pixels):
                 raise HTTPError(400, 'the JSON body must be an object like {"width": 300, "height": 200}')
         else:
             try:
-                values = dict(urllib.parse.parse_qsl(body.decode("utf-8"), strict_parsing=True))
+                values = dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True))
             except (ValueError, UnicodeDecodeError):
                 raise HTTPError(400, "the body is not valid form data (width=300&height=200)") from None
         parameters.update(values)
     width = _dimension(parameters, "width")
     height = _dimension(parameters, "height")
-    fit = parameters.get("fit", "fill")
+    fit = parameters.get("fit")
+    if fit is None:
+        fit = "fill"
     if fit not in FITS:
         raise HTTPError(400, f"fit must be one of fill, contain, cover, not {fit!r}")
     if width * height > max_pixels:
@@ -1004,7 +1006,8 @@ def save_like(original, frames, durations, path):
     exif = original.getexif()
     if EXIF_ORIENTATION in exif:
         del exif[EXIF_ORIENTATION]
-    if exif and image_format in ("JPEG", "PNG", "WEBP", "TIFF"):
+    # A TIFF's EXIF holds its strip offsets and sizes: handing it back would point into the old file.
+    if exif and image_format in ("JPEG", "PNG", "WEBP"):
         options["exif"] = exif.tobytes()
     first = frames[0]
     if image_format == "JPEG":
@@ -1016,6 +1019,8 @@ def save_like(original, frames, durations, path):
             options["subsampling"] = subsampling
     elif image_format == "PNG" and original.mode in ("P", "PA"):
         first = first.quantize(256, method=Image.Quantize.FASTOCTREE)
+    elif original.mode.startswith("I;16") and first.mode == "I":
+        first = first.convert("I;16")
     elif image_format == "BMP" and first.mode not in ("1", "L", "P", "RGB", "RGBA"):
         first = first.convert("RGB")
     if len(frames) > 1:
@@ -1144,14 +1149,15 @@ class Resizer:
         with self._condition:
             if self._is_stopping:
                 raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
-            if len(self._queue) >= self._max_queue:
-                raise HTTPError(
-                    503, f"{len(self._queue)} resizes are already waiting; try again later", {"Retry-After": "1"}
-                )
             job = Job(secrets.token_hex(8), name, width, height, fit)
-            self._jobs[job.id] = job
             self._queue.append(job)
             self._start_ready_jobs()
+            if job.state == QUEUED and len(self._queue) > self._max_queue:
+                self._queue.remove(job)
+                raise HTTPError(
+                    503, f"{self._max_queue} resizes are already waiting; try again later", {"Retry-After": "1"}
+                )
+            self._jobs[job.id] = job
             return job
 
     def cancel_for(self, name):

@@ -137,7 +137,8 @@ class ServerTestCase(unittest.TestCase):
         self.addCleanup(self.tempdir.cleanup)
         self.storage = os.path.join(self.tempdir.name, "storage")
         self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **self.server_options)
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # serve_forever() checks for shutdown() every poll_interval; 0.5 s would slow every test.
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         thread.start()
         self.addCleanup(self.server.server_close)
         self.addCleanup(self.server.shutdown)
