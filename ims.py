@@ -905,6 +905,8 @@ TRANSPOSE_BY_ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 EXIF_ORIENTATION = 0x0112
+# TIFF tags that describe how the pixels are laid out, rewritten by the writer (TIFF 6.0 §8, §15).
+TIFF_LAYOUT_TAGS = {254, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325, 338, 339, 530, 532, 34675}
 # Draft and reduce to this many times the target size first, then filter: thumbnail()'s default,
 # indistinguishable from filtering the full image at a fraction of the cost.
 REDUCING_GAP = 2.0
@@ -1004,10 +1006,11 @@ def save_like(original, frames, durations, path):
     if icc_profile and image_format != "GIF":
         options["icc_profile"] = icc_profile
     exif = original.getexif()
-    if EXIF_ORIENTATION in exif:
-        del exif[EXIF_ORIENTATION]
-    # A TIFF's EXIF holds its strip offsets and sizes: handing it back would point into the old file.
-    if exif and image_format in ("JPEG", "PNG", "WEBP"):
+    # A TIFF's first directory is also its layout (size, strips, samples): only its other tags move.
+    dropped = {EXIF_ORIENTATION} | (TIFF_LAYOUT_TAGS if image_format == "TIFF" else set())
+    for tag in dropped & set(exif):
+        del exif[tag]
+    if len(exif) and image_format in ("JPEG", "PNG", "WEBP", "TIFF"):
         options["exif"] = exif.tobytes()
     first = frames[0]
     if image_format == "JPEG":

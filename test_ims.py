@@ -6,14 +6,20 @@ then the real `python3 ims.py` process. Every fixture image is made here with Pi
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import email.utils
+import functools
 import http.client
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,8 +27,11 @@ import threading
 import time
 import unittest
 import urllib.parse
+from unittest import mock
 
 from PIL import Image
+from PIL import ImageCms
+from PIL import ImageOps
 
 import ims
 
@@ -193,6 +202,2414 @@ class ServerTestCase(unittest.TestCase):
         reply = self.request("GET", f"{location}?wait={seconds}")
         self.assertEqual(reply.status, 200, reply.body)
         return reply.json
+
+
+# ====
+# Unit tests: names, parsers, parameters
+# ====
+
+
+BOUNDARY = "ims-test-boundary"  # multipart_body's default
+MAX_PIXELS = 90000000  # the contract's default --max-pixels
+FORM = "application/x-www-form-urlencoded"
+
+
+
+
+def multipart_events(parser, outputs):
+    """Finish a MultipartParser for feed_all_ways: close it, return its events as a tuple.
+
+    Consecutive PartData are joined (and empty ones dropped), so every way of splitting the body
+    compares equal.
+    """
+    parser.close()
+    events = []
+    for event in itertools.chain.from_iterable(outputs):
+        if isinstance(event, ims.PartData):
+            if not event.data:
+                continue
+            if events and isinstance(events[-1], ims.PartData):
+                event = ims.PartData(events.pop().data + event.data)
+        events.append(event)
+    return tuple(events)
+
+
+def chunked_output(decoder, outputs):
+    """Finish a ChunkedDecoder for feed_all_ways: close it, return (decoded bytes, unused bytes)."""
+    decoder.close()
+    return b"".join(outputs), decoder.unused
+
+
+def outcome(parser_factory, pieces, finish):
+    """Feed `pieces` to a fresh parser and finish it; return ("parsed", result) or ("refused", status).
+
+    Only ims.HTTPError counts as a refusal; any other exception propagates, so the test reports it.
+    """
+    parser = parser_factory()
+    try:
+        outputs = [parser.feed(piece) for piece in pieces]
+        return ("parsed", finish(parser, outputs))
+    except ims.HTTPError as error:
+        return ("refused", error.status)
+
+
+def outcomes_all_ways(parser_factory, data, finish):
+    """Return the set of outcomes of feeding `data` whole, one byte at a time and split at every position."""
+    splits = [[data], [data[i:i + 1] for i in range(len(data))]]
+    splits += [[data[:i], data[i:]] for i in range(1, len(data))]
+    return {outcome(parser_factory, pieces, finish) for pieces in splits}
+
+
+def mutate(rng, data):
+    """Return `data` with one to three random byte flips, insertions, deletions, truncations or duplications."""
+    data = bytearray(data)
+    tokens = [b"\r\n", b"\r", b"\n", b"-", b"--", b";", b":", b" ", b"\t", b'"', b"0", b"f", b"\x00", b"\xff"]
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.randrange(5)
+        position = rng.randrange(len(data) + 1)
+        if kind == 0 and data:
+            data[min(position, len(data) - 1)] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            insert = rng.choice(tokens) if rng.random() < 0.6 else bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+            data[position:position] = insert
+        elif kind == 2:
+            del data[position:position + rng.randint(1, 8)]
+        elif kind == 3:
+            del data[position:]
+        else:
+            start = rng.randrange(len(data) + 1)
+            data[position:position] = data[start:start + rng.randint(1, 24)]
+    return bytes(data)
+
+
+# ====
+# Names and formats
+# ====
+
+
+class TestSecureFilename(unittest.TestCase):
+    def test_werkzeug_examples_give_werkzeugs_answers(self):
+        self.assertEqual(ims.secure_filename("My cool movie.mov"), "My_cool_movie.mov")
+        self.assertEqual(ims.secure_filename("../../../etc/passwd"), "etc_passwd")
+        self.assertEqual(ims.secure_filename("i contain cool \xfcml\xe4uts.txt"), "i_contain_cool_umlauts.txt")
+
+    def test_safe_names_are_kept_as_they_are(self):
+        for name in ("photo.png", "Photo-1_final.JPG", "a..b.png", "2024.05.01.tiff"):
+            self.assertEqual(ims.secure_filename(name), name)
+
+    def test_leading_dots_and_underscores_are_removed(self):
+        self.assertEqual(ims.secure_filename(".bashrc"), "bashrc")
+        self.assertEqual(ims.secure_filename("...hidden.png"), "hidden.png")
+        self.assertEqual(ims.secure_filename("__init__.py"), "init__.py")
+        self.assertEqual(ims.secure_filename("._.cat.gif"), "cat.gif")
+
+    def test_names_with_nothing_safe_in_them_become_empty(self):
+        for name in ("", "..", "../..", "/", "._.", "   ", "\u65e5\u672c\u8a9e", "\x00\x01"):
+            self.assertEqual(ims.secure_filename(name), "", name)
+
+    def test_runs_of_white_space_become_one_underscore(self):
+        self.assertEqual(ims.secure_filename("a \t\n b.png"), "a_b.png")
+
+    def test_directory_parts_never_survive(self):
+        for name in ("../secret.png", "/etc/passwd", "..\\..\\evil.png", "a/../../b.png", "C:\\photos\\cat.png"):
+            safe = ims.secure_filename(name)
+            self.assertNotIn("/", safe, name)
+            self.assertNotIn("\\", safe, name)
+            self.assertFalse(safe.startswith("."), name)
+        self.assertEqual(ims.secure_filename("..\\..\\evil.png"), "evil.png")
+
+    def test_result_is_ascii(self):
+        self.assertEqual(ims.secure_filename("caf\xe9 \u20ac.png"), "cafe_.png")
+
+    def test_plain_path_names_its_image(self):
+        self.assertEqual(ims.image_name_from_path("/cat.png"), "cat.png")
+
+    def test_path_is_percent_decoded_as_utf8(self):
+        self.assertEqual(ims.image_name_from_path("/my%20cat.png"), "my cat.png")
+        self.assertEqual(ims.image_name_from_path("/caf%C3%A9.png"), "caf\xe9.png")
+
+    def test_every_image_extension_is_accepted_in_any_case(self):
+        for extension in ims.IMAGE_EXTENSIONS:
+            for name in ("cat" + extension, "CAT" + extension.upper(), "Cat" + extension.title()):
+                self.assertEqual(ims.image_name_from_path("/" + name), name)
+
+    def test_traversal_names_nothing(self):
+        for path in ("/../etc/passwd", "/../secret.png", "/..%2Fsecret.png", "/%2e%2e%2fsecret.png",
+                     "/%2E%2E/secret.png", "/a/b.png", "/a%2Fb.png", "/a%2fb.png", "/cat.png/", "//cat.png"):
+            self.assertIsNone(ims.image_name_from_path(path), path)
+
+    def test_nul_and_control_characters_name_nothing(self):
+        for path in ("/a%00.png", "/a\x00.png", "/a%0A.png", "/a%0D%0A.png", "/a%7F.png", "/cat.png%00.txt"):
+            self.assertIsNone(ims.image_name_from_path(path), path)
+
+    def test_backslash_names_nothing(self):
+        for path in ("/a%5Cb.png", "/a\\b.png", "/..%5Csecret.png", "/..\\secret.png"):
+            self.assertIsNone(ims.image_name_from_path(path), path)
+
+    def test_leading_dot_names_nothing(self):
+        for path in ("/.hidden.png", "/%2Ehidden.png", "/..png", "/.png", "/" + ims.TEMP_PREFIX + "1-x.png"):
+            self.assertIsNone(ims.image_name_from_path(path), path)
+
+    def test_non_utf8_percent_escapes_name_nothing(self):
+        for path in ("/%FF.png", "/%C3.png", "/a%E9.png", "/%ED%A0%80.png", "/%C0%AE%C0%AE%C0%AFx.png"):
+            self.assertIsNone(ims.image_name_from_path(path), path)
+
+    def test_names_without_an_image_extension_name_nothing(self):
+        for path in ("/cat", "/cat.txt", "/cat.png.exe", "/cat.", "/png", "/", "/jobs", "/cat.svg"):
+            self.assertIsNone(ims.image_name_from_path(path), path)
+
+    def test_path_without_leading_slash_names_nothing(self):
+        self.assertIsNone(ims.image_name_from_path("cat.png"))
+        self.assertIsNone(ims.image_name_from_path(""))
+
+    def test_every_safe_upload_name_can_be_downloaded_by_its_path(self):
+        uploads = ("My cool photo.JPG", "../../../etc/x.png", "caf\xe9.webp", "a..b.png", "__x__.gif", " x .tif")
+        for filename in uploads:
+            name = ims.secure_filename(filename)
+            self.assertEqual(ims.image_name_from_path("/" + urllib.parse.quote(name)), name, filename)
+
+
+# ====
+# Body parsing
+# ====
+
+
+class TestMultipartParser(unittest.TestCase):
+    def parse(self, body, boundary=BOUNDARY):
+        return feed_all_ways(lambda: ims.MultipartParser(boundary), body, multipart_events)
+
+    def test_one_file_gives_its_name_filename_type_and_bytes(self):
+        data = make_image("PNG", (8, 6))
+        body, _ = multipart_body(files=[("file", "photo.png", data)])
+        self.assertEqual(self.parse(body), (
+            ims.PartStart("file", "photo.png", "application/octet-stream"),
+            ims.PartData(data),
+            ims.PartEnd(),
+        ))
+
+    def test_fields_and_file_come_in_order(self):
+        body, _ = multipart_body(files=[("file", "a.gif", b"GIF89a...")], fields=[("note", "hello"), ("tag", "")])
+        self.assertEqual(self.parse(body), (
+            ims.PartStart("note", None, "text/plain"), ims.PartData(b"hello"), ims.PartEnd(),
+            ims.PartStart("tag", None, "text/plain"), ims.PartEnd(),
+            ims.PartStart("file", "a.gif", "application/octet-stream"), ims.PartData(b"GIF89a..."), ims.PartEnd(),
+        ))
+
+    def test_preamble_and_epilogue_are_ignored(self):
+        body, _ = multipart_body(files=[("file", "a.png", b"1234")])
+        body = (b"This is the preamble, not --" + BOUNDARY.encode() + b"\r\n--" + BOUNDARY.encode()[:-1] + b"\r\n"
+                + body + b"This is the epilogue.\r\n--" + BOUNDARY.encode() + b"--\r\n\r\nmore")
+        self.assertEqual(self.parse(body), (
+            ims.PartStart("file", "a.png", "application/octet-stream"), ims.PartData(b"1234"), ims.PartEnd(),
+        ))
+
+    def test_body_may_start_with_a_crlf_before_the_first_boundary(self):
+        body, _ = multipart_body(fields=[("a", "b")])
+        self.assertEqual(self.parse(b"\r\n" + body), (ims.PartStart("a", None, "text/plain"), ims.PartData(b"b"), ims.PartEnd()))
+
+    def test_empty_file_has_no_data(self):
+        body, _ = multipart_body(files=[("file", "empty.png", b"")])
+        self.assertEqual(self.parse(body), (ims.PartStart("file", "empty.png", "application/octet-stream"), ims.PartEnd()))
+
+    def test_binary_data_with_crlf_dashes_and_partial_boundaries_is_kept_exactly(self):
+        delimiter = b"\r\n--" + BOUNDARY.encode()
+        data = (bytes(range(256)) + b"\r\n--\r\n\r\n" + delimiter[:-1] + b"X--" + BOUNDARY.encode() + b"--"
+                + b"\n--" + BOUNDARY.encode() + b"\r-" + delimiter[:-3] + b"\r\n\r")
+        self.assertNotIn(delimiter, data)
+        body, _ = multipart_body(files=[("file", "bin.png", data)])
+        self.assertEqual(self.parse(body), (
+            ims.PartStart("file", "bin.png", "application/octet-stream"), ims.PartData(data), ims.PartEnd(),
+        ))
+
+    def test_data_that_ends_like_a_delimiter_start_is_kept(self):
+        for data in (b"\r", b"\r\n", b"\r\n-", b"\r\n--", b"\r\n--" + BOUNDARY.encode()[:-1]):
+            body, _ = multipart_body(files=[("file", "a.png", data)])
+            self.assertEqual(self.parse(body)[1], ims.PartData(data), data)
+
+    def test_boundary_with_allowed_odd_characters_works(self):
+        boundary = "a'()+_,-./:=? z"
+        body, _ = multipart_body(files=[("file", "a.png", b"data")], boundary=boundary)
+        self.assertEqual(self.parse(body, boundary), (
+            ims.PartStart("file", "a.png", "application/octet-stream"), ims.PartData(b"data"), ims.PartEnd(),
+        ))
+
+    def test_boundary_of_seventy_characters_works(self):
+        boundary = "b" * 70
+        body, _ = multipart_body(fields=[("a", "1")], boundary=boundary)
+        self.assertEqual(self.parse(body, boundary), (ims.PartStart("a", None, "text/plain"), ims.PartData(b"1"), ims.PartEnd()))
+
+    def test_quoted_filename_with_escaped_quote_is_unquoted(self):
+        body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="say \\"cheese\\".png"\r\n\r\n'
+                f"x\r\n--{BOUNDARY}--\r\n").encode()
+        self.assertEqual(self.parse(body)[0], ims.PartStart("file", 'say "cheese".png', "text/plain"))
+
+    def test_filename_with_semicolon_inside_quotes_is_whole(self):
+        body, _ = multipart_body(files=[("file", "a;b=c.png", b"x")])
+        self.assertEqual(self.parse(body)[0].filename, "a;b=c.png")
+
+    def test_utf8_filename_sent_raw_is_decoded(self):
+        body, _ = multipart_body(files=[("file", "caf\xe9.png", b"x")])
+        self.assertEqual(self.parse(body)[0].filename, "caf\xe9.png")
+
+    def test_extended_filename_is_decoded_from_utf8(self):
+        body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+                f"filename*=UTF-8''%E2%82%AC%20rates.png\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
+        self.assertEqual(self.parse(body)[0].filename, "\u20ac rates.png")
+
+    def test_extended_filename_wins_over_plain_filename(self):
+        body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"rates.png\"; "
+                f"filename*=utf-8''%E2%82%AC.png\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
+        self.assertEqual(self.parse(body)[0].filename, "\u20ac.png")
+
+    def test_white_space_after_a_boundary_is_allowed(self):
+        body = (f"--{BOUNDARY} \t \r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n"
+                f"--{BOUNDARY}\t\r\nContent-Disposition: form-data; name=\"b\"\r\n\r\n2\r\n--{BOUNDARY}--  \r\n").encode()
+        self.assertEqual(self.parse(body), (
+            ims.PartStart("a", None, "text/plain"), ims.PartData(b"1"), ims.PartEnd(),
+            ims.PartStart("b", None, "text/plain"), ims.PartData(b"2"), ims.PartEnd(),
+        ))
+
+    def test_part_without_filename_has_filename_none(self):
+        body, _ = multipart_body(fields=[("file", "not a file")])
+        self.assertIsNone(self.parse(body)[0].filename)
+
+    def test_empty_filename_is_kept_empty_not_none(self):
+        body, _ = multipart_body(files=[("file", "", b"")])
+        self.assertEqual(self.parse(body)[0].filename, "")
+
+    def test_header_names_are_case_insensitive_and_content_type_is_kept(self):
+        body = (f"--{BOUNDARY}\r\ncontent-DISPOSITION: form-data; name=file; filename=a.png\r\n"
+                f"CONTENT-TYPE: image/png\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
+        self.assertEqual(self.parse(body)[0], ims.PartStart("file", "a.png", "image/png"))
+
+    def test_closing_boundary_split_between_its_two_dashes_is_accepted(self):
+        body, _ = multipart_body(files=[("file", "a.png", b"data")])
+        cut = body.rindex(b"--\r\n") + 1
+        parser = ims.MultipartParser(BOUNDARY)
+        events = parser.feed(body[:cut]) + parser.feed(body[cut:])
+        parser.close()
+        self.assertEqual(events[-1], ims.PartEnd())
+
+    def test_part_headers_of_exactly_the_limit_are_accepted_however_split(self):
+        head = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\nX-Padding: '
+        head += b"p" * (ims.MAX_PART_HEADER_BYTES - len(head))
+        body = f"--{BOUNDARY}\r\n".encode() + head + f"\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode()
+        self.assertEqual(self.parse(body)[0].filename, "a.png")
+
+    def test_body_bytes_are_handed_on_as_they_arrive(self):
+        parser = ims.MultipartParser(BOUNDARY)
+        head, _ = multipart_body(files=[("file", "a.png", b"")])
+        events = parser.feed(head[:head.index(b"\r\n\r\n") + 4])
+        data = random.Random(SEED).getrandbits(800000).to_bytes(100000, "little").replace(b"\r", b"")
+        events += parser.feed(data)
+        handed_on = sum(len(event.data) for event in events if isinstance(event, ims.PartData))
+        self.assertGreater(handed_on, len(data) - len(BOUNDARY) - 4)
+
+
+class TestMultipartParserRejects(unittest.TestCase):
+    def assertRefusedAllWays(self, body, boundary=BOUNDARY):
+        outcomes = outcomes_all_ways(lambda: ims.MultipartParser(boundary), body, multipart_events)
+        self.assertEqual(outcomes, {("refused", 400)}, body[:200])
+
+    def test_missing_closing_boundary_is_refused_on_close(self):
+        body, _ = multipart_body(files=[("file", "a.png", b"data")])
+        for truncated in (body[:-len(f"--{BOUNDARY}--\r\n")], body[:-5], body[:40], b"", b"no boundary at all"):
+            parser = ims.MultipartParser(BOUNDARY)
+            parser.feed(truncated)
+            with self.assertRaises(ims.HTTPError) as caught:
+                parser.close()
+            self.assertEqual(caught.exception.status, 400)
+            self.assertRefusedAllWays(truncated)
+
+    def test_bytes_after_close_are_refused(self):
+        body, _ = multipart_body(fields=[("a", "1")])
+        parser = ims.MultipartParser(BOUNDARY)
+        parser.feed(body)
+        parser.close()
+        with self.assertRaises(ims.HTTPError) as caught:
+            parser.feed(b"more")
+        self.assertEqual(caught.exception.status, 400)
+
+    def test_garbage_after_a_boundary_is_refused(self):
+        tail = f"Content-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--{BOUNDARY}--\r\n"
+        for line in (f"--{BOUNDARY}X", f"--{BOUNDARY} x", f"--{BOUNDARY}-", f"--{BOUNDARY}\t-"):
+            self.assertRefusedAllWays(f"{line}\r\n{tail}".encode())
+
+    def test_garbage_after_a_boundary_inside_a_body_is_refused(self):
+        body, _ = multipart_body(files=[("file", "a.png", f"abc\r\n--{BOUNDARY}zzz\r\ndef".encode())])
+        self.assertRefusedAllWays(body)
+
+    def test_part_headers_over_the_limit_are_refused(self):
+        head = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\nX-Padding: '
+        head += b"p" * (ims.MAX_PART_HEADER_BYTES + 1 - len(head))
+        self.assertRefusedAllWays(f"--{BOUNDARY}\r\n".encode() + head + f"\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode())
+
+    def test_endless_part_headers_are_refused_before_the_body_ends(self):
+        parser = ims.MultipartParser(BOUNDARY)
+        parser.feed(f"--{BOUNDARY}\r\nX-Padding: ".encode())
+        with self.assertRaises(ims.HTTPError) as caught:
+            for _ in range(ims.MAX_PART_HEADER_BYTES // 1000 + 1):
+                parser.feed(b"p" * 1000)
+        self.assertEqual(caught.exception.status, 400)
+
+    def test_part_without_content_disposition_is_refused(self):
+        body = f"--{BOUNDARY}\r\nContent-Type: image/png\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode()
+        self.assertRefusedAllWays(body)
+        self.assertRefusedAllWays(f"--{BOUNDARY}\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode())
+
+    def test_content_disposition_other_than_form_data_is_refused(self):
+        body = f"--{BOUNDARY}\r\nContent-Disposition: attachment; name=\"file\"\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode()
+        self.assertRefusedAllWays(body)
+
+    def test_part_without_name_is_refused(self):
+        body = f"--{BOUNDARY}\r\nContent-Disposition: form-data; filename=\"a.png\"\r\n\r\nx\r\n--{BOUNDARY}--\r\n".encode()
+        self.assertRefusedAllWays(body)
+
+    def test_folded_header_line_is_refused(self):
+        body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data;\r\n name=\"file\"; filename=\"a.png\"\r\n\r\n"
+                f"x\r\n--{BOUNDARY}--\r\n").encode()
+        self.assertRefusedAllWays(body)
+        self.assertRefusedAllWays(body.replace(b"\r\n name", b"\r\n\tname"))
+
+    def test_header_line_without_colon_is_refused(self):
+        body, _ = multipart_body(files=[("file", "a.png", b"x")])
+        body = body.replace(b"Content-Type: ", b"Content-Type ")
+        self.assertRefusedAllWays(body)
+
+    def test_white_space_before_a_header_colon_is_refused(self):
+        body = (f"--{BOUNDARY}\r\nContent-Disposition : form-data; name=\"file\"\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
+        self.assertRefusedAllWays(body)
+
+    def test_invalid_boundaries_are_refused_by_the_constructor(self):
+        for boundary in ("", "b" * 71, "abc ", " ", "a\r\nb", "a\nb", "a\rb", "a\x00b", 'a"b', "a;b", "caf\xe9", None, b"abc"):
+            with self.assertRaises(ims.HTTPError, msg=repr(boundary)) as caught:
+                ims.MultipartParser(boundary)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_extended_filename_in_an_odd_charset_is_parsed_or_refused_with_400(self):
+        for charset in ("idna", "punycode", "hex", "rot13", "utf-16", "no-such-charset", ""):
+            body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+                    f"filename*={charset}''a%FF%00b.png\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
+            kind, result = outcome(lambda: ims.MultipartParser(BOUNDARY), [body], multipart_events)
+            if kind == "refused":
+                self.assertEqual(result, 400, charset)
+            else:
+                self.assertIsInstance(result[0].filename, str, charset)
+
+    def test_random_mutations_are_parsed_or_refused_with_400(self):
+        body, _ = multipart_body(files=[("file", "a.png", b"\x89PNG\r\n\x1a\n--data--\r\n")], fields=[("note", "hi")])
+        factory = functools.partial(ims.MultipartParser, BOUNDARY)
+        original = outcome(factory, [body], multipart_events)
+        self.assertEqual(original[0], "parsed")
+        rng = random.Random(SEED)
+        seen = {"same": 0, "different": 0, "refused": 0}
+        for _ in range(3000):
+            mutated = mutate(rng, body)
+            result = outcome(factory, [mutated], multipart_events)
+            if result[0] == "refused":
+                self.assertEqual(result[1], 400, mutated)
+                seen["refused"] += 1
+            else:
+                seen["same" if result == original else "different"] += 1
+        self.assertTrue(all(seen.values()), seen)
+
+    def test_random_mutations_give_one_outcome_however_split(self):
+        body, _ = multipart_body(files=[("file", "a.png", b"\x89PNG\r\n\x1a\n--data--\r\n")], fields=[("note", "hi")])
+        factory = functools.partial(ims.MultipartParser, BOUNDARY)
+        rng = random.Random(SEED + 1)
+        for _ in range(1500):
+            mutated = mutate(rng, body)
+            cuts = sorted(rng.sample(range(len(mutated) + 1), min(len(mutated) + 1, 3)))
+            pieces = [mutated[a:b] for a, b in zip([0] + cuts, cuts + [len(mutated)])]
+            self.assertEqual(outcome(factory, pieces, multipart_events), outcome(factory, [mutated], multipart_events), mutated)
+
+
+class TestChunkedDecoder(unittest.TestCase):
+    def decode(self, body):
+        return feed_all_ways(ims.ChunkedDecoder, body, chunked_output)
+
+    def assertRefusedAllWays(self, body):
+        self.assertEqual(outcomes_all_ways(ims.ChunkedDecoder, body, chunked_output), {("refused", 400)}, body[:200])
+
+    def test_several_chunks_are_joined(self):
+        self.assertEqual(self.decode(b"5\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\n\r\n"), (b"hello world!", b""))
+
+    def test_chunk_data_may_hold_crlf_and_hex_digits(self):
+        self.assertEqual(self.decode(b"7\r\n\r\n0\r\n\r\n\r\n0\r\n\r\n"), (b"\r\n0\r\n\r\n", b""))
+
+    def test_chunk_extensions_are_ignored(self):
+        body = b'5;name=value;quoted="a;b"\r\nhello\r\n6 ; x\r\n world\r\n0;last\r\n\r\n'
+        self.assertEqual(self.decode(body), (b"hello world", b""))
+
+    def test_trailer_fields_are_dropped(self):
+        body = b"5\r\nhello\r\n0\r\nExpires: Wed, 21 Oct 2015 07:28:00 GMT\r\nX-Checksum: abc\r\n\r\n"
+        self.assertEqual(self.decode(body), (b"hello", b""))
+
+    def test_trailer_of_a_few_hundred_bytes_is_accepted_however_split(self):
+        body = b"5\r\nhello\r\n0\r\nX-Signature: " + b"s" * 300 + b"\r\n\r\n"
+        self.assertEqual(self.decode(body), (b"hello", b""))
+
+    def test_hex_sizes_work_in_upper_and_lower_case(self):
+        data = bytes(range(0x1F + 0x0A + 0x0A))
+        body = (b"A\r\n" + data[:10] + b"\r\na\r\n" + data[10:20] + b"\r\n1f\r\n" + data[20:51]
+                + b"\r\n0000\r\n\r\n")
+        self.assertEqual(self.decode(body), (data, b""))
+
+    def test_zero_length_body_is_just_the_last_chunk(self):
+        self.assertEqual(self.decode(b"0\r\n\r\n"), (b"", b""))
+
+    def test_bytes_after_the_end_are_kept_in_unused(self):
+        following = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.assertEqual(self.decode(b"3\r\nabc\r\n0\r\nX: y\r\n\r\n" + following), (b"abc", following))
+
+    def test_done_only_after_the_trailer_section_ends(self):
+        decoder = ims.ChunkedDecoder()
+        self.assertEqual(decoder.feed(b"3\r\nabc\r\n0\r\n"), b"abc")
+        self.assertFalse(decoder.done)
+        decoder.feed(b"X: y\r\n")
+        self.assertFalse(decoder.done)
+        decoder.feed(b"\r\n")
+        self.assertTrue(decoder.done)
+        decoder.close()
+
+    def test_chunk_data_is_handed_on_as_it_arrives(self):
+        decoder = ims.ChunkedDecoder()
+        self.assertEqual(decoder.feed(b"186A0\r\n" + b"x" * 50000), b"x" * 50000)
+        self.assertEqual(decoder.feed(b"y" * 49999), b"y" * 49999)
+        self.assertFalse(decoder.done)
+
+    def test_chunk_size_line_of_exactly_the_limit_is_accepted_however_split(self):
+        line = b"5;" + b"e" * (ims.MAX_CHUNK_LINE_BYTES - 2)
+        self.assertEqual(self.decode(line + b"\r\nhello\r\n0\r\n\r\n"), (b"hello", b""))
+
+    def test_non_hex_sizes_are_refused(self):
+        for size in (b"g", b"0x10", b"+5", b"-5", b"5.0", b"", b"\xff", b"1_0", b"10000000000000000"):
+            self.assertRefusedAllWays(size + b"\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n")
+
+    def test_missing_crlf_after_chunk_data_is_refused(self):
+        for body in (b"5\r\nhelloX\r\n0\r\n\r\n", b"5\r\nhello0\r\n\r\n", b"3\r\nhello\r\n0\r\n\r\n", b"5\r\nhello\n0\r\n\r\n"):
+            self.assertRefusedAllWays(body)
+
+    def test_size_line_over_the_limit_is_refused(self):
+        self.assertRefusedAllWays(b"5;" + b"e" * ims.MAX_CHUNK_LINE_BYTES + b"\r\nhello\r\n0\r\n\r\n")
+
+    def test_endless_size_line_is_refused_before_the_body_ends(self):
+        decoder = ims.ChunkedDecoder()
+        with self.assertRaises(ims.HTTPError) as caught:
+            for _ in range(ims.MAX_CHUNK_LINE_BYTES // 1000 + 1):
+                decoder.feed(b"0" * 1000)
+        self.assertEqual(caught.exception.status, 400)
+
+    def test_trailer_over_the_limit_is_refused(self):
+        self.assertRefusedAllWays(b"0\r\nX: " + b"t" * ims.MAX_TRAILER_BYTES + b"\r\n\r\n")
+        line = b"X-Many: " + b"m" * 90 + b"\r\n"
+        self.assertRefusedAllWays(b"0\r\n" + line * (ims.MAX_TRAILER_BYTES // len(line) + 1) + b"\r\n")
+
+    def test_close_before_the_last_chunk_is_refused(self):
+        for body in (b"", b"5\r\nhel", b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n", b"0\r\nX: y\r\n", b"5"):
+            decoder = ims.ChunkedDecoder()
+            decoder.feed(body)
+            with self.assertRaises(ims.HTTPError) as caught:
+                decoder.close()
+            self.assertEqual(caught.exception.status, 400)
+            if body:
+                self.assertRefusedAllWays(body)
+
+    def test_random_mutations_are_decoded_or_refused_with_400(self):
+        body = b"5\r\nhello\r\n1a;ext=1\r\n" + bytes(range(65, 91)) + b"\r\n3\r\n\r\n-\r\n0\r\nX-Trailer: y\r\n\r\n"
+        original = outcome(ims.ChunkedDecoder, [body], chunked_output)
+        self.assertEqual(original[0], "parsed")
+        rng = random.Random(SEED)
+        seen = {"same": 0, "different": 0, "refused": 0}
+        for _ in range(3000):
+            mutated = mutate(rng, body)
+            result = outcome(ims.ChunkedDecoder, [mutated], chunked_output)
+            if result[0] == "refused":
+                self.assertEqual(result[1], 400, mutated)
+                seen["refused"] += 1
+            else:
+                seen["same" if result == original else "different"] += 1
+        self.assertTrue(all(seen.values()), seen)
+
+    def test_random_mutations_give_one_outcome_however_split(self):
+        body = b"5\r\nhello\r\n1a;ext=1\r\n" + bytes(range(65, 91)) + b"\r\n3\r\n\r\n-\r\n0\r\nX-Trailer: y\r\n\r\n"
+        rng = random.Random(SEED + 1)
+        for _ in range(1500):
+            mutated = mutate(rng, body)
+            cuts = sorted(rng.sample(range(len(mutated) + 1), min(len(mutated) + 1, 3)))
+            pieces = [mutated[a:b] for a, b in zip([0] + cuts, cuts + [len(mutated)])]
+            whole = outcome(ims.ChunkedDecoder, [mutated], chunked_output)
+            self.assertEqual(outcome(ims.ChunkedDecoder, pieces, chunked_output), whole, mutated)
+
+
+class TestParseRange(unittest.TestCase):
+    def test_first_bytes(self):
+        self.assertEqual(ims.parse_range("bytes=0-9", 100), (0, 9))
+        self.assertEqual(ims.parse_range("bytes=0-0", 100), (0, 0))
+
+    def test_open_ended_range_runs_to_the_end(self):
+        self.assertEqual(ims.parse_range("bytes=5-", 100), (5, 99))
+        self.assertEqual(ims.parse_range("bytes=99-", 100), (99, 99))
+
+    def test_suffix_range_is_the_last_bytes(self):
+        self.assertEqual(ims.parse_range("bytes=-5", 100), (95, 99))
+        self.assertEqual(ims.parse_range("bytes=-500", 100), (0, 99))
+
+    def test_end_beyond_the_size_is_clamped(self):
+        self.assertEqual(ims.parse_range("bytes=90-1000", 100), (90, 99))
+
+    def test_unit_and_spaces_are_tolerated(self):
+        self.assertEqual(ims.parse_range("Bytes = 1 - 2", 100), (1, 2))
+
+    def test_start_beyond_the_size_is_416_with_content_range(self):
+        for header, size in (("bytes=100-", 100), ("bytes=500-600", 100), ("bytes=0-", 0), ("bytes=0-0", 0)):
+            with self.assertRaises(ims.HTTPError, msg=header) as caught:
+                ims.parse_range(header, size)
+            self.assertEqual(caught.exception.status, 416)
+            self.assertEqual(caught.exception.headers, {"Content-Range": f"bytes */{size}"})
+
+    def test_suffix_of_zero_is_416(self):
+        for header, size in (("bytes=-0", 100), ("bytes=-5", 0)):
+            with self.assertRaises(ims.HTTPError, msg=header) as caught:
+                ims.parse_range(header, size)
+            self.assertEqual(caught.exception.status, 416)
+            self.assertEqual(caught.exception.headers["Content-Range"], f"bytes */{size}")
+
+    def test_no_header_means_the_whole_file(self):
+        self.assertIsNone(ims.parse_range(None, 100))
+        self.assertIsNone(ims.parse_range("", 100))
+
+    def test_several_ranges_mean_the_whole_file(self):
+        self.assertIsNone(ims.parse_range("bytes=0-9,20-29", 100))
+        self.assertIsNone(ims.parse_range("bytes=0-9, 200-300", 100))
+
+    def test_other_units_mean_the_whole_file(self):
+        for header in ("items=0-9", "none", "bits=0-9", "bytes0-9"):
+            self.assertIsNone(ims.parse_range(header, 100), header)
+
+    def test_malformed_ranges_mean_the_whole_file(self):
+        for header in ("bytes=", "bytes=-", "bytes=abc", "bytes=1-2-3", "bytes=0x1-2", "bytes=+1-2",
+                       "bytes=1.5-2", "bytes=5", "bytes=--5", "bytes=1-\xb2", "bytes=" + "9" * 40 + "-"):
+            self.assertIsNone(ims.parse_range(header, 100), header)
+
+    def test_end_before_start_means_the_whole_file(self):
+        self.assertIsNone(ims.parse_range("bytes=9-5", 100))
+
+
+class TestResizeParams(unittest.TestCase):
+    def assertRefused(self, query, body, content_type, *words, max_pixels=MAX_PIXELS):
+        with self.assertRaises(ims.HTTPError, msg=(query, body)) as caught:
+            ims.parse_resize_params(query, body, content_type, max_pixels)
+        self.assertEqual(caught.exception.status, 400)
+        for word in words:
+            self.assertIn(word, caught.exception.message, (query, body))
+
+    def test_json_numbers(self):
+        self.assertEqual(ims.parse_resize_params("", b'{"width": 300, "height": 200}', "application/json", MAX_PIXELS), (300, 200, "fill"))
+
+    def test_json_digit_strings(self):
+        self.assertEqual(ims.parse_resize_params("", b'{"width": "300", "height": "0200"}', "application/json", MAX_PIXELS), (300, 200, "fill"))
+
+    def test_every_fit_is_accepted(self):
+        for fit in ("fill", "contain", "cover"):
+            body = b'{"width": 3, "height": 2, "fit": "%s"}' % fit.encode()
+            self.assertEqual(ims.parse_resize_params("", body, "application/json; charset=utf-8", MAX_PIXELS), (3, 2, fit))
+
+    def test_form_body_as_requests_sends_it(self):
+        self.assertEqual(ims.parse_resize_params("", b"width=300&height=200&fit=cover", FORM, MAX_PIXELS), (300, 200, "cover"))
+
+    def test_query_string(self):
+        self.assertEqual(ims.parse_resize_params("width=30&height=20&fit=contain", b"", "", MAX_PIXELS), (30, 20, "contain"))
+
+    def test_body_overrides_query(self):
+        self.assertEqual(ims.parse_resize_params("width=30&height=20", b'{"width": 40}', "application/json", MAX_PIXELS), (40, 20, "fill"))
+        self.assertEqual(ims.parse_resize_params("width=30&height=20&fit=cover", b"height=50", FORM, MAX_PIXELS), (30, 50, "cover"))
+
+    def test_json_labelled_as_form_is_read_as_json(self):
+        body = b'{"width": 300, "height": 200, "fit": "contain"}'
+        self.assertEqual(ims.parse_resize_params("", body, FORM, MAX_PIXELS), (300, 200, "contain"))
+        self.assertEqual(ims.parse_resize_params("", b"\n " + body, "", MAX_PIXELS), (300, 200, "contain"))
+
+    def test_result_of_exactly_max_pixels_is_accepted(self):
+        self.assertEqual(ims.parse_resize_params("width=9000&height=10000", b"", "", MAX_PIXELS), (9000, 10000, "fill"))
+
+    def test_missing_width_or_height_is_400_naming_it(self):
+        self.assertRefused("height=20", b"", "", "width")
+        self.assertRefused("", b'{"width": 20}', "application/json", "height")
+        self.assertRefused("", b"", "", "width")
+
+    def test_values_below_one_are_400_naming_the_parameter(self):
+        for value in (b"0", b"-1", b'"0"', b'"-1"', b"-99999999999999999999"):
+            self.assertRefused("", b'{"width": %s, "height": 2}' % value, "application/json", "width")
+            self.assertRefused("", b'{"width": 2, "height": %s}' % value, "application/json", "height")
+        self.assertRefused("width=0&height=2", b"", "", "width")
+        self.assertRefused("width=2&height=-1", b"", "", "height")
+
+    def test_non_integers_are_400_naming_the_parameter_and_value(self):
+        for value in (b"1.5", b'"1.5"', b'"abc"', b'""', b'" 3"', b"true", b"false", b"[3]", b'{"n": 3}', b"1e3", b'"\xd9\xa3"'):
+            self.assertRefused("", b'{"width": %s, "height": 2}' % value, "application/json", "width")
+            self.assertRefused("", b'{"width": 2, "height": %s}' % value, "application/json", "height")
+        self.assertRefused("width=abc&height=2", b"", "", "width", "'abc'")
+        self.assertRefused("", b"width=2&height=1.5", FORM, "height", "1.5")
+
+    def test_null_is_400_naming_the_parameter(self):
+        self.assertRefused("", b'{"width": null, "height": 2}', "application/json", "width")
+        self.assertRefused("width=3&height=2", b'{"height": null}', "application/json", "height")
+
+    def test_product_over_max_pixels_is_400(self):
+        self.assertRefused("width=9001&height=10000", b"", "", str(MAX_PIXELS))
+        self.assertRefused("", b'{"width": 100000000000000000000000, "height": 1}', "application/json", "pixels")
+        self.assertRefused("width=3&height=3", b"", "", "3x3", max_pixels=8)
+
+    def test_unknown_fit_is_400_naming_fit(self):
+        for fit in ("stretch", "FILL", "cover ", "0"):
+            self.assertRefused(urllib.parse.urlencode({"width": 3, "height": 2, "fit": fit}), b"", "", "fit")
+        self.assertRefused("", b'{"width": 3, "height": 2, "fit": 1}', "application/json", "fit")
+
+    def test_json_array_body_is_400(self):
+        self.assertRefused("", b"[300, 200]", "application/json", "object")
+        self.assertRefused("width=3&height=2", b'"300"', "application/json", "object")
+
+    def test_invalid_json_is_400(self):
+        for body in (b'{"width": 3', b"{width: 3, height: 2}", b"{'width': 3}", b'{"width": 3}}', b"{\xff}"):
+            self.assertRefused("", body, "application/json", "JSON")
+
+    def test_deeply_nested_json_is_400(self):
+        body = b'{"width": ' + b"[" * 50000 + b"]" * 50000 + b', "height": 2}'
+        self.assertRefused("", body, "application/json")
+
+    def test_malformed_form_body_is_400(self):
+        for body in (b"width", b"width=3&&height=2&x", b"\xff=1"):
+            self.assertRefused("", body, FORM, "form")
+
+
+class TestConditionals(unittest.TestCase):
+    ETAG = '"1a-2b-3c"'
+    DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
+    TIME = 784111777
+
+    def test_strong_etag_matches_itself(self):
+        self.assertTrue(ims.is_etag_match(self.ETAG, self.ETAG, weak=True))
+        self.assertTrue(ims.is_etag_match(self.ETAG, self.ETAG, weak=False))
+
+    def test_weak_etag_matches_only_in_weak_comparison(self):
+        self.assertTrue(ims.is_etag_match("W/" + self.ETAG, self.ETAG, weak=True))
+        self.assertFalse(ims.is_etag_match("W/" + self.ETAG, self.ETAG, weak=False))
+
+    def test_star_matches_any_etag(self):
+        self.assertTrue(ims.is_etag_match("*", self.ETAG, weak=True))
+        self.assertTrue(ims.is_etag_match("*", self.ETAG, weak=False))
+
+    def test_a_list_matches_when_one_tag_matches(self):
+        self.assertTrue(ims.is_etag_match('"other", ' + self.ETAG, self.ETAG, weak=False))
+        self.assertTrue(ims.is_etag_match('W/"other",W/' + self.ETAG, self.ETAG, weak=True))
+
+    def test_other_etags_do_not_match(self):
+        for header in ('"other"', "", "1a-2b-3c", '"1A-2B-3C"', self.ETAG[:-1], ", ,"):
+            self.assertFalse(ims.is_etag_match(header, self.ETAG, weak=True), header)
+            self.assertFalse(ims.is_etag_match(header, self.ETAG, weak=False), header)
+
+    def test_no_conditional_headers_means_modified(self):
+        self.assertFalse(ims.is_not_modified({}, self.ETAG, self.TIME))
+
+    def test_matching_if_none_match_is_not_modified(self):
+        self.assertTrue(ims.is_not_modified({"If-None-Match": "W/" + self.ETAG}, self.ETAG, self.TIME))
+        self.assertFalse(ims.is_not_modified({"If-None-Match": '"other"'}, self.ETAG, self.TIME))
+
+    def test_if_none_match_wins_over_if_modified_since(self):
+        later = "Mon, 01 Jan 2035 00:00:00 GMT"
+        earlier = "Sat, 01 Jan 1972 00:00:00 GMT"
+        self.assertFalse(ims.is_not_modified({"If-None-Match": '"other"', "If-Modified-Since": later}, self.ETAG, self.TIME))
+        self.assertTrue(ims.is_not_modified({"If-None-Match": self.ETAG, "If-Modified-Since": earlier}, self.ETAG, self.TIME))
+
+    def test_if_modified_since_at_or_after_the_file_time_is_not_modified(self):
+        self.assertTrue(ims.is_not_modified({"If-Modified-Since": self.DATE}, self.ETAG, self.TIME + 0.75))
+        self.assertTrue(ims.is_not_modified({"If-Modified-Since": self.DATE}, self.ETAG, self.TIME - 100))
+        self.assertFalse(ims.is_not_modified({"If-Modified-Since": self.DATE}, self.ETAG, self.TIME + 1))
+
+    def test_garbage_if_modified_since_is_ignored(self):
+        self.assertFalse(ims.is_not_modified({"If-Modified-Since": "yesterday"}, self.ETAG, 0))
+
+    def test_the_three_http_date_formats_are_read(self):
+        for text in (self.DATE, "Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37 1994"):
+            self.assertEqual(ims.parse_http_date(text), self.TIME, text)
+
+    def test_garbage_dates_are_none(self):
+        for text in ("", "yesterday", "1994-11-06T08:49:37Z", "Sun, 32 Nov 1994 08:49:37 GMT",
+                     "Sun, 06 Nov 1994 25:49:37 GMT", "Sun, 06 Nov 99999 08:49:37 GMT", "1 2 3 4 5",
+                     "Sun, 06 Nov 1994 08:49:37 +99999999999999999999",
+                     "06 Nov 1994 08:49:99999999999999999999 GMT"):
+            self.assertIsNone(ims.parse_http_date(text), text)
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+# ====
+# HTTP: list, upload, download, delete, methods and paths
+# ====
+
+
+class HTTPTestCase(ServerTestCase):
+    """ServerTestCase plus raw-socket helpers for what http.client cannot send or see."""
+
+    def open_socket(self):
+        """Return a socket connected to the server, closed at cleanup."""
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def read_head(self, sock):
+        """Read up to and including the first blank line; return it (and nothing past it)."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            byte = sock.recv(1)
+            if not byte:
+                break
+            data += byte
+        return data
+
+    def read_until_close(self, sock):
+        """Return everything the server sends until it closes the connection."""
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def read_reply(self, sock, method="GET"):
+        """Read one final response from `sock`: its head, then exactly the body it announces."""
+        head = self.read_head(sock)
+        while head.startswith(b"HTTP/1.1 1"):
+            head = self.read_head(sock)
+        self.assertTrue(head.endswith(b"\r\n\r\n"), f"no complete response head in {head!r}")
+        status = int(head.split(b" ", 2)[1])
+        headers = http.client.parse_headers(io.BytesIO(head.partition(b"\r\n")[2]))
+        length = 0 if method == "HEAD" or status in (204, 304) else int(headers.get("Content-Length", "0"))
+        body = b""
+        while len(body) < length:
+            chunk = sock.recv(length - len(body))
+            self.assertTrue(chunk, "the server closed before the whole body")
+            body += chunk
+        return self.parse_reply(head + body, method)
+
+    def split_reply(self, raw, method="GET"):
+        """Parse the first final response in `raw` (1xx skipped); return it and the bytes after it."""
+        while True:
+            head, separator, rest = raw.partition(b"\r\n\r\n")
+            self.assertTrue(separator, f"no complete response head in {raw[:300]!r}")
+            status_line, _, header_block = head.partition(b"\r\n")
+            parts = status_line.split(b" ", 2)
+            self.assertTrue(parts[0].startswith(b"HTTP/1."), f"not a status line: {status_line[:100]!r}")
+            status = int(parts[1])
+            headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
+            if status >= 200:
+                break
+            raw = rest
+        length = 0 if method == "HEAD" or status in (204, 304) else int(headers.get("Content-Length", "0"))
+        self.assertGreaterEqual(len(rest), length, f"the body is shorter than its Content-Length: {rest[:300]!r}")
+        return Reply(status, headers, rest[:length]), rest[length:]
+
+    def parse_reply(self, raw, method="GET"):
+        """Parse exactly one final response from `raw`; nothing may follow it."""
+        reply, rest = self.split_reply(raw, method)
+        self.assertEqual(rest, b"", "bytes follow the response")
+        return reply
+
+    def raw_requests(self, *requests):
+        """Send (method, path, headers) requests one after another on one connection; return the Replies.
+
+        Each answer must be framed exactly: a byte too many shows up in front of the next answer.
+        The last request asks the server to close, and nothing may follow its answer.
+        """
+        sock = self.open_socket()
+        replies = []
+        for index, (method, path, headers) in enumerate(requests):
+            is_last = index == len(requests) - 1
+            lines = [f"{method} {path} HTTP/1.1", "Host: ims.test"]
+            lines += [f"{key}: {value}" for key, value in headers.items()]
+            if is_last:
+                lines.append("Connection: close")
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            if is_last:
+                replies.append(self.parse_reply(self.read_until_close(sock), method))
+            else:
+                replies.append(self.read_reply(sock, method))
+        return replies
+
+    def multipart_request_head(self, content_type, content_length=None, extra_headers=()):
+        lines = ["POST / HTTP/1.1", "Host: ims.test", f"Content-Type: {content_type}"]
+        if content_length is not None:
+            lines.append(f"Content-Length: {content_length}")
+        lines.extend(extra_headers)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def assertConnectionStillServes(self, connection):
+        """The connection is open and framed right: another request on it gets a whole answer."""
+        self.assertIsNotNone(connection.sock, "the server closed the connection")
+        local_address = connection.sock.getsockname()
+        reply = self.request("GET", "/", connection=connection)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertIsInstance(reply.json, list)
+        self.assertEqual(connection.sock.getsockname(), local_address, "a new connection was opened")
+
+    def assertNothingStored(self):
+        self.assertEqual(self.stored_files(), [])
+        self.assertNoTempFiles()
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def put_file(self, name, data, folder=None):
+        """Place a file in the folder directly, the way a person or a backup restore would."""
+        path = os.path.join(folder or self.storage, name)
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+
+# ====
+# GET / — list
+# ====
+
+
+class TestList(HTTPTestCase):
+    def start_server(self, storage):
+        """Start another server on `storage` (prepared beforehand) and return its address."""
+        server = ims.make_server(storage, host="127.0.0.1", port=0, quiet=True)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server.server_address[:2]
+
+    def dead_pid(self):
+        process = subprocess.Popen([sys.executable, "-c", ""])
+        process.wait()
+        return process.pid
+
+    def test_empty_storage_lists_an_empty_array(self):
+        reply = self.request("GET", "/")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.headers["Content-Type"], "application/json")
+        self.assertEqual(reply.json, [])
+        self.assertEqual(int(reply.headers["Content-Length"]), len(reply.body))
+
+    def test_names_are_listed_sorted(self):
+        png = make_image("PNG")
+        for name in ("b.png", "C.png", "a.png", "a0.png"):
+            self.assertEqual(self.upload(name, png).status, 201)
+        reply = self.request("GET", "/")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json, ["C.png", "a.png", "a0.png", "b.png"])
+
+    def test_head_has_headers_but_no_body(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        head, get = self.raw_requests(("HEAD", "/", {}), ("GET", "/", {}))
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.body, b"")
+        self.assertEqual(head.headers["Content-Type"], "application/json")
+        self.assertEqual(head.headers["Content-Length"], str(len(get.body)))
+        self.assertEqual(get.json, ["a.png"])
+
+    def test_hidden_non_image_and_temp_files_are_never_listed(self):
+        self.put_file("visible.jpg", make_image("JPEG"))
+        self.put_file(".hidden.jpg", make_image("JPEG"))
+        self.put_file("notes.txt", b"hello")
+        self.put_file("no_extension", b"hello")
+        self.put_file(ims.TEMP_PREFIX + f"{os.getpid()}-abc.jpg", b"half")
+        os.mkdir(os.path.join(self.storage, "folder.jpg"))
+        os.symlink(os.path.join(self.storage, "visible.jpg"), os.path.join(self.storage, "link.jpg"))
+        self.assertEqual(self.request("GET", "/").json, ["visible.jpg"])
+
+    def test_file_placed_in_folder_by_someone_else_shows_in_next_listing(self):
+        hour_ago = time.time() - 3600
+        os.utime(self.storage, (hour_ago, hour_ago))
+        self.assertEqual(self.request("GET", "/").json, [])
+        self.put_file("restored.png", make_image("PNG"))
+        self.assertEqual(self.request("GET", "/").json, ["restored.png"])
+        self.assertEqual(self.request("GET", "/restored.png").status, 200)
+
+    def test_file_removed_from_folder_by_someone_else_disappears_from_next_listing(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        self.assertEqual(self.upload("b.png", make_image("PNG")).status, 201)
+        hour_ago = time.time() - 3600
+        os.utime(self.storage, (hour_ago, hour_ago))
+        self.assertEqual(self.request("GET", "/").json, ["a.png", "b.png"])
+        os.remove(os.path.join(self.storage, "a.png"))
+        self.assertEqual(self.request("GET", "/").json, ["b.png"])
+        self.assertError(self.request("GET", "/a.png"), 404)
+
+    def test_leftovers_of_dead_writers_are_removed_at_start_up(self):
+        storage = os.path.join(self.tempdir.name, "prepared")
+        os.mkdir(storage)
+        leftover = self.put_file(f"{ims.TEMP_PREFIX}{self.dead_pid()}-x", b"half an upload", storage)
+        leftover_jpg = self.put_file(f"{ims.TEMP_PREFIX}{self.dead_pid()}-y.jpg", b"half", storage)
+        self.put_file("kept.jpg", make_image("JPEG"), storage)
+        host, port = self.start_server(storage)
+        self.assertFalse(os.path.exists(leftover))
+        self.assertFalse(os.path.exists(leftover_jpg))
+        self.assertEqual(sorted(os.listdir(storage)), ["kept.jpg"])
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        self.addCleanup(connection.close)
+        reply = self.request("GET", "/", connection=connection)
+        self.assertEqual(reply.json, ["kept.jpg"])
+
+    def test_temp_file_of_a_live_writer_is_kept_at_start_up_but_not_listed(self):
+        storage = os.path.join(self.tempdir.name, "shared")
+        os.mkdir(storage)
+        # Another IMS process serving the same folder is writing this upload right now.
+        in_progress = self.put_file(f"{ims.TEMP_PREFIX}{os.getppid()}-z.jpg", b"half", storage)
+        host, port = self.start_server(storage)
+        self.assertTrue(os.path.exists(in_progress))
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        self.addCleanup(connection.close)
+        self.assertEqual(self.request("GET", "/", connection=connection).json, [])
+
+
+# ====
+# POST / — upload
+# ====
+
+
+class TestUpload(HTTPTestCase):
+    def assertUploadRefused(self, reply, status, words=""):
+        """The upload got `status` with a JSON message, and left nothing behind."""
+        self.assertError(reply, status, words)
+        self.assertNotIn("Location", reply.headers)
+        self.assertNothingStored()
+
+    def test_upload_is_201_with_message_and_location(self):
+        data = make_image("JPEG")
+        reply = self.upload("cat.jpg", data)
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(reply.headers["Content-Type"], "application/json")
+        self.assertEqual(reply.json, "Image successfully uploaded")
+        self.assertEqual(reply.headers["Location"], "/cat.jpg")
+        self.assertEqual(self.stored_files(), ["cat.jpg"])
+        self.assertNoTempFiles()
+
+    def test_stored_bytes_equal_uploaded_bytes(self):
+        for fmt, name in (("JPEG", "a.jpg"), ("PNG", "b.png"), ("GIF", "c.gif"), ("WEBP", "d.webp"),
+                          ("BMP", "e.bmp"), ("TIFF", "f.tiff")):
+            with self.subTest(fmt=fmt):
+                data = make_image(fmt, size=(300, 200))
+                self.assertEqual(self.upload(name, data).status, 201)
+                with open(os.path.join(self.storage, name), "rb") as file:
+                    self.assertEqual(file.read(), data)
+                self.assertEqual(self.request("GET", "/" + name).body, data)
+
+    def test_other_form_fields_are_ignored(self):
+        data = make_image("PNG")
+        body, content_type = multipart_body(files=[("file", "a.png", data)], fields=[("note", "hi"), ("x", "y")])
+        reply = self.request("POST", "/", body, {"Content-Type": content_type})
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.stored_files(), ["a.png"])
+
+    def test_name_with_spaces_is_stored_with_underscores(self):
+        reply = self.upload("my holiday photo.jpg", make_image("JPEG"))
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(reply.headers["Location"], "/my_holiday_photo.jpg")
+        self.assertEqual(self.stored_files(), ["my_holiday_photo.jpg"])
+        self.assertEqual(self.request("GET", "/").json, ["my_holiday_photo.jpg"])
+
+    def test_directory_parts_of_the_name_never_leave_the_folder(self):
+        reply = self.upload("../../evil dir/x.jpg", make_image("JPEG"))
+        self.assertEqual(reply.status, 201, reply.body)
+        # Werkzeug's secure_filename("../../evil dir/x.jpg") == "evil_dir_x.jpg"
+        self.assertEqual(reply.headers["Location"], "/evil_dir_x.jpg")
+        self.assertEqual(self.stored_files(), ["evil_dir_x.jpg"])
+        self.assertEqual(sorted(os.listdir(self.tempdir.name)), ["storage"])
+
+    def test_windows_path_keeps_only_a_safe_name(self):
+        reply = self.upload("C:\\Users\\me\\cat.jpg", make_image("JPEG"))
+        self.assertEqual(reply.status, 201, reply.body)
+        name = reply.headers["Location"][1:]
+        self.assertNotIn("\\", name)
+        self.assertEqual(self.stored_files(), [name])
+
+    def test_upload_without_file_part_is_400(self):
+        body, content_type = multipart_body(fields=[("note", "no image here")])
+        self.assertUploadRefused(self.request("POST", "/", body, {"Content-Type": content_type}), 400, "file")
+
+    def test_file_under_another_field_name_is_400(self):
+        body, content_type = multipart_body(files=[("image", "a.png", make_image("PNG"))])
+        self.assertUploadRefused(self.request("POST", "/", body, {"Content-Type": content_type}), 400, "file")
+
+    def test_empty_filename_is_400(self):
+        self.assertUploadRefused(self.upload("", make_image("PNG")), 400)
+
+    def test_filename_with_nothing_left_once_made_safe_is_400(self):
+        self.assertUploadRefused(self.upload("../..", make_image("PNG")), 400)
+
+    def test_name_already_stored_is_409_and_keeps_the_first_file(self):
+        first = make_image("PNG", color=(1, 2, 3))
+        self.assertEqual(self.upload("a.png", first).status, 201)
+        reply = self.upload("a.png", make_image("PNG", color=(250, 250, 250)))
+        self.assertError(reply, 409, "a.png")
+        self.assertEqual(self.stored_files(), ["a.png"])
+        self.assertNoTempFiles()
+        self.assertEqual(self.request("GET", "/a.png").body, first)
+
+    def test_name_that_becomes_a_stored_name_once_made_safe_is_409(self):
+        self.assertEqual(self.upload("my_cat.png", make_image("PNG")).status, 201)
+        self.assertError(self.upload("my cat.png", make_image("PNG")), 409)
+        self.assertEqual(self.stored_files(), ["my_cat.png"])
+        self.assertNoTempFiles()
+
+    def test_name_placed_in_folder_by_someone_else_is_409(self):
+        self.put_file("taken.png", b"someone else's file")
+        self.assertError(self.upload("taken.png", make_image("PNG")), 409)
+        with open(os.path.join(self.storage, "taken.png"), "rb") as file:
+            self.assertEqual(file.read(), b"someone else's file")
+        self.assertNoTempFiles()
+
+    def test_not_multipart_is_415(self):
+        reply = self.request("POST", "/", make_image("JPEG"), {"Content-Type": "image/jpeg"})
+        self.assertUploadRefused(reply, 415, "multipart/form-data")
+
+    def test_no_content_type_is_415(self):
+        self.assertUploadRefused(self.request("POST", "/", b"abc"), 415)
+
+    def test_not_an_image_is_415(self):
+        self.assertUploadRefused(self.upload("notes.jpg", b"these are not the pixels you are looking for"), 415)
+
+    def test_truncated_image_is_415(self):
+        data = make_image("PNG", size=(200, 200))
+        self.assertUploadRefused(self.upload("cut.png", data[: len(data) // 2]), 415)
+
+    def test_format_not_matching_extension_is_415(self):
+        self.assertUploadRefused(self.upload("really_a_png.jpg", make_image("PNG")), 415, "PNG")
+
+    def test_ico_named_jpg_is_415(self):
+        self.assertUploadRefused(self.upload("icon.jpg", make_image("ICO", size=(32, 32))), 415)
+
+    def test_pdf_named_jpg_is_415(self):
+        self.assertUploadRefused(self.upload("paper.jpg", make_image("PDF")), 415)
+
+    def test_name_without_image_extension_is_415(self):
+        self.assertUploadRefused(self.upload("icon.ico", make_image("ICO", size=(32, 32))), 415)
+
+    def test_malformed_multipart_is_400(self):
+        body = b'--b\r\nthis line is no header\r\n\r\ndata\r\n--b--\r\n'
+        reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data; boundary=b"})
+        self.assertUploadRefused(reply, 400)
+
+    def test_part_without_content_disposition_is_400(self):
+        body = b"--b\r\nContent-Type: image/png\r\n\r\n" + make_image("PNG") + b"\r\n--b--\r\n"
+        reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data; boundary=b"})
+        self.assertUploadRefused(reply, 400)
+
+    def test_body_that_is_not_multipart_at_all_is_400(self):
+        reply = self.request("POST", "/", b"just some bytes", {"Content-Type": "multipart/form-data; boundary=b"})
+        self.assertUploadRefused(reply, 400)
+
+    def test_body_without_closing_boundary_is_400(self):
+        body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
+        reply = self.request("POST", "/", body[: -len(b"--ims-test-boundary--\r\n")], {"Content-Type": content_type})
+        self.assertUploadRefused(reply, 400)
+
+    def test_missing_boundary_is_400(self):
+        body, _ = multipart_body(files=[("file", "a.png", make_image("PNG"))])
+        reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data"})
+        self.assertUploadRefused(reply, 400, "boundary")
+
+    def test_truncated_body_is_400(self):
+        body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body) + 1000) + body[: len(body) // 2])
+        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        sock.shutdown(socket.SHUT_WR)
+        reply = self.parse_reply(self.read_until_close(sock))
+        self.assertUploadRefused(reply, 400)
+
+    def test_no_content_length_and_not_chunked_is_411(self):
+        _, content_type = multipart_body(files=[("file", "a.png", b"")])
+        raw = self.raw_exchange(self.multipart_request_head(content_type, None, ["Connection: close"]))
+        self.assertUploadRefused(self.parse_reply(raw), 411)
+
+    def test_client_disconnecting_mid_upload_leaves_nothing(self):
+        body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
+        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        sock.close()
+        wait_for(lambda: self.stored_files() == [])
+        self.assertNothingStored()
+
+    def test_upload_in_progress_is_not_visible(self):
+        data = make_image("PNG", size=(400, 400))
+        body, content_type = multipart_body(files=[("file", "a.png", data)])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
+        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        self.assertEqual(self.request("GET", "/").json, [])
+        self.assertError(self.request("GET", "/a.png"), 404)
+        sock.sendall(body[len(body) // 2:])
+        reply = self.read_reply(sock)
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+        self.assertEqual(self.request("GET", "/a.png").body, data)
+
+    def test_chunked_upload_is_stored(self):
+        data = make_image("PNG", size=(300, 300))
+        body, content_type = multipart_body(files=[("file", "chunked.png", data)])
+        pieces = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+        connection = self.connect()
+        connection.request(
+            "POST", "/", body=iter(pieces), encode_chunked=True,
+            headers={"Content-Type": content_type, "Transfer-Encoding": "chunked"},
+        )
+        response = connection.getresponse()
+        self.assertEqual(response.status, 201)
+        self.assertEqual(json.loads(response.read()), "Image successfully uploaded")
+        self.assertEqual(response.headers["Location"], "/chunked.png")
+        with open(os.path.join(self.storage, "chunked.png"), "rb") as file:
+            self.assertEqual(file.read(), data)
+        self.assertNoTempFiles()
+        self.assertConnectionStillServes(connection)
+
+    def test_raw_chunked_upload_with_extensions_and_trailer_is_stored(self):
+        data = make_image("GIF")
+        body, content_type = multipart_body(files=[("file", "raw.gif", data)])
+        middle = len(body) // 2
+        chunked = (
+            f"{middle:x};name=value\r\n".encode() + body[:middle] + b"\r\n"
+            + f"{len(body) - middle:X}\r\n".encode() + body[middle:] + b"\r\n"
+            + b"0\r\nX-Trailer: ignored\r\n\r\n"
+        )
+        head = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked", "Connection: close"])
+        reply = self.parse_reply(self.raw_exchange(head + chunked))
+        self.assertEqual(reply.status, 201, reply.body)
+        with open(os.path.join(self.storage, "raw.gif"), "rb") as file:
+            self.assertEqual(file.read(), data)
+
+    def test_expect_100_continue_is_answered_before_the_body(self):
+        data = make_image("JPEG")
+        body, content_type = multipart_body(files=[("file", "expect.jpg", data)])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body), ["Expect: 100-continue"]))
+        self.assertEqual(self.read_head(sock), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        reply = self.read_reply(sock)
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(reply.json, "Image successfully uploaded")
+        with open(os.path.join(self.storage, "expect.jpg"), "rb") as file:
+            self.assertEqual(file.read(), data)
+
+    def test_expect_100_continue_gets_the_final_error_when_headers_are_wrong(self):
+        sock = self.open_socket()
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: ims.test\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        reply = self.parse_reply(self.read_until_close(sock))
+        self.assertUploadRefused(reply, 415)
+
+    def test_concurrent_uploads_of_one_name_store_exactly_one(self):
+        count = 10
+        images = [make_image("PNG", size=(200, 200), color=(20 * i, 100, 100)) for i in range(count)]
+        barrier = threading.Barrier(count)
+        results = [None] * count
+
+        def upload(index):
+            body, content_type = multipart_body(files=[("file", "race.png", images[index])])
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            try:
+                connection.connect()
+                barrier.wait(timeout=10)
+                connection.request("POST", "/", body, {"Content-Type": content_type})
+                response = connection.getresponse()
+                results[index] = (response.status, response.read())
+            except Exception as error:  # reported in the main thread
+                results[index] = (None, repr(error))
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=upload, args=(index,)) for index in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        statuses = sorted(result[0] for result in results if result)
+        self.assertEqual(statuses, [201] + [409] * (count - 1), results)
+        winner = next(index for index, result in enumerate(results) if result[0] == 201)
+        self.assertEqual(self.stored_files(), ["race.png"])
+        with open(os.path.join(self.storage, "race.png"), "rb") as file:
+            self.assertEqual(file.read(), images[winner])
+        self.assertNoTempFiles()
+
+    def test_keep_alive_serves_several_requests_including_after_a_read_4xx(self):
+        connection = self.connect()
+        png = make_image("PNG")
+        self.assertEqual(self.upload("a.png", png, connection).status, 201)
+        local_address = connection.sock.getsockname()
+        body, content_type = multipart_body(fields=[("note", "no file")])
+        reply = self.request("POST", "/", body, {"Content-Type": content_type}, connection)
+        self.assertError(reply, 400)
+        self.assertNotEqual(reply.headers.get("Connection"), "close")
+        self.assertError(self.upload("b.jpg", b"not an image", connection), 415)
+        self.assertError(self.request("GET", "/missing.png", connection=connection), 404)
+        self.assertEqual(self.request("GET", "/a.png", connection=connection).body, png)
+        self.assertEqual(self.request("GET", "/", connection=connection).json, ["a.png"])
+        self.assertEqual(self.request("DELETE", "/a.png", connection=connection).status, 204)
+        self.assertEqual(self.request("GET", "/", connection=connection).json, [])
+        self.assertEqual(connection.sock.getsockname(), local_address, "the connection was not kept alive")
+
+    def test_unexpected_error_during_upload_is_500_and_leaves_nothing(self):
+        with mock.patch.object(ims.Handler, "log_error") as log_error:
+            with mock.patch.object(ims, "check_image", side_effect=RuntimeError("secret internals")):
+                reply = self.upload("a.png", make_image("PNG"))
+        self.assertError(reply, 500)
+        self.assertNotIn(b"Traceback", reply.body)
+        self.assertNotIn(b"secret internals", reply.body)
+        self.assertIn("RuntimeError", str(log_error.call_args))
+        self.assertNothingStored()
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+
+class TestUploadBodyLimit(HTTPTestCase):
+    server_options = {"max_upload": 2000}
+
+    def body_of_length(self, length, name="a.png"):
+        """A valid upload body of exactly `length` bytes, padded with an ignored field."""
+        data = make_image("PNG", size=(8, 8))
+        body, content_type = multipart_body(files=[("file", name, data)], fields=[("pad", "")])
+        body, content_type = multipart_body(files=[("file", name, data)], fields=[("pad", "x" * (length - len(body)))])
+        self.assertEqual(len(body), length)
+        return body, content_type
+
+    def test_body_of_exactly_max_upload_is_accepted(self):
+        body, content_type = self.body_of_length(2000)
+        self.assertEqual(self.request("POST", "/", body, {"Content-Type": content_type}).status, 201)
+        self.assertEqual(self.stored_files(), ["a.png"])
+
+    def test_body_larger_than_max_upload_is_413(self):
+        body, content_type = self.body_of_length(2001)
+        reply = self.request("POST", "/", body, {"Content-Type": content_type})
+        self.assertError(reply, 413, "2000")
+        self.assertNothingStored()
+
+    def test_chunked_body_larger_than_max_upload_is_413(self):
+        body, content_type = self.body_of_length(5000)
+        connection = self.connect()
+        connection.request(
+            "POST", "/", body=iter([body[:1500], body[1500:3000], body[3000:]]), encode_chunked=True,
+            headers={"Content-Type": content_type, "Transfer-Encoding": "chunked"},
+        )
+        response = connection.getresponse()
+        reply = Reply(response.status, response.headers, response.read())
+        self.assertError(reply, 413, "2000")
+        self.assertNothingStored()
+
+    def test_expect_with_too_large_content_length_is_413_at_once_and_closes(self):
+        _, content_type = self.body_of_length(2000)
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, 100000, ["Expect: 100-continue"]))
+        # The body is never sent: the answer must come from the headers alone, then the close.
+        raw = self.read_until_close(sock)
+        self.assertFalse(raw.startswith(b"HTTP/1.1 100"), raw)
+        reply = self.parse_reply(raw)
+        self.assertError(reply, 413, "100000")
+        self.assertEqual(reply.headers["Connection"], "close")
+        self.assertNothingStored()
+
+
+class TestUploadPixelLimit(HTTPTestCase):
+    server_options = {"max_pixels": 1000}
+
+    def test_image_of_exactly_max_pixels_is_accepted(self):
+        self.assertEqual(self.upload("small.png", make_image("PNG", size=(40, 25))).status, 201)
+
+    def test_image_larger_than_max_pixels_is_413(self):
+        reply = self.upload("big.png", make_image("PNG", size=(40, 26)))
+        self.assertError(reply, 413, "1000")
+        self.assertNothingStored()
+
+
+# ====
+# GET /<name> — download
+# ====
+
+
+class TestDownload(HTTPTestCase):
+    def stored(self, name, fmt="PNG", **options):
+        data = make_image(fmt, **options)
+        self.assertEqual(self.upload(name, data).status, 201)
+        return data
+
+    def assertDownloadHeaders(self, reply, name, content_type, data):
+        file_status = os.stat(os.path.join(self.storage, name))
+        self.assertEqual(reply.headers["Content-Type"], content_type)
+        self.assertEqual(reply.headers["Content-Length"], str(len(data)))
+        self.assertRegex(reply.headers["ETag"], r'^"[^"]+"$')
+        self.assertEqual(reply.headers["Last-Modified"], email.utils.formatdate(file_status.st_mtime, usegmt=True))
+        self.assertEqual(reply.headers["Cache-Control"], "no-cache")
+        self.assertEqual(reply.headers["Content-Disposition"], f"inline; filename={name}")
+        self.assertEqual(reply.headers["Accept-Ranges"], "bytes")
+
+    def test_download_has_every_header_and_the_bytes(self):
+        for fmt, name, content_type in (
+            ("JPEG", "a.jpg", "image/jpeg"),
+            ("JPEG", "b.JPEG", "image/jpeg"),
+            ("PNG", "c.png", "image/png"),
+            ("GIF", "d.gif", "image/gif"),
+            ("WEBP", "e.webp", "image/webp"),
+        ):
+            with self.subTest(name=name):
+                data = self.stored(name, fmt)
+                reply = self.request("GET", "/" + name)
+                self.assertEqual(reply.status, 200)
+                self.assertEqual(reply.body, data)
+                self.assertDownloadHeaders(reply, name, content_type, data)
+
+    def test_head_has_the_same_headers_and_no_body(self):
+        data = self.stored("a.png")
+        head, get = self.raw_requests(("HEAD", "/a.png", {}), ("GET", "/a.png", {}))
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.body, b"")
+        self.assertDownloadHeaders(head, "a.png", "image/png", data)
+        self.assertEqual(head.headers["ETag"], get.headers["ETag"])
+        self.assertEqual(get.body, data)
+
+    def test_etag_changes_when_the_file_changes(self):
+        self.stored("a.png")
+        before = self.request("GET", "/a.png").headers["ETag"]
+        self.put_file("a.png", make_image("PNG", size=(10, 10)))
+        self.assertNotEqual(self.request("GET", "/a.png").headers["ETag"], before)
+
+    def test_if_none_match_with_current_etag_is_304_without_body(self):
+        data = self.stored("a.png")
+        etag = self.request("GET", "/a.png").headers["ETag"]
+        not_modified, get = self.raw_requests(("GET", "/a.png", {"If-None-Match": etag}), ("GET", "/a.png", {}))
+        self.assertEqual(not_modified.status, 304)
+        self.assertEqual(not_modified.body, b"")
+        self.assertEqual(not_modified.headers["ETag"], etag)
+        self.assertEqual(get.body, data)
+
+    def test_if_none_match_listing_the_etag_among_others_is_304(self):
+        self.stored("a.png")
+        etag = self.request("GET", "/a.png").headers["ETag"]
+        reply = self.request("GET", "/a.png", headers={"If-None-Match": f'"other", W/{etag}'})
+        self.assertEqual(reply.status, 304)
+
+    def test_if_none_match_with_another_etag_is_200(self):
+        data = self.stored("a.png")
+        reply = self.request("GET", "/a.png", headers={"If-None-Match": '"something-else"'})
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, data)
+
+    def test_if_modified_since_last_modified_is_304(self):
+        data = self.stored("a.png")
+        last_modified = self.request("GET", "/a.png").headers["Last-Modified"]
+        not_modified, get = self.raw_requests(
+            ("GET", "/a.png", {"If-Modified-Since": last_modified}), ("GET", "/a.png", {})
+        )
+        self.assertEqual(not_modified.status, 304)
+        self.assertEqual(not_modified.body, b"")
+        self.assertEqual(get.body, data)
+
+    def test_if_modified_since_an_older_date_is_200(self):
+        data = self.stored("a.png")
+        reply = self.request("GET", "/a.png", headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"})
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, data)
+
+    def test_range_of_first_bytes_is_206(self):
+        data = self.stored("a.png", size=(100, 100))
+        reply = self.request("GET", "/a.png", headers={"Range": "bytes=0-9"})
+        self.assertEqual(reply.status, 206)
+        self.assertEqual(reply.body, data[:10])
+        self.assertEqual(reply.headers["Content-Range"], f"bytes 0-9/{len(data)}")
+        self.assertEqual(reply.headers["Content-Length"], "10")
+        self.assertEqual(reply.headers["Content-Type"], "image/png")
+
+    def test_suffix_range_is_the_last_bytes(self):
+        data = self.stored("a.png", size=(100, 100))
+        reply = self.request("GET", "/a.png", headers={"Range": "bytes=-7"})
+        self.assertEqual(reply.status, 206)
+        self.assertEqual(reply.body, data[-7:])
+        self.assertEqual(reply.headers["Content-Range"], f"bytes {len(data) - 7}-{len(data) - 1}/{len(data)}")
+
+    def test_open_range_runs_to_the_end(self):
+        data = self.stored("a.png", size=(100, 100))
+        reply = self.request("GET", "/a.png", headers={"Range": "bytes=20-"})
+        self.assertEqual(reply.status, 206)
+        self.assertEqual(reply.body, data[20:])
+        self.assertEqual(reply.headers["Content-Range"], f"bytes 20-{len(data) - 1}/{len(data)}")
+        self.assertEqual(reply.headers["Content-Length"], str(len(data) - 20))
+
+    def test_range_beyond_the_end_is_416(self):
+        data = self.stored("a.png")
+        reply = self.request("GET", "/a.png", headers={"Range": f"bytes={len(data)}-{len(data) + 10}"})
+        self.assertError(reply, 416)
+        self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
+
+    def test_open_range_starting_at_or_past_the_end_is_416(self):
+        data = self.stored("a.png")
+        for first in (len(data), len(data) + 100):
+            with self.subTest(first=first):
+                reply = self.request("GET", "/a.png", headers={"Range": f"bytes={first}-"})
+                self.assertError(reply, 416)
+                self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
+
+    def test_range_with_stale_if_range_sends_the_whole_file(self):
+        data = self.stored("a.png", size=(100, 100))
+        reply = self.request("GET", "/a.png", headers={"Range": "bytes=0-9", "If-Range": '"old-etag"'})
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, data)
+
+    def test_unknown_name_is_404(self):
+        reply = self.request("GET", "/missing.png")
+        self.assertError(reply, 404, "missing.png")
+        self.assertEqual(self.request("HEAD", "/missing.png").status, 404)
+
+    def test_percent_encoded_name_is_decoded(self):
+        data = self.stored("a-b_c.png")
+        reply = self.request("GET", "/a%2Db%5Fc%2Epng")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, data)
+
+    def test_name_that_needs_encoding_can_be_downloaded(self):
+        data = make_image("JPEG")
+        self.put_file("été photo.jpg", data)
+        self.assertEqual(self.request("GET", "/").json, ["été photo.jpg"])
+        reply = self.request("GET", "/" + urllib.parse.quote("été photo.jpg"))
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, data)
+        self.assertEqual(reply.headers["Content-Type"], "image/jpeg")
+        self.assertIn("filename*=UTF-8''%C3%A9t%C3%A9%20photo.jpg", reply.headers["Content-Disposition"])
+
+    def test_download_in_progress_finishes_with_the_old_file_when_deleted(self):
+        # Larger than the loopback socket buffers, so the server is still sending when it is deleted.
+        data = os.urandom(24 * 1024 * 1024)
+        self.put_file("big.png", data)
+        connection = self.connect()
+        connection.request("GET", "/big.png")
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.request("DELETE", "/big.png").status, 204)
+        self.assertFalse(os.path.exists(os.path.join(self.storage, "big.png")))
+        body = response.read()
+        self.assertEqual(len(body), len(data))
+        self.assertTrue(body == data, "the download is not the whole old file")
+        self.assertError(self.request("GET", "/big.png"), 404)
+
+
+# ====
+# DELETE /<name> — delete
+# ====
+
+
+class TestDelete(HTTPTestCase):
+    def test_delete_is_204_without_body_then_gone(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        deleted, listing = self.raw_requests(("DELETE", "/a.png", {}), ("GET", "/", {}))
+        self.assertEqual(deleted.status, 204)
+        self.assertEqual(deleted.body, b"")
+        self.assertNotIn("Content-Type", deleted.headers)
+        self.assertEqual(listing.json, [])
+        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertEqual(self.stored_files(), [])
+
+    def test_deleted_name_can_be_uploaded_again(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        self.assertEqual(self.upload("a.png", make_image("PNG", color=(0, 0, 0))).status, 201)
+
+    def test_delete_unknown_is_404(self):
+        self.assertError(self.request("DELETE", "/missing.png"), 404, "missing.png")
+
+    def test_delete_twice_is_404_the_second_time(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        self.assertError(self.request("DELETE", "/a.png"), 404)
+
+    def test_if_match_with_current_etag_deletes(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        etag = self.request("HEAD", "/a.png").headers["ETag"]
+        self.assertEqual(self.request("DELETE", "/a.png", headers={"If-Match": etag}).status, 204)
+        self.assertEqual(self.stored_files(), [])
+
+    def test_if_match_with_another_etag_is_412_and_keeps_the_file(self):
+        data = make_image("PNG")
+        self.assertEqual(self.upload("a.png", data).status, 201)
+        etag = self.request("HEAD", "/a.png").headers["ETag"]
+        self.put_file("a.png", make_image("PNG", size=(10, 10)))
+        reply = self.request("DELETE", "/a.png", headers={"If-Match": etag})
+        self.assertError(reply, 412)
+        self.assertEqual(self.stored_files(), ["a.png"])
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": '"made-up"'}), 412)
+        self.assertEqual(self.stored_files(), ["a.png"])
+
+
+# ====
+# Anything else
+# ====
+
+
+class TestMethodsAndPaths(HTTPTestCase):
+    def test_put_on_root_is_405_with_allow(self):
+        reply = self.request("PUT", "/", b"x")
+        self.assertError(reply, 405)
+        self.assertEqual({method.strip() for method in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "POST"})
+
+    def test_put_on_image_is_405_with_allow(self):
+        reply = self.request("PUT", "/x.jpg", b"x")
+        self.assertError(reply, 405)
+        self.assertEqual(
+            {method.strip() for method in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "DELETE", "PATCH"}
+        )
+        self.assertEqual(self.stored_files(), [])
+
+    def test_post_on_image_and_delete_on_root_are_405(self):
+        self.assertError(self.request("POST", "/x.jpg", b""), 405)
+        self.assertError(self.request("DELETE", "/"), 405)
+
+    def test_unknown_method_is_405_not_501(self):
+        reply = self.request("FOO", "/")
+        self.assertError(reply, 405)
+        self.assertIn("GET", reply.headers["Allow"])
+        self.assertError(self.request("FOO", "/x.jpg"), 405)
+
+    def test_unknown_method_on_unknown_path_is_404(self):
+        self.assertError(self.request("FOO", "/nothing/here"), 404)
+
+    def test_unknown_paths_are_404(self):
+        for path in ("/x.txt", "/x", "/a/b.jpg", "/index.html", "/x.jpg/", "/favicon.ico", "/jobs"):
+            with self.subTest(path=path):
+                self.assertError(self.request("GET", path), 404)
+
+    def test_traversal_attempts_are_404_and_never_serve_outside_files(self):
+        secret = b"outside the storage folder"
+        self.put_file("x.jpg", secret, self.tempdir.name)
+        self.put_file("secret.jpg", secret, self.tempdir.name)
+        os.makedirs(os.path.join(self.tempdir.name, "etc"))
+        self.put_file("passwd.jpg", secret, os.path.join(self.tempdir.name, "etc"))
+        for path in (
+            "/../x.jpg", "/..%2Fx.jpg", "/%2e%2e%2fsecret.jpg", "/%2E%2E/secret.jpg", "/%2Fetc%2Fpasswd.jpg",
+            "//etc/passwd.jpg", "/..%5Cx.jpg", "/a%00.jpg", "/.hidden.jpg", "/%2ehidden.jpg", "/..", "/%ff.jpg",
+        ):
+            for method in ("GET", "HEAD", "DELETE"):
+                with self.subTest(path=path, method=method):
+                    reply = self.request(method, path)
+                    self.assertIn(reply.status, (400, 404), reply.body)
+                    self.assertNotIn(secret, reply.body)
+                    if method != "HEAD":
+                        self.assertEqual(reply.headers["Content-Type"], "application/json")
+                        self.assertTrue(reply.message)
+        self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "x.jpg")))
+        self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "secret.jpg")))
+        self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "etc", "passwd.jpg")))
+
+    def test_hidden_file_in_folder_is_not_served(self):
+        self.put_file(".hidden.jpg", make_image("JPEG"))
+        self.assertError(self.request("GET", "/.hidden.jpg"), 404)
+        self.assertError(self.request("DELETE", "/.hidden.jpg"), 404)
+        self.assertTrue(os.path.exists(os.path.join(self.storage, ".hidden.jpg")))
+
+    def test_symlink_to_outside_file_is_not_served(self):
+        outside = self.put_file("outside.jpg", b"outside the storage folder", self.tempdir.name)
+        os.symlink(outside, os.path.join(self.storage, "link.jpg"))
+        reply = self.request("GET", "/link.jpg")
+        self.assertError(reply, 404)
+        self.assertNotIn(b"outside the storage folder", reply.body)
+
+    def test_every_error_body_is_json_with_a_message(self):
+        body, content_type = multipart_body(fields=[("a", "b")])
+        replies = [
+            self.request("GET", "/missing.jpg"),
+            self.request("GET", "/nothing"),
+            self.request("PUT", "/"),
+            self.request("POST", "/", body, {"Content-Type": content_type}),
+            self.request("POST", "/", b"x", {"Content-Type": "text/plain"}),
+            self.request("DELETE", "/missing.jpg"),
+        ]
+        for reply in replies:
+            with self.subTest(status=reply.status):
+                self.assertGreaterEqual(reply.status, 400)
+                self.assertEqual(reply.headers["Content-Type"], "application/json")
+                self.assertEqual(set(reply.json), {"message"})
+                self.assertIsInstance(reply.message, str)
+                self.assertTrue(reply.message)
+
+    def test_malformed_request_line_gets_a_4xx_json_answer(self):
+        for request_line in (
+            b"GARBAGE", b"GET / HTTP/1.1 extra", b"GET / HTTP/x.y", b"POST /", b"GET / FOO/1.1", b"GET  HTTP/1.1",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        ):
+            with self.subTest(request_line=request_line):
+                raw = self.raw_exchange(request_line + b"\r\nHost: ims.test\r\n\r\n")
+                reply = self.parse_reply(raw)
+                self.assertGreaterEqual(reply.status, 400)
+                self.assertLess(reply.status, 500)
+                self.assertEqual(reply.headers["Content-Type"], "application/json")
+                self.assertTrue(reply.message)
+
+    def test_malformed_header_line_gets_a_400_json_answer(self):
+        raw = self.raw_exchange(b"GET / HTTP/1.1\r\nHost: ims.test\r\nno colon here\r\n\r\n")
+        reply = self.parse_reply(raw)
+        self.assertError(reply, 400)
+
+    def test_content_length_with_transfer_encoding_is_400(self):
+        body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
+        chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        head = self.multipart_request_head(content_type, len(chunked), ["Transfer-Encoding: chunked"])
+        reply = self.parse_reply(self.raw_exchange(head + chunked))
+        self.assertError(reply, 400, "Content-Length")
+        self.assertNothingStored()
+
+    def test_two_different_content_lengths_are_400(self):
+        body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
+        head = self.multipart_request_head(content_type, len(body), [f"Content-Length: {len(body) + 1}"])
+        reply = self.parse_reply(self.raw_exchange(head + body + b"x"))
+        self.assertError(reply, 400, "Content-Length")
+        self.assertNothingStored()
+
+    def test_repeated_equal_content_lengths_are_one_length(self):
+        body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
+        head = self.multipart_request_head(content_type, len(body), [f"Content-Length: {len(body)}", "Connection: close"])
+        reply = self.parse_reply(self.raw_exchange(head + body))
+        self.assertEqual(reply.status, 201, reply.body)
+
+    def test_unsupported_transfer_encoding_is_400(self):
+        head = self.multipart_request_head("multipart/form-data; boundary=b", None, ["Transfer-Encoding: gzip, chunked"])
+        reply = self.parse_reply(self.raw_exchange(head + b"0\r\n\r\n"))
+        self.assertError(reply, 400, "chunked")
+        self.assertNothingStored()
+
+    def test_unexpected_error_in_a_handler_is_500_json_and_server_keeps_serving(self):
+        with mock.patch.object(ims.Handler, "log_error") as log_error:
+            with mock.patch.object(ims.Handler, "list_images", side_effect=RuntimeError("secret internals")):
+                reply = self.request("GET", "/")
+        self.assertIn("RuntimeError", str(log_error.call_args))
+        self.assertError(reply, 500)
+        self.assertNotIn(b"Traceback", reply.body)
+        self.assertNotIn(b"secret internals", reply.body)
+        self.assertEqual(self.request("GET", "/").json, [])
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+# ====
+# Resizing and jobs
+# ====
+
+
+# make_image's colours: the left half, the right half, the small marker in the top-left corner.
+RED = (200, 30, 30)
+BLUE = (20, 20, 220)
+GREEN = (20, 200, 20)
+ICC_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+EXIF_MAKE = 0x010F
+EXIF_ORIENTATION = 0x0112
+FORMAT_BY_SUFFIX = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF"}
+JOB_FIELDS = {"id", "image", "width", "height", "fit", "state", "error", "submitted", "finished"}
+ENDED_STATES = ("done", "failed", "cancelled")
+
+
+def noise(size, seed=SEED):
+    """Return an RGB image of seeded random pixels: it does not compress, and every byte shows."""
+    count = size[0] * size[1] * 3
+    return Image.frombytes("RGB", size, random.Random(seed).getrandbits(count * 8).to_bytes(count, "little"))
+
+
+def encode(image, image_format, **options):
+    """Return the bytes of `image` saved in `image_format`."""
+    out = io.BytesIO()
+    image.save(out, format=image_format, **options)
+    return out.getvalue()
+
+
+def decode(data):
+    """Open and fully decode image bytes; a truncated or mixed file raises."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def animation(image_format, colors=(RED, GREEN, BLUE), durations=(100, 200, 300), loop=3, size=(64, 48)):
+    """Return an animated image with one plain colour per frame (so no two frames can be merged)."""
+    frames = [Image.new("RGB", size, color) for color in colors]
+    return encode(
+        frames[0], image_format, save_all=True, append_images=frames[1:], duration=list(durations), loop=loop
+    )
+
+
+def frames_of(image):
+    """Return (duration, centre colour) for every frame of an opened image."""
+    frames = []
+    for index in range(getattr(image, "n_frames", 1)):
+        image.seek(index)
+        image.load()
+        centre = image.convert("RGB").getpixel((image.width // 2, image.height // 2))
+        frames.append((image.info.get("duration"), centre))
+    return frames
+
+
+def epoch_of(value):
+    """Return a job timestamp (ISO 8601 text or a number of seconds) as seconds since the epoch."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+# A source that makes a resize run for a long time at no cost to the test: upscaling 200x200 of
+# noise to a 4000x4000 PNG takes about 10 s of CPU here, far longer than any test waits for it,
+# and server_close() stops it. SLOW_ENOUGH is a resize of it that takes about a third of a second:
+# long enough to act while it runs, short enough to wait for.
+SLOW_SOURCE = encode(noise((200, 200)), "PNG")
+SLOW_FOREVER = "width=4000&height=4000"
+SLOW_ENOUGH = "width=1200&height=1200"
+
+
+class ColourAssertions:
+    """Pixel comparisons with room for resampling and lossy codecs."""
+
+    def assertColour(self, pixel, expected, tolerance=45):
+        self.assertEqual(len(pixel[:3]), 3, pixel)
+        distance = max(abs(a - b) for a, b in zip(pixel[:3], expected))
+        self.assertLessEqual(distance, tolerance, f"{pixel} is not close to {expected}")
+
+    def assertLeftRedRightBlue(self, image):
+        """The picture make_image draws, neither rotated nor mirrored (marker aside)."""
+        rgb = image.convert("RGB")
+        middle = rgb.height // 2
+        self.assertColour(rgb.getpixel((rgb.width // 4, middle)), RED)
+        self.assertColour(rgb.getpixel((rgb.width * 3 // 4, middle)), BLUE)
+
+    def assertFitsContain(self, size, source_size, box):
+        """`size` is the largest size of `source_size`'s aspect ratio inside `box`."""
+        width, height = size
+        self.assertLessEqual(width, box[0])
+        self.assertLessEqual(height, box[1])
+        self.assertTrue(width == box[0] or height == box[1], f"{size} does not touch the sides of {box}")
+        self.assertAlmostEqual(width / height, source_size[0] / source_size[1], delta=0.02)
+
+
+# ====
+# Image work
+# ====
+
+
+class TestImageWork(ColourAssertions, unittest.TestCase):
+    """resize_file() on files in a temporary folder, no server."""
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+
+    def resized_bytes(self, data, suffix, width, height, fit="fill"):
+        """Write `data` to a file, resize it with resize_file() and return the bytes of the result."""
+        source = os.path.join(self.tempdir.name, f"source.{suffix}")
+        target = os.path.join(self.tempdir.name, f"target.{suffix}")
+        with open(source, "wb") as file:
+            file.write(data)
+        ims.resize_file(source, target, width, height, fit)
+        with open(target, "rb") as file:
+            return file.read()
+
+    def resized(self, data, suffix, width, height, fit="fill"):
+        """The result of resized_bytes(), opened and decoded."""
+        return decode(self.resized_bytes(data, suffix, width, height, fit))
+
+    def assertUprightPortrait(self, image):
+        """Orientation 6 on make_image's picture, applied: the left (red) half on top, the marker top right."""
+        self.assertLess(image.width, image.height)
+        self.assertEqual(image.getexif().get(EXIF_ORIENTATION, 1), 1)
+        rgb = image.convert("RGB")
+        self.assertColour(rgb.getpixel((rgb.width // 2, rgb.height // 4)), RED)
+        self.assertColour(rgb.getpixel((rgb.width // 2, rgb.height * 3 // 4)), BLUE)
+        self.assertColour(rgb.getpixel((rgb.width - 4, 4)), GREEN)
+        self.assertColour(rgb.getpixel((4, 4)), RED)
+
+    def test_exif_orientation_is_applied_and_the_result_stored_upright(self):
+        # Stored landscape 400x300 with Orientation 6: shown rotated 90° clockwise, 300x400.
+        image = self.resized(make_image("JPEG", (400, 300), orientation=6), "jpg", 300, 300, "contain")
+        self.assertEqual(image.format, "JPEG")
+        self.assertEqual(image.size, (225, 300))
+        self.assertUprightPortrait(image)
+
+    def test_resizing_an_upright_result_does_not_rotate_it_again(self):
+        first = self.resized_bytes(make_image("JPEG", (400, 300), orientation=6), "jpg", 300, 300, "contain")
+        second = self.resized(first, "jpg", 150, 150, "contain")
+        self.assertFitsContain(second.size, (225, 300), (150, 150))
+        self.assertUprightPortrait(second)
+
+    def test_every_orientation_comes_out_the_way_it_was_shown(self):
+        source = Image.open(io.BytesIO(make_image("PNG", (80, 60))))
+        for orientation in range(1, 9):
+            with self.subTest(orientation=orientation):
+                exif = Image.Exif()
+                exif[EXIF_ORIENTATION] = orientation
+                data = encode(source, "PNG", exif=exif.tobytes())
+                # Pillow's own reading of the tag is the reference.
+                expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).resize((40, 40))
+                image = self.resized(data, "png", 40, 40, "fill")
+                self.assertEqual(image.getexif().get(EXIF_ORIENTATION, 1), 1)
+                for point in ((3, 3), (36, 3), (3, 36), (36, 36), (20, 20)):
+                    self.assertColour(image.convert("RGB").getpixel(point), expected.convert("RGB").getpixel(point))
+
+    def test_fill_gives_exactly_the_box(self):
+        image = self.resized(make_image("PNG", (64, 48)), "png", 50, 70, "fill")
+        self.assertEqual(image.size, (50, 70))
+        self.assertLeftRedRightBlue(image)
+
+    def test_contain_keeps_the_aspect_ratio_inside_the_box(self):
+        for source_size, box in (((400, 300), (200, 200)), ((64, 48), (300, 300)), ((300, 400), (500, 100))):
+            with self.subTest(source_size=source_size, box=box):
+                image = self.resized(make_image("PNG", source_size), "png", *box, "contain")
+                self.assertFitsContain(image.size, source_size, box)
+                self.assertLeftRedRightBlue(image)
+
+    def test_cover_gives_exactly_the_box_and_keeps_the_centre(self):
+        # Thirds red, green, blue: only the green centre may be left once the sides are cropped.
+        wide = Image.new("RGB", (300, 100), RED)
+        wide.paste(GREEN, (100, 0, 200, 100))
+        wide.paste(BLUE, (200, 0, 300, 100))
+        for source, box in ((wide, (100, 100)), (wide.transpose(Image.Transpose.ROTATE_90), (50, 50))):
+            with self.subTest(source=source.size, box=box):
+                image = self.resized(encode(source, "PNG"), "png", *box, "cover")
+                self.assertEqual(image.size, box)
+                rgb = image.convert("RGB")
+                for point in ((2, 2), (box[0] - 3, box[1] - 3), (box[0] // 2, box[1] // 2), (2, box[1] - 3)):
+                    self.assertColour(rgb.getpixel(point), GREEN)
+
+    def test_cover_of_a_wide_box_crops_top_and_bottom(self):
+        tall = Image.new("RGB", (100, 300), RED)
+        tall.paste(GREEN, (0, 100, 100, 200))
+        tall.paste(BLUE, (0, 200, 100, 300))
+        image = self.resized(encode(tall, "PNG"), "png", 90, 30, "cover")
+        self.assertEqual(image.size, (90, 30))
+        self.assertColour(image.convert("RGB").getpixel((45, 2)), GREEN)
+        self.assertColour(image.convert("RGB").getpixel((45, 27)), GREEN)
+
+    def test_the_format_is_kept(self):
+        for suffix, image_format in FORMAT_BY_SUFFIX.items():
+            with self.subTest(image_format=image_format):
+                image = self.resized(make_image(image_format, (64, 48)), suffix, 32, 24, "fill")
+                self.assertEqual(image.format, image_format)
+                self.assertEqual(image.size, (32, 24))
+                self.assertLeftRedRightBlue(image)
+
+    def test_the_icc_profile_is_kept(self):
+        for suffix, image_format in (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("tif", "TIFF")):
+            with self.subTest(image_format=image_format):
+                image = self.resized(make_image(image_format, (64, 48), icc=ICC_PROFILE), suffix, 32, 24, "fill")
+                self.assertEqual(image.size, (32, 24))
+                self.assertEqual(image.info.get("icc_profile"), ICC_PROFILE)
+
+    def test_other_exif_tags_are_kept_without_the_orientation(self):
+        source = Image.open(io.BytesIO(make_image("PNG", (64, 48))))
+        exif = Image.Exif()
+        exif[EXIF_MAKE] = "IMS Test Camera"
+        exif[EXIF_ORIENTATION] = 6
+        for suffix, image_format in (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("tif", "TIFF")):
+            with self.subTest(image_format=image_format):
+                image = self.resized(encode(source, image_format, exif=exif.tobytes()), suffix, 30, 40, "fill")
+                self.assertEqual(image.size, (30, 40))
+                self.assertEqual(image.getexif().get(EXIF_MAKE), "IMS Test Camera")
+                self.assertEqual(image.getexif().get(EXIF_ORIENTATION, 1), 1)
+
+    def test_png_alpha_is_kept(self):
+        source = Image.new("RGBA", (64, 48), RED + (255,))
+        source.paste((0, 0, 0, 0), (32, 0, 64, 48))
+        image = self.resized(encode(source, "PNG"), "png", 32, 24, "fill").convert("RGBA")
+        self.assertEqual(image.getpixel((28, 12))[3], 0)
+        self.assertEqual(image.getpixel((4, 12)), RED + (255,))
+
+    def palette_source(self):
+        """A palette image: red left, blue right, a bottom strip of the transparent index 2."""
+        source = Image.new("P", (64, 48), 0)
+        source.putpalette([*RED, *BLUE, 0, 0, 0])
+        source.paste(1, (32, 0, 64, 48))
+        source.paste(2, (0, 40, 64, 48))
+        return source
+
+    def test_a_palette_png_stays_valid_and_transparent(self):
+        image = self.resized(encode(self.palette_source(), "PNG", transparency=2), "png", 32, 24, "fill")
+        self.assertEqual(image.format, "PNG")
+        rgba = image.convert("RGBA")
+        self.assertColour(rgba.getpixel((4, 4)), RED, tolerance=4)
+        self.assertColour(rgba.getpixel((28, 4)), BLUE, tolerance=4)
+        self.assertGreater(rgba.getpixel((4, 4))[3], 250)
+        self.assertEqual(rgba.getpixel((4, 23))[3], 0)
+
+    def test_a_gif_stays_valid_and_transparent(self):
+        image = self.resized(encode(self.palette_source(), "GIF", transparency=2), "gif", 32, 24, "fill")
+        self.assertEqual(image.format, "GIF")
+        rgba = image.convert("RGBA")
+        self.assertColour(rgba.getpixel((4, 4)), RED, tolerance=4)
+        self.assertColour(rgba.getpixel((28, 4)), BLUE, tolerance=4)
+        self.assertEqual(rgba.getpixel((4, 23))[3], 0)
+
+    def test_animated_gif_and_webp_keep_their_frames_durations_and_loop(self):
+        # WebP is lossy by default, so its colours may drift a little more.
+        for image_format, suffix, tolerance in (("GIF", "gif", 4), ("WEBP", "webp", 12)):
+            with self.subTest(image_format=image_format):
+                image = self.resized(animation(image_format), suffix, 32, 24, "fill")
+                self.assertEqual((image.format, image.size, image.n_frames), (image_format, (32, 24), 3))
+                self.assertEqual(image.info.get("loop"), 3)
+                frames = frames_of(image)
+                self.assertEqual([duration for duration, _ in frames], [100, 200, 300])
+                for (_, centre), expected in zip(frames, (RED, GREEN, BLUE)):
+                    self.assertColour(centre, expected, tolerance=tolerance)
+
+    def test_a_cmyk_jpeg_is_resized(self):
+        data = make_image("JPEG", (64, 48), mode="CMYK")
+        self.assertEqual(Image.open(io.BytesIO(data)).mode, "CMYK")
+        image = self.resized(data, "jpg", 32, 24, "fill")
+        self.assertEqual((image.format, image.size), ("JPEG", (32, 24)))
+        self.assertLeftRedRightBlue(image)
+
+    def test_a_16_bit_png_is_resized_and_keeps_its_depth(self):
+        row = struct.pack("<64H", *([1000] * 32 + [60000] * 32))
+        source = Image.frombytes("I;16", (64, 48), row * 48)
+        self.assertEqual((source.getpixel((4, 4)), source.getpixel((60, 4))), (1000, 60000))
+        image = self.resized(encode(source, "PNG"), "png", 32, 24, "fill")
+        self.assertEqual((image.format, image.size), ("PNG", (32, 24)))
+        self.assertIn(image.mode, ("I;16", "I;16B", "I"))
+        self.assertAlmostEqual(image.getpixel((4, 12)), 1000, delta=50)
+        self.assertAlmostEqual(image.getpixel((28, 12)), 60000, delta=300)
+
+    def test_jpeg_quality_does_not_collapse(self):
+        source = encode(noise((512, 512)), "JPEG", quality=95)
+        result = self.resized_bytes(source, "jpg", 256, 256, "fill")
+        self.assertEqual(decode(result).size, (256, 256))
+        # The same pixels saved at Pillow's default quality 75: noise makes the size follow the quality
+        # (about 2.3 times as large at the source's 95).
+        at_quality_75 = encode(Image.open(io.BytesIO(source)).resize((256, 256), Image.Resampling.LANCZOS), "JPEG", quality=75)
+        self.assertGreater(len(result), 1.5 * len(at_quality_75))
+
+    def test_an_unreadable_file_raises(self):
+        broken = make_image("PNG", (64, 48))[:60]
+        with self.assertRaises(OSError):
+            self.resized(broken, "png", 32, 24, "fill")
+
+
+# ====
+# HTTP: PATCH /<name> and GET /jobs/<id>
+# ====
+
+
+class ResizeTestCase(ColourAssertions, ServerTestCase):
+    """ServerTestCase plus the requests resizing needs."""
+
+    def store(self, name, data):
+        """Upload `data` as `name` and check it was stored."""
+        reply = self.upload(name, data)
+        self.assertEqual(reply.status, 201, reply.body)
+
+    def patch(self, name, query="", body=None, headers=None, connection=None):
+        """PATCH /<name>?<query> and return the Reply."""
+        return self.request("PATCH", f"/{name}" + (f"?{query}" if query else ""), body, headers, connection)
+
+    def submit(self, name, query, connection=None):
+        """PATCH with a query string, expect 202, return the job's location."""
+        reply = self.patch(name, query, connection=connection)
+        self.assertEqual(reply.status, 202, reply.body)
+        return reply.headers["Location"]
+
+    def job(self, location):
+        """GET the job now, without waiting."""
+        reply = self.request("GET", location)
+        self.assertEqual(reply.status, 200, reply.body)
+        return reply.json
+
+    def download(self, name):
+        """GET /<name> and return the image, decoded."""
+        reply = self.request("GET", f"/{name}")
+        self.assertEqual(reply.status, 200, reply.body)
+        return decode(reply.body)
+
+    def start_slow_resize(self, name="slow.png", query=SLOW_FOREVER):
+        """Store SLOW_SOURCE and start a resize of it that runs until the server stops; return its location."""
+        if name not in self.request("GET", "/").json:
+            self.store(name, SLOW_SOURCE)
+        location = self.submit(name, query)
+        wait_for(lambda: self.job(location)["state"] == "running", timeout=10)
+        return location
+
+
+class TestResize(ResizeTestCase):
+    def test_patch_answers_202_with_the_location_of_its_job(self):
+        self.store("a.png", make_image("PNG"))
+        reply = self.patch("a.png", "width=32&height=24")
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(reply.json, "Image resize command received")
+        self.assertRegex(reply.headers["Location"], r"^/jobs/[A-Za-z0-9_-]+$")
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+        self.assertEqual(self.download("a.png").size, (32, 24))
+        self.assertNoTempFiles()
+
+    def test_parameters_in_a_json_body(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        for body, size in (({"width": 40, "height": 20}, (40, 20)), ({"width": "30", "height": "16"}, (30, 16))):
+            with self.subTest(body=body):
+                reply = self.patch("a.png", body=json.dumps(body), headers={"Content-Type": "application/json"})
+                self.assertEqual(reply.status, 202, reply.body)
+                self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+                self.assertEqual(self.download("a.png").size, size)
+
+    def test_parameters_in_a_form_body_as_requests_sends_them(self):
+        # requests.patch(url, {"width": 256, "height": 256}) sends exactly this.
+        self.store("a.png", make_image("PNG", (64, 48)))
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        reply = self.patch("a.png", body=b"width=256&height=256", headers=headers)
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+        image = self.download("a.png")
+        self.assertEqual(image.size, (256, 256))
+        self.assertLeftRedRightBlue(image)
+
+    def test_parameters_in_the_query_string(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        for query, size in (("width=32&height=32&fit=contain", (32, 24)), ("width=20&height=20&fit=cover", (20, 20))):
+            with self.subTest(query=query):
+                location = self.submit("a.png", query)
+                self.assertEqual(self.wait_job(location)["state"], "done")
+                self.assertEqual(self.download("a.png").size, size)
+
+    def test_fit_defaults_to_fill(self):
+        self.store("a.jpg", make_image("JPEG", (64, 48)))
+        job = self.wait_job(self.submit("a.jpg", "width=50&height=70"))
+        self.assertEqual((job["state"], job["fit"]), ("done", "fill"))
+        self.assertEqual(self.download("a.jpg").size, (50, 70))
+
+    def test_a_photo_with_exif_orientation_comes_back_upright(self):
+        self.store("photo.jpg", make_image("JPEG", (400, 300), orientation=6))
+        self.assertEqual(self.wait_job(self.submit("photo.jpg", "width=300&height=300&fit=contain"))["state"], "done")
+        image = self.download("photo.jpg")
+        self.assertEqual(image.size, (225, 300))
+        self.assertEqual(image.getexif().get(EXIF_ORIENTATION, 1), 1)
+        self.assertColour(image.convert("RGB").getpixel((112, 60)), RED)
+        self.assertColour(image.convert("RGB").getpixel((112, 240)), BLUE)
+
+    def test_invalid_parameters_are_400_naming_the_parameter(self):
+        self.store("a.png", make_image("PNG"))
+        cases = [
+            ("", "width"),
+            ("height=10", "width"),
+            ("width=10", "height"),
+            ("width=&height=10", "width"),
+            ("width=abc&height=10", "width"),
+            ("width=0&height=10", "width"),
+            ("width=10&height=0", "height"),
+            ("width=-3&height=10", "width"),
+            ("width=1.5&height=10", "width"),
+            ("width=12px&height=10", "width"),
+            ("width=10&height=%20", "height"),
+            ("width=10&height=10&fit=stretch", "fit"),
+            ("width=10&height=10&fit=", "fit"),
+            ("width=10000&height=9001", "pixels"),
+        ]
+        for query, words in cases:
+            with self.subTest(query=query):
+                self.assertError(self.patch("a.png", query), 400, words)
+        json_cases = [
+            ({"width": 1.5, "height": 10}, "width"),
+            ({"width": True, "height": 10}, "width"),
+            ({"width": None, "height": 10}, "width"),
+            ({"width": [10], "height": 10}, "width"),
+            ({"width": -1, "height": 10}, "width"),
+            ({"width": "0", "height": 10}, "width"),
+            ({"width": 10, "height": "ten"}, "height"),
+            ({"width": 10, "height": 10, "fit": "squash"}, "fit"),
+            ({"width": 10, "height": 10, "fit": 1}, "fit"),
+            ({"width": 10 ** 12, "height": 10 ** 12}, "pixels"),
+        ]
+        for body, words in json_cases:
+            with self.subTest(body=body):
+                reply = self.patch("a.png", body=json.dumps(body), headers={"Content-Type": "application/json"})
+                self.assertError(reply, 400, words)
+        bodies = [
+            (b"{not json", "application/json", "JSON"),
+            (b"[10, 10]", "application/json", "JSON"),
+            (b"width", "application/x-www-form-urlencoded", "form"),
+        ]
+        for body, content_type, words in bodies:
+            with self.subTest(body=body):
+                self.assertError(self.patch("a.png", body=body, headers={"Content-Type": content_type}), 400, words)
+        self.assertEqual(self.download("a.png").size, (64, 48))
+
+    def test_unknown_image_is_404(self):
+        self.assertError(self.patch("nothing.png", "width=10&height=10"), 404, "nothing.png")
+
+    def test_if_match_with_another_etag_is_412_and_the_current_one_is_accepted(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        etag = self.request("HEAD", "/a.png").headers["ETag"]
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412)
+        reply = self.patch("a.png", "width=20&height=10", headers={"If-Match": etag})
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+        self.assertEqual(self.download("a.png").size, (20, 10))
+        # The resize made a new version: the old ETag no longer matches.
+        self.assertError(self.patch("a.png", "width=30&height=10", headers={"If-Match": etag}), 412)
+
+    def test_twenty_resizes_of_one_image_apply_in_the_order_they_were_accepted(self):
+        self.store("a.jpg", make_image("JPEG", (200, 150)))
+        connection = self.connect()
+        locations = [self.submit("a.jpg", f"width={40 + i}&height={30 + i}", connection) for i in range(20)]
+        self.wait_job(locations[-1])
+        jobs = [self.wait_job(location) for location in locations]
+        self.assertEqual([job["state"] for job in jobs], ["done"] * 20)
+        self.assertEqual([(job["width"], job["height"]) for job in jobs], [(40 + i, 30 + i) for i in range(20)])
+        finished = [epoch_of(job["finished"]) for job in jobs]
+        self.assertEqual(finished, sorted(finished))
+        self.assertEqual(self.download("a.jpg").size, (59, 49))
+        self.assertNoTempFiles()
+
+    def test_readers_during_resizes_always_get_a_whole_image(self):
+        self.store("r.png", encode(noise((300, 300)), "PNG"))
+        sizes = [(290, 290) if i % 2 else (310, 310) for i in range(10)]
+        seen, failures, stop = [], [], threading.Event()
+        reader_connection = self.connect()
+
+        def read_in_a_loop():
+            while not stop.is_set():
+                try:
+                    reply = self.request("GET", "/r.png", connection=reader_connection)
+                    if reply.status != 200:
+                        failures.append(reply.status)
+                    else:
+                        seen.append(decode(reply.body).size)
+                except Exception as error:
+                    failures.append(repr(error))
+
+        reader = threading.Thread(target=read_in_a_loop)
+        reader.start()
+        try:
+            wait_for(lambda: len(seen) + len(failures) > 0)
+            locations = [self.submit("r.png", f"width={w}&height={h}") for w, h in sizes]
+            self.assertEqual(self.wait_job(locations[-1])["state"], "done")
+        finally:
+            stop.set()
+            reader.join()
+        self.assertEqual(failures, [])
+        self.assertGreater(len(seen), len(sizes))
+        self.assertLessEqual(set(seen), {(300, 300), (290, 290), (310, 310)})
+        self.assertGreater(len(set(seen)), 1, "the reader never saw a resized version")
+
+    def test_delete_cancels_the_queued_resizes(self):
+        running = self.start_slow_resize()
+        queued = [self.submit("slow.png", "width=10&height=10"), self.submit("slow.png", "width=20&height=20")]
+        for location in queued:
+            self.assertEqual(self.job(location)["state"], "queued")
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        for location in queued:
+            job = self.wait_job(location)
+            self.assertEqual(job["state"], "cancelled")
+            self.assertIsNotNone(job["finished"])
+        self.assertIn(self.wait_job(running)["state"], ENDED_STATES)
+        self.assertError(self.request("GET", "/slow.png"), 404)
+
+    def test_delete_during_a_running_resize_does_not_bring_the_image_back(self):
+        location = self.start_slow_resize()
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
+        self.assertError(self.request("GET", "/slow.png"), 404)
+        self.assertEqual(self.request("GET", "/").json, [])
+        self.assertEqual(self.stored_files(), [])
+
+    def test_delete_stops_the_running_resize_process(self):
+        self.start_slow_resize()
+        # "running" may be reported a moment before the process is started.
+        wait_for(lambda: len(multiprocessing.active_children()) == 1)
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        # SLOW_FOREVER would run for about 10 s more if it were left to finish.
+        wait_for(lambda: not multiprocessing.active_children())
+
+    def test_delete_and_upload_again_during_a_running_resize_keeps_the_new_upload(self):
+        location = self.start_slow_resize()
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        replacement = make_image("PNG", (30, 20))
+        self.store("slow.png", replacement)
+        self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
+        self.assertEqual(self.request("GET", "/slow.png").body, replacement)
+        self.assertNoTempFiles()
+
+    def test_a_file_replaced_in_the_folder_during_a_resize_is_not_overwritten(self):
+        # Someone else (a person, a backup restore, another IMS) replaces the file while it is resized.
+        location = self.start_slow_resize(query=SLOW_ENOUGH)
+        replacement = make_image("PNG", (30, 20))
+        temp_path = os.path.join(self.storage, ".replacement")
+        with open(temp_path, "wb") as file:
+            file.write(replacement)
+        os.replace(temp_path, os.path.join(self.storage, "slow.png"))
+        self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
+        self.assertEqual(self.request("GET", "/slow.png").body, replacement)
+        self.assertNoTempFiles()
+
+    def test_resize_of_an_unreadable_image_fails_its_job_and_the_server_goes_on(self):
+        # Placed in the folder by someone else: uploads are checked, files in the folder are not.
+        broken = make_image("PNG", (64, 48))[:60]
+        with open(os.path.join(self.storage, "broken.png"), "wb") as file:
+            file.write(broken)
+        job = self.wait_job(self.submit("broken.png", "width=10&height=10"))
+        self.assertEqual(job["state"], "failed")
+        self.assertIsInstance(job["error"], str)
+        self.assertTrue(job["error"])
+        with open(os.path.join(self.storage, "broken.png"), "rb") as file:
+            self.assertEqual(file.read(), broken)
+        self.store("a.png", make_image("PNG"))
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=10&height=10"))["state"], "done")
+        self.assertNoTempFiles()
+
+
+class TestResizeWithOneWorkerAndOneQueued(ResizeTestCase):
+    server_options = {"resize_workers": 1, "max_queue": 1}
+
+    def test_a_full_queue_is_503_with_retry_after(self):
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        queued = self.submit("a.png", "width=10&height=10")
+        reply = self.patch("a.png", "width=20&height=20")
+        self.assertError(reply, 503)
+        self.assertRegex(reply.headers.get("Retry-After", ""), r"^\d+$")
+        self.assertEqual(self.job(queued)["state"], "queued")
+
+    def test_if_match_with_another_etag_queues_nothing(self):
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412)
+        # The one queue slot is still free, so the 412 took none.
+        self.submit("a.png", "width=20&height=20")
+        self.assertError(self.patch("a.png", "width=30&height=30"), 503)
+
+    def test_a_queued_resize_of_a_deleted_image_is_cancelled_while_others_run_on(self):
+        running = self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        queued = self.submit("a.png", "width=10&height=10")
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        self.assertEqual(self.wait_job(queued)["state"], "cancelled")
+        self.assertEqual(self.job(running)["state"], "running")
+
+
+class TestResizeWithoutQueue(ResizeTestCase):
+    server_options = {"resize_workers": 1, "max_queue": 0}
+
+    def test_a_resize_runs_at_once_when_a_worker_is_free(self):
+        self.store("a.png", make_image("PNG"))
+        reply = self.patch("a.png", "width=10&height=10")
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+
+    def test_a_resize_is_503_when_every_worker_is_busy(self):
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        self.assertError(self.patch("a.png", "width=10&height=10"), 503)
+
+
+class TestResizePixelLimit(ResizeTestCase):
+    server_options = {"max_pixels": 10_000}
+
+    def test_a_result_over_max_pixels_is_400(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        self.assertError(self.patch("a.png", "width=101&height=100"), 400, "pixels")
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=100&height=100"))["state"], "done")
+        self.assertEqual(self.download("a.png").size, (100, 100))
+
+
+class TestResizeTimeLimit(ResizeTestCase):
+    server_options = {"resize_timeout": 0.5}
+
+    def test_a_resize_past_the_time_limit_is_stopped_and_fails(self):
+        self.store("slow.png", SLOW_SOURCE)
+        job = self.wait_job(self.submit("slow.png", SLOW_FOREVER))
+        self.assertEqual(job["state"], "failed")
+        self.assertIn("0.5", job["error"])
+        self.assertEqual(multiprocessing.active_children(), [])
+        self.assertEqual(self.request("GET", "/slow.png").body, SLOW_SOURCE)
+        self.assertNoTempFiles()
+        # The server goes on serving, and resizing.
+        self.store("a.png", make_image("PNG"))
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=10&height=10"))["state"], "done")
+        self.assertEqual(self.request("GET", "/").json, ["a.png", "slow.png"])
+
+
+class TestJobs(ResizeTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_a_job_has_every_field_of_the_contract(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        before = time.time()
+        reply = self.patch(
+            "a.png", body=json.dumps({"width": "40", "height": 40, "fit": "contain"}), headers={"Content-Type": "application/json"}
+        )
+        self.assertEqual(reply.status, 202, reply.body)
+        job = self.wait_job(reply.headers["Location"])
+        after = time.time()
+        self.assertEqual(set(job), JOB_FIELDS)
+        self.assertEqual(reply.headers["Location"], f"/jobs/{job['id']}")
+        expected = {"image": "a.png", "width": 40, "height": 40, "fit": "contain", "state": "done", "error": None}
+        self.assertEqual({key: job[key] for key in expected}, expected)
+        self.assertIs(type(job["width"]), int)
+        submitted, finished = epoch_of(job["submitted"]), epoch_of(job["finished"])
+        self.assertLessEqual(before - 1, submitted)
+        self.assertLessEqual(submitted, finished)
+        self.assertLessEqual(finished, after + 1)
+
+    def test_queued_and_running_jobs_show_their_state_before_the_end(self):
+        running = self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        queued = self.submit("a.png", "width=10&height=10")
+        for location, state in ((running, "running"), (queued, "queued")):
+            with self.subTest(state=state):
+                job = self.job(location)
+                self.assertEqual(set(job), JOB_FIELDS)
+                self.assertEqual((job["state"], job["error"], job["finished"]), (state, None, None))
+                self.assertIsNotNone(job["submitted"])
+
+    def test_wait_answers_as_soon_as_the_job_ends(self):
+        self.store("slow.png", SLOW_SOURCE)
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        self.assertIn(self.job(location)["state"], ("queued", "running"))
+        started = time.monotonic()
+        job = self.wait_job(location, 20)
+        self.assertEqual(job["state"], "done")
+        self.assertLess(time.monotonic() - started, 10, "the answer waited for the whole ?wait=")
+        self.assertEqual(self.download("slow.png").size, (1200, 1200))
+
+    def test_wait_answers_when_the_time_is_up(self):
+        running = self.start_slow_resize()
+        started = time.monotonic()
+        reply = self.request("GET", f"{running}?wait=1")
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.json["state"], "running")
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+
+    def test_unknown_job_is_404(self):
+        self.assertError(self.request("GET", "/jobs/no-such-job"), 404)
+        self.assertError(self.request("GET", "/jobs/no-such-job?wait=5"), 404)
+
+    def test_invalid_wait_is_400(self):
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        for wait in ("-1", "abc", "nan", "1e999"):
+            with self.subTest(wait=wait):
+                self.assertError(self.request("GET", f"{location}?wait={wait}"), 400, "wait")
+
+    def test_wait_above_60_is_accepted(self):
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        for wait in ("61", "3600"):
+            with self.subTest(wait=wait):
+                reply = self.request("GET", f"{location}?wait={wait}")
+                self.assertEqual(reply.status, 200, reply.body)
+                self.assertEqual(reply.json["state"], "done")
+
+
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 # ====
