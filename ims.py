@@ -27,6 +27,7 @@ import email.utils
 import errno
 import http.server
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -325,7 +326,15 @@ def publish(temp_path, path):
 
 
 def replace_atomically(temp_path, path):
-    """Put the finished temp file in place of `path`: readers see the old or the new file, whole."""
+    """Put the finished temp file in place of `path`: readers see the old or the new file, whole.
+
+    The file's bytes are on disk before its name is, so a crash leaves the old file or the new one.
+    """
+    descriptor = os.open(temp_path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
     os.replace(temp_path, path)
     fsync_folder(os.path.dirname(path))
 
@@ -1048,9 +1057,24 @@ def resize_file(source_path, target_path, width, height, fit):
         save_like(original, frames, durations, target_path)
 
 
-def run_resize(connection, source_path, target_path, width, height, fit):
-    """Child process entry point: resize, then send None or the reason it failed through `connection`."""
+def limit_cpu_seconds(seconds):
+    """Have the kernel kill this process after `seconds` of CPU time, even if its parent is gone."""
     try:
+        import resource  # POSIX only; elsewhere the parent's time limit is the only one.
+    except ImportError:
+        return
+    soft = math.ceil(seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+
+
+def run_resize(connection, source_path, target_path, width, height, fit, timeout_seconds):
+    """Child process entry point: resize, then send None or the reason it failed through `connection`.
+
+    The parent kills a child past `timeout_seconds`; the CPU limit also stops one whose parent was
+    killed first, so no orphan runs on.
+    """
+    try:
+        limit_cpu_seconds(timeout_seconds)
         resize_file(source_path, target_path, width, height, fit)
     except Exception as error:
         connection.send(f"the image could not be resized: {error}")
@@ -1254,7 +1278,7 @@ class Resizer:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_resize,
-            args=(writer, path, target_path, job.width, job.height, job.fit),
+            args=(writer, path, target_path, job.width, job.height, job.fit, self._timeout_seconds),
             name=f"ims-resize-{job.id}",
             daemon=True,
         )
@@ -1882,18 +1906,28 @@ class Server(http.server.ThreadingHTTPServer):
         super().server_close()
         with self._handlers_lock:
             self._is_stopping = True
+        self._cut_connections(only_idle=True)
+        self.resizer.stop()
+        with self._handlers_lock:
+            threads = list(self._connection_threads)
+        # Requests in flight get one more --timeout to finish; then their connections are cut.
+        deadline = time.monotonic() + self.settings.timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._cut_connections(only_idle=False)
+        for thread in threads:
+            thread.join()
+        self.catalogue.remove_own_temp_files()
+
+    def _cut_connections(self, only_idle):
+        # Shutting a socket down wakes the thread blocked reading it.
+        with self._handlers_lock:
             for handler in self._handlers:
-                if handler.is_idle:
+                if handler.is_idle or not only_idle:
                     try:
                         handler.connection.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
-        self.resizer.stop()
-        with self._handlers_lock:
-            threads = list(self._connection_threads)
-        for thread in threads:
-            thread.join()
-        self.catalogue.remove_own_temp_files()
 
     def handle_error(self, request, client_address):
         sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
