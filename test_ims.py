@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import email.utils
+import errno
 import functools
 import http.client
 import io
@@ -16,6 +17,7 @@ import json
 import multiprocessing
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -2757,3 +2759,971 @@ class TestSampleImage(unittest.TestCase):
             self.assertEqual(image.format, "JPEG")
             self.assertNotIn(image.getexif().get(0x0112), (None, 1))
             self.assertTrue(image.info.get("icc_profile"))
+
+
+# ====
+# Faults: hostile requests, slow clients, limits, full disks, load, crashes
+# ====
+
+
+class TestHostileRequests(HTTPTestCase):
+    """Whatever the bytes, the answer is a JSON 4xx (or a correct answer), and never a hang."""
+
+    # A hang fails the test after this long instead of holding the suite up.
+    HANG_SECONDS = 5
+
+    def exchange(self, data, timeout=HANG_SECONDS):
+        """Send raw bytes on a new connection; return all the server sends until it closes.
+
+        A server that neither answers nor closes within `timeout` fails the test, showing what it
+        had sent by then.
+        """
+        chunks = []
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+            except socket.timeout:
+                self.fail(
+                    f"the connection was still open after {timeout} s; request {data[:120]!r}, "
+                    f"answered so far {b''.join(chunks)[:300]!r}"
+                )
+
+    def assertRefused(self, data, status, words=""):
+        """`data` gets exactly one JSON error of `status`, and the connection is closed after it."""
+        reply = self.parse_reply(self.exchange(data))
+        self.assertError(reply, status, words)
+        return reply
+
+    def assertClientErrorOrAnswer(self, data, method="GET"):
+        """`data` gets a correct answer or a JSON 4xx; never a 5xx. Returns the Reply."""
+        reply = self.parse_reply(self.exchange(data), method)
+        self.assertLess(reply.status, 500, reply.body)
+        if reply.status >= 400:
+            self.assertEqual(reply.headers["Content-Type"], "application/json")
+            self.assertTrue(reply.message)
+        return reply
+
+    def store(self, name="a.png"):
+        data = make_image("PNG", size=(40, 30))
+        self.assertEqual(self.upload(name, data).status, 201)
+        return data
+
+    # Request lines
+
+    def test_garbage_request_lines_are_400_json(self):
+        for request_line in (
+            b"GARBAGE",
+            b"\x00\x01\x02\x03 / HTTP/1.1",
+            b"GET / HTTP/1.1 extra words",
+            b"GET /a b.png HTTP/1.1",
+            b"GET  / HTTP/1.1",
+            b"GET\t/\tHTTP/1.1",
+            b"G(T / HTTP/1.1",
+            b"GET /\r HTTP/1.1",
+            b"GET /\x7f.png HTTP/1.1",
+            b"/ GET HTTP/1.1",
+        ):
+            with self.subTest(request_line=request_line):
+                self.assertRefused(request_line + b"\r\nHost: ims.test\r\n\r\n", 400)
+
+    def test_lowercase_and_malformed_versions_are_400_json(self):
+        for version in (b"http/1.1", b"HTTP/1", b"HTTP/1.1.1", b"HTTP/11", b"HTTP/1.x", b"HTTPS/1.1", b"HTTP/ 1.1"):
+            with self.subTest(version=version):
+                self.assertRefused(b"GET / " + version + b"\r\nHost: ims.test\r\n\r\n", 400)
+
+    def test_http_2_request_line_is_505_json(self):
+        self.assertRefused(b"GET / HTTP/2.0\r\nHost: ims.test\r\n\r\n", 505, "HTTP/1.1")
+        self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505)
+
+    def test_http_2_connection_preface_gets_a_json_refusal(self):
+        reply = self.parse_reply(self.exchange(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+        self.assertIn(reply.status, (400, 505), reply.body)
+        self.assertTrue(reply.message)
+
+    def test_http_1_2_request_is_answered_as_http_1_1(self):
+        # RFC 9110 §6.2: a higher minor version of a major version we implement is treated as ours.
+        reply = self.parse_reply(self.exchange(b"GET / HTTP/1.2\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.json, [])
+
+    def test_http_0_9_style_request_with_blank_line_is_400_json(self):
+        self.assertRefused(b"GET /\r\n\r\n", 400)
+
+    def test_http_0_9_client_waiting_after_its_one_line_gets_400_at_once(self):
+        # An HTTP/0.9 client sends "GET /" and one line end, then waits for the answer; the line
+        # alone is already not HTTP/1.x, so waiting for more (until --timeout) would hang it.
+        reply = self.parse_reply(self.exchange(b"GET /\r\n", timeout=2))
+        self.assertError(reply, 400)
+
+    def test_unknown_methods_are_405_with_allow(self):
+        for method in ("BREW", "get", "PROPFIND", "TRACE", "A" * 200):
+            with self.subTest(method=method[:20]):
+                request = f"{method} / HTTP/1.1\r\nHost: ims.test\r\nX-Secret: do-not-echo\r\nConnection: close\r\n\r\n".encode()
+                reply = self.assertRefused(request, 405)
+                self.assertEqual({m.strip() for m in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "POST"})
+                self.assertNotIn(b"do-not-echo", reply.body)
+
+    def test_unknown_method_on_an_image_keeps_the_image(self):
+        data = self.store()
+        reply = self.assertRefused(b"PUT /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 3\r\n\r\nabc", 405)
+        self.assertIn("PATCH", reply.headers["Allow"])
+        self.assertEqual(self.request("GET", "/a.png").body, data)
+
+    def test_connect_and_asterisk_targets_are_4xx_json(self):
+        for request in (b"CONNECT ims.test:443 HTTP/1.1", b"OPTIONS * HTTP/1.1", b"GET ftp://ims.test/a.png HTTP/1.1"):
+            with self.subTest(request=request):
+                reply = self.parse_reply(self.exchange(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
+                self.assertGreaterEqual(reply.status, 400)
+                self.assertLess(reply.status, 500)
+                self.assertTrue(reply.message)
+
+    # HTTP/1.0 and absolute-form
+
+    def test_http_1_0_request_is_answered_then_closed(self):
+        self.store()
+        raw = self.exchange(b"GET / HTTP/1.0\r\n\r\n")
+        reply = self.parse_reply(raw)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.json, ["a.png"])
+
+    def test_http_1_0_keep_alive_request_keeps_the_connection_open(self):
+        sock = self.open_socket()
+        sock.settimeout(self.HANG_SECONDS)
+        sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        reply = self.read_reply(sock)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.headers["Connection"].lower(), "keep-alive")
+        sock.sendall(b"GET /missing.png HTTP/1.0\r\n\r\n")
+        reply = self.parse_reply(self.read_until_close(sock))
+        self.assertError(reply, 404)
+
+    def test_http_1_0_upload_with_content_length_is_stored(self):
+        data = make_image("PNG")
+        body, content_type = multipart_body(files=[("file", "old.png", data)])
+        head = f"POST / HTTP/1.0\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        reply = self.parse_reply(self.exchange(head + body))
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.request("GET", "/old.png").body, data)
+
+    def test_absolute_form_targets_are_served_like_paths(self):
+        data = self.store()
+        reply = self.parse_reply(self.exchange(
+            b"GET http://ims.test/a.png HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
+        ))
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.body, data)
+        for target in (b"http://ims.test/", b"HTTP://ims.test:5000/", b"http://ims.test"):
+            with self.subTest(target=target):
+                reply = self.parse_reply(self.exchange(
+                    b"GET " + target + b" HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
+                ))
+                self.assertEqual(reply.status, 200, reply.body)
+                self.assertEqual(reply.json, ["a.png"])
+
+    # Pipelining
+
+    def test_pipelined_requests_are_answered_in_order_each_framed_exactly(self):
+        data = self.store()
+        requests = (
+            b"GET /a.png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
+            b"HEAD /a.png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
+            b"GET /missing.png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
+        )
+        raw = self.exchange(requests)
+        first, raw = self.split_reply(raw)
+        second, raw = self.split_reply(raw, "HEAD")
+        third, raw = self.split_reply(raw)
+        fourth = self.parse_reply(raw)
+        self.assertEqual((first.status, first.body), (200, data))
+        self.assertEqual((second.status, second.body), (200, b""))
+        self.assertEqual(second.headers["Content-Length"], str(len(data)))
+        self.assertError(third, 404)
+        self.assertEqual((fourth.status, fourth.json), (200, ["a.png"]))
+
+    def test_pipelined_uploads_with_bodies_are_each_read_to_their_exact_end(self):
+        first_data, second_data = make_image("PNG", color=(1, 2, 3)), make_image("PNG", color=(4, 5, 6))
+        body, content_type = multipart_body(files=[("file", "one.png", first_data)])
+        by_length = self.multipart_request_head(content_type, len(body)) + body
+        body, content_type = multipart_body(files=[("file", "two.png", second_data)])
+        chunks = f"{len(body) // 2:x}\r\n".encode() + body[:len(body) // 2] + b"\r\n"
+        chunks += f"{len(body) - len(body) // 2:x}\r\n".encode() + body[len(body) // 2:] + b"\r\n0\r\n\r\n"
+        by_chunks = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"]) + chunks
+        listing = b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
+        raw = self.exchange(by_length + by_chunks + listing)
+        first, raw = self.split_reply(raw)
+        second, raw = self.split_reply(raw)
+        third = self.parse_reply(raw)
+        self.assertEqual((first.status, second.status), (201, 201), (first.body, second.body))
+        self.assertEqual((third.status, third.json), (200, ["one.png", "two.png"]))
+        self.assertEqual(self.request("GET", "/two.png").body, second_data)
+
+    # Header injection
+
+    def test_header_injection_attempts_are_400_json_and_close(self):
+        for header_lines in (
+            b"X-Name: a\rInjected: yes",
+            b"X-Name: a\x00b",
+            b"Host : ims.test",
+            b"X-Name\t: a",
+            b"X-Name: a\r\n folded: continuation",
+            b"X-Name: a\r\n\tfolded",
+            b" X-Leading-Space: a",
+            b"X Name: a",
+            b"X-N\xe4me: a",
+            b": no name",
+            b"no colon at all",
+        ):
+            with self.subTest(header_lines=header_lines):
+                request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + header_lines + b"\r\n\r\n"
+                self.assertRefused(request, 400)
+
+    def test_header_injection_after_a_request_is_never_answered_as_a_second_request(self):
+        self.store()
+        request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Name: a\r\rDELETE /a.png HTTP/1.1\r\n\r\n"
+        self.assertRefused(request, 400)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+    # Request smuggling (RFC 9112 §6.3)
+
+    # Hidden after an ambiguous request; it asks to close, so a server that runs it answers at once.
+    SMUGGLED = b"DELETE /a.png HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
+
+    def assertSmugglingRefused(self, head, body, words):
+        """The ambiguous request is 400 saying why, the connection is closed, and the request hidden
+        after it never runs."""
+        if not os.path.exists(os.path.join(self.storage, "a.png")):
+            self.store()
+        self.assertRefused(head + body + self.SMUGGLED, 400, words)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+        self.assertNoTempFiles()
+
+    def smuggling_head(self, *framing_lines, version="HTTP/1.1"):
+        _, content_type = multipart_body()
+        lines = [f"POST / {version}", "Host: ims.test", f"Content-Type: {content_type}", *framing_lines]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def test_content_length_with_transfer_encoding_is_400_and_closes(self):
+        head = self.smuggling_head("Content-Length: 5", "Transfer-Encoding: chunked")
+        self.assertSmugglingRefused(head, b"0\r\n\r\n", "Content-Length")
+
+    def test_transfer_encoding_before_content_length_is_400_and_closes(self):
+        head = self.smuggling_head("Transfer-Encoding: chunked", "Content-Length: 5")
+        self.assertSmugglingRefused(head, b"0\r\n\r\n", "Content-Length")
+
+    def test_two_different_content_lengths_are_400_and_close(self):
+        head = self.smuggling_head("Content-Length: 5", "Content-Length: 50")
+        self.assertSmugglingRefused(head, b"hello", "Content-Length")
+
+    def test_content_length_list_with_different_values_is_400_and_closes(self):
+        self.assertSmugglingRefused(self.smuggling_head("Content-Length: 5, 50"), b"hello", "Content-Length")
+
+    def test_chunked_chunked_is_400_and_closes(self):
+        head = self.smuggling_head("Transfer-Encoding: chunked, chunked")
+        self.assertSmugglingRefused(head, b"0\r\n\r\n", "Transfer-Encoding")
+
+    def test_chunked_twice_in_two_fields_is_400_and_closes(self):
+        head = self.smuggling_head("Transfer-Encoding: chunked", "Transfer-Encoding: chunked")
+        self.assertSmugglingRefused(head, b"0\r\n\r\n", "Transfer-Encoding")
+
+    def test_gzip_transfer_encoding_is_400_and_closes(self):
+        self.assertSmugglingRefused(self.smuggling_head("Transfer-Encoding: gzip"), b"0\r\n\r\n", "Transfer-Encoding")
+
+    def test_identity_and_unknown_transfer_encodings_are_400_and_close(self):
+        for coding in ("identity", "chunked, identity", "xchunked", "chunked;q=1", '"chunked"'):
+            with self.subTest(coding=coding):
+                head = self.smuggling_head(f"Transfer-Encoding: {coding}")
+                self.assertRefused(head + b"0\r\n\r\n" + self.SMUGGLED, 400, "Transfer-Encoding")
+
+    def test_transfer_encoding_in_http_1_0_is_400_and_closes(self):
+        head = self.smuggling_head("Transfer-Encoding: chunked", version="HTTP/1.0")
+        self.assertSmugglingRefused(head, b"0\r\n\r\n", "Transfer-Encoding")
+
+    def test_content_length_with_white_space_other_than_space_and_tab_is_400(self):
+        # RFC 9110 §5.5: only SP and HTAB surround a field value; a proxy that reads "\x0b5" or
+        # "5\xa0" differently from us would frame the next request differently.
+        for value in (b"\x0b5", b"5\x0c", b"\xa05", b"5\x1c", b"\x855"):
+            with self.subTest(value=value):
+                head = self.smuggling_head()[:-2] + b"Content-Length: " + value + b"\r\n\r\n"
+                self.assertSmugglingRefused(head, b"hello", "Content-Length")
+
+    # Absurd numbers
+
+    def test_absurd_content_lengths_are_4xx_json(self):
+        for value in ("1" * 30, "-1", "0x10", "1e3", "+5", "", "5 5", "99999999999999999999999999999999999999999"):
+            with self.subTest(value=value):
+                head = self.smuggling_head(f"Content-Length: {value}")
+                reply = self.parse_reply(self.exchange(head + b"hello"))
+                self.assertIn(reply.status, (400, 413), reply.body)
+                self.assertTrue(reply.message)
+        self.assertNoTempFiles()
+
+    def test_content_length_far_over_the_upload_limit_is_413_before_the_body(self):
+        head = self.smuggling_head("Content-Length: 999999999999999999")
+        self.assertRefused(head + b"a little", 413)
+
+    def test_get_with_absurd_content_length_is_never_a_5xx(self):
+        request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 999999999999999999\r\n\r\nabc"
+        self.assertClientErrorOrAnswer(request)
+
+    def test_absurd_ranges_give_the_whole_image_a_range_or_416(self):
+        data = self.store()
+        for value in (
+            "bytes=99999999999999999999-", "bytes=0-99999999999999999999", "bytes=-99999999999999999999",
+            "bytes=999999999999999999-", "bytes=18446744073709551616-18446744073709551617", "bytes=-0",
+            "bytes=--1", "bytes=1-0", "bytes=0x10-", "bytes=" + "0" * 5000 + "-", "bytes=" + "0-," * 2000,
+        ):
+            with self.subTest(value=value[:40]):
+                request = f"GET /a.png HTTP/1.1\r\nHost: ims.test\r\nRange: {value}\r\nConnection: close\r\n\r\n"
+                reply = self.assertClientErrorOrAnswer(request.encode())
+                self.assertIn(reply.status, (200, 206, 416), reply.body)
+                if reply.status == 200:
+                    self.assertEqual(reply.body, data)
+                elif reply.status == 206:
+                    start, end = (int(n) for n in reply.headers["Content-Range"].split()[1].split("/")[0].split("-"))
+                    self.assertEqual(reply.body, data[start:end + 1])
+                else:
+                    self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
+
+    def test_absurd_dates_in_conditional_headers_are_never_a_5xx(self):
+        data = self.store()
+        for value in (
+            "Fri, 31 Dec 99999 23:59:59 GMT", "Sat, 01 Jan 0001 00:00:00 +1400", "Fri, 31 Dec 9999 23:59:59 -2359",
+            "Fri, 31 Dec 9999 99:99:99 GMT", "Thu, 01 Jan 1970 00:00:00 +9999", "1" * 400, "\xff\xfe",
+        ):
+            with self.subTest(value=value[:40]):
+                for header in ("If-Modified-Since", "If-Range"):
+                    request = (
+                        f"GET /a.png HTTP/1.1\r\nHost: ims.test\r\n{header}: {value}\r\n"
+                        "Range: bytes=0-3\r\nConnection: close\r\n\r\n"
+                    )
+                    reply = self.assertClientErrorOrAnswer(request.encode("latin-1"))
+                    self.assertIn(reply.status, (200, 206, 304), reply.body)
+                    if reply.status == 200:
+                        self.assertEqual(reply.body, data)
+
+    def test_absurd_job_waits_are_400_json_and_finite_huge_ones_are_capped(self):
+        self.store()
+        reply = self.request("PATCH", "/a.png?width=4&height=3")
+        self.assertEqual(reply.status, 202, reply.body)
+        location = reply.headers["Location"]
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.HANG_SECONDS)
+        self.addCleanup(connection.close)
+        # Asked at once, while the job most likely still runs: the wait must be capped, not overflow.
+        for value in ("1e308", "99999999999999999999999", "60.0000001"):
+            with self.subTest(value=value):
+                reply = self.request("GET", f"{location}?wait={value}", connection=connection)
+                self.assertEqual((reply.status, reply.json["state"]), (200, "done"))
+        for value in ("1e309", "inf", "-inf", "nan", "NaN", "-1", "-0.001", "0x10", "1" * 400, "1e-400x", "%00"):
+            with self.subTest(value=value[:20]):
+                self.assertError(self.request("GET", f"{location}?wait={value}", connection=connection), 400, "wait")
+
+    def test_absurd_resize_dimensions_are_400_json(self):
+        self.store()
+        for body in (
+            {"width": 10 ** 30, "height": 10},
+            {"width": 10, "height": 10 ** 30},
+            {"width": 10 ** 30, "height": 10 ** 30},
+            {"width": -10 ** 30, "height": 10},
+            {"width": "1" * 30, "height": "10"},
+            {"width": 1e30, "height": 10},
+            {"width": 10, "height": 0},
+            {"width": [10], "height": {"10": 10}},
+        ):
+            with self.subTest(body=str(body)[:60]):
+                reply = self.request("PATCH", "/a.png", json.dumps(body), {"Content-Type": "application/json"})
+                self.assertError(reply, 400)
+        for raw_body in (
+            b'{"width": 1e400, "height": 10}', b'{"width": NaN, "height": 10}', b'{"width": Infinity, "height": 10}',
+            b'{"width": 1' + b"0" * 5000 + b', "height": 10}', b"[" * 30000 + b"]" * 30000,
+            b'{"width": ' * 5000, b"[" * 100000, b"\xff\xfe{}",
+        ):
+            with self.subTest(raw_body=raw_body[:40]):
+                reply = self.request("PATCH", "/a.png", raw_body, {"Content-Type": "application/json"})
+                self.assertIn(reply.status, (400, 413), reply.body)
+                self.assertTrue(reply.message)
+        for query in ("width=" + "9" * 30 + "&height=10", "width=10&height=-0", "width=1e3&height=10"):
+            with self.subTest(query=query[:40]):
+                self.assertError(self.request("PATCH", f"/a.png?{query}"), 400)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+    def test_chunk_size_of_forty_hex_digits_is_400_and_closes(self):
+        head = self.smuggling_head("Transfer-Encoding: chunked")
+        self.assertRefused(head + b"f" * 40 + b"\r\nabc\r\n0\r\n\r\n" + self.SMUGGLED, 400, "chunk")
+        self.assertNoTempFiles()
+
+    def test_negative_and_non_hex_chunk_sizes_are_400(self):
+        for size_line in (b"-1", b"0x10", b"1 0", b"", b"g", b"+5"):
+            with self.subTest(size_line=size_line):
+                head = self.smuggling_head("Transfer-Encoding: chunked")
+                self.assertRefused(head + size_line + b"\r\nhello\r\n0\r\n\r\n", 400)
+
+    def test_huge_chunk_that_never_arrives_is_4xx_not_a_hang(self):
+        head = self.smuggling_head("Transfer-Encoding: chunked")
+        with socket.create_connection((self.host, self.port), timeout=self.HANG_SECONDS) as sock:
+            sock.sendall(head + b"ffffffffffffffff\r\n" + b"x" * 1000)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                raw = self.read_until_close(sock)
+            except socket.timeout:
+                self.fail("the server neither answered nor closed")
+        reply = self.parse_reply(raw)
+        self.assertIn(reply.status, (400, 413), reply.body)
+        self.assertTrue(reply.message)
+        self.assertNoTempFiles()
+
+    # Size limits of the head
+
+    def test_request_line_over_8_kib_is_414_json(self):
+        request = b"GET /" + b"a" * (8 * 1024 + 10) + b".png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
+        self.assertRefused(request, 414)
+
+    def test_request_line_that_never_ends_is_414_json(self):
+        self.assertRefused(b"GET /" + b"a" * (100 * 1024), 414)
+
+    def test_long_request_line_and_header_within_the_limits_are_served(self):
+        cookie = b"Cookie: " + b"c" * 6000 + b"\r\n"
+        request = b"GET /" + b"a" * 6000 + b".png HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
+        self.assertRefused(request, 404)
+        request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
+        self.assertEqual(self.parse_reply(self.exchange(request)).status, 200)
+
+    def test_header_line_over_8_kib_is_431_json(self):
+        request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nCookie: " + b"c" * (8 * 1024 + 10) + b"\r\n\r\n"
+        self.assertRefused(request, 431)
+
+    def test_more_than_100_header_fields_is_431_json(self):
+        fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(100))
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + fields + b"\r\n", 431)
+
+    def test_exactly_100_header_fields_are_served(self):
+        fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(98))
+        request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n"
+        self.assertEqual(self.parse_reply(self.exchange(request)).status, 200)
+
+    def test_head_over_64_kib_of_short_lines_is_431_json(self):
+        fields = b"".join(b"X-Field-%d: %s\r\n" % (index, b"v" * 4000) for index in range(20))
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n", 431)
+
+    def test_server_keeps_serving_after_every_kind_of_hostile_request(self):
+        for request in (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+        ):
+            reply = self.parse_reply(self.exchange(request))
+            self.assertGreaterEqual(reply.status, 400)
+            self.assertLess(reply.status, 500)
+        self.assertEqual(self.request("GET", "/").json, [])
+
+
+# ====
+# Slow and silent clients
+# ====
+
+
+class SlowClientAssertions:
+    """For HTTPTestCase classes: helpers that tell a disconnected client from a waiting one."""
+
+    # How long a test waits for the server to disconnect a client before failing.
+    DISCONNECT_DEADLINE_SECONDS = 5
+
+    def temp_files(self):
+        return [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
+
+    def assertDisconnected(self, sock):
+        """The server closes `sock` within the deadline; whatever it says first must be a 408."""
+        sock.settimeout(self.DISCONNECT_DEADLINE_SECONDS)
+        try:
+            data = self.read_until_close(sock)
+        except socket.timeout:
+            self.fail(f"the server still holds the connection after {self.DISCONNECT_DEADLINE_SECONDS} s")
+        except ConnectionResetError:
+            return
+        if data:
+            self.assertError(self.parse_reply(data), 408)
+
+    def is_closed_by_server(self, sock):
+        """Tell, without waiting, whether the server has closed `sock` (or answered on it)."""
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+
+
+class TestSlowClients(SlowClientAssertions, HTTPTestCase):
+    server_options = {"timeout": 0.5}
+
+    def test_half_a_request_head_then_silence_is_disconnected(self):
+        sock = self.open_socket()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\n")
+        self.assertDisconnected(sock)
+
+    def test_connection_that_never_sends_a_byte_is_disconnected(self):
+        self.assertDisconnected(self.open_socket())
+
+    def test_head_trickled_a_byte_at_a_time_past_the_timeout_is_disconnected(self):
+        # Each byte comes well within the timeout, but the whole head would take 20 s.
+        head = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+        sock = self.open_socket()
+        deadline = time.monotonic() + self.DISCONNECT_DEADLINE_SECONDS
+        for byte in head:
+            if time.monotonic() > deadline:
+                self.fail(f"a trickling client is still connected after {self.DISCONNECT_DEADLINE_SECONDS} s")
+            # One byte per 0.1 s; select returns early when the server closes the connection.
+            readable, _, _ = select.select([sock], [], [], 0.1)
+            if readable:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                return
+        else:
+            self.fail("the whole trickled head was accepted")
+        self.assertDisconnected(sock)
+
+    def test_idle_keep_alive_connection_is_closed_after_the_timeout(self):
+        sock = self.open_socket()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\n\r\n")
+        self.assertEqual(self.read_reply(sock).status, 200)
+        self.assertDisconnected(sock)
+
+    def test_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
+        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
+        wait_for(self.temp_files, timeout=self.DISCONNECT_DEADLINE_SECONDS)
+        self.assertDisconnected(sock)
+        wait_for(lambda: not self.temp_files(), timeout=self.DISCONNECT_DEADLINE_SECONDS)
+        self.assertEqual(self.stored_files(), [])
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def test_chunked_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
+        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
+        head = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"])
+        sock = self.open_socket()
+        sock.sendall(head + f"{len(body):x}\r\n".encode() + body[:len(body) // 2])
+        wait_for(self.temp_files, timeout=self.DISCONNECT_DEADLINE_SECONDS)
+        self.assertDisconnected(sock)
+        wait_for(lambda: not self.temp_files(), timeout=self.DISCONNECT_DEADLINE_SECONDS)
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def test_resize_body_that_stops_midway_is_disconnected(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        sock = self.open_socket()
+        head = b"PATCH /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+        sock.sendall(head + b'{"width": 10')
+        self.assertDisconnected(sock)
+        self.assertEqual(self.request("GET", "/a.png").body, make_image("PNG"))
+
+    def test_server_serves_others_after_slow_clients_are_dropped(self):
+        slow = [self.open_socket() for _ in range(10)]
+        for sock in slow:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: ims.test\r\n")
+        for sock in slow:
+            self.assertDisconnected(sock)
+        self.assertEqual(self.upload("after.png", make_image("PNG")).status, 201)
+
+
+class TestManySlowClients(SlowClientAssertions, HTTPTestCase):
+    # Long enough that the trickling sockets stay open while another client is served.
+    server_options = {"timeout": 5}
+    SLOW_CLIENTS = 50
+
+    def test_get_is_answered_while_fifty_clients_trickle_their_heads(self):
+        slow = [self.open_socket() for _ in range(self.SLOW_CLIENTS)]
+        stop = threading.Event()
+        sent = []
+
+        def trickle():
+            line = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Slow: " + b"a" * 1000
+            for byte in line:
+                for sock in slow:
+                    try:
+                        sock.sendall(bytes([byte]))
+                    except OSError:
+                        pass
+                sent.append(byte)
+                # Pacing: one byte per socket every 0.1 s until the test ends.
+                if stop.wait(0.1):
+                    return
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        self.addCleanup(trickler.join)
+        self.addCleanup(stop.set)
+        wait_for(lambda: len(sent) >= 3)
+        self.assertEqual([sock for sock in slow if self.is_closed_by_server(sock)], [])
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=2)
+        self.addCleanup(connection.close)
+        self.assertEqual(self.request("GET", "/", connection=connection).json, [])
+        self.assertEqual(self.upload("during.png", make_image("PNG"), connection=connection).status, 201)
+        self.assertEqual(self.request("GET", "/", connection=connection).json, ["during.png"])
+        # The slow clients were still connected (and still trickling) while the others were served.
+        self.assertEqual([sock for sock in slow if self.is_closed_by_server(sock)], [])
+
+
+# ====
+# Connection limit
+# ====
+
+
+class TestConnectionLimit(HTTPTestCase):
+    server_options = {"max_connections": 2}
+
+    def open_served_socket(self):
+        """Return a keep-alive connection that has been served once, so it holds a slot."""
+        sock = self.open_socket()
+        sock.settimeout(5)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\n\r\n")
+        self.assertEqual(self.read_reply(sock).status, 200)
+        return sock
+
+    def test_connection_past_the_limit_waits_then_is_served_when_a_slot_frees(self):
+        first, second = self.open_served_socket(), self.open_served_socket()
+        third = self.open_socket()  # connect succeeds: it waits in the listen backlog
+        third.settimeout(5)
+        third.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
+        readable, _, _ = select.select([third], [], [], 0.3)
+        self.assertEqual(readable, [], "a third connection was served while two held both slots")
+        first.close()
+        reply = self.parse_reply(self.read_until_close(third))
+        self.assertEqual((reply.status, reply.json), (200, []))
+        second.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
+        self.assertEqual(self.parse_reply(self.read_until_close(second)).status, 200)
+
+    def test_burst_far_past_the_limit_is_served_in_full_without_resets(self):
+        sockets = [self.open_socket() for _ in range(40)]
+        for sock in sockets:
+            sock.settimeout(10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
+        for sock in sockets:
+            reply = self.parse_reply(self.read_until_close(sock))
+            self.assertEqual(reply.status, 200)
+
+
+# ====
+# Full and read-only disk
+# ====
+
+
+class TestDiskFull(HTTPTestCase):
+    """The storage folder is a 1 MiB tmpfs; skipped where mounting one is not allowed."""
+
+    TMPFS_SIZE = "1m"
+
+    def setUp(self):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("mounting a tmpfs needs root")
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        os.mkdir(self.storage)
+        self.mount("-t", "tmpfs", "-o", f"size={self.TMPFS_SIZE},mode=0755", "tmpfs", self.storage)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.storage], capture_output=True)
+        self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True)
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        thread.start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.host, self.port = self.server.server_address[:2]
+
+    def mount(self, *arguments):
+        try:
+            result = subprocess.run(["mount", *arguments], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as error:
+            self.skipTest(f"cannot run mount: {error}")
+        if result.returncode != 0:
+            self.skipTest(f"cannot mount here: {result.stderr.strip()}")
+
+    def fill_disk(self):
+        """Write a file that takes every byte the tmpfs has left."""
+        descriptor = os.open(os.path.join(self.storage, "filler.bin"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            with self.assertRaises(OSError) as caught:
+                for _ in range(1000):
+                    os.write(descriptor, bytes(64 * 1024))
+            self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        finally:
+            os.close(descriptor)
+
+    def noise_png(self, seed):
+        """About 120 KB that does not compress: eight of them fill the tmpfs."""
+        return encode(noise((200, 200), seed), "PNG")
+
+    def test_upload_that_does_not_fit_is_507_and_stored_images_stay_whole(self):
+        stored = {}
+        refused = None
+        for index in range(20):
+            name, data = f"fill-{index}.png", self.noise_png(SEED + index)
+            reply = self.upload(name, data)
+            if reply.status == 507:
+                refused = (name, data, reply)
+                break
+            self.assertEqual(reply.status, 201, reply.body)
+            stored[name] = data
+        self.assertIsNotNone(refused, "the 1 MiB tmpfs never filled up")
+        self.assertGreater(len(stored), 2)
+        name, data, reply = refused
+        self.assertError(reply, 507)
+        self.assertNoTempFiles()
+        self.assertEqual(self.request("GET", "/").json, sorted(stored))
+        for stored_name, stored_data in stored.items():
+            self.assertEqual(self.request("GET", "/" + stored_name).body, stored_data)
+        # Space freed by a delete is usable again: the refusal was the full disk, nothing else.
+        self.assertEqual(self.request("DELETE", "/" + sorted(stored)[0]).status, 204)
+        self.assertEqual(self.request("DELETE", "/" + sorted(stored)[1]).status, 204)
+        self.assertEqual(self.upload(name, data).status, 201)
+        self.assertEqual(self.request("GET", "/" + name).body, data)
+
+    def test_chunked_upload_that_does_not_fit_is_507_and_leaves_nothing(self):
+        self.fill_disk()
+        data = self.noise_png(SEED)
+        body, content_type = multipart_body(files=[("file", "big.png", data)])
+        pieces = [body[start:start + 8192] for start in range(0, len(body), 8192)]
+        chunks = b"".join(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" for piece in pieces)
+        reply = self.request(
+            "POST", "/", chunks + b"0\r\n\r\n", {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
+        )
+        self.assertError(reply, 507)
+        self.assertNoTempFiles()
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def test_resize_that_does_not_fit_fails_its_job_and_keeps_the_image(self):
+        data = self.noise_png(SEED)
+        self.assertEqual(self.upload("a.png", data).status, 201)
+        self.fill_disk()
+        reply = self.request("PATCH", "/a.png?width=400&height=400")
+        self.assertEqual(reply.status, 202, reply.body)
+        job = self.wait_job(reply.headers["Location"], seconds=10)
+        self.assertEqual(job["state"], "failed")
+        self.assertTrue(job["error"])
+        self.assertEqual(self.request("GET", "/a.png").body, data)
+        self.assertNoTempFiles()
+
+    def test_read_only_folder_refuses_writes_with_507_and_keeps_serving_downloads(self):
+        data = self.noise_png(SEED)
+        self.assertEqual(self.upload("kept.png", data).status, 201)
+        self.mount("-o", "remount,ro", self.storage)
+        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", self.storage], capture_output=True)
+        self.assertError(self.upload("new.png", self.noise_png(SEED + 1)), 507)
+        self.assertError(self.request("DELETE", "/kept.png"), 507)
+        reply = self.request("PATCH", "/kept.png?width=10&height=10")
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(self.wait_job(reply.headers["Location"], seconds=5)["state"], "failed")
+        self.assertEqual(self.request("GET", "/").json, ["kept.png"])
+        reply = self.request("GET", "/kept.png")
+        self.assertEqual((reply.status, reply.body), (200, data))
+        self.assertEqual(self.stored_files(), ["kept.png"])
+
+
+# ====
+# Mixed concurrent load
+# ====
+
+
+class TestMixedLoad(HTTPTestCase):
+    server_options = {"resize_workers": 2}
+    NAMES = ("a.png", "b.jpg", "c.gif", "d.png", "e.webp")
+    CLIENTS = 8
+    OPERATIONS_PER_CLIENT = 60
+
+    def image_for(self, name, rng):
+        image_format = FORMAT_BY_SUFFIX[name.rsplit(".", 1)[1]]
+        size = (rng.randint(40, 120), rng.randint(30, 90))
+        return encode(noise(size, rng.getrandbits(32)), image_format)
+
+    def run_client(self, index, seen, failures):
+        rng = random.Random(SEED + index)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            for _ in range(self.OPERATIONS_PER_CLIENT):
+                name = rng.choice(self.NAMES)
+                kind = rng.choice(("upload", "upload", "download", "download", "delete", "resize", "list"))
+                if kind == "upload":
+                    reply = self.upload(name, self.image_for(name, rng), connection)
+                    expected = (201, 409)
+                elif kind == "download":
+                    reply = self.request("GET", "/" + name, connection=connection)
+                    expected = (200, 404)
+                    if reply.status == 200:
+                        self.assertEqual(len(reply.body), int(reply.headers["Content-Length"]))
+                        decode(reply.body)
+                elif kind == "delete":
+                    reply = self.request("DELETE", "/" + name, connection=connection)
+                    expected = (204, 404)
+                elif kind == "resize":
+                    size = {"width": rng.randint(8, 100), "height": rng.randint(8, 100), "fit": rng.choice(ims.FITS)}
+                    headers = {"Content-Type": "application/json"}
+                    reply = self.request("PATCH", "/" + name, json.dumps(size), headers, connection)
+                    expected = (202, 404)
+                    if reply.status == 202:
+                        job = self.request("GET", reply.headers["Location"] + "?wait=30", connection=connection)
+                        seen.append(("job", job.status))
+                        self.assertEqual(job.status, 200, job.body)
+                        self.assertIn(job.json["state"], ("done", "failed", "cancelled"), job.json)
+                        if job.json["state"] != "done":
+                            self.assertTrue(job.json["error"])
+                else:
+                    reply = self.request("GET", "/", connection=connection)
+                    expected = (200,)
+                    self.assertIsInstance(reply.json, list)
+                seen.append((kind, reply.status))
+                self.assertIn(reply.status, expected, (kind, name, reply.body))
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            connection.close()
+
+    def test_concurrent_uploads_downloads_deletes_and_resizes_leave_a_consistent_store(self):
+        seen, failures = [], []
+        threads = [
+            threading.Thread(target=self.run_client, args=(index, seen, failures)) for index in range(self.CLIENTS)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+            self.assertFalse(thread.is_alive(), "a client hung")
+        if failures:
+            raise failures[0]
+        self.assertEqual([entry for entry in seen if entry[1] >= 500], [])
+        kinds = {kind for kind, status in seen}
+        self.assertLessEqual({"upload", "download", "delete", "resize", "job"}, kinds)
+        # Invariants once the load is over.
+        wait_for(lambda: not [n for n in os.listdir(self.storage) if n.startswith(ims.TEMP_PREFIX)])
+        listed = self.request("GET", "/").json
+        on_disk = sorted(
+            name for name in os.listdir(self.storage)
+            if not name.startswith(".") and name.lower().endswith(ims.IMAGE_EXTENSIONS)
+        )
+        self.assertEqual(listed, on_disk)
+        for name in listed:
+            reply = self.request("GET", "/" + name)
+            self.assertEqual(reply.status, 200, name)
+            decode(reply.body)
+
+
+# ====
+# SIGKILL and restart
+# ====
+
+
+class TestCrashRecovery(unittest.TestCase):
+    """The real process, killed with SIGKILL at seeded random moments and restarted on one folder."""
+
+    ROUNDS = 10
+    CLIENTS = 3
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        # About 900 KB that does not compress: an upload of it may still be in its body when killed.
+        self.big_png = encode(noise((640, 480), SEED), "PNG")
+        self.acknowledged = {}  # name -> the bytes of an upload answered 201
+        self.resized = set()  # names a PATCH was sent for: their bytes may have changed
+        self.deleted = set()  # names a DELETE was sent for: they may be gone
+        self.lock = threading.Lock()
+
+    def small_image(self, rng, extension):
+        image_format = {"png": "PNG", "jpg": "JPEG"}[extension]
+        return encode(noise((rng.randint(32, 96), rng.randint(32, 96)), rng.getrandbits(32)), image_format)
+
+    def run_client(self, port, round_index, client_index, rng, stop):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            for operation in range(1000):
+                if stop.is_set():
+                    return
+                with self.lock:
+                    candidates = sorted(set(self.acknowledged) - self.deleted)
+                choice = rng.random()
+                if choice < 0.5 or not candidates:
+                    extension = rng.choice(("png", "jpg"))
+                    name = f"r{round_index}-c{client_index}-{operation}.{extension}"
+                    data = self.big_png if extension == "png" and rng.random() < 0.3 else self.small_image(rng, extension)
+                    if data is self.big_png:
+                        name = name.replace(".png", "-big.png")
+                    body, content_type = multipart_body(files=[("file", name, data)])
+                    connection.request("POST", "/", body, {"Content-Type": content_type})
+                    response = connection.getresponse()
+                    response.read()
+                    if response.status == 201:
+                        with self.lock:
+                            self.acknowledged[name] = data
+                elif choice < 0.8:
+                    name = rng.choice(candidates)
+                    with self.lock:
+                        self.resized.add(name)
+                    size = f"width={rng.randint(8, 200)}&height={rng.randint(8, 200)}"
+                    connection.request("PATCH", f"/{name}?{size}")
+                    connection.getresponse().read()
+                else:
+                    name = rng.choice(candidates)
+                    with self.lock:
+                        self.deleted.add(name)
+                    connection.request("DELETE", f"/{name}")
+                    connection.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            pass  # the server was killed under this request
+        finally:
+            connection.close()
+
+    def check_store(self, port):
+        """The invariants a restart must give, whatever moment the previous process died at."""
+        folder = os.listdir(self.storage)
+        self.assertEqual([name for name in folder if name.startswith(ims.TEMP_PREFIX)], [])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/")
+        listed = json.loads(connection.getresponse().read())
+        on_disk = sorted(
+            name for name in folder if not name.startswith(".") and name.lower().endswith(ims.IMAGE_EXTENSIONS)
+        )
+        self.assertEqual(listed, on_disk)
+        for name in listed:
+            connection.request("GET", "/" + name)
+            response = connection.getresponse()
+            data = response.read()
+            self.assertEqual(response.status, 200, name)
+            decode(data)
+            if name in self.acknowledged and name not in self.resized:
+                self.assertEqual(data, self.acknowledged[name], f"{name} changed after it was acknowledged")
+        for name in self.acknowledged:
+            if name not in self.deleted:
+                self.assertIn(name, listed, f"{name} was acknowledged with 201 and is gone")
+        connection.close()
+
+    def test_sigkill_at_random_moments_never_loses_acknowledged_uploads_or_leaves_partial_files(self):
+        rng = random.Random(SEED)
+        for round_index in range(self.ROUNDS):
+            process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "2")
+            with self.subTest(restart=round_index):
+                self.check_store(port)
+            stop = threading.Event()
+            clients = [
+                threading.Thread(target=self.run_client, args=(port, round_index, index, random.Random(rng.random()), stop))
+                for index in range(self.CLIENTS)
+            ]
+            for client in clients:
+                client.start()
+            # The fault injection: a SIGKILL at a random moment of the load.
+            threading.Event().wait(rng.uniform(0.05, 0.6))
+            process.kill()
+            process.wait()
+            stop.set()
+            for client in clients:
+                client.join(10)
+                self.assertFalse(client.is_alive(), "a client hung after the kill")
+        process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "2")
+        self.check_store(port)
+        self.assertGreater(len(self.acknowledged), self.ROUNDS)
+        self.assertTrue(self.resized)
+
+
+if __name__ == "__main__":
+    unittest.main()
