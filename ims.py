@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import email.utils
 import errno
+import functools
 import http.server
 import json
 import math
@@ -171,7 +172,8 @@ class HTTPError(Exception):
 
 def extension_of(name):
     """Return the lower-case extension of `name`, dot included ("" when it has none)."""
-    return os.path.splitext(name)[1].lower()
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
 
 
 def is_image_name(name):
@@ -207,6 +209,12 @@ def image_name_from_path(path):
     except UnicodeDecodeError:
         return None
     return name if is_image_name(name) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def format_http_date(seconds):
+    """Return the HTTP date (RFC 9110 §5.6.7) of a whole POSIX second."""
+    return email.utils.formatdate(seconds, usegmt=True)
 
 
 def make_etag(file_status):
@@ -422,6 +430,7 @@ class Catalogue:
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _CONTROL_IN_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _ENDS_WITH_HTTP_VERSION = re.compile(rb" HTTP/[0-9]\.[0-9]\r?$")
 
@@ -480,7 +489,7 @@ def parse_request_head(head):
         raise HTTPError(505, f"{version} is not supported; use HTTP/1.1")
     # RFC 9112 §2.3: a later 1.x minor version is answered as the highest one we speak.
     version = "HTTP/1.0" if version == "HTTP/1.0" else "HTTP/1.1"
-    if any(ord(character) < 0x21 or ord(character) == 0x7F for character in target):
+    if _CONTROL_OR_SPACE.search(target):
         raise HTTPError(400, "the request target contains control characters or spaces")
     fields = []
     for line in lines[1:]:
@@ -1641,7 +1650,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             etag = make_etag(file_status)
             headers = {
                 "ETag": etag,
-                "Last-Modified": email.utils.formatdate(file_status.st_mtime, usegmt=True),
+                "Last-Modified": format_http_date(int(file_status.st_mtime)),
                 "Cache-Control": "no-cache",
                 "Content-Disposition": content_disposition(name),
                 "Accept-Ranges": "bytes",
@@ -1762,16 +1771,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Writing
 
     def send_head(self, status, headers):
-        """Send the status line and headers; the body, if any, follows."""
+        """Log the request and send the status line and headers; the body, if any, follows."""
         self.response_started = True
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
+        self.log_request(status)
+        lines = [
+            f"HTTP/1.1 {status} {self.responses[status][0]}",
+            f"Server: {self.server_version}",
+            f"Date: {format_http_date(int(time.time()))}",
+        ]
+        lines.extend(f"{key}: {value}" for key, value in headers.items())
         if self.close_connection:
-            self.send_header("Connection", "close")
+            lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
-            self.send_header("Connection", "keep-alive")
-        self.end_headers()
+            lines.append("Connection: keep-alive")
+        lines.append("\r\n")
+        self.wfile.write("\r\n".join(lines).encode("latin-1"))
 
     def send_body(self, status, body, content_type, headers=None):
         """Send a whole response whose body is in memory (not sent for HEAD)."""
@@ -1821,9 +1835,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     # Logging
-
-    def version_string(self):
-        return self.server_version
 
     def log_request(self, code="-", size="-"):
         if not self.server.quiet:
