@@ -1358,9 +1358,10 @@ def _file_identity(path):
 # Owns one connection: request framing, routing, and the answers. read_body() is the only reader
 # of the socket; every error leaves through dispatch().
 
-ROOT_METHODS = ("GET", "HEAD", "POST")
-IMAGE_METHODS = ("GET", "HEAD", "DELETE", "PATCH")
-JOB_METHODS = ("GET", "HEAD")
+# Method → route method name, per kind of path; the keys are also the Allow header of a 405.
+ROOT_ACTIONS = {"GET": "list_images", "HEAD": "list_images", "POST": "upload_image"}
+IMAGE_ACTIONS = {"GET": "download_image", "HEAD": "download_image", "DELETE": "delete_image", "PATCH": "request_resize"}
+JOB_ACTIONS = {"GET": "show_job", "HEAD": "show_job"}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1474,8 +1475,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.accept_head(parse_request_head(head))
             self.check_framing()
             path, self.query = self.split_target()
-            action = self.route(path)
-            action()
+            action, arguments = self.route(path)
+            action(*arguments)
         except HTTPError as error:
             self.send_error_response(error.status, error.message, error.headers)
             self.must_linger = self.close_connection
@@ -1553,30 +1554,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return path, query
 
     def route(self, path):
-        """Return the bound method that answers this path and method; 404 or 405 otherwise."""
+        """Return the route method that answers this request and its arguments; 404 or 405 otherwise."""
         if path == "/":
-            actions = {"GET": self.list_images, "HEAD": self.list_images, "POST": self.upload_image}
-            allowed = ROOT_METHODS
+            actions, arguments = ROOT_ACTIONS, ()
         elif path.startswith("/jobs/") and len(path) > len("/jobs/"):
-            job_id = urllib.parse.unquote(path[len("/jobs/"):])
-            actions = {"GET": lambda: self.show_job(job_id)}
-            actions["HEAD"] = actions["GET"]
-            allowed = JOB_METHODS
+            actions, arguments = JOB_ACTIONS, (urllib.parse.unquote(path[len("/jobs/"):]),)
         else:
             name = image_name_from_path(path)
             if name is None:
                 raise HTTPError(404, f"there is nothing at {path[:200]!r}; images live at /<name> with an image extension")
-            actions = {
-                "GET": lambda: self.download_image(name),
-                "HEAD": lambda: self.download_image(name),
-                "DELETE": lambda: self.delete_image(name),
-                "PATCH": lambda: self.request_resize(name),
-            }
-            allowed = IMAGE_METHODS
+            actions, arguments = IMAGE_ACTIONS, (name,)
         action = actions.get(self.command)
         if action is None:
-            raise HTTPError(405, f"{self.command} is not allowed here; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
-        return action
+            allowed = ", ".join(actions)
+            raise HTTPError(405, f"{self.command} is not allowed here; use {allowed}", {"Allow": allowed})
+        return getattr(self, action), arguments
 
     # Routes
 
@@ -1643,7 +1635,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             descriptor = os.open(self.server.catalogue.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
         except OSError:
             raise HTTPError(404, f"no image named {name!r} is stored") from None
-        with open(descriptor, "rb") as file:
+        try:
             file_status = os.fstat(descriptor)
             if not stat.S_ISREG(file_status.st_mode):
                 raise HTTPError(404, f"no image named {name!r} is stored")
@@ -1672,7 +1664,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers["Content-Length"] = str(length)
             self.send_head(status, headers)
             if self.command != "HEAD":
-                self.send_file_range(file, start, length)
+                self.send_file_range(descriptor, start, length)
+        finally:
+            os.close(descriptor)
 
     def delete_image(self, name):
         """DELETE /<name>: remove it, unless If-Match names another version; cancel its resizes."""
@@ -1804,19 +1798,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Send 204 with no body."""
         self.send_head(204, {})
 
-    def send_file_range(self, file, start, length):
-        """Send `length` bytes of the open `file` from `start`.
+    def send_file_range(self, descriptor, start, length):
+        """Send `length` bytes of the open file `descriptor` from `start`.
 
         A small file goes out with the headers in one write; a larger one with sendfile(), which
         spares copying it through Python.
         """
         if length <= READ_CHUNK_SIZE:
-            data = os.pread(file.fileno(), length, start)
+            data = os.pread(descriptor, length, start)
             self.wfile.write(data)
             sent = len(data)
         else:
             self.wfile.flush()
-            sent = self.connection.sendfile(file, start, length)
+            with open(descriptor, "rb", closefd=False) as file:
+                sent = self.connection.sendfile(file, start, length)
         if sent != length:
             # The file shrank under us (truncated in place by someone else): the framing is broken.
             self.close_connection = True
