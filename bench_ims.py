@@ -1,0 +1,1571 @@
+#!/usr/bin/env python3
+"""Measure IMS, and with --vs the Flask service it replaces, side by side in one run.
+
+Usage:
+
+    python3 bench_ims.py [--vs] [--only SCENARIO ...] [--repeat N] [--json FILE]
+
+It starts the servers itself as subprocesses on free ports, each with a temporary storage folder
+holding the same 100 images, runs the scenarios against them in turn, prints one table and stops
+them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
+
+    idle-rss    resident memory of the server process after start-up and one GET /, MiB
+    list        wrk -t2 -c8 -d5s on GET / with 100 names, requests/s
+    small-get   wrk on GET of a 20 KB JPEG, requests/s
+    big-get     wrk on GET of a 3 MB photo, MB/s
+    upload-rss  peak growth of the server's resident memory during one 15 MB upload, MiB
+    upload      `curl -F file=@photo.jpeg` as a user types it (Expect: 100-continue), ms each
+    upload-4    4 such curl uploads at once, uploads/s
+    resize      a 12-megapixel photo resized to 300x300 end to end, ms, beside `vipsthumbnail`
+                as a command and Pillow's best in-process path (CPU time)
+    resize-8    8 photos resized at once, photos/s, beside 8 best Pillow resizes on all CPUs
+    soak        20,000 mixed requests from 4 threads (keep-alive and not, successes and errors,
+                malformed requests on raw sockets, uploads, deletes, resizes waited for with
+                ?wait=): requests/s, and the server's threads, open fds and RSS before (after a
+                400-request warm-up) and after (once its threads are back to the count before)
+    slow-clients
+                GET / latency over a new connection each, p50 and p99, while 200 sockets trickle
+                a request head a byte every 0.5 s for 10 s; beside the same without them
+    patch-burst 1000 PATCHes as fast as 8 keep-alive clients send them, --resize-workers = CPUs and
+                --max-queue 256: how many are accepted and refused, and the peak count of the
+                server's live descendant processes, from /proc/*/stat sampled every ~2 ms
+
+The last three measure IMS only, each on a fresh server of its own (the seed's column says n/a).
+
+--repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
+(largest growth) and of resize-8 rounds (median); upload, upload-4 and resize have their own
+series. "IMS vs seed" is a factor where above 1 means IMS is better, whatever the unit.
+
+--vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
+(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl and vipsthumbnail; a
+scenario whose tool is missing is skipped with a message. Photos are read from ../shared/photos/.
+Standard library only, plus Pillow imported where images are made or resized.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import http.client
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMS_SCRIPT = HERE / "ims.py"
+SHARED = HERE.parent / "shared"
+SEED_SCRIPT = SHARED / "peers" / "flask_seed.py"
+BIG_PHOTO = SHARED / "photos" / "IMG_X.jpeg"  # 3.0 MB, 4032x3024, EXIF orientation 6
+SEED_VENV = Path.home() / ".cache" / "ims-bench-venv"
+SEED_PACKAGES = ["flask", "flask-restful", "pillow"]
+
+STARTUP_LINE = re.compile(r"IMS serving .* on http://(\S+):(\d+)")
+STARTUP_TIMEOUT_SECONDS = 30
+STOP_TIMEOUT_SECONDS = 10
+# A forkserver and a resource tracker notice their parent is gone within a few milliseconds.
+LEFTOVER_GRACE_SECONDS = 2
+# The contract's ?wait= limit is 60 s; 30 s keeps each request well inside the client timeout.
+JOB_WAIT_SECONDS = 30
+RESIZE_DEADLINE_SECONDS = 120
+
+WRK_ARGUMENTS = ["-t2", "-c8", "-d5s"]
+LIST_NAMES = 100
+SMALL_IMAGE_BYTES = 20_000
+# A 24-bit BMP of 15,000,054 bytes: under the contract's 16,000,000-byte body with the framing.
+LARGE_UPLOAD_SIZE = (2500, 2000)
+UPLOAD_RUNS = 20
+PARALLEL_UPLOADS = 4
+PARALLEL_UPLOAD_ROUNDS = 10
+RESIZE_RUNS = 10
+RESIZE_SIZE = (300, 300)
+PARALLEL_RESIZES = 8
+# Robustness scenarios (issue 5), each on a fresh IMS.
+CLIENT_TIMEOUT_SECONDS = 10
+SETTLE_SECONDS = 10  # for the server's threads to end once its connections have closed
+SOAK_REQUESTS = 20_000
+SOAK_CLIENTS = 4
+SOAK_WARMUP_REQUESTS = 400
+SOAK_SECONDS = 30
+SOAK_MAX_FD_GROWTH = 2
+SOAK_MAX_RSS_GROWTH_MB = 10
+SLOW_SOCKETS = 200
+SLOW_BYTE_INTERVAL_SECONDS = 0.5
+SLOW_SECONDS = 10
+SLOW_PROBES = 200  # GET / on a new connection each, spread over the slow period
+SLOW_MAX_P99_MS = 1000
+BURST_PATCHES = 1000
+BURST_CLIENTS = 8
+BURST_IMAGES = 4
+BURST_MAX_QUEUE = 256
+BURST_SAMPLE_SECONDS = 0.002
+BURST_DRAIN_SECONDS = 30
+# Extra descendants allowed beside the resize workers: multiprocessing's forkserver and resource tracker.
+BURST_HELPER_PROCESSES = 2
+
+
+class BenchError(Exception):
+    """A measurement that could not be made; its message goes into the table's notes."""
+
+
+# ==========================================================================================
+# Servers
+# ==========================================================================================
+# Owns the server processes: starting them on free ports, reading their memory, stopping them.
+# It never measures speed itself.
+
+
+@dataclasses.dataclass
+class Server:
+    """One running server process and the storage folder it serves."""
+
+    kind: str  # "ims" or "seed"
+    process: subprocess.Popen
+    host: str
+    port: int
+    storage: Path
+    names_used: int = 0
+
+    def fresh_name(self, prefix: str, extension: str = ".jpeg") -> str:
+        """Return an image name never used before on this server."""
+        self.names_used += 1
+        return f"{prefix}{self.names_used:03d}{extension}"
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=JOB_WAIT_SECONDS + 30)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def check_alive(self) -> None:
+        """Raise BenchError when the server process has exited."""
+        status = self.process.poll()
+        if status is not None:
+            raise BenchError(f"{self.kind} exited with status {status}")
+
+    def stop(self) -> list[str]:
+        """Stop the server (SIGTERM, then SIGKILL) and whatever it left; return what went wrong."""
+        problems = []
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{self.kind} still ran {STOP_TIMEOUT_SECONDS} s after SIGTERM; killed")
+                self.process.kill()
+                self.process.wait()
+            else:
+                if self.kind == "ims" and self.process.returncode != 0:
+                    problems.append(f"ims exited with status {self.process.returncode} after SIGTERM")
+        deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
+        leftovers = processes_in_group(self.process.pid)
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leftovers = processes_in_group(self.process.pid)
+        if leftovers and self.kind == "ims":
+            problems.append(f"ims left {len(leftovers)} process(es) running "
+                            f"{LEFTOVER_GRACE_SECONDS} s after it stopped")
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return problems
+
+
+def processes_in_group(group_id: int) -> list[int]:
+    """Return the ids of the live processes in a process group (each server starts its own)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # The command name in field 2 may hold spaces and parentheses: split after its end.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group_id and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ims(storage: Path, scratch: Path, options: list[str] = (), label: str = "ims") -> Server:
+    """Run `ims.py --port 0` (plus options) and read the port from its start-up line."""
+    if not IMS_SCRIPT.exists():
+        raise BenchError(f"{IMS_SCRIPT} does not exist")
+    stdout_path = scratch / f"{label}-stdout.txt"
+    with open(stdout_path, "wb") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, str(IMS_SCRIPT), "--port", "0", "--storage", str(storage), *options],
+            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        match = STARTUP_LINE.search(stdout_path.read_text(errors="replace"))
+        if match:
+            return Server("ims", process, match.group(1), int(match.group(2)), storage)
+        if process.poll() is not None:
+            raise BenchError(f"ims.py exited with status {process.returncode} before serving; "
+                             "run it by hand to see why")
+        time.sleep(0.02)
+    process.kill()
+    raise BenchError(f"ims.py printed no start-up line within {STARTUP_TIMEOUT_SECONDS} s")
+
+
+def seed_python() -> Path:
+    """Return the private virtualenv's python for the seed, creating the virtualenv if needed."""
+    python = SEED_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import flask, flask_restful, PIL"]
+    if python.exists() and subprocess.run(probe, stderr=subprocess.DEVNULL, check=False).returncode == 0:
+        return python
+    progress(f"creating {SEED_VENV} with {' '.join(SEED_PACKAGES)} (once)")
+    subprocess.run([sys.executable, "-m", "venv", str(SEED_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *SEED_PACKAGES], check=True)
+    return python
+
+
+def start_seed(storage: Path) -> Server:
+    """Run the Flask seed on a free port and wait until it accepts a connection."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(seed_python()), str(SEED_SCRIPT), "--port", str(port), "--storage", str(storage)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return Server("seed", process, "127.0.0.1", port, storage)
+        if process.poll() is not None:
+            raise BenchError(f"flask_seed.py exited with status {process.returncode} before serving")
+        time.sleep(0.05)
+    process.kill()
+    raise BenchError(f"flask_seed.py did not accept connections within {STARTUP_TIMEOUT_SECONDS} s")
+
+
+def read_status_kib(pid: int, field: str) -> int:
+    """Return a kB field of /proc/PID/status, such as VmRSS or VmHWM (or a count, such as Threads)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"/proc/{pid}/status has no {field}")
+
+
+@dataclasses.dataclass
+class ProcessStats:
+    """What a process holds at one moment: threads, open file descriptors, resident memory."""
+
+    threads: int
+    fds: int
+    rss_kib: int
+
+    @property
+    def rss_mb(self) -> float:
+        return self.rss_kib * 1024 / 1e6
+
+
+def process_stats(pid: int) -> ProcessStats:
+    return ProcessStats(read_status_kib(pid, "Threads"), len(os.listdir(f"/proc/{pid}/fd")),
+                        read_status_kib(pid, "VmRSS"))
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float, interval: float = 0.05) -> bool:
+    """Poll predicate until it holds (True) or seconds have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def descendant_depths(root: int) -> tuple[dict[int, int], int]:
+    """Walk /proc/*/stat once; return ({pid: depth below root} of live descendants, zombie count).
+
+    A child of root has depth 1, a grandchild depth 2. Zombies (exited, not yet reaped) are
+    counted apart, not as descendants.
+    """
+    parents, zombies = {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                data = file.read()
+            # The command name in field 2 may hold spaces and parentheses: split after its end.
+            fields = data.rsplit(b")", 1)[1].split()
+            pid = int(entry)
+            parents[pid] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if fields[0] == b"Z":
+            zombies.add(pid)
+    depths: dict[int, int | None] = {root: 0}
+    for pid in parents:
+        chain, current = [], pid
+        while current not in depths and current in parents and len(chain) < 1000:
+            chain.append(current)
+            current = parents[current]
+        base = depths.get(current)
+        for offset, member in enumerate(reversed(chain), 1):
+            depths[member] = None if base is None else base + offset
+    found = {pid: depth for pid, depth in depths.items() if depth and pid not in zombies}
+    return found, sum(1 for pid in zombies if depths.get(pid))
+
+
+class DescendantSampler:
+    """Context manager: a thread counts a process's live descendants every few milliseconds.
+
+    peak is the largest count seen; peak_by_depth how many of those were children and
+    grandchildren at that moment; peak_zombies the most exited-but-unreaped ones seen at once.
+    """
+
+    def __init__(self, pid: int, interval: float):
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.peak_by_depth: dict[int, int] = {}
+        self.peak_zombies = 0
+        self.samples = 0
+        self.done = threading.Event()
+        self.sampler = threading.Thread(target=self.sample)
+
+    def __enter__(self):
+        self.sampler.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.is_set():
+            found, zombies = descendant_depths(self.pid)
+            self.samples += 1
+            self.peak_zombies = max(self.peak_zombies, zombies)
+            if len(found) > self.peak:
+                self.peak = len(found)
+                self.peak_by_depth = dict(collections.Counter(found.values()))
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.sampler.join()
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the ids of all processes below pid (such as a forkserver and its children)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in children.read_text().split():
+                found.append(int(child))
+                found.extend(descendants(int(child)))
+    return found
+
+
+class PeakRssGrowth:
+    """Context manager: how far a process's resident memory rose above its start, in growth_mib.
+
+    A thread samples VmRSS every millisecond; VmHWM catches a peak between two samples when it
+    is above every earlier peak of the process.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.growth_mib = 0.0
+        self.done = threading.Event()
+        self.sampler = threading.Thread(target=self.sample)
+
+    def __enter__(self):
+        self.baseline_kib = read_status_kib(self.pid, "VmRSS")
+        self.high_water_before_kib = read_status_kib(self.pid, "VmHWM")
+        self.peak_kib = self.baseline_kib
+        self.sampler.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.is_set():
+            with contextlib.suppress(OSError, BenchError):
+                self.peak_kib = max(self.peak_kib, read_status_kib(self.pid, "VmRSS"))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.sampler.join()
+        high_water_after_kib = read_status_kib(self.pid, "VmHWM")
+        if high_water_after_kib > self.high_water_before_kib:
+            self.peak_kib = max(self.peak_kib, high_water_after_kib)
+        self.growth_mib = (self.peak_kib - self.baseline_kib) / 1024
+
+
+# ==========================================================================================
+# Images
+# ==========================================================================================
+# Makes the images the scenarios need and resizes the reference way; Pillow is imported here
+# only, inside the functions, so the rest runs on the standard library.
+
+
+def make_small_jpeg(path: Path) -> None:
+    """Write a 200x200 photo-like JPEG (gradient plus noise) whose quality is tuned to ~20 KB."""
+    from PIL import Image
+
+    rng = random.Random(20240501)
+    noise = Image.frombytes("RGB", (200, 200), bytes(rng.getrandbits(8) for _ in range(200 * 200 * 3)))
+    gradient = Image.merge("RGB", [Image.linear_gradient("L").resize((200, 200)),
+                                   Image.linear_gradient("L").rotate(90).resize((200, 200)),
+                                   Image.new("L", (200, 200), 96)])
+    picture = Image.blend(gradient, noise, 0.15)
+    candidates = []
+    for quality in range(30, 100, 2):
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=quality)
+        candidates.append(buffer.getvalue())
+    path.write_bytes(min(candidates, key=lambda data: abs(len(data) - SMALL_IMAGE_BYTES)))
+
+
+def make_large_bmp(path: Path) -> None:
+    """Write a noisy 24-bit BMP of 15 MB, just under the 16,000,000-byte upload limit."""
+    from PIL import Image
+
+    width, height = LARGE_UPLOAD_SIZE
+    Image.frombytes("RGB", LARGE_UPLOAD_SIZE, os.urandom(width * height * 3)).save(path, "BMP")
+
+
+def make_tiny_png() -> bytes:
+    """Return a 16x16 PNG of a few hundred bytes, for uploads that cost the server little."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((16, 16)).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def resize_with_best_pillow(path: Path) -> int:
+    """Resize a JPEG to 300x300 Pillow's fastest way, upright, saved to memory; return its size.
+
+    draft() makes the JPEG decoder scale by 1/8 while decoding, and resize's reducing_gap
+    averages whole pixel blocks (reduce) before the final Lanczos filter.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.draft("RGB", RESIZE_SIZE)
+        upright = ImageOps.exif_transpose(image)
+        small = upright.resize(RESIZE_SIZE, Image.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=90)
+    return buffer.tell()
+
+
+def warm_pool_worker(barrier: multiprocessing.synchronize.Barrier) -> None:
+    """Resize once (Pillow imported, photo cached), then wait for the other workers to be ready."""
+    resize_with_best_pillow(BIG_PHOTO)
+    barrier.wait()
+
+
+def finished_size(path: Path) -> tuple[int, int] | None:
+    """Return an image's (width, height) from its header, or None while it is missing or partial.
+
+    An image already of the resize's size is decoded whole too: the seed rewrites its file in
+    place, so the new header is there before the pixels.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.size == RESIZE_SIZE:
+                image.load()
+            return image.size
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+# ==========================================================================================
+# Clients
+# ==========================================================================================
+# The requests the scenarios make: wrk, curl, and http.client for set-up and resizes.
+
+
+def run_wrk(server: Server, path: str) -> dict[str, float]:
+    """Run wrk on one path; return requests per second and the number of errors it counted."""
+    completed = subprocess.run(["wrk", *WRK_ARGUMENTS, server.url(path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, check=False)
+    output = completed.stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if completed.returncode != 0 or not rate:
+        raise BenchError(f"wrk failed: {output.strip()[-200:]}")
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    non_success = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = sum(int(count) for count in socket_errors.groups()) if socket_errors else 0
+    errors += int(non_success.group(1)) if non_success else 0
+    return {"requests_per_second": float(rate.group(1)), "errors": errors}
+
+
+def curl_upload_command(server: Server, photo: Path, name: str) -> list[str]:
+    """Return the curl command a user types to upload, plus -w to learn status and curl's time."""
+    return ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
+            "-F", f"file=@{photo};filename={name}", server.url("/")]
+
+
+def check_curl_upload(output: str) -> float:
+    """Return curl's own time in seconds from its -w output; raise BenchError unless it got 201."""
+    status, _, seconds = output.partition(" ")
+    if status != "201":
+        raise BenchError(f"upload answered {status or 'nothing'}")
+    return float(seconds)
+
+
+def multipart_body(name: str, data: bytes) -> tuple[bytes, str]:
+    """Return a form's body with one part `file` carrying data as name, and its Content-Type."""
+    boundary = f"bench{random.getrandbits(64):016x}"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def upload_file(server: Server, photo: Path, name: str) -> None:
+    """Upload a file with http.client (set-up, not timed); raise BenchError unless 201."""
+    body, content_type = multipart_body(name, photo.read_bytes())
+    connection = server.connect()
+    try:
+        connection.request("POST", "/", body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    if response.status != 201:
+        raise BenchError(f"set-up upload of {name} answered {response.status}")
+
+
+def request_json(connection: http.client.HTTPConnection, method: str, path: str, payload=None):
+    """Send one request; return (status, headers, decoded JSON body or None)."""
+    body = None if payload is None else json.dumps(payload).encode()
+    headers = {} if payload is None else {"Content-Type": "application/json"}
+    connection.request(method, path, body, headers)
+    response = connection.getresponse()
+    data = response.read()
+    try:
+        decoded = json.loads(data) if data else None
+    except ValueError:
+        decoded = None
+    return response.status, response.headers, decoded
+
+
+def resize_and_wait(server: Server, name: str) -> None:
+    """PATCH an image to 300x300 and return once the resized image is stored.
+
+    IMS says when through GET /jobs/<id>?wait=; the seed tells nobody, so its file is read until
+    it is a whole 300x300 image. Raises BenchError when the resize is refused or fails.
+    """
+    width, height = RESIZE_SIZE
+    deadline = time.monotonic() + RESIZE_DEADLINE_SECONDS
+    connection = server.connect()
+    try:
+        status, headers, _ = request_json(connection, "PATCH", "/" + name, {"width": width, "height": height})
+        if status != 202:
+            raise BenchError(f"PATCH answered {status}")
+        if server.kind == "seed":
+            while finished_size(server.storage / name) != RESIZE_SIZE:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"seed did not resize {name} within {RESIZE_DEADLINE_SECONDS} s")
+                time.sleep(0.002)
+            return
+        location = headers.get("Location")
+        if not location:
+            raise BenchError("PATCH answered 202 without Location")
+        job = {}
+        while job.get("state") not in ("done", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {location} not ended within {RESIZE_DEADLINE_SECONDS} s")
+            status, _, job = request_json(connection, "GET", f"{location}?wait={JOB_WAIT_SECONDS}")
+            if status != 200 or not isinstance(job, dict):
+                raise BenchError(f"GET {location} answered {status}")
+        if job["state"] != "done":
+            raise BenchError(f"job {job['state']}: {job.get('error')}")
+    finally:
+        connection.close()
+
+
+def resize_all_at_once(server: Server, names: list[str]) -> float:
+    """Resize every image at once, one thread each; return the seconds until all are stored."""
+    errors = []
+
+    def resize(name: str) -> None:
+        try:
+            resize_and_wait(server, name)
+        except BenchError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=resize, args=(name,)) for name in names]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def time_command(command: list[str], runs: int) -> float:
+    """Return the median wall time of a command in seconds, after one warm-up run."""
+    times = []
+    for _ in range(runs + 1):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def median_cpu_seconds(function: Callable, argument, runs: int) -> float:
+    """Return the median CPU time of function(argument) in this process, after one warm-up."""
+    times = []
+    for _ in range(runs + 1):
+        started = time.process_time()
+        function(argument)
+        times.append(time.process_time() - started)
+    return statistics.median(times[1:])
+
+
+def pool_resize_rate(rounds: int) -> float:
+    """Return the median photos/s of 8 best Pillow resizes spread over all CPUs by a Pool."""
+    workers = os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")
+    photos = [BIG_PHOTO] * PARALLEL_RESIZES
+    rates = []
+    with context.Pool(workers, initializer=warm_pool_worker, initargs=(context.Barrier(workers),)) as pool:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            pool.map(resize_with_best_pillow, photos, chunksize=1)
+            rates.append(PARALLEL_RESIZES / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+# ==========================================================================================
+# Scenarios
+# ==========================================================================================
+# Each scenario measures every server the same way, interleaved where it repeats, and returns
+# rows for the table. None means "not measured"; the reason goes into the row's note.
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: a measure for IMS, for the seed, and the issue's target."""
+
+    scenario: str
+    measure: str
+    unit: str
+    ims: float | None = None
+    seed: float | None = None
+    higher_is_better: bool = True
+    target: str = ""
+    min_versus_seed: float | None = None  # a target as a factor over the seed,
+    min_ims: float | None = None  # or as limits on IMS's own value
+    max_ims: float | None = None
+    note: str = ""
+
+    @property
+    def versus_seed(self) -> float | None:
+        """How many times better IMS is than the seed (above 1 is better), or None."""
+        if not self.ims or not self.seed:
+            return None
+        return self.ims / self.seed if self.higher_is_better else self.seed / self.ims
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is met, or None when it cannot be told (no target, no value)."""
+        checks = []
+        if self.min_versus_seed is not None and self.versus_seed is not None:
+            checks.append(self.versus_seed >= self.min_versus_seed)
+        if self.min_ims is not None and self.ims is not None:
+            checks.append(self.ims >= self.min_ims)
+        if self.max_ims is not None and self.ims is not None:
+            checks.append(self.ims <= self.max_ims)
+        return all(checks) if checks else None
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every scenario needs: the running servers, the images and the repeat count."""
+
+    servers: dict[str, Server]
+    scratch: Path
+    small_image: Path
+    large_image: Path
+    repeat: int
+    problems: list[str] = dataclasses.field(default_factory=list)  # servers that stopped badly
+
+
+def measure_per_server(bench: Bench, measure: Callable[[Server], float]):
+    """Run measure() on each server; return ({kind: value}, note), a BenchError giving a note."""
+    values, notes = {}, []
+    for kind, server in bench.servers.items():
+        try:
+            values[kind] = measure(server)
+        except BenchError as error:
+            notes.append(f"{kind}: {error}")
+    return values, "; ".join(notes)
+
+
+def wrk_scenario(bench: Bench, path: str):
+    """Run wrk --repeat times per server, interleaved; return ({kind: median req/s}, note)."""
+    runs = {kind: [] for kind in bench.servers}
+    errors = dict.fromkeys(bench.servers, 0)
+    for _ in range(bench.repeat):
+        for kind, server in bench.servers.items():
+            server.check_alive()
+            result = run_wrk(server, path)
+            runs[kind].append(result["requests_per_second"])
+            errors[kind] += result["errors"]
+    medians = {kind: statistics.median(values) for kind, values in runs.items()}
+    note = "; ".join(f"{kind}: {count} socket errors or non-2xx answers" for kind, count in errors.items() if count)
+    return medians, note
+
+
+def scenario_idle_rss(bench: Bench) -> list[Row]:
+    def idle_rss(server: Server) -> float:
+        connection = server.connect()
+        request_json(connection, "GET", "/")
+        connection.close()
+        time.sleep(0.5)
+        return read_status_kib(server.process.pid, "VmRSS") / 1024
+
+    values, note = measure_per_server(bench, idle_rss)
+    with_children, counts = {}, []
+    for kind, server in bench.servers.items():
+        children = descendants(server.process.pid)
+        child_mib = sum(read_status_kib(pid, "VmRSS") for pid in children) / 1024
+        with_children[kind] = values[kind] + child_mib if kind in values else None
+        counts.append(f"{kind} has {len(children)} child process(es)")
+    return [
+        Row("idle-rss", "RSS after start + GET /", "MiB", values.get("ims"), values.get("seed"),
+            higher_is_better=False, target="<= 0.7x seed", min_versus_seed=1 / 0.7, note=note),
+        Row("idle-rss", "same, with its child processes", "MiB", with_children.get("ims"),
+            with_children.get("seed"), higher_is_better=False, note="; ".join(counts)),
+    ]
+
+
+def scenario_list(bench: Bench) -> list[Row]:
+    medians, note = wrk_scenario(bench, "/")
+    return [Row("list", f"GET / ({LIST_NAMES} names), wrk c8", "req/s", medians.get("ims"),
+                medians.get("seed"), target=">= 4x seed", min_versus_seed=4, note=note)]
+
+
+def scenario_small_get(bench: Bench) -> list[Row]:
+    medians, note = wrk_scenario(bench, "/small.jpeg")
+    kilobytes = bench.small_image.stat().st_size / 1000
+    return [Row("small-get", f"GET {kilobytes:.0f} KB JPEG, wrk c8", "req/s", medians.get("ims"),
+                medians.get("seed"), target=">= 6x seed", min_versus_seed=6, note=note)]
+
+
+def scenario_big_get(bench: Bench) -> list[Row]:
+    medians, note = wrk_scenario(bench, "/big.jpeg")
+    megabytes = BIG_PHOTO.stat().st_size / 1e6
+    rates = {kind: requests_per_second * megabytes for kind, requests_per_second in medians.items()}
+    return [Row("big-get", f"GET {megabytes:.1f} MB photo, wrk c8", "MB/s", rates.get("ims"),
+                rates.get("seed"), target=">= 1.7x seed", min_versus_seed=1.7, note=note)]
+
+
+def scenario_upload_rss(bench: Bench) -> list[Row]:
+    def largest_growth(server: Server) -> float:
+        growths = []
+        for _ in range(bench.repeat):
+            command = curl_upload_command(server, bench.large_image, server.fresh_name("rss", ".bmp"))
+            with PeakRssGrowth(server.process.pid) as growth:
+                output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False).stdout
+            check_curl_upload(output)
+            growths.append(growth.growth_mib)
+        return max(growths)
+
+    values, note = measure_per_server(bench, largest_growth)
+    megabytes = bench.large_image.stat().st_size / 1e6
+    return [Row("upload-rss", f"peak RSS growth, {megabytes:.0f} MB upload (max of {bench.repeat})", "MiB",
+                values.get("ims"), values.get("seed"), higher_is_better=False,
+                target="<= 2 MiB", max_ims=2, note=note)]
+
+
+def scenario_upload(bench: Bench) -> list[Row]:
+    walls = {kind: [] for kind in bench.servers}
+    curl_times = {kind: [] for kind in bench.servers}
+    failures = {}
+    for _ in range(UPLOAD_RUNS):
+        for kind, server in bench.servers.items():
+            if kind in failures:
+                continue
+            command = curl_upload_command(server, BIG_PHOTO, server.fresh_name("u"))
+            started = time.perf_counter()
+            output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False).stdout
+            walls[kind].append(time.perf_counter() - started)
+            try:
+                curl_times[kind].append(check_curl_upload(output))
+            except BenchError as error:
+                failures[kind] = f"{kind}: {error}"
+    wall_ms = {kind: statistics.median(times) * 1000 for kind, times in walls.items() if kind not in failures}
+    curl_ms = {kind: statistics.median(times) * 1000 for kind, times in curl_times.items()
+               if kind not in failures}
+    return [
+        Row("upload", f"curl -F 3 MB photo, command wall (median of {UPLOAD_RUNS})", "ms",
+            wall_ms.get("ims"), wall_ms.get("seed"), higher_is_better=False, target=">= 2x seed",
+            min_versus_seed=2, note="; ".join(failures.values())),
+        Row("upload", "same, curl's own time_total (no process start)", "ms", curl_ms.get("ims"),
+            curl_ms.get("seed"), higher_is_better=False, target=">= 2x seed", min_versus_seed=2),
+    ]
+
+
+def scenario_upload_4(bench: Bench) -> list[Row]:
+    def rate(server: Server) -> float:
+        rates = []
+        for _ in range(PARALLEL_UPLOAD_ROUNDS):
+            commands = [curl_upload_command(server, BIG_PHOTO, server.fresh_name("p"))
+                        for _ in range(PARALLEL_UPLOADS)]
+            started = time.perf_counter()
+            processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for command in commands]
+            outputs = [process.communicate()[0] for process in processes]
+            rates.append(PARALLEL_UPLOADS / (time.perf_counter() - started))
+            for output in outputs:
+                check_curl_upload(output)
+        return statistics.median(rates)
+
+    values, note = measure_per_server(bench, rate)
+    return [Row("upload-4", f"{PARALLEL_UPLOADS} curl uploads at once (median of {PARALLEL_UPLOAD_ROUNDS})",
+                "uploads/s", values.get("ims"), values.get("seed"), target=">= 2x seed",
+                min_versus_seed=2, note=note)]
+
+
+def scenario_resize(bench: Bench) -> list[Row]:
+    def end_to_end_ms(server: Server) -> float:
+        times = []
+        for _ in range(RESIZE_RUNS):
+            name = server.fresh_name("r")
+            upload_file(server, BIG_PHOTO, name)
+            started = time.perf_counter()
+            resize_and_wait(server, name)
+            times.append(time.perf_counter() - started)
+            size = finished_size(server.storage / name)
+            if size != RESIZE_SIZE:
+                raise BenchError(f"the resized image is {size}, not {RESIZE_SIZE}")
+        return statistics.median(times) * 1000
+
+    values, note = measure_per_server(bench, end_to_end_ms)
+    vips_ms = time_command(["vipsthumbnail", str(BIG_PHOTO), "-s", "{}x{}".format(*RESIZE_SIZE),
+                            "-o", str(bench.scratch / "vips.jpg")], RESIZE_RUNS) * 1000
+    pillow_ms = median_cpu_seconds(resize_with_best_pillow, BIG_PHOTO, RESIZE_RUNS) * 1000
+    by_vips = {kind: value / vips_ms for kind, value in values.items()}
+    by_pillow = {kind: value / pillow_ms for kind, value in values.items()}
+    reference = "a reference, not a server"
+    return [
+        Row("resize", f"12 MP photo to 300x300, end to end (median of {RESIZE_RUNS})", "ms",
+            values.get("ims"), values.get("seed"), higher_is_better=False, note=note),
+        Row("resize", f"vipsthumbnail -s 300x300, command wall (median of {RESIZE_RUNS})", "ms",
+            vips_ms, note=reference),
+        Row("resize", f"best in-process Pillow, CPU (median of {RESIZE_RUNS})", "ms", pillow_ms,
+            note=reference),
+        Row("resize", "end to end / vipsthumbnail", "x", by_vips.get("ims"), by_vips.get("seed"),
+            higher_is_better=False, target="<= 0.6", max_ims=0.6),
+        Row("resize", "end to end / best Pillow", "x", by_pillow.get("ims"), by_pillow.get("seed"),
+            higher_is_better=False, target="<= 1.5", max_ims=1.5),
+    ]
+
+
+def scenario_resize_8(bench: Bench) -> list[Row]:
+    def rate(server: Server) -> float:
+        rates = []
+        for _ in range(bench.repeat):
+            names = [server.fresh_name("m") for _ in range(PARALLEL_RESIZES)]
+            for name in names:
+                upload_file(server, BIG_PHOTO, name)
+            rates.append(PARALLEL_RESIZES / resize_all_at_once(server, names))
+        return statistics.median(rates)
+
+    values, note = measure_per_server(bench, rate)
+    pool_rate = pool_resize_rate(bench.repeat)
+    shares = {kind: value / pool_rate for kind, value in values.items()}
+    return [
+        Row("resize-8", f"{PARALLEL_RESIZES} photos PATCHed at once (median of {bench.repeat})",
+            "photos/s", values.get("ims"), values.get("seed"), note=note),
+        Row("resize-8", f"{PARALLEL_RESIZES} best Pillow resizes, Pool({os.cpu_count()})", "photos/s",
+            pool_rate, note="a reference, not a server"),
+        Row("resize-8", "PATCHed / Pool throughput", "x", shares.get("ims"), shares.get("seed"),
+            target=">= 0.8", min_ims=0.8),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Robustness scenarios (issue 5): IMS only, each on a fresh server so the shared one is not
+# disturbed and the figures do not depend on what ran before.
+# ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fresh_ims(bench: Bench, label: str, options: list[str] = ()):
+    """Start an IMS of its own on a storage folder with small.jpeg and 10 more names; stop it after."""
+    storage = bench.scratch / f"{label}-storage"
+    storage.mkdir()
+    shutil.copyfile(bench.small_image, storage / "small.jpeg")
+    for index in range(10):
+        shutil.copyfile(bench.small_image, storage / f"list-{index:03d}.jpeg")
+    server = start_ims(storage, bench.scratch, list(options), label)
+    try:
+        yield server
+    finally:
+        bench.problems.extend(f"{label}: {problem}" for problem in server.stop())
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least fraction of them at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+# Hostile requests sent over a raw socket: (what, bytes, the statuses that are a right answer).
+CLIENT_ERRORS = range(400, 500)
+MALFORMED_REQUESTS = [
+    ("no HTTP version", b"GARBAGE\r\n\r\n", CLIENT_ERRORS),
+    ("HTTP/0.9", b"GET /\r\n", CLIENT_ERRORS),
+    ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: b\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+     CLIENT_ERRORS),
+    ("Transfer-Encoding and Content-Length",
+     b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", CLIENT_ERRORS),
+    ("header line without colon", b"GET / HTTP/1.1\r\nHost: b\r\nNo colon here\r\n\r\n", CLIENT_ERRORS),
+    ("10 KB request line", b"GET /" + b"a" * 10_000 + b".jpeg HTTP/1.1\r\nHost: b\r\n\r\n", {414}),
+    ("200 header fields", b"GET / HTTP/1.1\r\n" + b"X-Field: value\r\n" * 200 + b"\r\n", {431}),
+    ("absurd Content-Length", b"POST / HTTP/1.1\r\nHost: b\r\nContent-Length: 99999999999999999999\r\n\r\n",
+     CLIENT_ERRORS),
+    ("bad chunk size", b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Type: multipart/form-data; boundary=x\r\n\r\nzz\r\n", CLIENT_ERRORS),
+    ("HTTP/1.0, a right request", b"GET / HTTP/1.0\r\n\r\n", {200}),
+]
+
+
+class SoakClient:
+    """One client thread of the soak: a seeded mix of requests, each checked against its right status.
+
+    It keeps one keep-alive connection (reopened when the server closes it) and opens new ones
+    for the requests meant to arrive on a fresh connection. made counts requests sent; statuses
+    the answers; unexpected the wrong answers and failed requests by kind.
+    """
+
+    def __init__(self, server: Server, seed: int, upload_data: bytes, etag: str, small_image_bytes: int):
+        self.server = server
+        self.small_image_bytes = small_image_bytes
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.upload_data = upload_data
+        self.etag = etag
+        self.connection: http.client.HTTPConnection | None = None
+        self.names: list[str] = []  # uploaded by this client and still stored
+        self.uploads = 0
+        self.made = 0
+        self.statuses: collections.Counter = collections.Counter()
+        self.unexpected: collections.Counter = collections.Counter()
+        mix = [
+            (12, self.list_keep_alive), (8, self.list_new_connection), (3, self.head_list),
+            (12, self.get_image), (5, self.get_image_new_connection), (6, self.head_image),
+            (4, self.get_not_modified), (3, self.get_range), (8, self.get_missing),
+            (3, self.get_not_an_image), (2, self.get_unknown_job), (6, self.wrong_method),
+            (7, self.raw_malformed), (5, self.upload), (2, self.upload_not_multipart),
+            (6, self.delete), (1, self.resize_and_wait),
+        ]
+        self.weights = [weight for weight, _ in mix]
+        self.operations = [operation for _, operation in mix]
+
+    def run(self, quota: int, deadline: float) -> None:
+        try:
+            while self.made < quota and time.monotonic() < deadline:
+                operation = self.rng.choices(self.operations, self.weights)[0]
+                try:
+                    operation()
+                # An answer the client cannot make sense of (a job body that is not JSON) is counted,
+                # not allowed to end this client's share of the soak.
+                except Exception as error:  # noqa: BLE001
+                    self.unexpected[f"{operation.__name__}: {type(error).__name__}: {error}"] += 1
+        finally:
+            if self.connection is not None:
+                self.connection.close()
+
+    # Sending and checking
+
+    def check(self, what: str, expected, status: int) -> None:
+        self.statuses[status] += 1
+        if status not in expected:
+            self.unexpected[f"{what}: {status}"] += 1
+
+    def request(self, what: str, expected, method: str, path: str, body=None, headers=None,
+                new_connection: bool = False, encode_chunked: bool = False):
+        """Make one request; return (status, headers, body), or (None, None, b"") when it failed."""
+        self.made += 1
+        headers = dict(headers or {})
+        if new_connection:
+            connection = http.client.HTTPConnection(self.server.host, self.server.port,
+                                                    timeout=CLIENT_TIMEOUT_SECONDS)
+            headers["Connection"] = "close"
+        else:
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.server.host, self.server.port,
+                                                             timeout=JOB_WAIT_SECONDS + 30)
+            connection = self.connection
+        try:
+            connection.request(method, path, body, headers, encode_chunked=encode_chunked)
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            self.unexpected[f"{what}: {type(error).__name__}"] += 1
+            connection.close()
+            return None, None, b""
+        finally:
+            if new_connection:
+                connection.close()
+        self.check(what, expected, response.status)
+        return response.status, response.headers, data
+
+    def raw(self, what: str, expected, data: bytes) -> None:
+        """Send bytes on a new socket, read the one answer, close."""
+        self.made += 1
+        try:
+            with socket.create_connection((self.server.host, self.server.port),
+                                          timeout=CLIENT_TIMEOUT_SECONDS) as raw_socket:
+                raw_socket.sendall(data)
+                response = http.client.HTTPResponse(raw_socket, method="GET")
+                try:
+                    response.begin()
+                    response.read()
+                finally:
+                    response.close()
+        except (OSError, http.client.HTTPException) as error:
+            self.unexpected[f"raw {what}: {type(error).__name__}"] += 1
+            return
+        self.check(f"raw {what}", expected, response.status)
+
+    # The mix
+
+    def list_keep_alive(self) -> None:
+        self.request("GET /", {200}, "GET", "/")
+
+    def list_new_connection(self) -> None:
+        self.request("GET / (new connection)", {200}, "GET", "/", new_connection=True)
+
+    def head_list(self) -> None:
+        self.request("HEAD /", {200}, "HEAD", "/")
+
+    def get_image(self, new_connection: bool = False) -> None:
+        status, _, data = self.request("GET /small.jpeg", {200}, "GET", "/small.jpeg",
+                                       new_connection=new_connection)
+        if status == 200 and len(data) != self.small_image_bytes:
+            self.unexpected[f"GET /small.jpeg: {len(data)} bytes"] += 1
+
+    def get_image_new_connection(self) -> None:
+        self.get_image(new_connection=True)
+
+    def head_image(self) -> None:
+        self.request("HEAD /small.jpeg", {200}, "HEAD", "/small.jpeg")
+
+    def get_not_modified(self) -> None:
+        self.request("GET If-None-Match", {304}, "GET", "/small.jpeg", headers={"If-None-Match": self.etag})
+
+    def get_range(self) -> None:
+        self.request("GET Range", {206}, "GET", "/small.jpeg", headers={"Range": "bytes=100-199"})
+
+    def get_missing(self) -> None:
+        self.request("GET missing image", {404}, "GET", f"/missing-{self.seed}-{self.made}.jpeg")
+
+    def get_not_an_image(self) -> None:
+        self.request("GET non-image path", {404}, "GET", self.rng.choice(["/notes.txt", "/favicon.ico", "/a/b.png"]))
+
+    def get_unknown_job(self) -> None:
+        self.request("GET unknown job", {404}, "GET", f"/jobs/{self.rng.getrandbits(64):016x}")
+
+    def wrong_method(self) -> None:
+        method, path = self.rng.choice([("PUT", "/"), ("DELETE", "/"), ("PATCH", "/"), ("PUT", "/small.jpeg"),
+                                        ("POST", "/small.jpeg"), ("DELETE", "/jobs/0")])
+        self.request(f"{method} {path}", {405}, method, path)
+
+    def raw_malformed(self) -> None:
+        what, data, expected = self.rng.choice(MALFORMED_REQUESTS)
+        self.raw(what, expected, data)
+
+    def upload_name(self) -> str | None:
+        """Upload a new tiny PNG (one in four chunked); return its name, or None if refused."""
+        self.uploads += 1
+        name = f"soak-{self.seed}-{self.uploads:05d}.png"
+        body, content_type = multipart_body(name, self.upload_data)
+        chunked = self.rng.random() < 0.25
+        if chunked:
+            body = iter([body[:100], body[100:]])
+        status, _, _ = self.request("POST upload" + (" chunked" if chunked else ""), {201}, "POST", "/", body,
+                                    {"Content-Type": content_type}, encode_chunked=chunked)
+        if status != 201:
+            return None
+        self.names.append(name)
+        return name
+
+    def upload(self) -> None:
+        name = self.upload_name()
+        if name is not None and self.rng.random() < 0.3:
+            body, content_type = multipart_body(name, self.upload_data)
+            self.request("POST upload again", {409}, "POST", "/", body, {"Content-Type": content_type})
+
+    def upload_not_multipart(self) -> None:
+        self.request("POST text/plain", {415}, "POST", "/", b"not a form", {"Content-Type": "text/plain"})
+
+    def delete(self) -> None:
+        if self.names:
+            self.request("DELETE", {204}, "DELETE", "/" + self.names.pop(0))
+        else:
+            self.request("DELETE missing", {404}, "DELETE", f"/gone-{self.seed}-{self.made}.png")
+
+    def resize_and_wait(self) -> None:
+        """PATCH an uploaded image (JSON body or query string), then GET its job with ?wait=."""
+        name = self.names[-1] if self.names else self.upload_name()
+        if name is None:
+            return
+        size = self.rng.choice([4, 8, 12])
+        if self.rng.random() < 0.5:
+            status, headers, _ = self.request("PATCH (JSON)", {202}, "PATCH", "/" + name,
+                                              json.dumps({"width": size, "height": size}).encode(),
+                                              {"Content-Type": "application/json"})
+        else:
+            status, headers, _ = self.request("PATCH (query)", {202}, "PATCH", f"/{name}?width={size}&height={size}")
+        if status != 202:
+            return
+        status, _, data = self.request("GET job ?wait", {200}, "GET", f"{headers.get('Location')}?wait={JOB_WAIT_SECONDS}")
+        if status == 200:
+            state = json.loads(data).get("state")
+            if state != "done":
+                self.unexpected[f"resize job {state}"] += 1
+
+
+def scenario_soak(bench: Bench) -> list[Row]:
+    tiny_png = make_tiny_png()
+    small_image_bytes = bench.small_image.stat().st_size
+    with fresh_ims(bench, "soak") as server:
+        pid = server.process.pid
+        at_start = process_stats(pid)
+        connection = server.connect()
+        connection.request("HEAD", "/small.jpeg")
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        etag = response.headers.get("ETag", "")
+        # A warm-up first, so first-use costs (imports, caches, the first resize) are not counted as growth.
+        warm_up = SoakClient(server, 0, tiny_png, etag, small_image_bytes)
+        warm_up.run(SOAK_WARMUP_REQUESTS, time.monotonic() + SOAK_SECONDS)
+        wait_for(lambda: process_stats(pid).threads <= at_start.threads, SETTLE_SECONDS)
+        before = process_stats(pid)
+
+        clients = [SoakClient(server, index + 1, tiny_png, etag, small_image_bytes) for index in range(SOAK_CLIENTS)]
+        quota = SOAK_REQUESTS // SOAK_CLIENTS
+        deadline = time.monotonic() + SOAK_SECONDS
+        threads = [threading.Thread(target=client.run, args=(quota, deadline)) for client in clients]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        server.check_alive()
+        settle_started = time.monotonic()
+        settled = wait_for(lambda: process_stats(pid).threads <= before.threads, SETTLE_SECONDS)
+        settle_seconds = time.monotonic() - settle_started
+        after = process_stats(pid)
+
+    made = sum(client.made for client in clients)
+    statuses = sum((client.statuses for client in clients), collections.Counter())
+    unexpected = sum((client.unexpected for client in clients), collections.Counter())
+    notes = [f"{made:,} requests in {elapsed:.1f} s after a {warm_up.made}-request warm-up "
+             f"(at start: RSS {at_start.rss_mb:.1f} MB, threads {at_start.threads}, fds {at_start.fds}); "
+             "answers: " + ", ".join(f"{status} x{count}" for status, count in sorted(statuses.items()))]
+    if made < SOAK_REQUESTS:
+        notes.append(f"stopped at the {SOAK_SECONDS} s limit")
+    if unexpected:
+        notes.append("unexpected: " + ", ".join(f"{what} x{count}" for what, count in unexpected.most_common(8)))
+    if warm_up.unexpected:
+        notes.append("warm-up unexpected: " + ", ".join(f"{what} x{count}" for what, count
+                                                        in warm_up.unexpected.most_common(4)))
+    settle = (f"threads back to {after.threads} {settle_seconds:.1f} s after the load" if settled else
+              f"threads still {after.threads} (before: {before.threads}) {SETTLE_SECONDS} s after the load")
+    return [
+        Row("soak", f"{made:,} mixed requests, {SOAK_CLIENTS} clients", "req/s", made / elapsed,
+            note="; ".join(notes)),
+        Row("soak", "unexpected answers (wrong status, 5xx, failed requests)", "count",
+            sum(unexpected.values()), target="= 0", max_ims=0),
+        Row("soak", "server threads, before", "count", before.threads),
+        Row("soak", "server threads, after (settled)", "count", after.threads, higher_is_better=False,
+            target="<= before", max_ims=before.threads, note=settle),
+        Row("soak", "server open fds, before", "count", before.fds),
+        Row("soak", "server open fds, after", "count", after.fds),
+        Row("soak", "open fd growth", "fds", after.fds - before.fds, higher_is_better=False,
+            target=f"<= {SOAK_MAX_FD_GROWTH}", max_ims=SOAK_MAX_FD_GROWTH),
+        Row("soak", "server RSS, before", "MB", before.rss_mb),
+        Row("soak", "server RSS, after", "MB", after.rss_mb),
+        Row("soak", "RSS growth", "MB", after.rss_mb - before.rss_mb, higher_is_better=False,
+            target=f"<= {SOAK_MAX_RSS_GROWTH_MB} MB", max_ims=SOAK_MAX_RSS_GROWTH_MB),
+    ]
+
+
+def timed_list_requests(server: Server, count: int, interval: float) -> tuple[list[float], list[str]]:
+    """GET / on a new connection each, started interval apart; return (seconds each, failures).
+
+    A request that fails or is not answered 200 counts as never finished: math.inf seconds.
+    """
+    times, failures = [], []
+    next_start = time.monotonic()
+    for _ in range(count):
+        pause = next_start - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        next_start += interval
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=CLIENT_TIMEOUT_SECONDS)
+        try:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                failures.append(f"answered {response.status}")
+        except (OSError, http.client.HTTPException) as error:
+            failures.append(type(error).__name__)
+        finally:
+            connection.close()
+        times.append(math.inf if len(failures) > len(times) else time.perf_counter() - started)
+    return times, failures
+
+
+def scenario_slow_clients(bench: Bench) -> list[Row]:
+    # Longer than SLOW_SECONDS / SLOW_BYTE_INTERVAL_SECONDS bytes, so no head is ever complete.
+    head = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench-slow-client, a byte at a time\r\n"
+            b"Accept: */*\r\n\r\n")
+    steps = int(SLOW_SECONDS / SLOW_BYTE_INTERVAL_SECONDS)
+    assert steps < len(head)
+    with fresh_ims(bench, "slow") as server:
+        quiet_times, quiet_failures = timed_list_requests(server, SLOW_PROBES, 0)
+        sockets: list[socket.socket] = []
+        send_failures = collections.Counter()
+        threads_seen = [0]
+
+        def trickle() -> None:
+            # Byte k of socket i goes at k * interval + i * interval / SLOW_SOCKETS: evenly spread.
+            began = time.monotonic()
+            for step in range(steps):
+                for index, slow in enumerate(sockets):
+                    pause = (began + step * SLOW_BYTE_INTERVAL_SECONDS
+                             + index * SLOW_BYTE_INTERVAL_SECONDS / SLOW_SOCKETS - time.monotonic())
+                    if pause > 0:
+                        time.sleep(pause)
+                    try:
+                        slow.send(head[step:step + 1])
+                    except OSError as error:
+                        send_failures[type(error).__name__] += 1
+                with contextlib.suppress(OSError, BenchError):
+                    threads_seen[0] = max(threads_seen[0], read_status_kib(server.process.pid, "Threads"))
+
+        try:
+            for _ in range(SLOW_SOCKETS):
+                sockets.append(socket.create_connection((server.host, server.port), timeout=CLIENT_TIMEOUT_SECONDS))
+            trickler = threading.Thread(target=trickle)
+            trickler.start()
+            time.sleep(SLOW_BYTE_INTERVAL_SECONDS)  # every socket has sent its first byte
+            interval = (SLOW_SECONDS - 2 * SLOW_BYTE_INTERVAL_SECONDS) / SLOW_PROBES
+            slow_times, slow_failures = timed_list_requests(server, SLOW_PROBES, interval)
+            trickler.join()
+            still_open = 0
+            for slow in sockets:
+                slow.setblocking(False)
+                try:
+                    if slow.recv(1) == b"":
+                        continue  # closed by the server
+                except BlockingIOError:
+                    still_open += 1
+                except OSError:
+                    continue
+        finally:
+            for slow in sockets:
+                slow.close()
+
+    notes = [f"{still_open} of {SLOW_SOCKETS} slow sockets still open after {SLOW_SECONDS} s "
+             f"(--timeout is 30 s); server threads peaked at {threads_seen[0]}; "
+             f"max {max(slow_times) * 1000:.0f} ms"]
+    if send_failures:
+        notes.append("trickle sends failed: " + ", ".join(f"{what} x{count}" for what, count in send_failures.items()))
+    if slow_failures or quiet_failures:
+        notes.append(f"GET / failed {len(slow_failures)} times with slow sockets ({', '.join(slow_failures[:4])}), "
+                     f"{len(quiet_failures)} without")
+    return [
+        Row("slow-clients", f"GET / p50, new connection, no slow sockets ({SLOW_PROBES})", "ms",
+            percentile(quiet_times, 0.5) * 1000, higher_is_better=False),
+        Row("slow-clients", "same, p99", "ms", percentile(quiet_times, 0.99) * 1000, higher_is_better=False),
+        Row("slow-clients", f"GET / p50 while {SLOW_SOCKETS} sockets trickle heads ({SLOW_PROBES})", "ms",
+            percentile(slow_times, 0.5) * 1000, higher_is_better=False, note="; ".join(notes)),
+        Row("slow-clients", "same, p99", "ms", percentile(slow_times, 0.99) * 1000, higher_is_better=False,
+            target=f"<= {SLOW_MAX_P99_MS} ms", max_ims=SLOW_MAX_P99_MS),
+    ]
+
+
+def scenario_patch_burst(bench: Bench) -> list[Row]:
+    workers = os.cpu_count() or 1
+    options = ["--resize-workers", str(workers), "--max-queue", str(BURST_MAX_QUEUE)]
+    with fresh_ims(bench, "burst", options) as server:
+        names = [server.fresh_name("burst") for _ in range(BURST_IMAGES)]
+        for name in names:
+            upload_file(server, bench.small_image, name)
+        statuses = collections.Counter()
+        locations: list[str] = []
+        failures = collections.Counter()
+        lock = threading.Lock()
+
+        def send(client: int) -> None:
+            connection = http.client.HTTPConnection(server.host, server.port, timeout=CLIENT_TIMEOUT_SECONDS)
+            try:
+                for number in range(client, BURST_PATCHES, BURST_CLIENTS):
+                    side = 100 + 20 * (number % 2)
+                    try:
+                        status, headers, _ = request_json(connection, "PATCH", "/" + names[number % BURST_IMAGES],
+                                                          {"width": side, "height": side})
+                    except (OSError, http.client.HTTPException) as error:
+                        connection.close()
+                        with lock:
+                            failures[type(error).__name__] += 1
+                        continue
+                    with lock:
+                        statuses[status] += 1
+                        if status == 202:
+                            locations.append(headers.get("Location"))
+                        elif status == 503 and not headers.get("Retry-After"):
+                            failures["503 without Retry-After"] += 1
+            finally:
+                connection.close()
+
+        with DescendantSampler(server.process.pid, BURST_SAMPLE_SECONDS) as sampler:
+            time.sleep(0.1)  # a few samples of the idle server
+            clients = [threading.Thread(target=send, args=(client,)) for client in range(BURST_CLIENTS)]
+            started = time.perf_counter()
+            for thread in clients:
+                thread.start()
+            for thread in clients:
+                thread.join()
+            burst_seconds = time.perf_counter() - started
+            # The accepted jobs run on after the burst: keep sampling until every one has ended.
+            states = collections.Counter()
+            deadline = time.monotonic() + BURST_DRAIN_SECONDS
+            connection = server.connect()
+            try:
+                for location in locations:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        states["not waited for (time limit)"] += 1
+                        continue
+                    status, _, job = request_json(connection, "GET", f"{location}?wait={remaining:.1f}")
+                    states[job.get("state") if status == 200 and isinstance(job, dict) else f"GET {status}"] += 1
+            finally:
+                connection.close()
+            drain_seconds = time.perf_counter() - started - burst_seconds
+            time.sleep(0.1)
+        server.check_alive()
+
+    limit = workers + BURST_HELPER_PROCESSES
+    made = sum(statuses.values())
+    others = {status: count for status, count in statuses.items() if status not in (202, 503)}
+    notes = [f"burst took {burst_seconds:.2f} s, its jobs ended {drain_seconds:.1f} s later: "
+             + ", ".join(f"{state} x{count}" for state, count in states.most_common())]
+    if others:
+        notes.append("other answers: " + ", ".join(f"{status} x{count}" for status, count in sorted(others.items())))
+    if failures:
+        notes.append("failed: " + ", ".join(f"{what} x{count}" for what, count in failures.items()))
+    depth_names = {1: "children", 2: "grandchildren"}
+    makeup = ", ".join(f"{count} {depth_names.get(depth, f'at depth {depth}')}"
+                       for depth, count in sorted(sampler.peak_by_depth.items()))
+    process_note = (f"{sampler.samples:,} samples of /proc every ~{BURST_SAMPLE_SECONDS * 1000:.0f} ms; "
+                    f"at the peak: {makeup or 'none'}; at most {sampler.peak_zombies} unreaped zombie(s) at once")
+    return [
+        Row("patch-burst", f"{BURST_PATCHES} PATCHes, {BURST_CLIENTS} keep-alive clients", "req/s",
+            made / burst_seconds, note="; ".join(notes)),
+        Row("patch-burst", "accepted (202)", "count", statuses[202]),
+        Row("patch-burst", f"refused (503, --max-queue {BURST_MAX_QUEUE})", "count", statuses[503]),
+        Row("patch-burst", f"peak descendant processes ({workers} resize workers)", "count", sampler.peak,
+            higher_is_better=False, target=f"<= {limit} (workers + 2)", max_ims=limit, note=process_note),
+    ]
+
+
+SCENARIOS = {
+    "idle-rss": (scenario_idle_rss, []),
+    "list": (scenario_list, ["wrk"]),
+    "small-get": (scenario_small_get, ["wrk"]),
+    "big-get": (scenario_big_get, ["wrk"]),
+    "upload-rss": (scenario_upload_rss, ["curl"]),
+    "upload": (scenario_upload, ["curl"]),
+    "upload-4": (scenario_upload_4, ["curl"]),
+    "resize": (scenario_resize, ["vipsthumbnail"]),
+    "resize-8": (scenario_resize_8, []),
+    "soak": (scenario_soak, []),
+    "slow-clients": (scenario_slow_clients, []),
+    "patch-burst": (scenario_patch_burst, []),
+}
+
+
+# ==========================================================================================
+# Report and command line
+# ==========================================================================================
+
+
+def progress(message: str) -> None:
+    print("bench: " + message, file=sys.stderr, flush=True)
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def verdict(row: Row, with_seed: bool) -> str:
+    if not row.target:
+        return ""
+    if row.met is None:
+        return "needs --vs" if row.min_versus_seed and not with_seed else "n/a"
+    return "met" if row.met else "MISSED"
+
+
+def print_table(rows: list[Row], with_seed: bool) -> None:
+    """Print one aligned table, a line per row, and the notes below it."""
+    header = ["scenario", "measure", "unit", "IMS"]
+    header += ["seed", "IMS vs seed"] if with_seed else []
+    header += ["target", "verdict"]
+    lines = [header]
+    notes = []
+    for row in rows:
+        line = [row.scenario, row.measure, row.unit, format_value(row.ims)]
+        if with_seed:
+            versus = row.versus_seed
+            line += [format_value(row.seed), f"{versus:.2f}x" if versus else "-"]
+        line += [row.target, verdict(row, with_seed)]
+        lines.append(line)
+        if row.note:
+            notes.append(f"  {row.scenario} / {row.measure}: {row.note}")
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    numeric = {"IMS", "seed", "IMS vs seed"}
+    for line in lines:
+        print("  ".join(cell.rjust(width) if name in numeric else cell.ljust(width)
+                        for cell, width, name in zip(line, widths, header)).rstrip())
+    if with_seed:
+        print("IMS vs seed: above 1 means IMS is better (more per second, or less time or memory).")
+    if notes:
+        print("Notes:")
+        print("\n".join(notes))
+
+
+def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str]) -> None:
+    results = [dict(dataclasses.asdict(row), versus_seed=row.versus_seed, met=row.met) for row in rows]
+    document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
+                "repeat": arguments.repeat, "vs": arguments.vs, "results": results, "problems": problems}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def prepare_storage(folder: Path, small_image: Path) -> None:
+    """Fill a storage folder with the same 100 names for every server, before it starts."""
+    folder.mkdir()
+    shutil.copyfile(small_image, folder / "small.jpeg")
+    shutil.copyfile(BIG_PHOTO, folder / "big.jpeg")
+    for index in range(LIST_NAMES - 2):
+        shutil.copyfile(small_image, folder / f"list-{index:03d}.jpeg")
+
+
+def run_scenarios(bench: Bench, names: list[str]) -> list[Row]:
+    """Run the chosen scenarios in their fixed order; one that fails leaves a row saying why."""
+    rows = []
+    for name, (scenario, tools) in SCENARIOS.items():
+        if name not in names:
+            continue
+        missing = ", ".join(tool for tool in tools if shutil.which(tool) is None)
+        if missing:
+            progress(f"skipping {name}: {missing} not installed")
+            rows.append(Row(name, "skipped", "", note=f"{missing} not installed"))
+            continue
+        progress(f"running {name}")
+        started = time.monotonic()
+        try:
+            for server in bench.servers.values():
+                server.check_alive()
+            rows.extend(scenario(bench))
+        # A surprise in one scenario (a server answering nonsense) must not cost the others.
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            rows.append(Row(name, "failed", "", note=f"{type(error).__name__}: {error}"))
+        progress(f"{name} took {time.monotonic() - started:.0f} s")
+    return rows
+
+
+def exit_on_sigterm(signal_number: int, frame) -> None:
+    """Turn SIGTERM into SystemExit, so the servers are stopped and the scratch folder removed."""
+    raise SystemExit(128 + signal_number)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vs", action="store_true",
+                        help="also run ../shared/peers/flask_seed.py and print IMS-vs-seed factors")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
+                        help=f"run only these scenarios: {', '.join(SCENARIOS)}")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each wrk scenario, 15 MB uploads and resize-8 rounds (default 3)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE")
+    arguments = parser.parse_args(argv)
+    if arguments.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_args(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    servers: dict[str, Server] = {}
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ims-bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        try:
+            progress("making test images")
+            small_image = scratch / "small.jpeg"
+            make_small_jpeg(small_image)
+            large_image = scratch / "large.bmp"
+            make_large_bmp(large_image)
+            prepare_storage(scratch / "ims-storage", small_image)
+            servers["ims"] = start_ims(scratch / "ims-storage", scratch)
+            if arguments.vs:
+                prepare_storage(scratch / "seed-storage", small_image)
+                servers["seed"] = start_seed(scratch / "seed-storage")
+            progress("serving: " + ", ".join(f"{kind} on port {server.port}" for kind, server in servers.items()))
+            bench = Bench(servers, scratch, small_image, large_image, arguments.repeat, problems)
+            rows = run_scenarios(bench, arguments.only or list(SCENARIOS))
+        except BenchError as error:
+            progress(f"cannot run: {error}")
+            return 1
+        finally:
+            for server in servers.values():
+                problems.extend(server.stop())
+    print_table(rows, arguments.vs)
+    for problem in problems:
+        print("Problem: " + problem)
+    if arguments.json:
+        write_json(arguments.json, rows, arguments, problems)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
