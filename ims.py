@@ -62,6 +62,10 @@ from PIL import WebPImagePlugin  # noqa: F401
 DEFAULT_STORAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage")
 
 
+# A day: longer time limits are surely mistakes, and past about 10^9 s they overflow system calls.
+MAX_SECONDS = 86400
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every option of the contract's table, with its default."""
@@ -78,15 +82,22 @@ class Settings:
     max_connections: int = 256
 
     def __post_init__(self):
-        for field in ("max_upload", "max_pixels", "resize_workers", "max_connections"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, not {getattr(self, field)!r}")
-        for field in ("max_queue", "port"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must not be negative, not {getattr(self, field)!r}")
-        for field in ("resize_timeout", "timeout"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"{field} must be a positive number of seconds")
+        """Raise ValueError for a value out of its range."""
+        ranges = {
+            "port": (0, 65535),
+            "max_upload": (1, None),
+            "max_pixels": (1, None),
+            "resize_workers": (1, None),
+            "max_queue": (0, None),
+            "max_connections": (1, None),
+            "resize_timeout": (0.001, MAX_SECONDS),
+            "timeout": (0.001, MAX_SECONDS),
+        }
+        for field, (lowest, highest) in ranges.items():
+            value = getattr(self, field)
+            if not lowest <= value <= (highest or value) or value != value:
+                bounds = f"from {lowest} to {highest}" if highest else f"at least {lowest}"
+                raise ValueError(f"invalid {field}: it must be {bounds}, not {value!r}")
 
 
 # A socket read hands over at most what the kernel has buffered; 64 KiB reads keep system calls
@@ -97,6 +108,7 @@ READ_CHUNK_SIZE = 64 * 1024
 MAX_REQUEST_LINE_BYTES = 8 * 1024
 MAX_HEADER_LINE_BYTES = 8 * 1024
 MAX_HEADER_FIELDS = 100
+# The stdlib's limit for one header line; a whole head past it is answered 431.
 MAX_HEAD_BYTES = 64 * 1024
 # Headers of one multipart part: Apache's LimitRequestFieldSize allows 8 KiB per header line, and a
 # part carries two or three short lines.
@@ -117,6 +129,7 @@ LISTEN_BACKLOG = 1024
 # the folder's mtime may miss a change made in the same tick, so it is not trusted (git's
 # "racily clean" rule).
 FOLDER_MTIME_SLACK_NS = 1_000_000_000
+# The contract's bounds: ?wait= up to a minute; ended jobs kept an hour and at least the last 1000.
 MAX_JOB_WAIT_SECONDS = 60
 JOB_RETENTION_SECONDS = 3600
 JOB_RETENTION_COUNT = 1000
@@ -127,7 +140,6 @@ JOB_RETENTION_COUNT = 1000
 # ====
 # Owns what a stored name may be and which formats exist. Pure: never touches a file.
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 FORMAT_BY_EXTENSION = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
@@ -138,6 +150,7 @@ FORMAT_BY_EXTENSION = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
+IMAGE_EXTENSIONS = tuple(FORMAT_BY_EXTENSION)
 CONTENT_TYPE_BY_FORMAT = {
     "JPEG": "image/jpeg",
     "PNG": "image/png",
@@ -229,12 +242,16 @@ def make_etag(file_status):
 # The folder is the truth; the catalogue only caches its listing. Never parses HTTP.
 
 # Errors that mean "the disk is full or we may not write here", answered 507.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
+# Opening never follows a symbolic link, and never blocks on a FIFO someone placed in the folder.
+OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def storage_error(error):
-    """Return the HTTPError for an OSError met while writing to the storage folder."""
+    """Return HTTPError(507) for an OSError that means the folder is full, read-only or gone.
+
+    Any other OSError is returned as it is, to be raised again as the unexpected error it is.
+    """
     if error.errno in STORAGE_ERRNOS:
         return HTTPError(507, f"the storage folder is full or not writable ({error.strerror})")
     return error
@@ -337,6 +354,22 @@ def publish(temp_path, path):
         raise storage_error(error) from None
 
 
+def stored_file_status(path):
+    """Return the os.stat_result of the regular file at `path`; FileNotFoundError for anything else.
+
+    Symbolic links, folders and FIFOs with an image name are not stored images.
+    """
+    file_status = os.stat(path, follow_symlinks=False)
+    if not stat.S_ISREG(file_status.st_mode):
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", path)
+    return file_status
+
+
+def file_identity(file_status):
+    """Return what tells one version of a stored file from another (a replace makes a new inode)."""
+    return file_status.st_ino, file_status.st_mtime_ns, file_status.st_size
+
+
 def replace_atomically(temp_path, path):
     """Put the finished temp file in place of `path`: readers see the old or the new file, whole.
 
@@ -364,18 +397,20 @@ class Catalogue:
 
     def scan(self):
         """Remove leftovers of interrupted writes by processes that are gone, then read the folder."""
-        for entry in os.scandir(self.folder):
-            if entry.name.startswith(TEMP_PREFIX) and not self._is_writer_alive(entry.name):
-                remove_if_present(entry.path)
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(TEMP_PREFIX) and not self._is_writer_alive(entry.name):
+                    remove_if_present(entry.path)
         with self._lock:
             self._refresh(force=True)
 
     def remove_own_temp_files(self):
         """Remove the temp files this process made; called when the server stops."""
         own_prefix = f"{TEMP_PREFIX}{os.getpid()}-"
-        for entry in os.scandir(self.folder):
-            if entry.name.startswith(own_prefix):
-                remove_if_present(entry.path)
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(own_prefix):
+                    remove_if_present(entry.path)
 
     def names(self):
         """Return the stored names as a frozenset."""
@@ -397,15 +432,17 @@ class Catalogue:
         return os.path.join(self.folder, name)
 
     def _refresh(self, force=False):
-        mtime_ns = os.stat(self.folder).st_mtime_ns
+        try:
+            mtime_ns = os.stat(self.folder).st_mtime_ns
+        except FileNotFoundError:
+            raise HTTPError(507, f"the storage folder {self.folder} no longer exists") from None
         if mtime_ns == self._mtime_ns and self._is_settled and not force:
             return
         now_ns = time.time_ns()
-        names = frozenset(
-            entry.name
-            for entry in os.scandir(self.folder)
-            if is_image_name(entry.name) and entry.is_file(follow_symlinks=False)
-        )
+        with os.scandir(self.folder) as entries:
+            names = frozenset(
+                entry.name for entry in entries if is_image_name(entry.name) and entry.is_file(follow_symlinks=False)
+            )
         self._mtime_ns = mtime_ns
         self._is_settled = now_ns - mtime_ns > FOLDER_MTIME_SLACK_NS
         if names != self._names:
@@ -489,8 +526,8 @@ def parse_request_head(head):
         raise HTTPError(505, f"{version} is not supported; use HTTP/1.1")
     # RFC 9112 §2.3: a later 1.x minor version is answered as the highest one we speak.
     version = "HTTP/1.0" if version == "HTTP/1.0" else "HTTP/1.1"
-    if _CONTROL_OR_SPACE.search(target):
-        raise HTTPError(400, "the request target contains control characters or spaces")
+    if _CONTROL_OR_SPACE.search(target) or not target.isascii():
+        raise HTTPError(400, "the request target must be ASCII without spaces; percent-encode the rest")
     fields = []
     for line in lines[1:]:
         line = line.rstrip(b"\r")
@@ -912,7 +949,8 @@ def is_not_modified(headers, etag, mtime):
     if if_none_match is not None:
         return is_etag_match(if_none_match, etag, weak=True)
     since = parse_http_date(headers.get("If-Modified-Since", ""))
-    return since is not None and int(mtime) <= since
+    # RFC 7232 §3.3: a date in the future is not a valid validator.
+    return since is not None and int(mtime) <= since <= time.time()
 
 
 # ====
@@ -937,6 +975,16 @@ TIFF_LAYOUT_TAGS = {254, 256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 
 # Draft and reduce to this many times the target size first, then filter: thumbnail()'s default,
 # indistinguishable from filtering the full image at a fraction of the cost.
 REDUCING_GAP = 2.0
+
+
+def allow_pixels(max_pixels):
+    """Raise Pillow's own decompression-bomb limit (process-wide) to `max_pixels` if it is lower.
+
+    Pillow warns above its limit and refuses twice it; IMS applies --max-pixels itself, so a
+    larger setting must not be cut short by Pillow's default of about 89 million.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def check_image(path, extension, max_pixels):
@@ -1067,9 +1115,12 @@ def save_like(original, frames, durations, path):
 def resize_file(source_path, target_path, width, height, fit):
     """Write to `target_path` the image at `source_path` made upright and resized, in its format.
 
-    Runs in a child process; raises whatever Pillow raises for an image it cannot handle.
+    Runs in a child process; never follows a symbolic link; raises whatever Pillow raises for an
+    image it cannot handle.
     """
-    with Image.open(source_path, formats=ALLOWED_FORMATS) as original:
+    with open(os.open(source_path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW), "rb") as file, Image.open(
+        file, formats=ALLOWED_FORMATS
+    ) as original:
         frames, durations = upright_frames(original, width, height, fit)
         original.seek(0)
         save_like(original, frames, durations, target_path)
@@ -1085,17 +1136,20 @@ def limit_cpu_seconds(seconds):
     resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
-def run_resize(connection, source_path, target_path, width, height, fit, timeout_seconds):
+def run_resize(connection, source_path, target_path, width, height, fit, timeout_seconds, max_pixels):
     """Child process entry point: resize, then send None or the reason it failed through `connection`.
 
     The parent kills a child past `timeout_seconds`; the CPU limit also stops one whose parent was
-    killed first, so no orphan runs on.
+    killed first, so no orphan runs on. The reason names no server path.
     """
     try:
         limit_cpu_seconds(timeout_seconds)
+        allow_pixels(max_pixels)
         resize_file(source_path, target_path, width, height, fit)
     except Exception as error:
-        connection.send(f"the image could not be resized: {error}")
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        reason = reason.replace(source_path, os.path.basename(source_path)).replace(target_path, "the result")
+        connection.send(f"the image could not be resized: {reason}")
     else:
         connection.send(None)
 
@@ -1134,6 +1188,7 @@ class Job:
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
+    expected_identity: tuple | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self):
         """Return the job as the contract's JSON object."""
@@ -1183,8 +1238,9 @@ class Resizer:
     that file is still the one the job started from.
     """
 
-    def __init__(self, catalogue, files_lock, workers, max_queue, timeout_seconds):
+    def __init__(self, catalogue, files_lock, workers, max_queue, timeout_seconds, max_pixels):
         self._catalogue = catalogue
+        self._max_pixels = max_pixels
         self._files_lock = files_lock
         self._workers = workers
         self._max_queue = max_queue
@@ -1199,12 +1255,17 @@ class Resizer:
         self._threads = set()
         self._is_stopping = False
 
-    def submit(self, name, width, height, fit):
-        """Queue a resize of `name` and return its Job; HTTPError(503) when the queue is full."""
+    def submit(self, name, width, height, fit, expected_identity=None):
+        """Queue a resize of `name` and return its Job; HTTPError(503) when the queue is full.
+
+        With `expected_identity` (see file_identity()), the job fails if the stored file is no
+        longer that version when it starts.
+        """
         with self._condition:
             if self._is_stopping:
                 raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
             job = Job(secrets.token_hex(8), name, width, height, fit)
+            job.expected_identity = expected_identity
             self._queue.append(job)
             self._start_ready_jobs()
             if job.state == QUEUED and len(self._queue) > self._max_queue:
@@ -1300,13 +1361,15 @@ class Resizer:
 
     def _resize(self, job, path, target_path):
         try:
-            identity = _file_identity(path)
+            identity = file_identity(stored_file_status(path))
         except FileNotFoundError:
             return FAILED, "the image no longer exists"
+        if job.expected_identity not in (None, identity):
+            return FAILED, "the image changed after its ETag was checked (If-Match); nothing was resized"
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_resize,
-            args=(writer, path, target_path, job.width, job.height, job.fit, self._timeout_seconds),
+            args=(writer, path, target_path, job.width, job.height, job.fit, self._timeout_seconds, self._max_pixels),
             name=f"ims-resize-{job.id}",
             daemon=True,
         )
@@ -1336,7 +1399,7 @@ class Resizer:
             if job.state in ENDED_STATES:
                 return job.state, job.error
             try:
-                if _file_identity(path) != identity:
+                if file_identity(stored_file_status(path)) != identity:
                     return CANCELLED, "the image was replaced or deleted while it was being resized"
             except FileNotFoundError:
                 return CANCELLED, "the image was deleted while it was being resized"
@@ -1347,16 +1410,20 @@ class Resizer:
         return DONE_STATE, None
 
 
-def _file_identity(path):
-    file_status = os.stat(path, follow_symlinks=False)
-    return file_status.st_ino, file_status.st_mtime_ns, file_status.st_size
-
-
 # ====
 # HTTP handler
 # ====
-# Owns one connection: request framing, routing, and the answers. read_body() is the only reader
-# of the socket; every error leaves through dispatch().
+# Owns one connection: request framing, routing, and the answers. read_request_head() and
+# read_body() are the only readers of the socket; every error leaves through dispatch().
+
+
+def content_disposition(name):
+    """Return `inline; filename=<name>`, quoted or RFC 8187-encoded when the name needs it."""
+    if re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~-]+", name):
+        return f"inline; filename={name}"
+    ascii_name = secure_filename(name) or "image" + extension_of(name)
+    return f"inline; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name)}"
+
 
 # Method → route method name, per kind of path; the keys are also the Allow header of a 405.
 ROOT_ACTIONS = {"GET": "list_images", "HEAD": "list_images", "POST": "upload_image"}
@@ -1367,7 +1434,7 @@ JOB_ACTIONS = {"GET": "show_job", "HEAD": "show_job"}
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves the contract's endpoints over HTTP/1.1 with keep-alive."""
 
-    # HTTP/1.1 for keep-alive and 100-continue, which the stdlib answers only for 1.1 handlers.
+    # Answers are HTTP/1.1 (send_head() writes the status line); keep-alive is decided per request.
     protocol_version = "HTTP/1.1"
     server_version = f"IMS/{__version__}"
     # Without TCP_NODELAY a keep-alive client waits 40 ms for the delayed ACK after each answer.
@@ -1385,7 +1452,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def finish(self):
         self.server.track_handler(self, False)
-        super().finish()
+        try:
+            super().finish()
+        except OSError:
+            # The client reset the connection; the answer it did not take is of no use now.
+            pass
 
     def handle(self):
         self.close_connection = True
@@ -1563,12 +1634,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             name = image_name_from_path(path)
             if name is None:
                 raise HTTPError(404, f"there is nothing at {path[:200]!r}; images live at /<name> with an image extension")
-            actions, arguments = IMAGE_ACTIONS, (name,)
+            actions, arguments = IMAGE_ACTIONS, (self.stored_name_for(name),)
         action = actions.get(self.command)
         if action is None:
             allowed = ", ".join(actions)
             raise HTTPError(405, f"{self.command} is not allowed here; use {allowed}", {"Allow": allowed})
         return getattr(self, action), arguments
+
+    def stored_name_for(self, name):
+        """Return `name`, or the safe name it was stored under when only that exists.
+
+        The old service made names in URLs safe too, so /my%20photo.jpg found my_photo.jpg.
+        """
+        safe_name = secure_filename(name)
+        if safe_name != name and is_image_name(safe_name):
+            catalogue = self.server.catalogue
+            if not os.path.lexists(catalogue.path_of(name)) and os.path.lexists(catalogue.path_of(safe_name)):
+                return safe_name
+        return name
 
     # Routes
 
@@ -1621,8 +1704,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not filename:
             raise HTTPError(400, "the file part has an empty filename; choose an image to upload")
         name = secure_filename(filename)
-        if not name:
-            raise HTTPError(400, f"nothing is left of the filename {filename!r} once made safe; rename the file")
+        # "фото.jpeg" is made safe as "jpeg": nothing but the extension is left of it.
+        if not name or extension_of(filename.lower()) == "." + name.lower():
+            raise HTTPError(400, f"nothing is left of the filename {filename!r} once made safe (ASCII letters, digits, - _ .); rename the file")
         if extension_of(name) not in FORMAT_BY_EXTENSION:
             raise HTTPError(415, f"{name!r} does not end in an image extension ({' '.join(IMAGE_EXTENSIONS)})")
         if name in self.server.catalogue:
@@ -1673,11 +1757,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = self.server.catalogue.path_of(name)
         with self.server.files_lock:
             try:
-                file_status = os.stat(path, follow_symlinks=False)
+                file_status = stored_file_status(path)
             except OSError:
-                file_status = None
-            if file_status is None or not stat.S_ISREG(file_status.st_mode):
-                raise HTTPError(404, f"no image named {name!r} is stored")
+                raise HTTPError(404, f"no image named {name!r} is stored") from None
             if_match = self.headers.get("If-Match")
             if if_match is not None and not is_etag_match(if_match, make_etag(file_status), weak=False):
                 raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was deleted")
@@ -1688,13 +1770,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(404, f"no image named {name!r} is stored") from None
             except OSError as error:
                 raise storage_error(error) from None
-        self.server.resizer.cancel_for(name)
+            # Still under the lock, so an upload of the same name that follows keeps its resizes.
+            self.server.resizer.cancel_for(name)
         self.send_no_content()
 
     def request_resize(self, name):
         """PATCH /<name>: check the parameters and queue a resize job; 202 with its Location."""
         try:
-            file_status = os.stat(self.server.catalogue.path_of(name), follow_symlinks=False)
+            file_status = stored_file_status(self.server.catalogue.path_of(name))
         except OSError:
             raise HTTPError(404, f"no image named {name!r} is stored") from None
         body = b"".join(self.read_body(MAX_PARAMETERS_BYTES))
@@ -1702,9 +1785,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.query, body, self.headers.get("Content-Type", ""), self.server.settings.max_pixels
         )
         if_match = self.headers.get("If-Match")
-        if if_match is not None and not is_etag_match(if_match, make_etag(file_status), weak=False):
-            raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was queued")
-        job = self.server.resizer.submit(name, width, height, fit)
+        expected_identity = None
+        if if_match is not None:
+            if not is_etag_match(if_match, make_etag(file_status), weak=False):
+                raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was queued")
+            # The resize must start from the version the client checked, not from a later one.
+            expected_identity = file_identity(file_status)
+        job = self.server.resizer.submit(name, width, height, fit, expected_identity)
         self.send_json(202, "Image resize command received", {"Location": f"/jobs/{job.id}"})
 
     def show_job(self, job_id):
@@ -1774,6 +1861,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             f"Date: {format_http_date(int(time.time()))}",
         ]
         lines.extend(f"{key}: {value}" for key, value in headers.items())
+        if not self.body_is_consumed:
+            # The unread body must not be parsed as the next request.
+            self.close_connection = True
         if self.close_connection:
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
@@ -1832,16 +1922,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Logging
 
     def log_request(self, code="-", size="-"):
+        """Log one line per request, the stdlib's format, unless the server is quiet."""
         if not self.server.quiet:
             super().log_request(code, size)
-
-
-def content_disposition(name):
-    """Return `inline; filename=<name>`, quoted or RFC 8187-encoded when the name needs it."""
-    if re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~-]+", name):
-        return f"inline; filename={name}"
-    ascii_name = secure_filename(name) or "image" + extension_of(name)
-    return f"inline; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name)}"
 
 
 # ====
@@ -1865,6 +1948,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.catalogue = Catalogue(settings.storage)
         self.catalogue.scan()
         self.files_lock = threading.Lock()
+        allow_pixels(settings.max_pixels)
         self.connection_slots = threading.BoundedSemaphore(settings.max_connections)
         self._handlers_lock = threading.Lock()
         self._handlers = set()
@@ -1873,7 +1957,12 @@ class Server(http.server.ThreadingHTTPServer):
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         self.resizer = Resizer(
-            self.catalogue, self.files_lock, settings.resize_workers, settings.max_queue, settings.resize_timeout
+            self.catalogue,
+            self.files_lock,
+            settings.resize_workers,
+            settings.max_queue,
+            settings.resize_timeout,
+            settings.max_pixels,
         )
         try:
             super().__init__((settings.host, settings.port), Handler)
@@ -1973,43 +2062,18 @@ def make_server(storage, host="127.0.0.1", port=5000, quiet=False, **options):
     return Server(settings, quiet=quiet)
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-def _positive_seconds(text):
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError(text)
-    return value
-
-
-_positive_int.__name__ = "positive integer"
-_non_negative_int.__name__ = "non-negative integer"
-_positive_seconds.__name__ = "positive number of seconds"
-
-# flag, type, help; the environment variable is IMS_ + the flag in capitals.
+# flag, type, help; the environment variable is IMS_ + the flag in capitals. Settings checks ranges.
 OPTIONS = (
     ("--host", str, "interface to bind; 0.0.0.0 serves other hosts (there is no authentication)"),
-    ("--port", _non_negative_int, "port to listen on; 0 picks a free one"),
+    ("--port", int, "port to listen on; 0 picks a free one"),
     ("--storage", str, "folder that holds the images; created if missing"),
-    ("--max-upload", _positive_int, "largest request body accepted for an upload, in bytes"),
-    ("--max-pixels", _positive_int, "largest image (width x height) accepted, uploaded or produced"),
-    ("--resize-workers", _positive_int, "resize processes running at once; more wait in a queue"),
-    ("--max-queue", _non_negative_int, "resizes waiting beyond the running ones; past it PATCH answers 503"),
-    ("--resize-timeout", _positive_seconds, "seconds after which a resize process is killed and its job fails"),
-    ("--timeout", _positive_seconds, "seconds a client may take to send its request head, or stay silent"),
-    ("--max-connections", _positive_int, "connections served at once; more wait in the listen backlog"),
+    ("--max-upload", int, "largest request body accepted for an upload, in bytes"),
+    ("--max-pixels", int, "largest image (width x height) accepted, uploaded or produced"),
+    ("--resize-workers", int, "resize processes running at once; more wait in a queue"),
+    ("--max-queue", int, "resizes waiting beyond the running ones; past it PATCH answers 503"),
+    ("--resize-timeout", float, "seconds after which a resize process is killed and its job fails"),
+    ("--timeout", float, "seconds a client may take to send its request head, or stay silent"),
+    ("--max-connections", int, "connections served at once; more wait in the listen backlog"),
 )
 
 
@@ -2025,15 +2089,17 @@ def parse_args(argv, environ):
     for flag, value_type, help_text in OPTIONS:
         field = flag[2:].replace("-", "_")
         variable = "IMS_" + field.upper()
-        default = environ.get(variable, getattr(defaults, field))
+        default = environ.get(variable) or getattr(defaults, field)
         parser.add_argument(
             flag, type=value_type, default=default, metavar=variable.replace("IMS_", ""),
             help=f"{help_text} (env {variable}, default {getattr(defaults, field)})",
         )
-    arguments = parser.parse_args(argv)
-    values = vars(arguments)
+    values = vars(parser.parse_args(argv))
     values["storage"] = os.path.abspath(values["storage"])
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main(argv=None):
@@ -2044,16 +2110,15 @@ def main(argv=None):
     except OSError as error:
         sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
         return 1
-    host, port = server.server_address[:2]
-    shown_host = f"[{host}]" if ":" in host else host
-    print(f"IMS serving {settings.storage} on http://{shown_host}:{port}", flush=True)
-
     def stop(signal_number, frame):
         # shutdown() waits for serve_forever() to return, which runs in this very thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    host, port = server.server_address[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"IMS serving {settings.storage} on http://{shown_host}:{port}", flush=True)
     try:
         server.serve_forever()
     finally:

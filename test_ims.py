@@ -1896,6 +1896,54 @@ if __name__ == "__main__":
     unittest.main()
 
 
+class TestOddFilesAndNames(HTTPTestCase):
+    """What a careful user tries that the contract is silent on."""
+
+    def test_a_fifo_with_an_image_name_is_neither_listed_nor_served_nor_resized(self):
+        os.makedirs(self.storage, exist_ok=True)
+        os.mkfifo(os.path.join(self.storage, "pipe.jpg"))
+        self.assertEqual(self.request("GET", "/").json, [])
+        self.assertError(self.request("GET", "/pipe.jpg"), 404)
+        self.assertError(self.request("PATCH", "/pipe.jpg?width=5&height=5"), 404)
+
+    def test_a_symbolic_link_or_folder_with_an_image_name_cannot_be_resized(self):
+        outside = os.path.join(self.tempdir.name, "outside.png")
+        with open(outside, "wb") as file:
+            file.write(make_image("PNG"))
+        os.symlink(outside, os.path.join(self.storage, "link.png"))
+        os.mkdir(os.path.join(self.storage, "folder.png"))
+        for name in ("link.png", "folder.png"):
+            self.assertError(self.request("PATCH", f"/{name}?width=5&height=5"), 404)
+        with Image.open(outside) as image:
+            self.assertEqual(image.size, (64, 48))
+
+    def test_a_url_with_the_unsafe_name_finds_the_safe_stored_name_as_the_old_service_did(self):
+        self.assertEqual(self.upload("my photo.png", make_image("PNG")).headers["Location"], "/my_photo.png")
+        self.assertEqual(self.request("GET", "/my%20photo.png").status, 200)
+        self.assertEqual(self.request("DELETE", "/my%20photo.png").status, 204)
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def test_a_filename_with_nothing_but_its_extension_left_once_safe_is_400(self):
+        self.assertError(self.upload("\u0444\u043e\u0442\u043e.jpeg", make_image("JPEG")), 400, "nothing is left")
+        self.assertNothingStored()
+
+    def test_a_request_target_with_raw_non_ascii_bytes_is_400(self):
+        reply = self.parse_reply(self.raw_exchange("GET /\u00e9.jpg HTTP/1.1\r\nConnection: close\r\n\r\n".encode("utf-8")))
+        self.assertError(reply, 400)
+
+    def test_a_request_whose_body_is_not_read_is_answered_with_connection_close(self):
+        self.upload("a.png", make_image("PNG"))
+        connection = self.connect()
+        reply = self.request("DELETE", "/a.png", body=b'{"why": "testing"}', connection=connection)
+        self.assertEqual(reply.status, 204)
+        self.assertEqual(reply.headers["Connection"], "close")
+
+    def test_if_modified_since_in_the_future_is_ignored(self):
+        self.upload("a.png", make_image("PNG"))
+        future = email.utils.formatdate(time.time() + 86400, usegmt=True)
+        self.assertEqual(self.request("GET", "/a.png", headers={"If-Modified-Since": future}).status, 200)
+
+
 # ====
 # Resizing and jobs
 # ====
@@ -2535,6 +2583,31 @@ class TestResizeTimeLimit(ResizeTestCase):
         self.assertEqual(self.request("GET", "/").json, ["a.png", "slow.png"])
 
 
+class TestResizeOnOneWorker(ResizeTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_queued_resizes_checked_against_one_etag_apply_only_to_that_version(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        etag = self.request("HEAD", "/a.png").headers["ETag"]
+        self.start_slow_resize(query=SLOW_ENOUGH)
+        first = self.patch("a.png", "width=32&height=24", headers={"If-Match": etag})
+        second = self.patch("a.png", "width=16&height=12", headers={"If-Match": etag})
+        self.assertEqual((first.status, second.status), (202, 202))
+        self.assertEqual(self.wait_job(first.headers["Location"])["state"], "done")
+        late = self.wait_job(second.headers["Location"])
+        self.assertEqual(late["state"], "failed")
+        self.assertIn("If-Match", late["error"])
+        self.assertEqual(self.download("a.png").size, (32, 24))
+
+    def test_a_failed_job_names_no_server_path(self):
+        with open(os.path.join(self.storage, "broken.png"), "wb") as file:
+            file.write(b"\x89PNG\r\n\x1a\n not really a PNG")
+        job = self.wait_job(self.submit("broken.png", "width=5&height=5"))
+        self.assertEqual(job["state"], "failed")
+        self.assertNotIn(self.storage, job["error"])
+        self.assertNotIn(ims.TEMP_PREFIX, job["error"])
+
+
 class TestJobs(ResizeTestCase):
     server_options = {"resize_workers": 1}
 
@@ -2684,6 +2757,17 @@ class TestCommandLine(unittest.TestCase):
             )
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertIn("invalid", result.stderr)
+
+    def test_out_of_range_values_are_refused_and_empty_variables_mean_the_default(self):
+        for argv in (["--port", "70000"], ["--timeout", "1e12"], ["--resize-timeout", "nan"], ["--max-queue", "-1"]):
+            with self.subTest(argv=argv), mock.patch("sys.stderr", io.StringIO()) as stderr:
+                with self.assertRaises(SystemExit) as raised:
+                    ims.parse_args(argv, {})
+                self.assertEqual(raised.exception.code, 2)
+                self.assertIn("invalid", stderr.getvalue())
+        settings = ims.parse_args([], {"IMS_HOST": "", "IMS_STORAGE": ""})
+        self.assertEqual(settings.host, "127.0.0.1")
+        self.assertEqual(settings.storage, ims.DEFAULT_STORAGE)
 
     def test_parse_args_prefers_flags_to_environment_to_defaults(self):
         settings = ims.parse_args(["--port", "7"], {"IMS_PORT": "8", "IMS_TIMEOUT": "2.5"})
