@@ -1251,6 +1251,9 @@ class Resizer:
         self._ended = collections.deque()
         self._queue = collections.deque()
         self._running = {}
+        # Jobs holding a worker slot: from their start until their child process has exited, so
+        # the next child starts while this job's result is still being flushed into place.
+        self._slot_holders = set()
         self._processes = {}
         self._threads = set()
         self._is_stopping = False
@@ -1313,13 +1316,14 @@ class Resizer:
 
     def _start_ready_jobs(self):
         for job in list(self._queue):
-            if len(self._running) >= self._workers:
+            if len(self._slot_holders) >= self._workers:
                 return
             if job.image in self._running:
                 continue
             self._queue.remove(job)
             job.state = RUNNING
             self._running[job.image] = job
+            self._slot_holders.add(job.id)
             thread = threading.Thread(target=self._run, args=(job,), name=f"ims-job-{job.id}", daemon=True)
             self._threads.add(thread)
             thread.start()
@@ -1354,10 +1358,18 @@ class Resizer:
             with self._condition:
                 self._end(job, state, error)
                 del self._running[job.image]
-                self._processes.pop(job.id, None)
+                self._slot_holders.discard(job.id)
                 self._threads.discard(threading.current_thread())
                 if not self._is_stopping:
                     self._start_ready_jobs()
+
+    def _release_slot(self, job):
+        # The child has exited: its slot can go to the next job while this one finishes.
+        with self._condition:
+            self._processes.pop(job.id, None)
+            self._slot_holders.discard(job.id)
+            if not self._is_stopping:
+                self._start_ready_jobs()
 
     def _resize(self, job, path, target_path):
         try:
@@ -1389,8 +1401,10 @@ class Resizer:
         if not ready:
             process.kill()
             process.join()
+            self._release_slot(job)
             return FAILED, f"the resize took longer than {self._timeout_seconds:g} seconds and was stopped"
         process.join()
+        self._release_slot(job)
         if message is False:
             return FAILED, f"the resize process died (exit code {process.exitcode})"
         if message is not None:
