@@ -461,8 +461,8 @@ class Catalogue:
 # ====
 # Body parsing
 # ====
-# Owns the grammar of request bodies, parameters and conditional headers. Pure: takes bytes and
-# strings, returns values or events, raises HTTPError; never touches a socket or a file.
+# Owns the grammar of request heads and bodies, parameters and conditional headers. Pure: takes
+# bytes and strings, returns values or events, raises HTTPError; never touches a socket or a file.
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
