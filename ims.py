@@ -1267,8 +1267,7 @@ class Resizer:
         with self._condition:
             if self._is_stopping:
                 raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
-            job = Job(secrets.token_hex(8), name, width, height, fit)
-            job.expected_identity = expected_identity
+            job = Job(secrets.token_hex(8), name, width, height, fit, expected_identity=expected_identity)
             self._queue.append(job)
             self._start_ready_jobs()
             if job.state == QUEUED and len(self._queue) > self._max_queue:
