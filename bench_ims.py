@@ -600,6 +600,16 @@ def resize_and_wait(server: Server, name: str) -> None:
         connection.close()
 
 
+def run_threads(threads: list[threading.Thread]) -> float:
+    """Start the threads together, wait for all of them, and return the seconds that took."""
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def resize_all_at_once(server: Server, names: list[str]) -> float:
     """Resize every image at once, one thread each; return the seconds until all are stored."""
     errors = []
@@ -610,13 +620,7 @@ def resize_all_at_once(server: Server, names: list[str]) -> float:
         except BenchError as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=resize, args=(name,)) for name in names]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_threads([threading.Thread(target=resize, args=(name,)) for name in names])
     if errors:
         raise errors[0]
     return elapsed
@@ -1170,13 +1174,7 @@ def scenario_soak(bench: Bench) -> list[Row]:
         clients = [SoakClient(server, index + 1, tiny_png, etag, small_image_bytes) for index in range(SOAK_CLIENTS)]
         quota = SOAK_REQUESTS // SOAK_CLIENTS
         deadline = time.monotonic() + SOAK_SECONDS
-        threads = [threading.Thread(target=client.run, args=(quota, deadline)) for client in clients]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - started
+        elapsed = run_threads([threading.Thread(target=client.run, args=(quota, deadline)) for client in clients])
         server.check_alive()
         settle_started = time.monotonic()
         settled = wait_for(lambda: process_stats(pid).threads <= before.threads, SETTLE_SECONDS)

@@ -1357,6 +1357,7 @@ class Resizer:
             with self._condition:
                 self._end(job, state, error)
                 del self._running[job.image]
+                self._processes.pop(job.id, None)
                 self._slot_holders.discard(job.id)
                 self._threads.discard(threading.current_thread())
                 if not self._is_stopping:
@@ -1385,11 +1386,14 @@ class Resizer:
             daemon=True,
         )
         with self._condition:
-            if job.state in ENDED_STATES or self._is_stopping:
-                return CANCELLED, "the server stopped"
-            self._processes[job.id] = process
-            process.start()
+            is_cancelled = job.state in ENDED_STATES or self._is_stopping
+            if not is_cancelled:
+                self._processes[job.id] = process
+                process.start()
         writer.close()
+        if is_cancelled:
+            reader.close()
+            return CANCELLED, "the server stopped"
         try:
             ready = multiprocessing.connection.wait([reader, process.sentinel], self._timeout_seconds)
             message = reader.recv() if reader in ready and reader.poll() else False
@@ -1581,9 +1585,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.response_started:
             self.close_connection = True
             return
-        if not self.body_is_consumed:
-            # The unread body must not be parsed as the next request.
-            self.close_connection = True
         try:
             self.send_json(status, {"message": message}, headers)
         except OSError:
