@@ -160,6 +160,19 @@ CONTENT_TYPE_BY_FORMAT = {
     "TIFF": "image/tiff",
 }
 ALLOWED_FORMATS = tuple(CONTENT_TYPE_BY_FORMAT)
+# The magic numbers the formats' specifications open a file with; WebP is RIFF....WEBP.
+FORMAT_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+SNIFF_BYTES = 12
+# What a file is served as when its bytes match no allowed format (RFC 9110 §8.3).
+UNKNOWN_CONTENT_TYPE = "application/octet-stream"
 # Temporary files are hidden, so they are never listed, and carry the writer's process id, so a
 # start-up scan removes only the leftovers of processes that are gone.
 TEMP_PREFIX = ".ims-tmp-"
@@ -230,21 +243,34 @@ def format_http_date(seconds):
     return email.utils.formatdate(seconds, usegmt=True)
 
 
-def make_etag(file_status):
-    """Return a strong ETag that changes whenever the file at that name is written or replaced."""
-    return f'"{file_status.st_ino:x}-{file_status.st_mtime_ns:x}-{file_status.st_size:x}"'
+def sniff_format(head):
+    """Return the allowed format whose signature the bytes `head` begin with, or None.
+
+    A file placed in the folder by hand may carry another format's extension; its content type
+    comes from these first SNIFF_BYTES bytes, not from its name.
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, image_format in FORMAT_SIGNATURES:
+        if head.startswith(signature):
+            return image_format
+    return None
 
 
 # ====
-# Catalogue
+# Store
 # ====
-# Owns the storage folder: which names are stored, publishing uploads and replacing resized files.
-# The folder is the truth; the catalogue only caches its listing. Never parses HTTP.
+# Owns the storage folder: the only code that opens, writes, links, replaces or removes anything in
+# it, and the lock that makes replace-if-unchanged and remove-if-unchanged exact. The folder is the
+# truth; the listing is a cache of it. Never parses HTTP.
 
 # Errors that mean "the disk is full or we may not write here", answered 507.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
 # Opening never follows a symbolic link, and never blocks on a FIFO someone placed in the folder.
 OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+# Content types sniffed from files' first bytes, one per version; a folder rarely holds more
+# images than this is worth caching, and past it the cache starts again.
+MAX_SNIFFED_VERSIONS = 4096
 
 
 def storage_error(error):
@@ -268,44 +294,93 @@ def is_process_alive(pid):
     return True
 
 
-def fsync_folder(folder):
-    """Make the folder's entries (a new link, a removal, a rename) durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
+def _fsync_path(path):
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
 
-def temp_path_in(folder, suffix=""):
-    """Return a fresh hidden temp file path in `folder`, named after this process."""
-    return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}")
-
-
-def remove_if_present(path):
-    """Delete the file at `path` if it is there.
-
-    Never raises: a file that cannot be removed (a read-only disk) is a leftover, and the start-up
-    scan removes leftovers.
-    """
+def _remove_if_present(path):
+    # Never raises: a file that cannot be removed (a read-only disk) is a leftover, and the
+    # start-up scan removes leftovers.
     try:
         os.unlink(path)
     except OSError:
         pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Version:
+    """One version of a stored file: writing or replacing it (a new inode) makes another."""
+
+    inode: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, file_status):
+        """Return the Version an os.stat_result describes."""
+        return cls(file_status.st_ino, file_status.st_mtime_ns, file_status.st_size)
+
+    @property
+    def etag(self):
+        """The strong ETag of this version."""
+        return f'"{self.inode:x}-{self.mtime_ns:x}-{self.size:x}"'
+
+    @property
+    def mtime(self):
+        """The modification time in POSIX seconds."""
+        return self.mtime_ns / 1e9
+
+
+class StoredFile:
+    """A stored image opened for reading: its version and real content type, and its bytes.
+
+    Use it as a context manager; the file stays readable whatever happens to its name meanwhile.
+    """
+
+    def __init__(self, descriptor, version, content_type):
+        self.descriptor = descriptor
+        self.version = version
+        self.content_type = content_type
+
+    def read(self, start, length):
+        """Return `length` bytes from `start` (fewer if the file was truncated meanwhile)."""
+        return os.pread(self.descriptor, length, start)
+
+    def send(self, connection, start, length):
+        """Send `length` bytes from `start` to the socket `connection` with sendfile(); return the count sent."""
+        with open(self.descriptor, "rb", closefd=False) as file:
+            return connection.sendfile(file, start, length)
+
+    def reader(self):
+        """Return a file object that reads from the start; closing it leaves this file open."""
+        os.lseek(self.descriptor, 0, os.SEEK_SET)
+        return open(self.descriptor, "rb", closefd=False)
+
+    def close(self):
+        """Close the descriptor."""
+        os.close(self.descriptor)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
 class TempFile:
-    """A hidden file in the storage folder that is either published or removed, never left.
+    """A hidden file in the storage folder, being written, that is either published or removed.
 
     Write errors that mean a full or read-only disk raise HTTPError(507).
     """
 
-    def __init__(self, folder, suffix=""):
-        self.path = temp_path_in(folder, suffix)
+    def __init__(self, path):
+        self.path = path
         try:
-            self._descriptor = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644
-            )
+            self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
         except OSError as error:
             raise storage_error(error) from None
 
@@ -330,7 +405,7 @@ class TempFile:
     def remove(self):
         """Close and delete the file; it may already be gone."""
         self._close()
-        remove_if_present(self.path)
+        _remove_if_present(self.path)
 
     def _close(self):
         if self._descriptor is not None:
@@ -338,70 +413,32 @@ class TempFile:
             self._descriptor = None
 
 
-def publish(temp_path, path):
-    """Give the finished temp file its final name without ever overwriting an existing file.
+class Store:
+    """The storage folder: its stored images, their versions, temp files and the lock over changes.
 
-    A hard link fails when the name exists, also when another process made it a moment ago, so of
-    two uploads of one name exactly one wins. Raises HTTPError(409) for the loser, 507 when the
-    folder is not writable.
+    Names given to it satisfy is_image_name(). A missing image raises HTTPError(404), a full or
+    read-only folder HTTPError(507).
     """
-    try:
-        os.link(temp_path, path)
-        fsync_folder(os.path.dirname(path))
-    except FileExistsError:
-        raise HTTPError(409, f"an image named {os.path.basename(path)!r} is already stored") from None
-    except OSError as error:
-        raise storage_error(error) from None
-
-
-def stored_file_status(path):
-    """Return the os.stat_result of the regular file at `path`; FileNotFoundError for anything else.
-
-    Symbolic links, folders and FIFOs with an image name are not stored images.
-    """
-    file_status = os.stat(path, follow_symlinks=False)
-    if not stat.S_ISREG(file_status.st_mode):
-        raise FileNotFoundError(errno.ENOENT, "not a regular file", path)
-    return file_status
-
-
-def file_identity(file_status):
-    """Return what tells one version of a stored file from another (a replace makes a new inode)."""
-    return file_status.st_ino, file_status.st_mtime_ns, file_status.st_size
-
-
-def replace_atomically(temp_path, path):
-    """Put the finished temp file in place of `path`: readers see the old or the new file, whole.
-
-    The file's bytes are on disk before its name is, so a crash leaves the old file or the new one.
-    """
-    descriptor = os.open(temp_path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temp_path, path)
-    fsync_folder(os.path.dirname(path))
-
-
-class Catalogue:
-    """The names stored in one folder, re-read whenever the folder's mtime moves."""
 
     def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
         self.folder = folder
-        self._lock = threading.Lock()
+        # Held while a file is replaced or removed only if it is still the version a caller saw.
+        self._changes_lock = threading.Lock()
+        self._listing_lock = threading.Lock()
         self._names = frozenset()
         self._listing = b"[]\n"
         self._mtime_ns = None
         self._is_settled = False
+        self._content_types = {}
 
     def scan(self):
         """Remove leftovers of interrupted writes by processes that are gone, then read the folder."""
         with os.scandir(self.folder) as entries:
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX) and not self._is_writer_alive(entry.name):
-                    remove_if_present(entry.path)
-        with self._lock:
+                    _remove_if_present(entry.path)
+        with self._listing_lock:
             self._refresh(force=True)
 
     def remove_own_temp_files(self):
@@ -410,26 +447,158 @@ class Catalogue:
         with os.scandir(self.folder) as entries:
             for entry in entries:
                 if entry.name.startswith(own_prefix):
-                    remove_if_present(entry.path)
+                    _remove_if_present(entry.path)
+
+    # Reading
 
     def names(self):
-        """Return the stored names as a frozenset."""
-        with self._lock:
+        """Return the stored names as a frozenset; HTTPError(507) when the folder is gone."""
+        with self._listing_lock:
             self._refresh()
             return self._names
 
     def listing(self):
         """Return the sorted JSON list of names, encoded, ready to send."""
-        with self._lock:
+        with self._listing_lock:
             self._refresh()
             return self._listing
 
     def __contains__(self, name):
-        return name in self.names()
+        """Tell whether `name` is stored now (a file in the folder, not a cached listing)."""
+        try:
+            self.version(name)
+        except HTTPError:
+            return False
+        return True
+
+    def resolve(self, name):
+        """Return `name`, or the safe name it was stored under when only that exists.
+
+        The old service made names in URLs safe too, so /my%20photo.jpg finds my_photo.jpg.
+        """
+        safe_name = secure_filename(name)
+        if safe_name != name and is_image_name(safe_name):
+            if not os.path.lexists(self.path_of(name)) and os.path.lexists(self.path_of(safe_name)):
+                return safe_name
+        return name
+
+    def version(self, name):
+        """Return the Version of the stored image `name`; HTTPError(404) when there is none.
+
+        Symbolic links, folders and FIFOs with an image name are not stored images.
+        """
+        try:
+            file_status = os.stat(self.path_of(name), follow_symlinks=False)
+        except OSError:
+            file_status = None
+        if file_status is None or not stat.S_ISREG(file_status.st_mode):
+            raise HTTPError(404, f"no image named {name!r} is stored")
+        return Version.of(file_status)
+
+    def open(self, name):
+        """Open the stored image `name` for reading: a StoredFile; HTTPError(404) when there is none."""
+        try:
+            descriptor = os.open(self.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            raise HTTPError(404, f"no image named {name!r} is stored") from None
+        try:
+            file_status = os.fstat(descriptor)
+            if not stat.S_ISREG(file_status.st_mode):
+                raise HTTPError(404, f"no image named {name!r} is stored")
+            version = Version.of(file_status)
+            return StoredFile(descriptor, version, self._content_type(descriptor, version))
+        except BaseException:
+            os.close(descriptor)
+            raise
 
     def path_of(self, name):
-        """Return the path of `name` in the folder; `name` must satisfy is_image_name()."""
+        """Return the path of `name` in the folder, for a resize process to read."""
         return os.path.join(self.folder, name)
+
+    # Changing
+
+    def temp_path(self, suffix=""):
+        """Return a fresh hidden path in the folder, named after this process, for a new file."""
+        return os.path.join(self.folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}")
+
+    def new_file(self, suffix=""):
+        """Return a TempFile to write an upload into; HTTPError(507) when the folder is not writable."""
+        return TempFile(self.temp_path(suffix))
+
+    def discard(self, path):
+        """Remove a temp file if it is there."""
+        _remove_if_present(path)
+
+    def publish(self, temp_file, name):
+        """Give a finished TempFile the name `name` without ever overwriting an existing file.
+
+        A hard link fails when the name exists, also when another process made it a moment ago, so
+        of two uploads of one name exactly one wins. Raises HTTPError(409) for the loser, 507 when
+        the folder is not writable. The name is durable when this returns.
+        """
+        try:
+            os.link(temp_file.path, self.path_of(name))
+            _fsync_path(self.folder)
+        except FileExistsError:
+            raise HTTPError(409, f"an image named {name!r} is already stored") from None
+        except OSError as error:
+            raise storage_error(error) from None
+
+    def replace(self, name, temp_path, expected, is_wanted):
+        """Put the finished file at `temp_path` in place of `name`, if that is still version `expected`.
+
+        Readers see the old file or the new one, whole, and so does a crash: the new bytes are on
+        disk before the name is. Returns False, replacing nothing, when `name` is another version
+        or gone, or when is_wanted() (called under the lock) says no; HTTPError(507) when the
+        folder is not writable.
+        """
+        with self._changes_lock:
+            if not is_wanted():
+                return False
+            try:
+                if self.version(name) != expected:
+                    return False
+            except HTTPError:
+                return False
+            try:
+                _fsync_path(temp_path)
+                os.replace(temp_path, self.path_of(name))
+                _fsync_path(self.folder)
+            except OSError as error:
+                raise storage_error(error) from None
+        return True
+
+    def remove(self, name, precondition=None, on_removed=None):
+        """Remove the stored image `name`; HTTPError(404) when there is none, 507 when not writable.
+
+        precondition(version), called under the lock, may raise (412 for If-Match) to keep the
+        file; on_removed(), called under the lock too, runs before another change can follow.
+        """
+        with self._changes_lock:
+            version = self.version(name)
+            if precondition is not None:
+                precondition(version)
+            try:
+                os.unlink(self.path_of(name))
+                _fsync_path(self.folder)
+            except FileNotFoundError:
+                raise HTTPError(404, f"no image named {name!r} is stored") from None
+            except OSError as error:
+                raise storage_error(error) from None
+            if on_removed is not None:
+                on_removed()
+
+    # Caches
+
+    def _content_type(self, descriptor, version):
+        content_type = self._content_types.get(version)
+        if content_type is None:
+            image_format = sniff_format(os.pread(descriptor, SNIFF_BYTES, 0))
+            content_type = CONTENT_TYPE_BY_FORMAT.get(image_format, UNKNOWN_CONTENT_TYPE)
+            if len(self._content_types) >= MAX_SNIFFED_VERSIONS:
+                self._content_types.clear()
+            self._content_types[version] = content_type
+        return content_type
 
     def _refresh(self, force=False):
         try:
@@ -465,6 +634,7 @@ class Catalogue:
 # bytes and strings, returns values or events, raises HTTPError; never touches a socket or a file.
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
@@ -494,22 +664,36 @@ class Headers:
 
 
 @dataclasses.dataclass(frozen=True)
-class RequestHead:
-    """A parsed request line and header section."""
+class Request:
+    """A request head, parsed and framed: what is asked, how its body comes, and keep-alive.
+
+    `path` and `query` split the target; `content_length` is 0 for a chunked body;
+    `keep_alive` is what the client asked for (its version and Connection header).
+    """
 
     method: str
     target: str
+    path: str
+    query: str
     version: str
     headers: Headers
+    content_length: int
+    is_chunked: bool
+    keep_alive: bool
+
+    @property
+    def has_body(self):
+        """Tell whether a body follows the head."""
+        return self.is_chunked or self.content_length > 0
 
 
-def parse_request_head(head):
-    """Parse a request head (RFC 9112 §2–§5), the bytes up to and including its blank line.
+def parse_request(head):
+    """Parse and frame a request head (RFC 9112 §2–§7), the bytes up to and including its blank line.
 
     Lines may end in CRLF or a bare LF (RFC 9112 §2.2). Raises HTTPError(400) for a malformed
-    request line or field, 414 for a request line over MAX_REQUEST_LINE_BYTES, 431 for a field line
-    over MAX_HEADER_LINE_BYTES or more than MAX_HEADER_FIELDS fields, 505 for a version other than
-    HTTP/1.0 and HTTP/1.1.
+    request line, target or field and for ambiguous framing, 414 for a request line over
+    MAX_REQUEST_LINE_BYTES, 431 for a field line over MAX_HEADER_LINE_BYTES or more than
+    MAX_HEADER_FIELDS fields, 505 for a version other than HTTP/1.0 and HTTP/1.1.
     """
     lines = head.split(b"\n")
     request_line = lines[0].rstrip(b"\r")
@@ -546,7 +730,50 @@ def parse_request_head(head):
         if _CONTROL_IN_FIELD_VALUE.search(value):
             raise HTTPError(400, f"the header field {name.decode('latin-1')!r} contains control characters")
         fields.append((name.decode("latin-1"), value.decode("latin-1")))
-    return RequestHead(method, target, version, Headers(fields))
+    headers = Headers(fields)
+    content_length, is_chunked = _body_framing(headers, version)
+    path, query = _split_target(target)
+    connection_options = {option.strip().lower() for option in headers.get("Connection", "").split(",")}
+    if version == "HTTP/1.1":
+        keep_alive = "close" not in connection_options
+    else:
+        keep_alive = "keep-alive" in connection_options
+    return Request(method, target, path, query, version, headers, content_length, is_chunked, keep_alive)
+
+
+def _body_framing(headers, version):
+    # Returns (content length, is chunked); refuses framing that two parsers could read two ways.
+    transfer_encodings = headers.get_all("Transfer-Encoding") or []
+    content_lengths = headers.get_all("Content-Length") or []
+    if transfer_encodings:
+        # RFC 9112 §6.3: Transfer-Encoding with Content-Length is how requests are smuggled past a
+        # proxy that reads the other one; refuse rather than pick one.
+        if content_lengths:
+            raise HTTPError(400, "a request must not carry both Transfer-Encoding and Content-Length")
+        codings = [coding.strip(" \t").lower() for value in transfer_encodings for coding in value.split(",")]
+        if codings != ["chunked"]:
+            raise HTTPError(400, f"only Transfer-Encoding: chunked is supported, not {', '.join(codings)!r}")
+        if version == "HTTP/1.0":
+            raise HTTPError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        return 0, True
+    if not content_lengths:
+        return 0, False
+    values = {value.strip(" \t") for header in content_lengths for value in header.split(",")}
+    # RFC 9110 §8.6: a list of identical values is one length; differing ones are an attack.
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+        raise HTTPError(400, f"Content-Length must be one non-negative integer, not {', '.join(content_lengths)!r}")
+    return int(values.pop()), False
+
+
+def _split_target(target):
+    # Returns (path, query); the absolute form (RFC 9112 §3.2.2) is accepted as a proxy sends it.
+    if not target.startswith("/"):
+        scheme, _, rest = target.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest:
+            raise HTTPError(400, f"the request target {target[:100]!r} is not a path")
+        target = "/" + rest.partition("/")[2]
+    path, _, query = target.partition("?")
+    return path, query
 
 
 PREAMBLE = "preamble"
@@ -565,7 +792,6 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
 _BOUNDARY_LINE_START = re.compile(rb"[ \t]*\r?")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -849,7 +1075,8 @@ def parse_resize_params(query, body, content_type, max_pixels):
     """Return (width, height, fit) from a query string and a JSON or form-urlencoded body.
 
     Body parameters override query parameters. Raises HTTPError(400) naming the parameter that is
-    missing or invalid, or when width × height exceeds `max_pixels`.
+    missing or invalid, or when the result, exactly width × height for fill and cover, exceeds
+    `max_pixels` (contain's result depends on the image: the caller checks it).
     """
     parameters = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     media_type, _ = parse_header_parameters(content_type)
@@ -875,9 +1102,15 @@ def parse_resize_params(query, body, content_type, max_pixels):
         fit = "fill"
     if fit not in FITS:
         raise HTTPError(400, f"fit must be one of fill, contain, cover, not {fit!r}")
+    if fit != "contain":
+        check_result_pixels(width, height, max_pixels)
+    return width, height, fit
+
+
+def check_result_pixels(width, height, max_pixels):
+    """Raise HTTPError(400) when a result of width × height pixels would exceed `max_pixels`."""
     if width * height > max_pixels:
         raise HTTPError(400, f"{width}x{height} is more than the {max_pixels} pixels an image may have")
-    return width, height, fit
 
 
 def parse_range(header, size):
@@ -957,7 +1190,7 @@ def is_not_modified(headers, etag, mtime):
 # Image work
 # ====
 # Owns what is done to pixels: checking uploads and resizing. Top-level functions that take paths
-# and plain values, so they can run in a child process; never touch the catalogue or a socket.
+# and plain values, so they can run in a child process; never touch the store or a socket.
 
 # EXIF Orientation → the transpose that makes the picture upright.
 TRANSPOSE_BY_ORIENTATION = {
@@ -1021,6 +1254,22 @@ def fitted_size(size, width, height, fit):
     scale_x, scale_y = width / source_width, height / source_height
     scale = min(scale_x, scale_y) if fit == "contain" else max(scale_x, scale_y)
     return max(1, round(source_width * scale)), max(1, round(source_height * scale))
+
+
+def upright_size(file):
+    """Return the (width, height) the image in `file` shows upright, from its header alone.
+
+    EXIF orientations 5 to 8 turn the picture a quarter: its stored width is then its height.
+    Returns None for a file that is not a readable image of an allowed format.
+    """
+    try:
+        with Image.open(file, formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                return height, width
+            return width, height
+    except Exception:
+        return None
 
 
 def resize_frame(frame, width, height, fit):
@@ -1158,7 +1407,7 @@ def run_resize(connection, source_path, target_path, width, height, fit, timeout
 # Jobs
 # ====
 # Owns resize jobs: the queue, the child processes and their time limit, order per image, and
-# waiting for an end. Never parses HTTP; replaces stored files only through replace_atomically().
+# waiting for an end. Never parses HTTP; changes stored files only through the Store.
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -1188,7 +1437,7 @@ class Job:
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
-    expected_identity: tuple | None = dataclasses.field(default=None, repr=False)
+    expected_version: Version | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self):
         """Return the job as the contract's JSON object."""
@@ -1203,6 +1452,14 @@ class Job:
             "submitted": _iso_time(self.submitted),
             "finished": _iso_time(self.finished),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a job, or the resize process it ran, ended: its final state and, unless done, why."""
+
+    state: str
+    error: str | None = None
 
 
 def _multiprocessing_context():
@@ -1235,13 +1492,12 @@ class Resizer:
 
     submit() raises HTTPError(503) when `max_queue` jobs already wait. A child still running after
     `timeout_seconds` is killed and its job fails. The result replaces the stored file only if
-    that file is still the one the job started from.
+    that file is still the version the job started from.
     """
 
-    def __init__(self, catalogue, files_lock, workers, max_queue, timeout_seconds, max_pixels):
-        self._catalogue = catalogue
+    def __init__(self, store, workers, max_queue, timeout_seconds, max_pixels):
+        self._store = store
         self._max_pixels = max_pixels
-        self._files_lock = files_lock
         self._workers = workers
         self._max_queue = max_queue
         self._timeout_seconds = timeout_seconds
@@ -1258,16 +1514,16 @@ class Resizer:
         self._threads = set()
         self._is_stopping = False
 
-    def submit(self, name, width, height, fit, expected_identity=None):
+    def submit(self, name, width, height, fit, expected_version=None):
         """Queue a resize of `name` and return its Job; HTTPError(503) when the queue is full.
 
-        With `expected_identity` (see file_identity()), the job fails if the stored file is no
-        longer that version when it starts.
+        With `expected_version`, the job fails if the stored file is no longer that Version when
+        it starts.
         """
         with self._condition:
             if self._is_stopping:
                 raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
-            job = Job(secrets.token_hex(8), name, width, height, fit, expected_identity=expected_identity)
+            job = Job(secrets.token_hex(8), name, width, height, fit, expected_version=expected_version)
             self._queue.append(job)
             self._start_ready_jobs()
             if job.state == QUEUED and len(self._queue) > self._max_queue:
@@ -1283,10 +1539,10 @@ class Resizer:
         with self._condition:
             for job in [job for job in self._queue if job.image == name]:
                 self._queue.remove(job)
-                self._end(job, CANCELLED, "the image was deleted")
+                self._end(job, Outcome(CANCELLED, "the image was deleted"))
             job = self._running.get(name)
             if job is not None:
-                self._end(job, CANCELLED, "the image was deleted")
+                self._end(job, Outcome(CANCELLED, "the image was deleted"))
                 process = self._processes.get(job.id)
                 if process is not None:
                     process.kill()
@@ -1305,7 +1561,7 @@ class Resizer:
         with self._condition:
             self._is_stopping = True
             while self._queue:
-                self._end(self._queue.popleft(), CANCELLED, "the server stopped")
+                self._end(self._queue.popleft(), Outcome(CANCELLED, "the server stopped"))
             for process in self._processes.values():
                 process.kill()
             threads = list(self._threads)
@@ -1327,11 +1583,11 @@ class Resizer:
             self._threads.add(thread)
             thread.start()
 
-    def _end(self, job, state, error=None):
+    def _end(self, job, outcome):
         if job.state in ENDED_STATES:
             return
-        job.state = state
-        job.error = error
+        job.state = outcome.state
+        job.error = outcome.error
         job.finished = time.time()
         self._ended.append(job.id)
         while len(self._ended) > JOB_RETENTION_COUNT:
@@ -1342,20 +1598,18 @@ class Resizer:
         self._condition.notify_all()
 
     def _run(self, job):
-        path = self._catalogue.path_of(job.image)
-        target_path = temp_path_in(self._catalogue.folder, extension_of(job.image))
-        state, error = FAILED, None
+        target_path = self._store.temp_path(extension_of(job.image))
+        outcome = Outcome(FAILED, "the resize failed unexpectedly; the server log has the details")
         try:
-            state, error = self._resize(job, path, target_path)
+            outcome = self._resize(job, target_path)
         except HTTPError as failure:
-            error = failure.message
+            outcome = Outcome(FAILED, failure.message)
         except Exception:
             traceback.print_exc()
-            error = "the resize failed unexpectedly; the server log has the details"
         finally:
-            remove_if_present(target_path)
+            self._store.discard(target_path)
             with self._condition:
-                self._end(job, state, error)
+                self._end(job, outcome)
                 del self._running[job.image]
                 self._processes.pop(job.id, None)
                 self._slot_holders.discard(job.id)
@@ -1363,25 +1617,32 @@ class Resizer:
                 if not self._is_stopping:
                     self._start_ready_jobs()
 
-    def _release_slot(self, job):
-        # The child has exited: its slot can go to the next job while this one finishes.
-        with self._condition:
-            self._processes.pop(job.id, None)
-            self._slot_holders.discard(job.id)
-            if not self._is_stopping:
-                self._start_ready_jobs()
-
-    def _resize(self, job, path, target_path):
+    def _resize(self, job, target_path):
         try:
-            identity = file_identity(stored_file_status(path))
-        except FileNotFoundError:
-            return FAILED, "the image no longer exists"
-        if job.expected_identity not in (None, identity):
-            return FAILED, "the image changed after its ETag was checked (If-Match); nothing was resized"
+            version = self._store.version(job.image)
+        except HTTPError:
+            return Outcome(FAILED, "the image no longer exists")
+        if job.expected_version not in (None, version):
+            return Outcome(FAILED, "the image changed after its ETag was checked (If-Match); nothing was resized")
+        arguments = (self._store.path_of(job.image), target_path, job.width, job.height, job.fit)
+        outcome = self._run_child(job, arguments)
+        if outcome.state != DONE_STATE:
+            return outcome
+        if self._store.replace(job.image, target_path, version, lambda: job.state not in ENDED_STATES):
+            return outcome
+        if job.state in ENDED_STATES:
+            return Outcome(job.state, job.error)
+        return Outcome(CANCELLED, "the image was replaced or deleted while it was being resized")
+
+    def _run_child(self, job, arguments):
+        """Run resize_file(*arguments) in a process of its own, within the time limit; return its Outcome.
+
+        The job's worker slot is free again as soon as the process has exited.
+        """
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_resize,
-            args=(writer, path, target_path, job.width, job.height, job.fit, self._timeout_seconds, self._max_pixels),
+            args=(writer, *arguments, self._timeout_seconds, self._max_pixels),
             name=f"ims-resize-{job.id}",
             daemon=True,
         )
@@ -1393,7 +1654,7 @@ class Resizer:
         writer.close()
         if is_cancelled:
             reader.close()
-            return CANCELLED, "the server stopped"
+            return Outcome(CANCELLED, "the server stopped")
         try:
             ready = multiprocessing.connection.wait([reader, process.sentinel], self._timeout_seconds)
             message = reader.recv() if reader in ready and reader.poll() else False
@@ -1403,28 +1664,19 @@ class Resizer:
             reader.close()
         if not ready:
             process.kill()
-            process.join()
-            self._release_slot(job)
-            return FAILED, f"the resize took longer than {self._timeout_seconds:g} seconds and was stopped"
         process.join()
-        self._release_slot(job)
+        with self._condition:
+            self._processes.pop(job.id, None)
+            self._slot_holders.discard(job.id)
+            if not self._is_stopping:
+                self._start_ready_jobs()
+        if not ready:
+            return Outcome(FAILED, f"the resize took longer than {self._timeout_seconds:g} seconds and was stopped")
         if message is False:
-            return FAILED, f"the resize process died (exit code {process.exitcode})"
+            return Outcome(FAILED, f"the resize process died (exit code {process.exitcode})")
         if message is not None:
-            return FAILED, message
-        with self._files_lock:
-            if job.state in ENDED_STATES:
-                return job.state, job.error
-            try:
-                if file_identity(stored_file_status(path)) != identity:
-                    return CANCELLED, "the image was replaced or deleted while it was being resized"
-            except FileNotFoundError:
-                return CANCELLED, "the image was deleted while it was being resized"
-            try:
-                replace_atomically(target_path, path)
-            except OSError as failure:
-                raise storage_error(failure) from None
-        return DONE_STATE, None
+            return Outcome(FAILED, message)
+        return Outcome(DONE_STATE)
 
 
 # ====
@@ -1451,7 +1703,7 @@ JOB_ACTIONS = {"GET": "show_job", "HEAD": "show_job"}
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves the contract's endpoints over HTTP/1.1 with keep-alive."""
 
-    # Answers are HTTP/1.1 (send_head() writes the status line); keep-alive is decided per request.
+    # Answers are HTTP/1.1 (send_head() writes the status line); keep-alive is decided per answer.
     protocol_version = "HTTP/1.1"
     server_version = f"IMS/{__version__}"
     # Without TCP_NODELAY a keep-alive client waits 40 ms for the delayed ACK after each answer.
@@ -1487,10 +1739,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         """Read one request head within the time limit, then answer the request."""
+        self.http_request = None
         self.requestline = ""
         self.command = ""
         self.request_version = "HTTP/1.1"
-        self.body_is_consumed = True
+        self.body_is_consumed = False
         self.response_started = False
         self.close_connection = True
         try:
@@ -1498,8 +1751,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except socket.timeout:
             return
         except HTTPError as error:
-            self.send_error_response(error.status, error.message)
-            self.must_linger = True
+            self.send_error(error.status, error.message)
             return
         if head is None:
             return
@@ -1514,7 +1766,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Return the bytes of the next request head, or None when the client closed the connection.
 
         The whole head must arrive within the timeout, however slowly it trickles; raises
-        socket.timeout otherwise, and HTTPError(414 or 431) when it grows past MAX_HEAD_BYTES.
+        socket.timeout otherwise, HTTPError(414) as soon as the request line outgrows
+        MAX_REQUEST_LINE_BYTES, and 431 when the head outgrows MAX_HEAD_BYTES.
         """
         deadline = time.monotonic() + self.timeout
         head = b""
@@ -1542,16 +1795,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             end = _HEAD_END.search(head, searched_from)
             consumed = end.end() - (len(head) - len(data)) if end else len(data)
             self.rfile.read(consumed)
-            # An HTTP/0.9 client sends one line and waits: refuse it now rather than at the timeout.
             first_line_end = head.find(b"\n")
+            # The request line's limit holds however long the line goes on (CR and LF excluded).
+            if (first_line_end if first_line_end >= 0 else len(head)) > MAX_REQUEST_LINE_BYTES + 1:
+                raise HTTPError(414, f"the request line is longer than {MAX_REQUEST_LINE_BYTES} bytes")
+            # An HTTP/0.9 client sends one line and waits: refuse it now rather than at the timeout.
             if first_line_end >= 0 and not _ENDS_WITH_HTTP_VERSION.search(head[:first_line_end]):
                 raise HTTPError(400, "the request line is not 'METHOD /path HTTP/1.1'")
             if end and end.end() <= MAX_HEAD_BYTES:
                 self.connection.settimeout(self.timeout)
                 return head[:end.end()]
             if len(head) > MAX_HEAD_BYTES:
-                if b"\n" not in head:
-                    raise HTTPError(414, f"the request line is longer than {MAX_REQUEST_LINE_BYTES} bytes")
                 raise HTTPError(431, f"the request head is longer than {MAX_HEAD_BYTES} bytes")
 
     # Routing and errors
@@ -1560,83 +1814,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Parse the head, route the request and answer it; the one place where errors become responses."""
         self.requestline = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         try:
-            self.accept_head(parse_request_head(head))
-            self.check_framing()
-            path, self.query = self.split_target()
-            action, arguments = self.route(path)
+            self.accept(parse_request(head))
+            action, arguments = self.route(self.http_request.path)
             action(*arguments)
         except HTTPError as error:
-            self.send_error_response(error.status, error.message, error.headers)
-            self.must_linger = self.close_connection
+            self.send_error(error.status, error.message, headers=error.headers)
         except socket.timeout:
-            self.close_connection = True
-            self.send_error_response(408, f"the request body stalled for {self.timeout:g} seconds")
+            self.send_error(408, f"the request body stalled for {self.timeout:g} seconds")
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
         except Exception:
             self.log_error("unexpected error in %r:\n%s", self.requestline, traceback.format_exc())
-            self.send_error_response(500, "the server failed unexpectedly; its log has the details")
-        if not self.body_is_consumed:
-            self.close_connection = True
-            self.must_linger = True
+            self.send_error(500, "the server failed unexpectedly; its log has the details")
 
-    def send_error_response(self, status, message, headers=None):
-        """Answer with `{"message": ...}` unless an answer has already begun (then just close)."""
+    def send_error(self, code, message=None, explain=None, headers=None):
+        """Answer `{"message": ...}`, never an HTML page, also where the stdlib itself answers an error.
+
+        When an answer has already begun, the connection is closed instead, as its framing is
+        broken.
+        """
         if self.response_started:
             self.close_connection = True
             return
         try:
-            self.send_json(status, {"message": message}, headers)
+            self.send_json(code, {"message": message or self.responses.get(code, ("error",))[0]}, headers)
         except OSError:
             self.close_connection = True
 
-    def accept_head(self, request):
-        """Take the parsed head's method, target, version and headers; decide on keep-alive."""
+    def accept(self, request):
+        """Take a parsed Request as the one being answered."""
+        self.http_request = request
         self.command, self.path, self.request_version = request.method, request.target, request.version
         self.headers = request.headers
-        connection_options = {option.strip().lower() for option in request.headers.get("Connection", "").split(",")}
-        if request.version == "HTTP/1.1":
-            self.close_connection = "close" in connection_options
-        else:
-            self.close_connection = "keep-alive" not in connection_options
+        self.query = request.query
+        self.body_is_consumed = not request.has_body
 
-    def check_framing(self):
-        """Work out how the body is framed; refuse ambiguous framing as request smuggling."""
-        self.is_chunked = False
-        self.content_length = 0
-        transfer_encodings = self.headers.get_all("Transfer-Encoding") or []
-        content_lengths = self.headers.get_all("Content-Length") or []
-        if transfer_encodings:
-            self.body_is_consumed = False
-            # RFC 9112 §6.3: Transfer-Encoding with Content-Length is how requests are smuggled
-            # past a proxy that reads the other one; refuse rather than pick one.
-            if content_lengths:
-                raise HTTPError(400, "a request must not carry both Transfer-Encoding and Content-Length")
-            codings = [coding.strip(" \t").lower() for value in transfer_encodings for coding in value.split(",")]
-            if codings != ["chunked"]:
-                raise HTTPError(400, f"only Transfer-Encoding: chunked is supported, not {', '.join(codings)!r}")
-            if self.request_version == "HTTP/1.0":
-                raise HTTPError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
-            self.is_chunked = True
-        elif content_lengths:
-            values = {value.strip(" \t") for header in content_lengths for value in header.split(",")}
-            # RFC 9110 §8.6: a list of identical values is one length; differing ones are an attack.
-            if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
-                self.body_is_consumed = False
-                raise HTTPError(400, f"Content-Length must be one non-negative integer, not {', '.join(content_lengths)!r}")
-            self.content_length = int(values.pop())
-            self.body_is_consumed = self.content_length == 0
+    def decide_keep_alive(self):
+        """Decide, once per answer, whether the connection serves another request after it.
 
-    def split_target(self):
-        """Return the request target's path and query string; absolute-form is accepted."""
-        target = self.path
-        if not target.startswith("/"):
-            scheme, _, rest = target.partition("://")
-            if scheme.lower() not in ("http", "https") or not rest:
-                raise HTTPError(400, f"the request target {target[:100]!r} is not a path")
-            target = "/" + rest.partition("/")[2]
-        path, _, query = target.partition("?")
-        return path, query
+        It does when the client asked for it and the request's body has been read to its end:
+        unread body bytes must not be parsed as the next request, and after a head that could not
+        be parsed nothing on the connection can be trusted.
+        """
+        request = self.http_request
+        self.close_connection = request is None or not request.keep_alive or not self.body_is_consumed
 
     def route(self, path):
         """Return the route method that answers this request and its arguments; 404 or 405 otherwise."""
@@ -1648,38 +1869,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
             name = image_name_from_path(path)
             if name is None:
                 raise HTTPError(404, f"there is nothing at {path[:200]!r}; images live at /<name> with an image extension")
-            actions, arguments = IMAGE_ACTIONS, (self.stored_name_for(name),)
+            actions, arguments = IMAGE_ACTIONS, (self.server.store.resolve(name),)
         action = actions.get(self.command)
         if action is None:
             allowed = ", ".join(actions)
             raise HTTPError(405, f"{self.command} is not allowed here; use {allowed}", {"Allow": allowed})
         return getattr(self, action), arguments
 
-    def stored_name_for(self, name):
-        """Return `name`, or the safe name it was stored under when only that exists.
-
-        The old service made names in URLs safe too, so /my%20photo.jpg found my_photo.jpg.
-        """
-        safe_name = secure_filename(name)
-        if safe_name != name and is_image_name(safe_name):
-            catalogue = self.server.catalogue
-            if not os.path.lexists(catalogue.path_of(name)) and os.path.lexists(catalogue.path_of(safe_name)):
-                return safe_name
-        return name
-
     # Routes
 
     def list_images(self):
-        """GET / and HEAD /: the sorted JSON list of names."""
-        self.send_body(200, self.server.catalogue.listing(), "application/json")
+        """GET / and HEAD /: the sorted JSON list of names.
+
+        Answers 200; 507 when the storage folder is gone.
+        """
+        self.send_body(200, self.server.store.listing(), "application/json")
 
     def upload_image(self):
-        """POST /: stream a multipart upload to a temp file, check it, publish it."""
+        """POST /: stream a multipart upload to a temp file, check it, publish it.
+
+        Answers 201 with Location; 400 for a malformed or truncated body or no file part, 409 for a
+        stored name, 411 without a length, 413 past --max-upload or --max-pixels, 415 for what is
+        not multipart or not an allowed image matching its extension, 507 for a full disk.
+        """
         settings = self.server.settings
-        if not self.is_chunked and self.body_is_consumed and "Content-Length" not in self.headers:
+        store = self.server.store
+        if not self.http_request.is_chunked and "Content-Length" not in self.headers:
             raise HTTPError(411, "send the upload with a Content-Length or Transfer-Encoding: chunked")
-        if self.content_length > settings.max_upload:
-            raise HTTPError(413, f"the body has {self.content_length} bytes, more than the {settings.max_upload} allowed")
+        if self.http_request.content_length > settings.max_upload:
+            raise HTTPError(413, f"the body has {self.http_request.content_length} bytes, more than the {settings.max_upload} allowed")
         media_type, parameters = parse_header_parameters(self.headers.get("Content-Type", ""))
         if media_type != "multipart/form-data":
             raise HTTPError(415, f"upload the image as multipart/form-data with a part named 'file', not as {media_type or 'nothing'!r}")
@@ -1698,7 +1916,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     elif isinstance(event, PartStart):
                         if event.name == "file" and event.filename is not None and name is None:
                             name = self.checked_upload_name(event.filename)
-                            upload = TempFile(self.server.catalogue.folder, extension_of(name))
+                            upload = store.new_file(extension_of(name))
                             is_writing = True
                     else:
                         is_writing = False
@@ -1707,7 +1925,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(400, "the form has no part named 'file' carrying a filename")
             upload.finish()
             check_image(upload.path, extension_of(name), settings.max_pixels)
-            publish(upload.path, self.server.catalogue.path_of(name))
+            store.publish(upload, name)
         finally:
             if upload is not None:
                 upload.remove()
@@ -1723,37 +1941,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, f"nothing is left of the filename {filename!r} once made safe (ASCII letters, digits, - _ .); rename the file")
         if extension_of(name) not in FORMAT_BY_EXTENSION:
             raise HTTPError(415, f"{name!r} does not end in an image extension ({' '.join(IMAGE_EXTENSIONS)})")
-        if name in self.server.catalogue:
+        # Only an early answer, before the body is read: publishing decides exactly.
+        if name in self.server.store:
             raise HTTPError(409, f"an image named {name!r} is already stored")
         return name
 
     def download_image(self, name):
-        """GET and HEAD /<name>: the bytes, with validators, 304 and single ranges."""
-        try:
-            descriptor = os.open(self.server.catalogue.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
-        except OSError:
-            raise HTTPError(404, f"no image named {name!r} is stored") from None
-        try:
-            file_status = os.fstat(descriptor)
-            if not stat.S_ISREG(file_status.st_mode):
-                raise HTTPError(404, f"no image named {name!r} is stored")
-            etag = make_etag(file_status)
+        """GET and HEAD /<name>: the bytes, with validators, 304 and single ranges.
+
+        Answers 200, 206 for a satisfiable single range, 304 when the client's copy is current;
+        404 for an unknown name, 416 for a range beyond the end.
+        """
+        with self.server.store.open(name) as stored:
+            version = stored.version
+            etag = version.etag
+            last_modified = format_http_date(version.mtime_ns // 1_000_000_000)
             headers = {
                 "ETag": etag,
-                "Last-Modified": format_http_date(int(file_status.st_mtime)),
+                "Last-Modified": last_modified,
                 "Cache-Control": "no-cache",
                 "Content-Disposition": content_disposition(name),
                 "Accept-Ranges": "bytes",
             }
-            if is_not_modified(self.headers, etag, file_status.st_mtime):
+            if is_not_modified(self.headers, etag, version.mtime):
                 self.send_head(304, headers)
                 return
-            size = file_status.st_size
+            size = version.size
             byte_range = None
             if_range = self.headers.get("If-Range")
-            if if_range is None or if_range.strip() in (etag, headers["Last-Modified"]):
+            if if_range is None or if_range.strip() in (etag, last_modified):
                 byte_range = parse_range(self.headers.get("Range"), size)
-            headers["Content-Type"] = CONTENT_TYPE_BY_FORMAT[FORMAT_BY_EXTENSION[extension_of(name)]]
+            headers["Content-Type"] = stored.content_type
             if byte_range is None:
                 start, length, status = 0, size, 200
             else:
@@ -1762,54 +1980,60 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers["Content-Length"] = str(length)
             self.send_head(status, headers)
             if self.command != "HEAD":
-                self.send_file_range(descriptor, start, length)
-        finally:
-            os.close(descriptor)
+                self.send_file_range(stored, start, length)
 
     def delete_image(self, name):
-        """DELETE /<name>: remove it, unless If-Match names another version; cancel its resizes."""
-        path = self.server.catalogue.path_of(name)
-        with self.server.files_lock:
-            try:
-                file_status = stored_file_status(path)
-            except OSError:
-                raise HTTPError(404, f"no image named {name!r} is stored") from None
-            if_match = self.headers.get("If-Match")
-            if if_match is not None and not is_etag_match(if_match, make_etag(file_status), weak=False):
-                raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was deleted")
-            try:
-                os.unlink(path)
-                fsync_folder(self.server.catalogue.folder)
-            except FileNotFoundError:
-                raise HTTPError(404, f"no image named {name!r} is stored") from None
-            except OSError as error:
-                raise storage_error(error) from None
-            # Still under the lock, so an upload of the same name that follows keeps its resizes.
-            self.server.resizer.cancel_for(name)
+        """DELETE /<name>: remove it, unless If-Match names another version; cancel its resizes.
+
+        Answers 204; 404 for an unknown name, 412 when If-Match names another version, 507 when
+        the folder is not writable.
+        """
+        if_match = self.headers.get("If-Match")
+
+        def check_if_match(version):
+            if if_match is not None and not is_etag_match(if_match, version.etag, weak=False):
+                raise HTTPError(412, f"{name!r} has changed: its ETag is now {version.etag}; nothing was deleted")
+
+        # Cancelled under the store's lock, so an upload of the same name that follows keeps its resizes.
+        self.server.store.remove(name, check_if_match, functools.partial(self.server.resizer.cancel_for, name))
         self.send_no_content()
 
     def request_resize(self, name):
-        """PATCH /<name>: check the parameters and queue a resize job; 202 with its Location."""
-        try:
-            file_status = stored_file_status(self.server.catalogue.path_of(name))
-        except OSError:
-            raise HTTPError(404, f"no image named {name!r} is stored") from None
-        body = b"".join(self.read_body(MAX_PARAMETERS_BYTES))
-        width, height, fit = parse_resize_params(
-            self.query, body, self.headers.get("Content-Type", ""), self.server.settings.max_pixels
-        )
+        """PATCH /<name>: check the parameters and queue a resize job.
+
+        Answers 202 with the job's Location; 400 for a missing or invalid parameter or a result
+        over --max-pixels, 404 for an unknown name, 412 when If-Match names another version, 413
+        for a body over MAX_PARAMETERS_BYTES, 503 with Retry-After when the queue is full.
+        """
+        settings = self.server.settings
+        with self.server.store.open(name) as stored:
+            body = b"".join(self.read_body(MAX_PARAMETERS_BYTES))
+            width, height, fit = parse_resize_params(
+                self.query, body, self.headers.get("Content-Type", ""), settings.max_pixels
+            )
+            if fit == "contain":
+                with stored.reader() as file:
+                    source_size = upright_size(file)
+                # An unreadable image is refused by its job, which says why.
+                if source_size is not None:
+                    check_result_pixels(*fitted_size(source_size, width, height, fit), settings.max_pixels)
+            version = stored.version
         if_match = self.headers.get("If-Match")
-        expected_identity = None
+        expected_version = None
         if if_match is not None:
-            if not is_etag_match(if_match, make_etag(file_status), weak=False):
-                raise HTTPError(412, f"{name!r} has changed: its ETag is now {make_etag(file_status)}; nothing was queued")
+            if not is_etag_match(if_match, version.etag, weak=False):
+                raise HTTPError(412, f"{name!r} has changed: its ETag is now {version.etag}; nothing was queued")
             # The resize must start from the version the client checked, not from a later one.
-            expected_identity = file_identity(file_status)
-        job = self.server.resizer.submit(name, width, height, fit, expected_identity)
+            expected_version = version
+        job = self.server.resizer.submit(name, width, height, fit, expected_version)
         self.send_json(202, "Image resize command received", {"Location": f"/jobs/{job.id}"})
 
     def show_job(self, job_id):
-        """GET /jobs/<id>: the job's state, after waiting up to ?wait= seconds for it to end."""
+        """GET /jobs/<id>: the job's state, after waiting up to ?wait= seconds for it to end.
+
+        Answers 200 with the job's JSON; 400 for a wait that is not a number of seconds, 404 for
+        an unknown or forgotten job.
+        """
         wait_text = urllib.parse.parse_qs(self.query).get("wait", ["0"])[-1]
         try:
             wait_seconds = float(wait_text)
@@ -1829,19 +2053,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """
         if self.body_is_consumed:
             return
-        if self.content_length > limit_bytes:
-            raise HTTPError(413, f"the body has {self.content_length} bytes, more than the {limit_bytes} allowed")
+        content_length = self.http_request.content_length
+        if content_length > limit_bytes:
+            raise HTTPError(413, f"the body has {content_length} bytes, more than the {limit_bytes} allowed")
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
-        if self.is_chunked:
+        if self.http_request.is_chunked:
             yield from self._read_chunked(limit_bytes)
         else:
-            remaining = self.content_length
+            remaining = content_length
             while remaining:
                 data = self.rfile.read1(min(remaining, READ_CHUNK_SIZE))
                 if not data:
-                    raise HTTPError(400, f"the body ended after {self.content_length - remaining} of {self.content_length} bytes")
+                    raise HTTPError(400, f"the body ended after {content_length - remaining} of {content_length} bytes")
                 remaining -= len(data)
                 yield data
         self.body_is_consumed = True
@@ -1875,9 +2100,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             f"Date: {format_http_date(int(time.time()))}",
         ]
         lines.extend(f"{key}: {value}" for key, value in headers.items())
-        if not self.body_is_consumed:
-            # The unread body must not be parsed as the next request.
-            self.close_connection = True
+        self.decide_keep_alive()
+        if self.close_connection and (status >= 400 or not self.body_is_consumed):
+            # The client may still be sending: read what it sends, so it gets this answer, not a reset.
+            self.must_linger = True
         if self.close_connection:
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
@@ -1902,20 +2128,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Send 204 with no body."""
         self.send_head(204, {})
 
-    def send_file_range(self, descriptor, start, length):
-        """Send `length` bytes of the open file `descriptor` from `start`.
+    def send_file_range(self, stored, start, length):
+        """Send `length` bytes of the StoredFile `stored` from `start`.
 
         A small file goes out with the headers in one write; a larger one with sendfile(), which
         spares copying it through Python.
         """
         if length <= READ_CHUNK_SIZE:
-            data = os.pread(descriptor, length, start)
+            data = stored.read(start, length)
             self.wfile.write(data)
             sent = len(data)
         else:
             self.wfile.flush()
-            with open(descriptor, "rb", closefd=False) as file:
-                sent = self.connection.sendfile(file, start, length)
+            sent = stored.send(self.connection, start, length)
         if sent != length:
             # The file shrank under us (truncated in place by someone else): the framing is broken.
             self.close_connection = True
@@ -1949,7 +2174,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """The HTTP server: settings, catalogue and resizer, one thread per connection."""
+    """The HTTP server: settings, store and resizer, one thread per connection."""
 
     daemon_threads = False
     block_on_close = False
@@ -1958,10 +2183,8 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, settings, quiet=False):
         self.settings = settings
         self.quiet = quiet
-        os.makedirs(settings.storage, exist_ok=True)
-        self.catalogue = Catalogue(settings.storage)
-        self.catalogue.scan()
-        self.files_lock = threading.Lock()
+        self.store = Store(settings.storage)
+        self.store.scan()
         allow_pixels(settings.max_pixels)
         self.connection_slots = threading.BoundedSemaphore(settings.max_connections)
         self._handlers_lock = threading.Lock()
@@ -1971,8 +2194,7 @@ class Server(http.server.ThreadingHTTPServer):
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         self.resizer = Resizer(
-            self.catalogue,
-            self.files_lock,
+            self.store,
             settings.resize_workers,
             settings.max_queue,
             settings.resize_timeout,
@@ -2049,7 +2271,7 @@ class Server(http.server.ThreadingHTTPServer):
         self._cut_connections(only_idle=False)
         for thread in threads:
             thread.join()
-        self.catalogue.remove_own_temp_files()
+        self.store.remove_own_temp_files()
 
     def _cut_connections(self, only_idle):
         # Shutting a socket down wakes the thread blocked reading it.

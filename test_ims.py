@@ -1891,6 +1891,16 @@ class TestMethodsAndPaths(HTTPTestCase):
         self.assertNotIn(b"secret internals", reply.body)
         self.assertEqual(self.request("GET", "/").json, [])
 
+    def test_an_error_the_stdlib_would_answer_itself_is_json_not_html(self):
+        def answer_as_the_stdlib_does(handler):
+            handler.send_error(501, "Unsupported method ('GET')")
+
+        with mock.patch.object(ims.Handler, "list_images", answer_as_the_stdlib_does):
+            reply = self.request("GET", "/")
+        self.assertError(reply, 501, "Unsupported method")
+        self.assertNotIn(b"<", reply.body)
+        self.assertEqual(self.request("GET", "/").json, [])
+
 
 if __name__ == "__main__":
     unittest.main()
@@ -1942,6 +1952,45 @@ class TestOddFilesAndNames(HTTPTestCase):
         self.upload("a.png", make_image("PNG"))
         future = email.utils.formatdate(time.time() + 86400, usegmt=True)
         self.assertEqual(self.request("GET", "/a.png", headers={"If-Modified-Since": future}).status, 200)
+
+    def place(self, name, data):
+        """Put a file into the folder by hand, as a person or a backup restore would."""
+        with open(os.path.join(self.storage, name), "wb") as file:
+            file.write(data)
+
+    def test_a_file_placed_by_hand_is_served_as_its_real_format_not_its_extension(self):
+        for image_format, name, content_type in (
+            ("PNG", "photo.jpg", "image/png"),
+            ("JPEG", "scan.png", "image/jpeg"),
+            ("GIF", "anim.webp", "image/gif"),
+            ("WEBP", "phone.gif", "image/webp"),
+            ("BMP", "old.tif", "image/bmp"),
+            ("TIFF", "print.bmp", "image/tiff"),
+        ):
+            with self.subTest(name=name):
+                data = make_image(image_format)
+                self.place(name, data)
+                for method in ("GET", "HEAD"):
+                    reply = self.request(method, f"/{name}")
+                    self.assertEqual(reply.status, 200, reply.body)
+                    self.assertEqual(reply.headers["Content-Type"], content_type)
+                self.assertEqual(reply.headers["Content-Length"], str(len(data)))
+
+    def test_a_file_placed_by_hand_that_is_no_image_is_served_as_octet_stream(self):
+        self.place("notes.jpg", b"shopping list: milk, eggs")
+        reply = self.request("GET", "/notes.jpg")
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.headers["Content-Type"], "application/octet-stream")
+        self.assertEqual(reply.body, b"shopping list: milk, eggs")
+
+    def test_a_file_replaced_by_hand_with_another_format_changes_its_content_type(self):
+        self.place("swap.png", make_image("PNG"))
+        self.assertEqual(self.request("GET", "/swap.png").headers["Content-Type"], "image/png")
+        temp = os.path.join(self.storage, ".swap")
+        with open(temp, "wb") as file:
+            file.write(make_image("JPEG", size=(65, 48)))
+        os.replace(temp, os.path.join(self.storage, "swap.png"))
+        self.assertEqual(self.request("GET", "/swap.png").headers["Content-Type"], "image/jpeg")
 
 
 # ====
@@ -2564,6 +2613,25 @@ class TestResizePixelLimit(ResizeTestCase):
         self.assertError(self.patch("a.png", "width=101&height=100"), 400, "pixels")
         self.assertEqual(self.wait_job(self.submit("a.png", "width=100&height=100"))["state"], "done")
         self.assertEqual(self.download("a.png").size, (100, 100))
+
+    def test_contain_is_judged_by_its_result_not_by_the_box(self):
+        # 100x100 contained in 1000x50 is 50x50: 2,500 pixels, though the box has 50,000.
+        self.store("square.png", make_image("PNG", (100, 100)))
+        self.assertEqual(self.wait_job(self.submit("square.png", "width=1000&height=50&fit=contain"))["state"], "done")
+        self.assertEqual(self.download("square.png").size, (50, 50))
+
+    def test_contain_whose_result_is_over_max_pixels_is_400(self):
+        self.store("wide.png", make_image("PNG", (100, 50)))
+        # 100x50 contained in 300x300 is 300x150: 45,000 pixels.
+        self.assertError(self.patch("wide.png", "width=300&height=300&fit=contain"), 400, "300x150")
+        self.assertEqual(self.download("wide.png").size, (100, 50))
+
+    def test_contain_reads_the_upright_size_of_a_turned_photo(self):
+        # Stored 200x50 with orientation 6, it shows 50x200; contained in 40x400 that is 40x160.
+        self.store("turned.jpg", make_image("JPEG", (200, 50), orientation=6))
+        self.assertEqual(self.wait_job(self.submit("turned.jpg", "width=40&height=400&fit=contain"))["state"], "done")
+        self.assertEqual(self.download("turned.jpg").size, (40, 160))
+        self.assertError(self.patch("turned.jpg", "width=400&height=400&fit=contain"), 400, "100x400")
 
 
 class TestResizeTimeLimit(ResizeTestCase):
@@ -3269,6 +3337,10 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_request_line_that_never_ends_is_414_json(self):
         self.assertRefused(b"GET /" + b"a" * (100 * 1024), 414)
+
+    def test_request_line_of_100_kib_followed_by_headers_is_414_json(self):
+        request = b"GET /" + b"a" * (100 * 1024) + b".png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
+        self.assertRefused(request, 414, "request line")
 
     def test_long_request_line_and_header_within_the_limits_are_served(self):
         cookie = b"Cookie: " + b"c" * 6000 + b"\r\n"
