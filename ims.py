@@ -30,7 +30,6 @@ import http.server
 import json
 import math
 import multiprocessing
-import multiprocessing.connection
 import os
 import re
 import secrets
@@ -51,6 +50,11 @@ from PIL import JpegImagePlugin
 from PIL import PngImagePlugin  # noqa: F401
 from PIL import TiffImagePlugin  # noqa: F401
 from PIL import WebPImagePlugin  # noqa: F401
+
+try:
+    import resource
+except ImportError:  # Windows: there the parent's time limit is the only one.
+    resource = None
 
 
 # ====
@@ -1220,6 +1224,11 @@ def allow_pixels(max_pixels):
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+# Pillow loads its other plugins on the first open; loaded now, a forked resize process never
+# imports anything (an import lock copied mid-use by the fork would hang it).
+Image.preinit()
+
+
 def check_image(path, extension, max_pixels):
     """Check that the file at `path` is an image that may be stored under `extension`.
 
@@ -1377,20 +1386,52 @@ def resize_file(source_path, target_path, width, height, fit):
 
 def limit_cpu_seconds(seconds):
     """Have the kernel kill this process after `seconds` of CPU time, even if its parent is gone."""
-    try:
-        import resource  # POSIX only; elsewhere the parent's time limit is the only one.
-    except ImportError:
+    if resource is None:
         return
     soft = math.ceil(seconds) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+
+
+def detach_from_server(kept_descriptor):
+    """In a child forked from the server, let go of every descriptor but stdio and `kept_descriptor`.
+
+    A fork copies the server's listening socket, its clients' connections and other jobs' pipes:
+    held on, they would keep a killed server's port busy and other jobs' pipes open. Each is made a
+    copy of /dev/null rather than closed, so its number stays taken and the Python object that still
+    owns it can never close a file this child opens later.
+    """
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            descriptors = [int(name) for name in os.listdir(listing)]
+            break
+        except OSError:
+            continue
+    else:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for descriptor in descriptors:
+            if descriptor > 2 and descriptor not in (kept_descriptor, null):
+                try:
+                    os.dup2(null, descriptor)
+                except OSError:
+                    pass
+    finally:
+        os.close(null)
+    # The server's handlers would stop the server, not this child.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_resize(connection, source_path, target_path, width, height, fit, timeout_seconds, max_pixels):
     """Child process entry point: resize, then send None or the reason it failed through `connection`.
 
     The parent kills a child past `timeout_seconds`; the CPU limit also stops one whose parent was
-    killed first, so no orphan runs on. The reason names no server path.
+    killed first, so no orphan runs on. The reason names no server path. The child leaves with
+    os._exit(): flushing stdio on the way out could wait forever on a lock that another server
+    thread held at the moment of the fork.
     """
+    detach_from_server(connection.fileno())
     try:
         limit_cpu_seconds(timeout_seconds)
         allow_pixels(max_pixels)
@@ -1401,6 +1442,7 @@ def run_resize(connection, source_path, target_path, width, height, fit, timeout
         connection.send(f"the image could not be resized: {reason}")
     else:
         connection.send(None)
+    os._exit(0)
 
 
 # ====
@@ -1463,27 +1505,14 @@ class Outcome:
 
 
 def _multiprocessing_context():
-    # Forking a threaded server can copy a lock mid-use into the child; forkserver forks from a
-    # clean single-threaded process that has already imported Pillow and this module.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        # Started now, so the first resize does not wait for it. The forkserver ignores the sys.path
-        # it is handed (CPython through 3.13), so it finds this module through PYTHONPATH; a child
-        # forked from it then starts with this module and Pillow imported, in a few milliseconds.
-        from multiprocessing import forkserver
-
-        module_folder = os.path.dirname(os.path.abspath(__file__))
-        python_path = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (module_folder, python_path)))
-        try:
-            forkserver.ensure_running()
-        finally:
-            if python_path is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = python_path
-        return context
+    # On Linux a resize process is forked from the server: it starts in about a millisecond with
+    # Pillow and this module loaded, and no helper process (forkserver, resource tracker) sits idle
+    # beside the server. Forking a threaded process copies other threads' locks as they are; the
+    # child takes none of them: it loads nothing new (Pillow's plugins are loaded before any
+    # fork), lets go of the server's descriptors, and leaves with os._exit(). Elsewhere (macOS,
+    # where system libraries do not survive a fork) each child is spawned.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
 
@@ -1655,9 +1684,11 @@ class Resizer:
         if is_cancelled:
             reader.close()
             return Outcome(CANCELLED, "the server stopped")
+        # The child holds the only writing end of the pipe: it is readable once the child has
+        # answered, or has exited without answering.
         try:
-            ready = multiprocessing.connection.wait([reader, process.sentinel], self._timeout_seconds)
-            message = reader.recv() if reader in ready and reader.poll() else False
+            ready = reader.poll(self._timeout_seconds)
+            message = reader.recv() if ready else False
         except EOFError:
             message = False
         finally:
@@ -2363,10 +2394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # multiprocessing rebuilds __main__ in every child by running its file again: 80 ms per resize
-    # for this one. So the server runs from the module `ims` (which the forkserver has imported
-    # once), and this script, whose __file__ is hidden, is not run again.
-    __file__ = None
-    import ims
-
-    sys.exit(ims.main())
+    sys.exit(main())

@@ -29,6 +29,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import warnings
 from unittest import mock
 
 from PIL import Image
@@ -39,6 +40,13 @@ import ims
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 20240501
+
+
+def setUpModule():
+    # IMS forks its resize processes from the threaded server on purpose (README, "Resize
+    # processes"); Python 3.12 and later warn about every such fork. Set here, after unittest
+    # has installed its own warning filters.
+    warnings.filterwarnings("ignore", r"This process .* is multi-threaded, use of fork", DeprecationWarning)
 
 
 # ====
@@ -3770,6 +3778,33 @@ class TestMixedLoad(HTTPTestCase):
 
 class TestCrashRecovery(unittest.TestCase):
     """The real process, killed with SIGKILL at seeded random moments and restarted on one folder."""
+
+    def test_a_restart_after_kill_9_mid_resize_gets_the_port_at_once(self):
+        # The killed server's resize process runs on for a while: it must not keep the port.
+        os.makedirs(self.storage)
+        with open(os.path.join(self.storage, "slow.png"), "wb") as file:
+            file.write(SLOW_SOURCE)
+        process, port = start_ims(self, "--storage", self.storage, "--resize-timeout", "5")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("PATCH", "/slow.png?" + SLOW_FOREVER)
+        response = connection.getresponse()
+        response.read()
+        self.assertEqual(response.status, 202)
+        location = response.getheader("Location")
+
+        def is_running():
+            connection.request("GET", location)
+            return json.loads(connection.getresponse().read())["state"] == "running"
+
+        wait_for(is_running, timeout=10)
+        process.kill()
+        process.wait()
+        start_ims(self, "--storage", self.storage, "--port", str(port))
+        restarted = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(restarted.close)
+        restarted.request("GET", "/")
+        self.assertEqual(json.loads(restarted.getresponse().read()), ["slow.png"])
 
     ROUNDS = 10
     CLIENTS = 3
