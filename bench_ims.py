@@ -3,22 +3,30 @@
 
 Usage:
 
-    python3 bench_ims.py [--vs] [--only SCENARIO ...] [--repeat N] [--json FILE]
+    python3 bench_ims.py [--vs] [--baseline PATH] [--only SCENARIO ...] [--repeat N] [--json FILE]
 
 It starts the servers itself as subprocesses on free ports, each with a temporary storage folder
 holding the same 100 images, runs the scenarios against them in turn, prints one table and stops
 them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
 
-    idle-rss    resident memory of the server process after start-up and one GET /, MiB
+    idle-rss    memory once idle after start-up and one GET /, MiB: RSS of the server process alone,
+                then of its whole tree (server, forkserver, resource tracker) as RSS summed and as
+                PSS summed (/proc/PID/smaps_rollup: a page shared by n processes counts 1/n in each);
+                the notes give each process's RSS and PSS
     list        wrk -t2 -c8 -d5s on GET / with 100 names, requests/s
     small-get   wrk on GET of a 20 KB JPEG, requests/s
     big-get     wrk on GET of a 3 MB photo, MB/s
     upload-rss  peak growth of the server's resident memory during one 15 MB upload, MiB
     upload      `curl -F file=@photo.jpeg` as a user types it (Expect: 100-continue), ms each
-    upload-4    4 such curl uploads at once, uploads/s
+    upload-4    4 such curl uploads at once, uploads/s, and the server's CPU time per upload (its
+                tree's user + system time, /proc/PID/stat), beside curl's own in the notes
     resize      a 12-megapixel photo resized to 300x300 end to end, ms, beside `vipsthumbnail`
                 as a command and Pillow's best in-process path (CPU time)
     resize-8    8 photos resized at once, photos/s, beside 8 best Pillow resizes on all CPUs
+    first-resize
+                the first resize after a fresh start (GET /, then wait until the tree uses no CPU)
+                against a later one on the same server, end to end, ms, and their ratio; median of
+                --repeat fresh starts of each server
     soak        20,000 mixed requests from 4 threads (keep-alive and not, successes and errors,
                 malformed requests on raw sockets, uploads, deletes, resizes waited for with
                 ?wait=): requests/s, and the server's threads, open fds and RSS before (after a
@@ -30,11 +38,15 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 --max-queue 256: how many are accepted and refused, and the peak count of the
                 server's live descendant processes, from /proc/*/stat sampled every ~2 ms
 
-The last three measure IMS only, each on a fresh server of its own (the seed's column says n/a).
+The last three measure IMS only, each on a fresh server of its own (the other columns say n/a).
 
 --repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
-(largest growth) and of resize-8 rounds (median); upload, upload-4 and resize have their own
+(largest growth), of resize-8 rounds (median) and of fresh starts for first-resize; upload, upload-4 and resize have their own
 series. "IMS vs seed" is a factor where above 1 means IMS is better, whatever the unit.
+
+--baseline PATH also runs another ims.py (say a worktree of the last commit) as the column
+"before", on its own copy of the storage, for every scenario but the last three, so a change is
+measured against the code before it in one run; "IMS vs before" is a factor like the seed's.
 
 --vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
 (Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl and vipsthumbnail; a
@@ -55,6 +67,7 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -81,6 +94,8 @@ STARTUP_TIMEOUT_SECONDS = 30
 STOP_TIMEOUT_SECONDS = 10
 # A forkserver and a resource tracker notice their parent is gone within a few milliseconds.
 LEFTOVER_GRACE_SECONDS = 2
+# A server tree is idle once it has used no CPU (in 10 ms clock ticks) for this long.
+IDLE_QUIET_SECONDS = 0.25
 # The contract's ?wait= limit is 60 s; 30 s keeps each request well inside the client timeout.
 JOB_WAIT_SECONDS = 30
 RESIZE_DEADLINE_SECONDS = 120
@@ -96,6 +111,7 @@ PARALLEL_UPLOAD_ROUNDS = 10
 RESIZE_RUNS = 10
 RESIZE_SIZE = (300, 300)
 PARALLEL_RESIZES = 8
+FIRST_RESIZE_LATER = 2  # later resizes on each fresh server, after its first
 # Robustness scenarios (issue 5), each on a fresh IMS.
 CLIENT_TIMEOUT_SECONDS = 10
 SETTLE_SECONDS = 10  # for the server's threads to end once its connections have closed
@@ -135,7 +151,7 @@ class BenchError(Exception):
 class Server:
     """One running server process and the storage folder it serves."""
 
-    kind: str  # "ims" or "seed"
+    kind: str  # "ims", "before" (--baseline) or "seed"
     process: subprocess.Popen
     host: str
     port: int
@@ -171,15 +187,15 @@ class Server:
                 self.process.kill()
                 self.process.wait()
             else:
-                if self.kind == "ims" and self.process.returncode != 0:
-                    problems.append(f"ims exited with status {self.process.returncode} after SIGTERM")
+                if self.kind != "seed" and self.process.returncode != 0:
+                    problems.append(f"{self.kind} exited with status {self.process.returncode} after SIGTERM")
         deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
         leftovers = processes_in_group(self.process.pid)
         while leftovers and time.monotonic() < deadline:
             time.sleep(0.05)
             leftovers = processes_in_group(self.process.pid)
-        if leftovers and self.kind == "ims":
-            problems.append(f"ims left {len(leftovers)} process(es) running "
+        if leftovers and self.kind != "seed":
+            problems.append(f"{self.kind} left {len(leftovers)} process(es) running "
                             f"{LEFTOVER_GRACE_SECONDS} s after it stopped")
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
@@ -207,20 +223,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_ims(storage: Path, scratch: Path, options: list[str] = (), label: str = "ims") -> Server:
+def start_ims(storage: Path, scratch: Path, options: list[str] = (), label: str = "ims",
+              script: Path = IMS_SCRIPT, kind: str = "ims") -> Server:
     """Run `ims.py --port 0` (plus options) and read the port from its start-up line."""
-    if not IMS_SCRIPT.exists():
-        raise BenchError(f"{IMS_SCRIPT} does not exist")
+    if not script.exists():
+        raise BenchError(f"{script} does not exist")
     stdout_path = scratch / f"{label}-stdout.txt"
     with open(stdout_path, "wb") as stdout:
         process = subprocess.Popen(
-            [sys.executable, str(IMS_SCRIPT), "--port", "0", "--storage", str(storage), *options],
+            [sys.executable, str(script), "--port", "0", "--storage", str(storage), *options],
             stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         match = STARTUP_LINE.search(stdout_path.read_text(errors="replace"))
         if match:
-            return Server("ims", process, match.group(1), int(match.group(2)), storage)
+            return Server(kind, process, match.group(1), int(match.group(2)), storage)
         if process.poll() is not None:
             raise BenchError(f"ims.py exited with status {process.returncode} before serving; "
                              "run it by hand to see why")
@@ -374,6 +391,47 @@ def descendants(pid: int) -> list[int]:
                 found.append(int(child))
                 found.extend(descendants(int(child)))
     return found
+
+
+def read_rollup_kib(pid: int) -> dict[str, int]:
+    """Return the kB fields of /proc/PID/smaps_rollup: Rss, Pss (shared pages split among their users)..."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    return {name: int(value.split()[0]) for name, _, value in (line.partition(":") for line in lines[1:])}
+
+
+def process_role(pid: int) -> str:
+    """Name what a server's descendant is from its command line: forkserver, resource tracker or child."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    for role in ("forkserver", "resource_tracker"):
+        if role in command:
+            return role.replace("_", " ")
+    return "child"
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """Return the CPU time (user + system) that processes have used so far, in clock ticks."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def wait_until_idle(pid: int) -> bool:
+    """Wait until a process and its descendants use no CPU for IDLE_QUIET_SECONDS; False on time-out.
+
+    A forkserver goes on importing its preloaded modules after the server has printed its start-up line.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    before = cpu_ticks([pid, *descendants(pid)])
+    while time.monotonic() < deadline:
+        time.sleep(IDLE_QUIET_SECONDS)
+        now = cpu_ticks([pid, *descendants(pid)])
+        if now == before:
+            return True
+        before = now
+    return False
 
 
 class PeakRssGrowth:
@@ -669,13 +727,14 @@ def pool_resize_rate(rounds: int) -> float:
 
 @dataclasses.dataclass
 class Row:
-    """One line of the table: a measure for IMS, for the seed, and the issue's target."""
+    """One line of the table: a measure for IMS, for the seed, for --baseline, and the issue's target."""
 
     scenario: str
     measure: str
     unit: str
     ims: float | None = None
     seed: float | None = None
+    before: float | None = None
     higher_is_better: bool = True
     target: str = ""
     min_versus_seed: float | None = None  # a target as a factor over the seed,
@@ -686,9 +745,17 @@ class Row:
     @property
     def versus_seed(self) -> float | None:
         """How many times better IMS is than the seed (above 1 is better), or None."""
-        if not self.ims or not self.seed:
+        return self.factor(self.seed)
+
+    @property
+    def versus_before(self) -> float | None:
+        """How many times better IMS is than the --baseline IMS (above 1 is better), or None."""
+        return self.factor(self.before)
+
+    def factor(self, other: float | None) -> float | None:
+        if not self.ims or not other:
             return None
-        return self.ims / self.seed if self.higher_is_better else self.seed / self.ims
+        return self.ims / other if self.higher_is_better else other / self.ims
 
     @property
     def met(self) -> bool | None:
@@ -713,6 +780,12 @@ class Bench:
     large_image: Path
     repeat: int
     problems: list[str] = dataclasses.field(default_factory=list)  # servers that stopped badly
+    baseline: Path | None = None  # the ims.py of the "before" column
+
+
+def columns(values: dict[str, float]) -> dict[str, float | None]:
+    """Return a Row's ims, before and seed values from {kind: value}."""
+    return {kind: values.get(kind) for kind in ("ims", "before", "seed")}
 
 
 def measure_per_server(bench: Bench, measure: Callable[[Server], float]):
@@ -742,47 +815,50 @@ def wrk_scenario(bench: Bench, path: str):
 
 
 def scenario_idle_rss(bench: Bench) -> list[Row]:
-    def idle_rss(server: Server) -> float:
+    alone, tree_rss, tree_pss, makeup = {}, {}, {}, []
+    for kind, server in bench.servers.items():
         connection = server.connect()
         request_json(connection, "GET", "/")
         connection.close()
-        time.sleep(0.5)
-        return read_status_kib(server.process.pid, "VmRSS") / 1024
-
-    values, note = measure_per_server(bench, idle_rss)
-    with_children, counts = {}, []
-    for kind, server in bench.servers.items():
-        children = descendants(server.process.pid)
-        child_mib = sum(read_status_kib(pid, "VmRSS") for pid in children) / 1024
-        with_children[kind] = values[kind] + child_mib if kind in values else None
-        counts.append(f"{kind} has {len(children)} child process(es)")
+        if not wait_until_idle(server.process.pid):
+            makeup.append(f"{kind} still used CPU after {STARTUP_TIMEOUT_SECONDS} s")
+        members = {server.process.pid: "server"}
+        members.update((pid, process_role(pid)) for pid in descendants(server.process.pid))
+        memory = {pid: read_rollup_kib(pid) for pid in members}
+        alone[kind] = memory[server.process.pid]["Rss"] / 1024
+        tree_rss[kind] = sum(fields["Rss"] for fields in memory.values()) / 1024
+        tree_pss[kind] = sum(fields["Pss"] for fields in memory.values()) / 1024
+        makeup.append(f"{kind}: " + ", ".join(f"{role} {memory[pid]['Rss'] / 1024:.1f}/{memory[pid]['Pss'] / 1024:.1f}"
+                                              for pid, role in members.items()))
     return [
-        Row("idle-rss", "RSS after start + GET /", "MiB", values.get("ims"), values.get("seed"),
-            higher_is_better=False, target="<= 0.7x seed", min_versus_seed=1 / 0.7, note=note),
-        Row("idle-rss", "same, with its child processes", "MiB", with_children.get("ims"),
-            with_children.get("seed"), higher_is_better=False, note="; ".join(counts)),
+        Row("idle-rss", "RSS of the server process, idle after start + GET /", "MiB", **columns(alone),
+            higher_is_better=False, target="<= 0.7x seed", min_versus_seed=1 / 0.7),
+        Row("idle-rss", "RSS of its whole tree, summed", "MiB", **columns(tree_rss), higher_is_better=False,
+            note="RSS/PSS in MiB of each process: " + "; ".join(makeup)),
+        Row("idle-rss", "PSS of its whole tree, summed", "MiB", **columns(tree_pss), higher_is_better=False,
+            target="<= 1.3x seed", min_versus_seed=1 / 1.3),
     ]
 
 
 def scenario_list(bench: Bench) -> list[Row]:
     medians, note = wrk_scenario(bench, "/")
-    return [Row("list", f"GET / ({LIST_NAMES} names), wrk c8", "req/s", medians.get("ims"),
-                medians.get("seed"), target=">= 4x seed", min_versus_seed=4, note=note)]
+    return [Row("list", f"GET / ({LIST_NAMES} names), wrk c8", "req/s", **columns(medians),
+                target=">= 4x seed", min_versus_seed=4, note=note)]
 
 
 def scenario_small_get(bench: Bench) -> list[Row]:
     medians, note = wrk_scenario(bench, "/small.jpeg")
     kilobytes = bench.small_image.stat().st_size / 1000
-    return [Row("small-get", f"GET {kilobytes:.0f} KB JPEG, wrk c8", "req/s", medians.get("ims"),
-                medians.get("seed"), target=">= 6x seed", min_versus_seed=6, note=note)]
+    return [Row("small-get", f"GET {kilobytes:.0f} KB JPEG, wrk c8", "req/s", **columns(medians),
+                target=">= 6x seed", min_versus_seed=6, note=note)]
 
 
 def scenario_big_get(bench: Bench) -> list[Row]:
     medians, note = wrk_scenario(bench, "/big.jpeg")
     megabytes = BIG_PHOTO.stat().st_size / 1e6
     rates = {kind: requests_per_second * megabytes for kind, requests_per_second in medians.items()}
-    return [Row("big-get", f"GET {megabytes:.1f} MB photo, wrk c8", "MB/s", rates.get("ims"),
-                rates.get("seed"), target=">= 1.7x seed", min_versus_seed=1.7, note=note)]
+    return [Row("big-get", f"GET {megabytes:.1f} MB photo, wrk c8", "MB/s", **columns(rates),
+                target=">= 1.7x seed", min_versus_seed=1.7, note=note)]
 
 
 def scenario_upload_rss(bench: Bench) -> list[Row]:
@@ -799,7 +875,7 @@ def scenario_upload_rss(bench: Bench) -> list[Row]:
     values, note = measure_per_server(bench, largest_growth)
     megabytes = bench.large_image.stat().st_size / 1e6
     return [Row("upload-rss", f"peak RSS growth, {megabytes:.0f} MB upload (max of {bench.repeat})", "MiB",
-                values.get("ims"), values.get("seed"), higher_is_better=False,
+                **columns(values), higher_is_better=False,
                 target="<= 2 MiB", max_ims=2, note=note)]
 
 
@@ -824,16 +900,20 @@ def scenario_upload(bench: Bench) -> list[Row]:
                if kind not in failures}
     return [
         Row("upload", f"curl -F 3 MB photo, command wall (median of {UPLOAD_RUNS})", "ms",
-            wall_ms.get("ims"), wall_ms.get("seed"), higher_is_better=False, target=">= 2x seed",
+            **columns(wall_ms), higher_is_better=False, target=">= 2x seed",
             min_versus_seed=2, note="; ".join(failures.values())),
-        Row("upload", "same, curl's own time_total (no process start)", "ms", curl_ms.get("ims"),
-            curl_ms.get("seed"), higher_is_better=False, target=">= 2x seed", min_versus_seed=2),
+        Row("upload", "same, curl's own time_total (no process start)", "ms", **columns(curl_ms),
+            higher_is_better=False, target=">= 2x seed", min_versus_seed=2),
     ]
 
 
 def scenario_upload_4(bench: Bench) -> list[Row]:
+    server_cpu_ms, curl_cpu_ms = {}, {}
+
     def rate(server: Server) -> float:
         rates = []
+        ticks_before = cpu_ticks([server.process.pid, *descendants(server.process.pid)])
+        curl_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         for _ in range(PARALLEL_UPLOAD_ROUNDS):
             commands = [curl_upload_command(server, BIG_PHOTO, server.fresh_name("p"))
                         for _ in range(PARALLEL_UPLOADS)]
@@ -843,12 +923,22 @@ def scenario_upload_4(bench: Bench) -> list[Row]:
             rates.append(PARALLEL_UPLOADS / (time.perf_counter() - started))
             for output in outputs:
                 check_curl_upload(output)
+        uploads = PARALLEL_UPLOADS * PARALLEL_UPLOAD_ROUNDS
+        ticks = cpu_ticks([server.process.pid, *descendants(server.process.pid)]) - ticks_before
+        server_cpu_ms[server.kind] = ticks * 1000 / os.sysconf("SC_CLK_TCK") / uploads
+        curl_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        curl_seconds = (curl_after.ru_utime + curl_after.ru_stime) - (curl_before.ru_utime + curl_before.ru_stime)
+        curl_cpu_ms[server.kind] = curl_seconds * 1000 / uploads
         return statistics.median(rates)
 
     values, note = measure_per_server(bench, rate)
-    return [Row("upload-4", f"{PARALLEL_UPLOADS} curl uploads at once (median of {PARALLEL_UPLOAD_ROUNDS})",
-                "uploads/s", values.get("ims"), values.get("seed"), target=">= 2x seed",
-                min_versus_seed=2, note=note)]
+    curl_note = "curl's own CPU per upload: " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in curl_cpu_ms.items())
+    return [
+        Row("upload-4", f"{PARALLEL_UPLOADS} curl uploads at once (median of {PARALLEL_UPLOAD_ROUNDS})",
+            "uploads/s", **columns(values), target=">= 2x seed", min_versus_seed=2, note=note),
+        Row("upload-4", "server CPU per upload, whole tree (user + system)", "ms", **columns(server_cpu_ms),
+            higher_is_better=False, note=curl_note),
+    ]
 
 
 def scenario_resize(bench: Bench) -> list[Row]:
@@ -874,14 +964,14 @@ def scenario_resize(bench: Bench) -> list[Row]:
     reference = "a reference, not a server"
     return [
         Row("resize", f"12 MP photo to 300x300, end to end (median of {RESIZE_RUNS})", "ms",
-            values.get("ims"), values.get("seed"), higher_is_better=False, note=note),
+            **columns(values), higher_is_better=False, note=note),
         Row("resize", f"vipsthumbnail -s 300x300, command wall (median of {RESIZE_RUNS})", "ms",
             vips_ms, note=reference),
         Row("resize", f"best in-process Pillow, CPU (median of {RESIZE_RUNS})", "ms", pillow_ms,
             note=reference),
-        Row("resize", "end to end / vipsthumbnail", "x", by_vips.get("ims"), by_vips.get("seed"),
+        Row("resize", "end to end / vipsthumbnail", "x", **columns(by_vips),
             higher_is_better=False, target="<= 0.6", max_ims=0.6),
-        Row("resize", "end to end / best Pillow", "x", by_pillow.get("ims"), by_pillow.get("seed"),
+        Row("resize", "end to end / best Pillow", "x", **columns(by_pillow),
             higher_is_better=False, target="<= 1.5", max_ims=1.5),
     ]
 
@@ -901,11 +991,65 @@ def scenario_resize_8(bench: Bench) -> list[Row]:
     shares = {kind: value / pool_rate for kind, value in values.items()}
     return [
         Row("resize-8", f"{PARALLEL_RESIZES} photos PATCHed at once (median of {bench.repeat})",
-            "photos/s", values.get("ims"), values.get("seed"), note=note),
+            "photos/s", **columns(values), note=note),
         Row("resize-8", f"{PARALLEL_RESIZES} best Pillow resizes, Pool({os.cpu_count()})", "photos/s",
             pool_rate, note="a reference, not a server"),
-        Row("resize-8", "PATCHed / Pool throughput", "x", shares.get("ims"), shares.get("seed"),
+        Row("resize-8", "PATCHed / Pool throughput", "x", **columns(shares),
             target=">= 0.8", min_ims=0.8),
+    ]
+
+
+def start_fresh(bench: Bench, kind: str, storage: Path) -> Server:
+    """Start another server of a kind (ims, before or seed) on a storage folder the caller filled."""
+    if kind == "seed":
+        return start_seed(storage)
+    script = bench.baseline if kind == "before" else IMS_SCRIPT
+    return start_ims(storage, bench.scratch, label=storage.name, script=script, kind=kind)
+
+
+def scenario_first_resize(bench: Bench) -> list[Row]:
+    firsts, laters, ratios = ({kind: [] for kind in bench.servers} for _ in range(3))
+    failures = {}
+    for start in range(bench.repeat):
+        for kind in bench.servers:
+            if kind in failures:
+                continue
+            storage = bench.scratch / f"first-{kind}-{start}"
+            storage.mkdir()
+            names = [f"photo{index}.jpeg" for index in range(1 + FIRST_RESIZE_LATER)]
+            for name in names:
+                shutil.copyfile(BIG_PHOTO, storage / name)
+            server = start_fresh(bench, kind, storage)
+            try:
+                connection = server.connect()
+                request_json(connection, "GET", "/")
+                connection.close()
+                wait_until_idle(server.process.pid)
+                times = []
+                for name in names:
+                    started = time.perf_counter()
+                    resize_and_wait(server, name)
+                    times.append(time.perf_counter() - started)
+            except BenchError as error:
+                failures[kind] = f"{kind}: {error}"
+                continue
+            finally:
+                bench.problems.extend(f"first-resize {kind}: {problem}" for problem in server.stop())
+            later = statistics.median(times[1:])
+            firsts[kind].append(times[0] * 1000)
+            laters[kind].append(later * 1000)
+            ratios[kind].append(times[0] / later)
+    medians = [{kind: statistics.median(values) for kind, values in series.items() if kind not in failures}
+               for series in (firsts, laters, ratios)]
+    notes = [f"{kind}: " + ", ".join(f"{ratio:.2f}" for ratio in values) for kind, values in ratios.items()
+             if kind not in failures]
+    return [
+        Row("first-resize", f"first resize after a fresh start, end to end (median of {bench.repeat} starts)",
+            "ms", **columns(medians[0]), higher_is_better=False, note="; ".join(failures.values())),
+        Row("first-resize", f"a later resize on the same server (median of the {FIRST_RESIZE_LATER} after it)",
+            "ms", **columns(medians[1]), higher_is_better=False),
+        Row("first-resize", "first / later (median of the starts' ratios)", "x", **columns(medians[2]),
+            higher_is_better=False, target="<= 1.5", max_ims=1.5, note="each start's ratio: " + "; ".join(notes)),
     ]
 
 
@@ -1408,6 +1552,7 @@ SCENARIOS = {
     "upload-4": (scenario_upload_4, ["curl"]),
     "resize": (scenario_resize, ["vipsthumbnail"]),
     "resize-8": (scenario_resize_8, []),
+    "first-resize": (scenario_first_resize, []),
     "soak": (scenario_soak, []),
     "slow-clients": (scenario_slow_clients, []),
     "patch-burst": (scenario_patch_burst, []),
@@ -1433,6 +1578,10 @@ def format_value(value: float | None) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
 
 
+def format_factor(versus: float | None) -> str:
+    return f"{versus:.2f}x" if versus else "-"
+
+
 def verdict(row: Row, with_seed: bool) -> str:
     if not row.target:
         return ""
@@ -1441,38 +1590,42 @@ def verdict(row: Row, with_seed: bool) -> str:
     return "met" if row.met else "MISSED"
 
 
-def print_table(rows: list[Row], with_seed: bool) -> None:
+def print_table(rows: list[Row], with_seed: bool, with_before: bool) -> None:
     """Print one aligned table, a line per row, and the notes below it."""
     header = ["scenario", "measure", "unit", "IMS"]
+    header += ["before", "IMS vs before"] if with_before else []
     header += ["seed", "IMS vs seed"] if with_seed else []
     header += ["target", "verdict"]
     lines = [header]
     notes = []
     for row in rows:
         line = [row.scenario, row.measure, row.unit, format_value(row.ims)]
+        if with_before:
+            line += [format_value(row.before), format_factor(row.versus_before)]
         if with_seed:
-            versus = row.versus_seed
-            line += [format_value(row.seed), f"{versus:.2f}x" if versus else "-"]
+            line += [format_value(row.seed), format_factor(row.versus_seed)]
         line += [row.target, verdict(row, with_seed)]
         lines.append(line)
         if row.note:
             notes.append(f"  {row.scenario} / {row.measure}: {row.note}")
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    numeric = {"IMS", "seed", "IMS vs seed"}
+    numeric = {"IMS", "before", "IMS vs before", "seed", "IMS vs seed"}
     for line in lines:
         print("  ".join(cell.rjust(width) if name in numeric else cell.ljust(width)
                         for cell, width, name in zip(line, widths, header)).rstrip())
-    if with_seed:
-        print("IMS vs seed: above 1 means IMS is better (more per second, or less time or memory).")
+    if with_seed or with_before:
+        print("IMS vs seed, IMS vs before: above 1 means IMS is better (more per second, or less time or memory).")
     if notes:
         print("Notes:")
         print("\n".join(notes))
 
 
 def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str]) -> None:
-    results = [dict(dataclasses.asdict(row), versus_seed=row.versus_seed, met=row.met) for row in rows]
+    results = [dict(dataclasses.asdict(row), versus_seed=row.versus_seed, versus_before=row.versus_before,
+                    met=row.met) for row in rows]
     document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
-                "repeat": arguments.repeat, "vs": arguments.vs, "results": results, "problems": problems}
+                "repeat": arguments.repeat, "vs": arguments.vs,
+                "baseline": arguments.baseline and str(arguments.baseline), "results": results, "problems": problems}
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -1519,6 +1672,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vs", action="store_true",
                         help="also run ../shared/peers/flask_seed.py and print IMS-vs-seed factors")
+    parser.add_argument("--baseline", type=Path, metavar="PATH",
+                        help='also run the IMS at PATH (another ims.py) as the column "before"')
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only these scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--repeat", type=int, default=3,
@@ -1545,11 +1700,16 @@ def main(argv: list[str] | None = None) -> int:
             make_large_bmp(large_image)
             prepare_storage(scratch / "ims-storage", small_image)
             servers["ims"] = start_ims(scratch / "ims-storage", scratch)
+            if arguments.baseline:
+                prepare_storage(scratch / "before-storage", small_image)
+                servers["before"] = start_ims(scratch / "before-storage", scratch, label="before",
+                                              script=arguments.baseline.resolve(), kind="before")
             if arguments.vs:
                 prepare_storage(scratch / "seed-storage", small_image)
                 servers["seed"] = start_seed(scratch / "seed-storage")
             progress("serving: " + ", ".join(f"{kind} on port {server.port}" for kind, server in servers.items()))
-            bench = Bench(servers, scratch, small_image, large_image, arguments.repeat, problems)
+            bench = Bench(servers, scratch, small_image, large_image, arguments.repeat, problems,
+                          arguments.baseline and arguments.baseline.resolve())
             rows = run_scenarios(bench, arguments.only or list(SCENARIOS))
         except BenchError as error:
             progress(f"cannot run: {error}")
@@ -1557,7 +1717,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 problems.extend(server.stop())
-    print_table(rows, arguments.vs)
+    print_table(rows, arguments.vs, bool(arguments.baseline))
     for problem in problems:
         print("Problem: " + problem)
     if arguments.json:

@@ -1640,11 +1640,14 @@ class Resizer:
             with self._condition:
                 self._end(job, outcome)
                 del self._running[job.image]
-                self._processes.pop(job.id, None)
+                process = self._processes.pop(job.id, None)
                 self._slot_holders.discard(job.id)
                 self._threads.discard(threading.current_thread())
                 if not self._is_stopping:
                     self._start_ready_jobs()
+            # Reaped once its job has ended: a child that has answered only has to exit.
+            if process is not None:
+                process.join()
 
     def _resize(self, job, target_path):
         try:
@@ -1666,7 +1669,8 @@ class Resizer:
     def _run_child(self, job, arguments):
         """Run resize_file(*arguments) in a process of its own, within the time limit; return its Outcome.
 
-        The job's worker slot is free again as soon as the process has exited.
+        The job's worker slot is free again as soon as the process has answered (it exits at once)
+        or died; it stays in self._processes, to be reaped by _run().
         """
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
@@ -1695,9 +1699,10 @@ class Resizer:
             reader.close()
         if not ready:
             process.kill()
-        process.join()
+        if message is False:
+            # Its exit code is part of the answer.
+            process.join()
         with self._condition:
-            self._processes.pop(job.id, None)
             self._slot_holders.discard(job.id)
             if not self._is_stopping:
                 self._start_ready_jobs()
