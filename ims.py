@@ -47,6 +47,7 @@ from PIL import BmpImagePlugin  # noqa: F401  (registers the format)
 from PIL import GifImagePlugin  # noqa: F401
 from PIL import Image
 from PIL import JpegImagePlugin
+from PIL import MpoImagePlugin  # noqa: F401  (phones' JPEGs with further images appended)
 from PIL import PngImagePlugin  # noqa: F401
 from PIL import TiffImagePlugin  # noqa: F401
 from PIL import WebPImagePlugin  # noqa: F401
@@ -164,6 +165,9 @@ CONTENT_TYPE_BY_FORMAT = {
     "TIFF": "image/tiff",
 }
 ALLOWED_FORMATS = tuple(CONTENT_TYPE_BY_FORMAT)
+# Pillow names a JPEG that carries further images after its own (a depth map, a preview: the
+# Multi-Picture Format that phones and cameras write) MPO; it is a JPEG, stored and served as one.
+FORMAT_ALIASES = {"MPO": "JPEG"}
 # The magic numbers the formats' specifications open a file with; WebP is RIFF....WEBP.
 FORMAT_SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -455,14 +459,8 @@ class Store:
 
     # Reading
 
-    def names(self):
-        """Return the stored names as a frozenset; HTTPError(507) when the folder is gone."""
-        with self._listing_lock:
-            self._refresh()
-            return self._names
-
     def listing(self):
-        """Return the sorted JSON list of names, encoded, ready to send."""
+        """Return the sorted JSON list of names, encoded; HTTPError(507) when the folder is gone."""
         with self._listing_lock:
             self._refresh()
             return self._listing
@@ -556,6 +554,10 @@ class Store:
         or gone, or when is_wanted() (called under the lock) says no; HTTPError(507) when the
         folder is not writable.
         """
+        try:
+            _fsync_path(temp_path)
+        except OSError as error:
+            raise storage_error(error) from None
         with self._changes_lock:
             if not is_wanted():
                 return False
@@ -565,23 +567,25 @@ class Store:
             except HTTPError:
                 return False
             try:
-                _fsync_path(temp_path)
                 os.replace(temp_path, self.path_of(name))
                 _fsync_path(self.folder)
             except OSError as error:
                 raise storage_error(error) from None
         return True
 
-    def remove(self, name, precondition=None, on_removed=None):
+    def remove(self, name, precondition=None, on_removing=None):
         """Remove the stored image `name`; HTTPError(404) when there is none, 507 when not writable.
 
         precondition(version), called under the lock, may raise (412 for If-Match) to keep the
-        file; on_removed(), called under the lock too, runs before another change can follow.
+        file; on_removing(), called under the lock too, runs just before the file goes, so what it
+        stops (the image's resizes) cannot start on a file that is gone.
         """
         with self._changes_lock:
             version = self.version(name)
             if precondition is not None:
                 precondition(version)
+            if on_removing is not None:
+                on_removing()
             try:
                 os.unlink(self.path_of(name))
                 _fsync_path(self.folder)
@@ -589,8 +593,6 @@ class Store:
                 raise HTTPError(404, f"no image named {name!r} is stored") from None
             except OSError as error:
                 raise storage_error(error) from None
-            if on_removed is not None:
-                on_removed()
 
     # Caches
 
@@ -1060,6 +1062,9 @@ class ChunkedDecoder:
 
 
 FITS = ("fill", "contain", "cover")
+# The most a string of digits may say (18 digits); a JSON number is held to it too, as a far
+# larger one no longer fits the float that fit=contain scales by.
+MAX_DIMENSION = 10**18 - 1
 
 
 def _dimension(parameters, key):
@@ -1072,6 +1077,8 @@ def _dimension(parameters, key):
         raise HTTPError(400, f"{key} must be a positive integer, not {value!r}")
     if value < 1:
         raise HTTPError(400, f"{key} must be at least 1, not {value!r}")
+    if value > MAX_DIMENSION:
+        raise HTTPError(400, f"{key} must be at most {MAX_DIMENSION} pixels")
     return value
 
 
@@ -1240,8 +1247,9 @@ def check_image(path, extension, max_pixels):
     expected_format = FORMAT_BY_EXTENSION[extension]
     try:
         with Image.open(path, formats=ALLOWED_FORMATS) as image:
-            if image.format != expected_format:
-                raise HTTPError(415, f"the file is a {image.format} image, but its name ends in {extension!r}")
+            image_format = FORMAT_ALIASES.get(image.format, image.format)
+            if image_format != expected_format:
+                raise HTTPError(415, f"the file is a {image_format} image, but its name ends in {extension!r}")
             width, height = image.size
             if width * height > max_pixels:
                 raise HTTPError(413, f"the image has {width}x{height} pixels, more than the {max_pixels} allowed")
@@ -1265,6 +1273,20 @@ def fitted_size(size, width, height, fit):
     return max(1, round(source_width * scale)), max(1, round(source_height * scale))
 
 
+def header_orientation(image):
+    """Return the EXIF orientation of an opened image (1 when it has none) without decoding pixels."""
+    if image.format == "PNG":
+        # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the
+        # pixels; one before them is already in info.
+        raw = image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(EXIF_ORIENTATION, 1)
+    return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def upright_size(file):
     """Return the (width, height) the image in `file` shows upright, from its header alone.
 
@@ -1274,9 +1296,11 @@ def upright_size(file):
     try:
         with Image.open(file, formats=ALLOWED_FORMATS) as image:
             width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
-                return height, width
-            return width, height
+            is_turned = header_orientation(image) in (5, 6, 7, 8)
+            if image.format == "TIFF":
+                # Pillow turns a TIFF upright itself; newer versions report the upright size already.
+                is_turned = is_turned and (width, height) == (image.tag_v2.get(256), image.tag_v2.get(257))
+            return (height, width) if is_turned else (width, height)
     except Exception:
         return None
 
@@ -1288,8 +1312,9 @@ def resize_frame(frame, width, height, fit):
     source_width, source_height = frame.size
     scale = max(width / source_width, height / source_height)
     crop_width, crop_height = width / scale, height / scale
-    left, top = (source_width - crop_width) / 2, (source_height - crop_height) / 2
-    box = (left, top, left + crop_width, top + crop_height)
+    # Rounding can put a centred edge a hair outside the image, which Pillow refuses.
+    left, top = max(0.0, (source_width - crop_width) / 2), max(0.0, (source_height - crop_height) / 2)
+    box = (left, top, min(source_width, left + crop_width), min(source_height, top + crop_height))
     return frame.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
@@ -1305,15 +1330,19 @@ def _resizable(frame, has_transparency):
 
 
 def upright_frames(image, width, height, fit):
-    """Return every frame of `image` made upright by its EXIF orientation, resized, and their durations."""
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    transpose = TRANSPOSE_BY_ORIENTATION.get(orientation)
-    n_frames = getattr(image, "n_frames", 1)
-    if n_frames == 1 and image.format == "JPEG":
+    """Return every frame of `image` made upright by its EXIF orientation, resized, and their durations.
+
+    Of an MPO only the main picture is kept: the result is a plain JPEG.
+    """
+    n_frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
+    if n_frames == 1 and image.format in ("JPEG", "MPO"):
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost, never below the size
         # needed (in the stored orientation); its DCT scaling is itself a good low-pass filter.
-        stored_box = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        stored_box = (height, width) if header_orientation(image) in (5, 6, 7, 8) else (width, height)
         image.draft(None, stored_box if fit == "fill" else fitted_size(image.size, *stored_box, fit))
+    image.load()
+    # Read once loaded: Pillow turns a TIFF upright itself as it loads it, and drops its Orientation.
+    transpose = TRANSPOSE_BY_ORIENTATION.get(image.getexif().get(EXIF_ORIENTATION, 1))
     has_transparency = "transparency" in image.info
     frames, durations = [], []
     for index in range(n_frames):
@@ -1333,7 +1362,7 @@ def save_like(original, frames, durations, path):
     JPEG keeps the original's quantisation tables and subsampling so quality does not drop, and
     animations keep every frame, their durations and the loop count.
     """
-    image_format = original.format
+    image_format = FORMAT_ALIASES.get(original.format, original.format)
     options = {}
     icc_profile = original.info.get("icc_profile")
     if icc_profile and image_format != "GIF":
@@ -1427,22 +1456,30 @@ def run_resize(connection, source_path, target_path, width, height, fit, timeout
     """Child process entry point: resize, then send None or the reason it failed through `connection`.
 
     The parent kills a child past `timeout_seconds`; the CPU limit also stops one whose parent was
-    killed first, so no orphan runs on. The reason names no server path. The child leaves with
-    os._exit(): flushing stdio on the way out could wait forever on a lock that another server
-    thread held at the moment of the fork.
+    killed first, so no orphan runs on, and an orphan's result is removed. The reason names no
+    server path. The child always leaves with os._exit(): flushing stdio on the way out could wait
+    forever on a lock that another server thread held at the moment of the fork.
     """
-    detach_from_server(connection.fileno())
     try:
-        limit_cpu_seconds(timeout_seconds)
-        allow_pixels(max_pixels)
-        resize_file(source_path, target_path, width, height, fit)
-    except Exception as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        reason = reason.replace(source_path, os.path.basename(source_path)).replace(target_path, "the result")
-        connection.send(f"the image could not be resized: {reason}")
-    else:
-        connection.send(None)
-    os._exit(0)
+        detach_from_server(connection.fileno())
+        try:
+            limit_cpu_seconds(timeout_seconds)
+            allow_pixels(max_pixels)
+            resize_file(source_path, target_path, width, height, fit)
+            answer = None
+        except Image.UnidentifiedImageError:
+            answer = "the image could not be resized: it is not a readable image of an allowed format"
+        except Exception as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            reason = reason.replace(source_path, os.path.basename(source_path)).replace(target_path, "the result")
+            answer = f"the image could not be resized: {reason}"
+        try:
+            connection.send(answer)
+        except OSError:
+            # The server is gone; nobody will put the result in place.
+            os.unlink(target_path)
+    finally:
+        os._exit(0)
 
 
 # ====
@@ -1640,14 +1677,11 @@ class Resizer:
             with self._condition:
                 self._end(job, outcome)
                 del self._running[job.image]
-                process = self._processes.pop(job.id, None)
+                self._processes.pop(job.id, None)
                 self._slot_holders.discard(job.id)
                 self._threads.discard(threading.current_thread())
                 if not self._is_stopping:
                     self._start_ready_jobs()
-            # Reaped once its job has ended: a child that has answered only has to exit.
-            if process is not None:
-                process.join()
 
     def _resize(self, job, target_path):
         try:
@@ -1669,8 +1703,8 @@ class Resizer:
     def _run_child(self, job, arguments):
         """Run resize_file(*arguments) in a process of its own, within the time limit; return its Outcome.
 
-        The job's worker slot is free again as soon as the process has answered (it exits at once)
-        or died; it stays in self._processes, to be reaped by _run().
+        The job's worker slot is free again as soon as the process has exited (it does so right
+        after answering), so at most `workers` resize processes exist at once.
         """
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
@@ -1699,10 +1733,9 @@ class Resizer:
             reader.close()
         if not ready:
             process.kill()
-        if message is False:
-            # Its exit code is part of the answer.
-            process.join()
+        process.join()
         with self._condition:
+            self._processes.pop(job.id, None)
             self._slot_holders.discard(job.id)
             if not self._is_stopping:
                 self._start_ready_jobs()
@@ -1859,8 +1892,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(408, f"the request body stalled for {self.timeout:g} seconds")
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
-        except Exception:
-            self.log_error("unexpected error in %r:\n%s", self.requestline, traceback.format_exc())
+        except Exception as error:
+            # log_error() escapes line breaks; the traceback follows on stderr as it is.
+            self.log_error("unexpected error in %r: %r", self.requestline, error)
+            sys.stderr.write(traceback.format_exc())
             self.send_error(500, "the server failed unexpectedly; its log has the details")
 
     def send_error(self, code, message=None, explain=None, headers=None):
@@ -2085,7 +2120,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Yield the request body in pieces of at most READ_CHUNK_SIZE bytes.
 
         Sends 100 Continue first when the client waits for it. Raises HTTPError(413) past
-        `limit_bytes`, HTTPError(400) for a truncated or malformed body.
+        `limit_bytes`, HTTPError(400) for a truncated or malformed body, socket.timeout (408) when
+        the client is silent for the timeout.
         """
         if self.body_is_consumed:
             return
@@ -2137,7 +2173,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ]
         lines.extend(f"{key}: {value}" for key, value in headers.items())
         self.decide_keep_alive()
-        if self.close_connection and (status >= 400 or not self.body_is_consumed):
+        if self.close_connection and not self.body_is_consumed:
             # The client may still be sending: read what it sends, so it gets this answer, not a reset.
             self.must_linger = True
         if self.close_connection:
@@ -2382,6 +2418,7 @@ def main(argv=None):
     except OSError as error:
         sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
         return 1
+
     def stop(signal_number, frame):
         # shutdown() waits for serve_forever() to return, which runs in this very thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
