@@ -944,10 +944,6 @@ class TestConditionals(unittest.TestCase):
             self.assertIsNone(ims.parse_http_date(text), text)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # ====
 # HTTP: list, upload, download, delete, methods and paths
 # ====
@@ -1892,10 +1888,6 @@ class TestMethodsAndPaths(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, [])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestOddFilesAndNames(HTTPTestCase):
     """What a careful user tries that the contract is silent on."""
 
@@ -2679,12 +2671,6 @@ class TestJobs(ResizeTestCase):
                 reply = self.request("GET", f"{location}?wait={wait}")
                 self.assertEqual(reply.status, 200, reply.body)
                 self.assertEqual(reply.json["state"], "done")
-
-
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 # ====
