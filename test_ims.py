@@ -3796,4 +3796,8 @@ class TestCrashRecovery(unittest.TestCase):
 
 
 if __name__ == "__main__":
+    # multiprocessing starts each resize child by running __main__'s file again, here this whole
+    # module (fixtures included): a few hundred milliseconds per resize, inside its time limit.
+    # ims.py hides its file the same way.
+    __file__ = None
     unittest.main()
