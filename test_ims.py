@@ -129,13 +129,40 @@ def feed_all_ways(parser_factory, data, finish):
     return results[0]
 
 
-def wait_for(predicate, timeout=5.0):
+# How long a test waits for something that should happen at once (an answer, a close, a job's
+# end, a file to appear) before it fails. Generous, so that a loaded machine never trips it; a test
+# that passes never waits it out.
+DEADLINE_SECONDS = 30
+
+
+def wait_for(predicate, timeout=DEADLINE_SECONDS):
     """Return once `predicate()` is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         threading.Event().wait(0.01)
+
+
+def dead_pid():
+    """Return the process id of a process that has exited (a writer that is gone)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def start_server(test, storage, **options):
+    """Return an in-process server on a free port for `storage`, serving; `test` stops it at cleanup.
+
+    The socket listens as soon as make_server() returns, so there is nothing to wait for.
+    """
+    server = ims.make_server(storage, host="127.0.0.1", port=0, quiet=True, **options)
+    # serve_forever() checks for shutdown() every poll_interval; 0.5 s would slow every test.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return server
 
 
 class ServerTestCase(unittest.TestCase):
@@ -147,16 +174,17 @@ class ServerTestCase(unittest.TestCase):
         self.tempdir = tempfile.TemporaryDirectory()
         self.addCleanup(self.tempdir.cleanup)
         self.storage = os.path.join(self.tempdir.name, "storage")
-        self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **self.server_options)
-        # serve_forever() checks for shutdown() every poll_interval; 0.5 s would slow every test.
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        self.addCleanup(self.server.server_close)
-        self.addCleanup(self.server.shutdown)
+        self.prepare_storage()
+        self.server = start_server(self, self.storage, **self.server_options)
         self.host, self.port = self.server.server_address[:2]
 
-    def connect(self):
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+    def prepare_storage(self):
+        """Ready the storage folder before the server starts; make_server() creates it if missing."""
+
+    def connect(self, address=None):
+        """Return a new connection to this server (or to `address`), closed at cleanup."""
+        # Longer than any ?wait= a test asks for, so the server always answers first.
+        connection = http.client.HTTPConnection(*(address or (self.host, self.port)), timeout=2 * DEADLINE_SECONDS)
         self.addCleanup(connection.close)
         return connection
 
@@ -171,28 +199,38 @@ class ServerTestCase(unittest.TestCase):
         body, content_type = multipart_body(files=[("file", name, data)])
         return self.request("POST", "/", body, {"Content-Type": content_type}, connection)
 
-    def raw_exchange(self, data, read_until_close=True, timeout=10):
-        """Send raw bytes and return everything the server answers until it closes (or times out)."""
-        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+    def raw_exchange(self, data):
+        """Send raw bytes on a new connection; return everything the server answers until it closes."""
+        with socket.create_connection((self.host, self.port), timeout=DEADLINE_SECONDS) as sock:
             sock.sendall(data)
-            chunks = []
+            return self.read_until_close(sock)
+
+    def read_until_close(self, sock):
+        """Return everything the server sends on `sock` until it closes the connection.
+
+        A server that neither sends nor closes for the socket's timeout fails the test, showing
+        what it had sent by then.
+        """
+        chunks = []
+        while True:
             try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+                chunk = sock.recv(65536)
             except socket.timeout:
-                if read_until_close:
-                    raise
-            return b"".join(chunks)
+                self.fail(f"the connection is still open after {sock.gettimeout()} s of silence; "
+                          f"answered so far: {b''.join(chunks)[:300]!r}")
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
     def stored_files(self):
         return sorted(os.listdir(self.storage))
 
+    def temp_files(self):
+        """Return the hidden temp files in the storage folder (an upload or resize in progress)."""
+        return [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
+
     def assertNoTempFiles(self):
-        leftovers = [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
-        self.assertEqual(leftovers, [])
+        self.assertEqual(self.temp_files(), [])
 
     def assertError(self, reply, status, words=""):
         """The reply has `status` and a JSON message (containing `words`)."""
@@ -954,7 +992,7 @@ class HTTPTestCase(ServerTestCase):
 
     def open_socket(self):
         """Return a socket connected to the server, closed at cleanup."""
-        sock = socket.create_connection((self.host, self.port), timeout=10)
+        sock = socket.create_connection((self.host, self.port), timeout=DEADLINE_SECONDS)
         self.addCleanup(sock.close)
         return sock
 
@@ -967,15 +1005,6 @@ class HTTPTestCase(ServerTestCase):
                 break
             data += byte
         return data
-
-    def read_until_close(self, sock):
-        """Return everything the server sends until it closes the connection."""
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
 
     def read_reply(self, sock, method="GET"):
         """Read one final response from `sock`: its head, then exactly the body it announces."""
@@ -1072,19 +1101,6 @@ class HTTPTestCase(ServerTestCase):
 
 
 class TestList(HTTPTestCase):
-    def start_server(self, storage):
-        """Start another server on `storage` (prepared beforehand) and return its address."""
-        server = ims.make_server(storage, host="127.0.0.1", port=0, quiet=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        return server.server_address[:2]
-
-    def dead_pid(self):
-        process = subprocess.Popen([sys.executable, "-c", ""])
-        process.wait()
-        return process.pid
-
     def test_empty_storage_lists_an_empty_array(self):
         reply = self.request("GET", "/")
         self.assertEqual(reply.status, 200)
@@ -1140,16 +1156,14 @@ class TestList(HTTPTestCase):
     def test_leftovers_of_dead_writers_are_removed_at_start_up(self):
         storage = os.path.join(self.tempdir.name, "prepared")
         os.mkdir(storage)
-        leftover = self.put_file(f"{ims.TEMP_PREFIX}{self.dead_pid()}-x", b"half an upload", storage)
-        leftover_jpg = self.put_file(f"{ims.TEMP_PREFIX}{self.dead_pid()}-y.jpg", b"half", storage)
+        leftover = self.put_file(f"{ims.TEMP_PREFIX}{dead_pid()}-x", b"half an upload", storage)
+        leftover_jpg = self.put_file(f"{ims.TEMP_PREFIX}{dead_pid()}-y.jpg", b"half", storage)
         self.put_file("kept.jpg", make_image("JPEG"), storage)
-        host, port = self.start_server(storage)
+        server = start_server(self, storage)
         self.assertFalse(os.path.exists(leftover))
         self.assertFalse(os.path.exists(leftover_jpg))
         self.assertEqual(sorted(os.listdir(storage)), ["kept.jpg"])
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-        self.addCleanup(connection.close)
-        reply = self.request("GET", "/", connection=connection)
+        reply = self.request("GET", "/", connection=self.connect(server.server_address))
         self.assertEqual(reply.json, ["kept.jpg"])
 
     def test_temp_file_of_a_live_writer_is_kept_at_start_up_but_not_listed(self):
@@ -1157,11 +1171,9 @@ class TestList(HTTPTestCase):
         os.mkdir(storage)
         # Another IMS process serving the same folder is writing this upload right now.
         in_progress = self.put_file(f"{ims.TEMP_PREFIX}{os.getppid()}-z.jpg", b"half", storage)
-        host, port = self.start_server(storage)
+        server = start_server(self, storage)
         self.assertTrue(os.path.exists(in_progress))
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-        self.addCleanup(connection.close)
-        self.assertEqual(self.request("GET", "/", connection=connection).json, [])
+        self.assertEqual(self.request("GET", "/", connection=self.connect(server.server_address)).json, [])
 
 
 # ====
@@ -1315,7 +1327,7 @@ class TestUpload(HTTPTestCase):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
         sock = self.open_socket()
         sock.sendall(self.multipart_request_head(content_type, len(body) + 1000) + body[: len(body) // 2])
-        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        wait_for(self.temp_files)
         sock.shutdown(socket.SHUT_WR)
         reply = self.parse_reply(self.read_until_close(sock))
         self.assertUploadRefused(reply, 400)
@@ -1329,7 +1341,7 @@ class TestUpload(HTTPTestCase):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
         sock = self.open_socket()
         sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
-        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        wait_for(self.temp_files)
         sock.close()
         wait_for(lambda: self.stored_files() == [])
         self.assertNothingStored()
@@ -1339,7 +1351,7 @@ class TestUpload(HTTPTestCase):
         body, content_type = multipart_body(files=[("file", "a.png", data)])
         sock = self.open_socket()
         sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
-        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        wait_for(self.temp_files)
         self.assertEqual(self.request("GET", "/").json, [])
         self.assertError(self.request("GET", "/a.png"), 404)
         sock.sendall(body[len(body) // 2:])
@@ -2787,8 +2799,7 @@ class TestSignals(unittest.TestCase):
 
     def test_leftovers_of_a_killed_upload_are_removed_at_start_up(self):
         os.makedirs(self.storage)
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        leftover = os.path.join(self.storage, f"{ims.TEMP_PREFIX}{dead.stdout.strip()}-abc.jpg")
+        leftover = os.path.join(self.storage, f"{ims.TEMP_PREFIX}{dead_pid()}-abc.jpg")
         with open(leftover, "wb") as file:
             file.write(b"half an upload")
         start_ims(self, "--storage", self.storage)
@@ -2839,39 +2850,15 @@ class TestSampleImage(unittest.TestCase):
 class TestHostileRequests(HTTPTestCase):
     """Whatever the bytes, the answer is a JSON 4xx (or a correct answer), and never a hang."""
 
-    # A hang fails the test after this long instead of holding the suite up.
-    HANG_SECONDS = 5
-
-    def exchange(self, data, timeout=HANG_SECONDS):
-        """Send raw bytes on a new connection; return all the server sends until it closes.
-
-        A server that neither answers nor closes within `timeout` fails the test, showing what it
-        had sent by then.
-        """
-        chunks = []
-        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
-            sock.sendall(data)
-            try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return b"".join(chunks)
-                    chunks.append(chunk)
-            except socket.timeout:
-                self.fail(
-                    f"the connection was still open after {timeout} s; request {data[:120]!r}, "
-                    f"answered so far {b''.join(chunks)[:300]!r}"
-                )
-
     def assertRefused(self, data, status, words=""):
         """`data` gets exactly one JSON error of `status`, and the connection is closed after it."""
-        reply = self.parse_reply(self.exchange(data))
+        reply = self.parse_reply(self.raw_exchange(data))
         self.assertError(reply, status, words)
         return reply
 
     def assertClientErrorOrAnswer(self, data, method="GET"):
         """`data` gets a correct answer or a JSON 4xx; never a 5xx. Returns the Reply."""
-        reply = self.parse_reply(self.exchange(data), method)
+        reply = self.parse_reply(self.raw_exchange(data), method)
         self.assertLess(reply.status, 500, reply.body)
         if reply.status >= 400:
             self.assertEqual(reply.headers["Content-Type"], "application/json")
@@ -2911,13 +2898,13 @@ class TestHostileRequests(HTTPTestCase):
         self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505)
 
     def test_http_2_connection_preface_gets_a_json_refusal(self):
-        reply = self.parse_reply(self.exchange(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+        reply = self.parse_reply(self.raw_exchange(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
         self.assertIn(reply.status, (400, 505), reply.body)
         self.assertTrue(reply.message)
 
     def test_http_1_2_request_is_answered_as_http_1_1(self):
         # RFC 9110 §6.2: a higher minor version of a major version we implement is treated as ours.
-        reply = self.parse_reply(self.exchange(b"GET / HTTP/1.2\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
+        reply = self.parse_reply(self.raw_exchange(b"GET / HTTP/1.2\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.json, [])
 
@@ -2926,8 +2913,9 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_http_0_9_client_waiting_after_its_one_line_gets_400_at_once(self):
         # An HTTP/0.9 client sends "GET /" and one line end, then waits for the answer; the line
-        # alone is already not HTTP/1.x, so waiting for more (until --timeout) would hang it.
-        reply = self.parse_reply(self.exchange(b"GET /\r\n", timeout=2))
+        # alone is already not HTTP/1.x, so waiting for more (until --timeout) would hang it. A
+        # server that waited would close at its --timeout (30 s) without a word: no 400 to parse.
+        reply = self.parse_reply(self.raw_exchange(b"GET /\r\n"))
         self.assertError(reply, 400)
 
     def test_unknown_methods_are_405_with_allow(self):
@@ -2947,7 +2935,7 @@ class TestHostileRequests(HTTPTestCase):
     def test_connect_and_asterisk_targets_are_4xx_json(self):
         for request in (b"CONNECT ims.test:443 HTTP/1.1", b"OPTIONS * HTTP/1.1", b"GET ftp://ims.test/a.png HTTP/1.1"):
             with self.subTest(request=request):
-                reply = self.parse_reply(self.exchange(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
+                reply = self.parse_reply(self.raw_exchange(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
                 self.assertGreaterEqual(reply.status, 400)
                 self.assertLess(reply.status, 500)
                 self.assertTrue(reply.message)
@@ -2956,14 +2944,13 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_http_1_0_request_is_answered_then_closed(self):
         self.store()
-        raw = self.exchange(b"GET / HTTP/1.0\r\n\r\n")
+        raw = self.raw_exchange(b"GET / HTTP/1.0\r\n\r\n")
         reply = self.parse_reply(raw)
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.json, ["a.png"])
 
     def test_http_1_0_keep_alive_request_keeps_the_connection_open(self):
         sock = self.open_socket()
-        sock.settimeout(self.HANG_SECONDS)
         sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         reply = self.read_reply(sock)
         self.assertEqual(reply.status, 200, reply.body)
@@ -2976,20 +2963,20 @@ class TestHostileRequests(HTTPTestCase):
         data = make_image("PNG")
         body, content_type = multipart_body(files=[("file", "old.png", data)])
         head = f"POST / HTTP/1.0\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        reply = self.parse_reply(self.exchange(head + body))
+        reply = self.parse_reply(self.raw_exchange(head + body))
         self.assertEqual(reply.status, 201, reply.body)
         self.assertEqual(self.request("GET", "/old.png").body, data)
 
     def test_absolute_form_targets_are_served_like_paths(self):
         data = self.store()
-        reply = self.parse_reply(self.exchange(
+        reply = self.parse_reply(self.raw_exchange(
             b"GET http://ims.test/a.png HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
         ))
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.body, data)
         for target in (b"http://ims.test/", b"HTTP://ims.test:5000/", b"http://ims.test"):
             with self.subTest(target=target):
-                reply = self.parse_reply(self.exchange(
+                reply = self.parse_reply(self.raw_exchange(
                     b"GET " + target + b" HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
                 ))
                 self.assertEqual(reply.status, 200, reply.body)
@@ -3005,7 +2992,7 @@ class TestHostileRequests(HTTPTestCase):
             b"GET /missing.png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
             b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
         )
-        raw = self.exchange(requests)
+        raw = self.raw_exchange(requests)
         first, raw = self.split_reply(raw)
         second, raw = self.split_reply(raw, "HEAD")
         third, raw = self.split_reply(raw)
@@ -3025,7 +3012,7 @@ class TestHostileRequests(HTTPTestCase):
         chunks += f"{len(body) - len(body) // 2:x}\r\n".encode() + body[len(body) // 2:] + b"\r\n0\r\n\r\n"
         by_chunks = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"]) + chunks
         listing = b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
-        raw = self.exchange(by_length + by_chunks + listing)
+        raw = self.raw_exchange(by_length + by_chunks + listing)
         first, raw = self.split_reply(raw)
         second, raw = self.split_reply(raw)
         third = self.parse_reply(raw)
@@ -3128,7 +3115,7 @@ class TestHostileRequests(HTTPTestCase):
         for value in ("1" * 30, "-1", "0x10", "1e3", "+5", "", "5 5", "99999999999999999999999999999999999999999"):
             with self.subTest(value=value):
                 head = self.smuggling_head(f"Content-Length: {value}")
-                reply = self.parse_reply(self.exchange(head + b"hello"))
+                reply = self.parse_reply(self.raw_exchange(head + b"hello"))
                 self.assertIn(reply.status, (400, 413), reply.body)
                 self.assertTrue(reply.message)
         self.assertNoTempFiles()
@@ -3182,8 +3169,7 @@ class TestHostileRequests(HTTPTestCase):
         reply = self.request("PATCH", "/a.png?width=4&height=3")
         self.assertEqual(reply.status, 202, reply.body)
         location = reply.headers["Location"]
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.HANG_SECONDS)
-        self.addCleanup(connection.close)
+        connection = self.connect()
         # Asked at once, while the job most likely still runs: the wait must be capped, not overflow.
         for value in ("1e308", "99999999999999999999999", "60.0000001"):
             with self.subTest(value=value):
@@ -3235,14 +3221,10 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_huge_chunk_that_never_arrives_is_4xx_not_a_hang(self):
         head = self.smuggling_head("Transfer-Encoding: chunked")
-        with socket.create_connection((self.host, self.port), timeout=self.HANG_SECONDS) as sock:
-            sock.sendall(head + b"ffffffffffffffff\r\n" + b"x" * 1000)
-            sock.shutdown(socket.SHUT_WR)
-            try:
-                raw = self.read_until_close(sock)
-            except socket.timeout:
-                self.fail("the server neither answered nor closed")
-        reply = self.parse_reply(raw)
+        sock = self.open_socket()
+        sock.sendall(head + b"ffffffffffffffff\r\n" + b"x" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        reply = self.parse_reply(self.read_until_close(sock))
         self.assertIn(reply.status, (400, 413), reply.body)
         self.assertTrue(reply.message)
         self.assertNoTempFiles()
@@ -3261,7 +3243,7 @@ class TestHostileRequests(HTTPTestCase):
         request = b"GET /" + b"a" * 6000 + b".png HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
         self.assertRefused(request, 404)
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
-        self.assertEqual(self.parse_reply(self.exchange(request)).status, 200)
+        self.assertEqual(self.parse_reply(self.raw_exchange(request)).status, 200)
 
     def test_header_line_over_8_kib_is_431_json(self):
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nCookie: " + b"c" * (8 * 1024 + 10) + b"\r\n\r\n"
@@ -3274,7 +3256,7 @@ class TestHostileRequests(HTTPTestCase):
     def test_exactly_100_header_fields_are_served(self):
         fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(98))
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n"
-        self.assertEqual(self.parse_reply(self.exchange(request)).status, 200)
+        self.assertEqual(self.parse_reply(self.raw_exchange(request)).status, 200)
 
     def test_head_over_64_kib_of_short_lines_is_431_json(self):
         fields = b"".join(b"X-Field-%d: %s\r\n" % (index, b"v" * 4000) for index in range(20))
@@ -3286,7 +3268,7 @@ class TestHostileRequests(HTTPTestCase):
             b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
         ):
-            reply = self.parse_reply(self.exchange(request))
+            reply = self.parse_reply(self.raw_exchange(request))
             self.assertGreaterEqual(reply.status, 400)
             self.assertLess(reply.status, 500)
         self.assertEqual(self.request("GET", "/").json, [])
@@ -3302,9 +3284,6 @@ class SlowClientAssertions:
 
     # How long a test waits for the server to disconnect a client before failing.
     DISCONNECT_DEADLINE_SECONDS = 5
-
-    def temp_files(self):
-        return [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
 
     def assertDisconnected(self, sock):
         """The server closes `sock` within the deadline; whatever it says first must be a 408."""
@@ -3485,21 +3464,12 @@ class TestDiskFull(HTTPTestCase):
 
     TMPFS_SIZE = "1m"
 
-    def setUp(self):
+    def prepare_storage(self):
         if not hasattr(os, "geteuid") or os.geteuid() != 0:
             self.skipTest("mounting a tmpfs needs root")
-        self.tempdir = tempfile.TemporaryDirectory()
-        self.addCleanup(self.tempdir.cleanup)
-        self.storage = os.path.join(self.tempdir.name, "storage")
         os.mkdir(self.storage)
         self.mount("-t", "tmpfs", "-o", f"size={self.TMPFS_SIZE},mode=0755", "tmpfs", self.storage)
         self.addCleanup(subprocess.run, ["umount", "-l", self.storage], capture_output=True)
-        self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True)
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        self.addCleanup(self.server.server_close)
-        self.addCleanup(self.server.shutdown)
-        self.host, self.port = self.server.server_address[:2]
 
     def mount(self, *arguments):
         try:
@@ -3664,7 +3634,7 @@ class TestMixedLoad(HTTPTestCase):
         kinds = {kind for kind, status in seen}
         self.assertLessEqual({"upload", "download", "delete", "resize", "job"}, kinds)
         # Invariants once the load is over.
-        wait_for(lambda: not [n for n in os.listdir(self.storage) if n.startswith(ims.TEMP_PREFIX)])
+        wait_for(lambda: not self.temp_files())
         listed = self.request("GET", "/").json
         on_disk = sorted(
             name for name in os.listdir(self.storage)
