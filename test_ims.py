@@ -232,11 +232,23 @@ class ServerTestCase(unittest.TestCase):
     def assertNoTempFiles(self):
         self.assertEqual(self.temp_files(), [])
 
-    def assertError(self, reply, status, words=""):
-        """The reply has `status` and a JSON message (containing `words`)."""
+    def assertError(self, reply, status, words):
+        """The reply is `status` with a JSON body of exactly {"message": <text>}, the text holding `words`.
+
+        `words` (a string or a tuple of strings) is what the contract, the README or the style
+        guide's rule "name the bad value" fixes of the message: the parameter, the name, the limit.
+        None checks the shape only, for a message of which nothing is fixed (a 500's).
+        """
         self.assertEqual(reply.status, status, reply.body)
         self.assertEqual(reply.headers["Content-Type"], "application/json")
-        self.assertIn(words, reply.message)
+        body = json.loads(reply.body)
+        self.assertIsInstance(body, dict, reply.body)
+        self.assertEqual(set(body), {"message"}, reply.body)
+        self.assertIsInstance(body["message"], str, reply.body)
+        self.assertTrue(body["message"].strip(), "the message is empty")
+        for word in (words,) if isinstance(words, str) else words or ():
+            self.assertTrue(word, "an empty word is in every message")
+            self.assertIn(word, body["message"])
 
     def wait_job(self, location, seconds=30):
         reply = self.request("GET", f"{location}?wait={seconds}")
@@ -838,6 +850,8 @@ class TestParseRange(unittest.TestCase):
 
 class TestResizeParams(unittest.TestCase):
     def assertRefused(self, query, body, content_type, *words, max_pixels=MAX_PIXELS):
+        """parse_resize_params() raises 400 with a message holding every one of `words` (one at least)."""
+        self.assertTrue(words, "name what the message must hold")
         with self.assertRaises(ims.HTTPError, msg=(query, body)) as caught:
             ims.parse_resize_params(query, body, content_type, max_pixels)
         self.assertEqual(caught.exception.status, 400)
@@ -916,7 +930,7 @@ class TestResizeParams(unittest.TestCase):
 
     def test_deeply_nested_json_is_400(self):
         body = b'{"width": ' + b"[" * 50000 + b"]" * 50000 + b', "height": 2}'
-        self.assertRefused("", body, "application/json")
+        self.assertRefused("", body, "application/json", "JSON")
 
     def test_malformed_form_body_is_400(self):
         for body in (b"width", b"width=3&&height=2&x", b"\xff=1"):
@@ -1151,7 +1165,7 @@ class TestList(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, ["a.png", "b.png"])
         os.remove(os.path.join(self.storage, "a.png"))
         self.assertEqual(self.request("GET", "/").json, ["b.png"])
-        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
 
     def test_leftovers_of_dead_writers_are_removed_at_start_up(self):
         storage = os.path.join(self.tempdir.name, "prepared")
@@ -1182,8 +1196,8 @@ class TestList(HTTPTestCase):
 
 
 class TestUpload(HTTPTestCase):
-    def assertUploadRefused(self, reply, status, words=""):
-        """The upload got `status` with a JSON message, and left nothing behind."""
+    def assertUploadRefused(self, reply, status, words):
+        """The upload got `status` with a JSON message holding `words` (see assertError), and left nothing behind."""
         self.assertError(reply, status, words)
         self.assertNotIn("Location", reply.headers)
         self.assertNothingStored()
@@ -1246,10 +1260,10 @@ class TestUpload(HTTPTestCase):
         self.assertUploadRefused(self.request("POST", "/", body, {"Content-Type": content_type}), 400, "file")
 
     def test_empty_filename_is_400(self):
-        self.assertUploadRefused(self.upload("", make_image("PNG")), 400)
+        self.assertUploadRefused(self.upload("", make_image("PNG")), 400, "filename")
 
     def test_filename_with_nothing_left_once_made_safe_is_400(self):
-        self.assertUploadRefused(self.upload("../..", make_image("PNG")), 400)
+        self.assertUploadRefused(self.upload("../..", make_image("PNG")), 400, "'../..'")
 
     def test_name_already_stored_is_409_and_keeps_the_first_file(self):
         first = make_image("PNG", color=(1, 2, 3))
@@ -1262,61 +1276,61 @@ class TestUpload(HTTPTestCase):
 
     def test_name_that_becomes_a_stored_name_once_made_safe_is_409(self):
         self.assertEqual(self.upload("my_cat.png", make_image("PNG")).status, 201)
-        self.assertError(self.upload("my cat.png", make_image("PNG")), 409)
+        self.assertError(self.upload("my cat.png", make_image("PNG")), 409, "my_cat.png")
         self.assertEqual(self.stored_files(), ["my_cat.png"])
         self.assertNoTempFiles()
 
     def test_name_placed_in_folder_by_someone_else_is_409(self):
         self.put_file("taken.png", b"someone else's file")
-        self.assertError(self.upload("taken.png", make_image("PNG")), 409)
+        self.assertError(self.upload("taken.png", make_image("PNG")), 409, "taken.png")
         with open(os.path.join(self.storage, "taken.png"), "rb") as file:
             self.assertEqual(file.read(), b"someone else's file")
         self.assertNoTempFiles()
 
     def test_not_multipart_is_415(self):
         reply = self.request("POST", "/", make_image("JPEG"), {"Content-Type": "image/jpeg"})
-        self.assertUploadRefused(reply, 415, "multipart/form-data")
+        self.assertUploadRefused(reply, 415, ("multipart/form-data", "'image/jpeg'"))
 
     def test_no_content_type_is_415(self):
-        self.assertUploadRefused(self.request("POST", "/", b"abc"), 415)
+        self.assertUploadRefused(self.request("POST", "/", b"abc"), 415, "multipart/form-data")
 
     def test_not_an_image_is_415(self):
-        self.assertUploadRefused(self.upload("notes.jpg", b"these are not the pixels you are looking for"), 415)
+        self.assertUploadRefused(self.upload("notes.jpg", b"these are not the pixels you are looking for"), 415, "readable image")
 
     def test_truncated_image_is_415(self):
         data = make_image("PNG", size=(200, 200))
-        self.assertUploadRefused(self.upload("cut.png", data[: len(data) // 2]), 415)
+        self.assertUploadRefused(self.upload("cut.png", data[: len(data) // 2]), 415, "readable image")
 
     def test_format_not_matching_extension_is_415(self):
-        self.assertUploadRefused(self.upload("really_a_png.jpg", make_image("PNG")), 415, "PNG")
+        self.assertUploadRefused(self.upload("really_a_png.jpg", make_image("PNG")), 415, ("PNG", "'.jpg'"))
 
     def test_ico_named_jpg_is_415(self):
-        self.assertUploadRefused(self.upload("icon.jpg", make_image("ICO", size=(32, 32))), 415)
+        self.assertUploadRefused(self.upload("icon.jpg", make_image("ICO", size=(32, 32))), 415, "readable image")
 
     def test_pdf_named_jpg_is_415(self):
-        self.assertUploadRefused(self.upload("paper.jpg", make_image("PDF")), 415)
+        self.assertUploadRefused(self.upload("paper.jpg", make_image("PDF")), 415, "readable image")
 
     def test_name_without_image_extension_is_415(self):
-        self.assertUploadRefused(self.upload("icon.ico", make_image("ICO", size=(32, 32))), 415)
+        self.assertUploadRefused(self.upload("icon.ico", make_image("ICO", size=(32, 32))), 415, "'icon.ico'")
 
     def test_malformed_multipart_is_400(self):
         body = b'--b\r\nthis line is no header\r\n\r\ndata\r\n--b--\r\n'
         reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data; boundary=b"})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "this line is no header")
 
     def test_part_without_content_disposition_is_400(self):
         body = b"--b\r\nContent-Type: image/png\r\n\r\n" + make_image("PNG") + b"\r\n--b--\r\n"
         reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data; boundary=b"})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "Content-Disposition")
 
     def test_body_that_is_not_multipart_at_all_is_400(self):
         reply = self.request("POST", "/", b"just some bytes", {"Content-Type": "multipart/form-data; boundary=b"})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "closing boundary")
 
     def test_body_without_closing_boundary_is_400(self):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
         reply = self.request("POST", "/", body[: -len(b"--ims-test-boundary--\r\n")], {"Content-Type": content_type})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "closing boundary")
 
     def test_missing_boundary_is_400(self):
         body, _ = multipart_body(files=[("file", "a.png", make_image("PNG"))])
@@ -1330,12 +1344,12 @@ class TestUpload(HTTPTestCase):
         wait_for(self.temp_files)
         sock.shutdown(socket.SHUT_WR)
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, f"of {len(body) + 1000} bytes")
 
     def test_no_content_length_and_not_chunked_is_411(self):
         _, content_type = multipart_body(files=[("file", "a.png", b"")])
         raw = self.raw_exchange(self.multipart_request_head(content_type, None, ["Connection: close"]))
-        self.assertUploadRefused(self.parse_reply(raw), 411)
+        self.assertUploadRefused(self.parse_reply(raw), 411, "Content-Length")
 
     def test_client_disconnecting_mid_upload_leaves_nothing(self):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
@@ -1353,7 +1367,7 @@ class TestUpload(HTTPTestCase):
         sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
         wait_for(self.temp_files)
         self.assertEqual(self.request("GET", "/").json, [])
-        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
         sock.sendall(body[len(body) // 2:])
         reply = self.read_reply(sock)
         self.assertEqual(reply.status, 201, reply.body)
@@ -1413,7 +1427,7 @@ class TestUpload(HTTPTestCase):
             b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
         )
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertUploadRefused(reply, 415)
+        self.assertUploadRefused(reply, 415, "'image/png'")
 
     def test_concurrent_uploads_of_one_name_store_exactly_one(self):
         count = 10
@@ -1455,10 +1469,10 @@ class TestUpload(HTTPTestCase):
         local_address = connection.sock.getsockname()
         body, content_type = multipart_body(fields=[("note", "no file")])
         reply = self.request("POST", "/", body, {"Content-Type": content_type}, connection)
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "'file'")
         self.assertNotEqual(reply.headers.get("Connection"), "close")
-        self.assertError(self.upload("b.jpg", b"not an image", connection), 415)
-        self.assertError(self.request("GET", "/missing.png", connection=connection), 404)
+        self.assertError(self.upload("b.jpg", b"not an image", connection), 415, "readable image")
+        self.assertError(self.request("GET", "/missing.png", connection=connection), 404, "missing.png")
         self.assertEqual(self.request("GET", "/a.png", connection=connection).body, png)
         self.assertEqual(self.request("GET", "/", connection=connection).json, ["a.png"])
         self.assertEqual(self.request("DELETE", "/a.png", connection=connection).status, 204)
@@ -1469,7 +1483,7 @@ class TestUpload(HTTPTestCase):
         with mock.patch.object(ims.Handler, "log_error") as log_error:
             with mock.patch.object(ims, "check_image", side_effect=RuntimeError("secret internals")):
                 reply = self.upload("a.png", make_image("PNG"))
-        self.assertError(reply, 500)
+        self.assertError(reply, 500, None)  # a generic message, of which nothing is fixed
         self.assertNotIn(b"Traceback", reply.body)
         self.assertNotIn(b"secret internals", reply.body)
         self.assertIn("RuntimeError", str(log_error.call_args))
@@ -1533,7 +1547,7 @@ class TestUploadPixelLimit(HTTPTestCase):
 
     def test_image_larger_than_max_pixels_is_413(self):
         reply = self.upload("big.png", make_image("PNG", size=(40, 26)))
-        self.assertError(reply, 413, "1000")
+        self.assertError(reply, 413, ("40x26", "1000"))
         self.assertNothingStored()
 
 
@@ -1652,7 +1666,7 @@ class TestDownload(HTTPTestCase):
     def test_range_beyond_the_end_is_416(self):
         data = self.stored("a.png")
         reply = self.request("GET", "/a.png", headers={"Range": f"bytes={len(data)}-{len(data) + 10}"})
-        self.assertError(reply, 416)
+        self.assertError(reply, 416, f"'bytes={len(data)}-{len(data) + 10}'")
         self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
 
     def test_open_range_starting_at_or_past_the_end_is_416(self):
@@ -1660,7 +1674,7 @@ class TestDownload(HTTPTestCase):
         for first in (len(data), len(data) + 100):
             with self.subTest(first=first):
                 reply = self.request("GET", "/a.png", headers={"Range": f"bytes={first}-"})
-                self.assertError(reply, 416)
+                self.assertError(reply, 416, f"'bytes={first}-'")
                 self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
 
     def test_range_with_stale_if_range_sends_the_whole_file(self):
@@ -1703,7 +1717,7 @@ class TestDownload(HTTPTestCase):
         body = response.read()
         self.assertEqual(len(body), len(data))
         self.assertTrue(body == data, "the download is not the whole old file")
-        self.assertError(self.request("GET", "/big.png"), 404)
+        self.assertError(self.request("GET", "/big.png"), 404, "big.png")
 
 
 # ====
@@ -1719,7 +1733,7 @@ class TestDelete(HTTPTestCase):
         self.assertEqual(deleted.body, b"")
         self.assertNotIn("Content-Type", deleted.headers)
         self.assertEqual(listing.json, [])
-        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
         self.assertEqual(self.stored_files(), [])
 
     def test_deleted_name_can_be_uploaded_again(self):
@@ -1733,7 +1747,7 @@ class TestDelete(HTTPTestCase):
     def test_delete_twice_is_404_the_second_time(self):
         self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
         self.assertEqual(self.request("DELETE", "/a.png").status, 204)
-        self.assertError(self.request("DELETE", "/a.png"), 404)
+        self.assertError(self.request("DELETE", "/a.png"), 404, "a.png")
 
     def test_if_match_with_current_etag_deletes(self):
         self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
@@ -1747,10 +1761,10 @@ class TestDelete(HTTPTestCase):
         etag = self.request("HEAD", "/a.png").headers["ETag"]
         self.put_file("a.png", make_image("PNG", size=(10, 10)))
         reply = self.request("DELETE", "/a.png", headers={"If-Match": etag})
-        self.assertError(reply, 412)
+        self.assertError(reply, 412, "a.png")
         self.assertEqual(self.stored_files(), ["a.png"])
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
-        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": '"made-up"'}), 412)
+        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": '"made-up"'}), 412, "a.png")
         self.assertEqual(self.stored_files(), ["a.png"])
 
 
@@ -1762,34 +1776,34 @@ class TestDelete(HTTPTestCase):
 class TestMethodsAndPaths(HTTPTestCase):
     def test_put_on_root_is_405_with_allow(self):
         reply = self.request("PUT", "/", b"x")
-        self.assertError(reply, 405)
+        self.assertError(reply, 405, "PUT")
         self.assertEqual({method.strip() for method in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "POST"})
 
     def test_put_on_image_is_405_with_allow(self):
         reply = self.request("PUT", "/x.jpg", b"x")
-        self.assertError(reply, 405)
+        self.assertError(reply, 405, "PUT")
         self.assertEqual(
             {method.strip() for method in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "DELETE", "PATCH"}
         )
         self.assertEqual(self.stored_files(), [])
 
     def test_post_on_image_and_delete_on_root_are_405(self):
-        self.assertError(self.request("POST", "/x.jpg", b""), 405)
-        self.assertError(self.request("DELETE", "/"), 405)
+        self.assertError(self.request("POST", "/x.jpg", b""), 405, "POST")
+        self.assertError(self.request("DELETE", "/"), 405, "DELETE")
 
     def test_unknown_method_is_405_not_501(self):
         reply = self.request("FOO", "/")
-        self.assertError(reply, 405)
+        self.assertError(reply, 405, "FOO")
         self.assertIn("GET", reply.headers["Allow"])
-        self.assertError(self.request("FOO", "/x.jpg"), 405)
+        self.assertError(self.request("FOO", "/x.jpg"), 405, "FOO")
 
     def test_unknown_method_on_unknown_path_is_404(self):
-        self.assertError(self.request("FOO", "/nothing/here"), 404)
+        self.assertError(self.request("FOO", "/nothing/here"), 404, "'/nothing/here'")
 
     def test_unknown_paths_are_404(self):
         for path in ("/x.txt", "/x", "/a/b.jpg", "/index.html", "/x.jpg/", "/favicon.ico", "/jobs"):
             with self.subTest(path=path):
-                self.assertError(self.request("GET", path), 404)
+                self.assertError(self.request("GET", path), 404, repr(path))
 
     def test_traversal_attempts_are_404_and_never_serve_outside_files(self):
         secret = b"outside the storage folder"
@@ -1815,15 +1829,15 @@ class TestMethodsAndPaths(HTTPTestCase):
 
     def test_hidden_file_in_folder_is_not_served(self):
         self.put_file(".hidden.jpg", make_image("JPEG"))
-        self.assertError(self.request("GET", "/.hidden.jpg"), 404)
-        self.assertError(self.request("DELETE", "/.hidden.jpg"), 404)
+        self.assertError(self.request("GET", "/.hidden.jpg"), 404, "'/.hidden.jpg'")
+        self.assertError(self.request("DELETE", "/.hidden.jpg"), 404, "'/.hidden.jpg'")
         self.assertTrue(os.path.exists(os.path.join(self.storage, ".hidden.jpg")))
 
     def test_symlink_to_outside_file_is_not_served(self):
         outside = self.put_file("outside.jpg", b"outside the storage folder", self.tempdir.name)
         os.symlink(outside, os.path.join(self.storage, "link.jpg"))
         reply = self.request("GET", "/link.jpg")
-        self.assertError(reply, 404)
+        self.assertError(reply, 404, "link.jpg")
         self.assertNotIn(b"outside the storage folder", reply.body)
 
     def test_every_error_body_is_json_with_a_message(self):
@@ -1860,7 +1874,7 @@ class TestMethodsAndPaths(HTTPTestCase):
     def test_malformed_header_line_gets_a_400_json_answer(self):
         raw = self.raw_exchange(b"GET / HTTP/1.1\r\nHost: ims.test\r\nno colon here\r\n\r\n")
         reply = self.parse_reply(raw)
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "'no colon here'")
 
     def test_content_length_with_transfer_encoding_is_400(self):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
@@ -1894,7 +1908,7 @@ class TestMethodsAndPaths(HTTPTestCase):
             with mock.patch.object(ims.Handler, "list_images", side_effect=RuntimeError("secret internals")):
                 reply = self.request("GET", "/")
         self.assertIn("RuntimeError", str(log_error.call_args))
-        self.assertError(reply, 500)
+        self.assertError(reply, 500, None)  # a generic message, of which nothing is fixed
         self.assertNotIn(b"Traceback", reply.body)
         self.assertNotIn(b"secret internals", reply.body)
         self.assertEqual(self.request("GET", "/").json, [])
@@ -1907,8 +1921,8 @@ class TestOddFilesAndNames(HTTPTestCase):
         os.makedirs(self.storage, exist_ok=True)
         os.mkfifo(os.path.join(self.storage, "pipe.jpg"))
         self.assertEqual(self.request("GET", "/").json, [])
-        self.assertError(self.request("GET", "/pipe.jpg"), 404)
-        self.assertError(self.request("PATCH", "/pipe.jpg?width=5&height=5"), 404)
+        self.assertError(self.request("GET", "/pipe.jpg"), 404, "pipe.jpg")
+        self.assertError(self.request("PATCH", "/pipe.jpg?width=5&height=5"), 404, "pipe.jpg")
 
     def test_a_symbolic_link_or_folder_with_an_image_name_cannot_be_resized(self):
         outside = os.path.join(self.tempdir.name, "outside.png")
@@ -1917,7 +1931,7 @@ class TestOddFilesAndNames(HTTPTestCase):
         os.symlink(outside, os.path.join(self.storage, "link.png"))
         os.mkdir(os.path.join(self.storage, "folder.png"))
         for name in ("link.png", "folder.png"):
-            self.assertError(self.request("PATCH", f"/{name}?width=5&height=5"), 404)
+            self.assertError(self.request("PATCH", f"/{name}?width=5&height=5"), 404, name)
         with Image.open(outside) as image:
             self.assertEqual(image.size, (64, 48))
 
@@ -1928,12 +1942,12 @@ class TestOddFilesAndNames(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, [])
 
     def test_a_filename_with_nothing_but_its_extension_left_once_safe_is_400(self):
-        self.assertError(self.upload("\u0444\u043e\u0442\u043e.jpeg", make_image("JPEG")), 400, "nothing is left")
+        self.assertError(self.upload("\u0444\u043e\u0442\u043e.jpeg", make_image("JPEG")), 400, ("nothing is left", "'\u0444\u043e\u0442\u043e.jpeg'"))
         self.assertNothingStored()
 
     def test_a_request_target_with_raw_non_ascii_bytes_is_400(self):
         reply = self.parse_reply(self.raw_exchange("GET /\u00e9.jpg HTTP/1.1\r\nConnection: close\r\n\r\n".encode("utf-8")))
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "ASCII")
 
     def test_a_request_whose_body_is_not_read_is_answered_with_connection_close(self):
         self.upload("a.png", make_image("PNG"))
@@ -2398,13 +2412,13 @@ class TestResize(ResizeTestCase):
     def test_if_match_with_another_etag_is_412_and_the_current_one_is_accepted(self):
         self.store("a.png", make_image("PNG", (64, 48)))
         etag = self.request("HEAD", "/a.png").headers["ETag"]
-        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412)
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412, "a.png")
         reply = self.patch("a.png", "width=20&height=10", headers={"If-Match": etag})
         self.assertEqual(reply.status, 202, reply.body)
         self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
         self.assertEqual(self.download("a.png").size, (20, 10))
         # The resize made a new version: the old ETag no longer matches.
-        self.assertError(self.patch("a.png", "width=30&height=10", headers={"If-Match": etag}), 412)
+        self.assertError(self.patch("a.png", "width=30&height=10", headers={"If-Match": etag}), 412, "a.png")
 
     def test_twenty_resizes_of_one_image_apply_in_the_order_they_were_accepted(self):
         self.store("a.jpg", make_image("JPEG", (200, 150)))
@@ -2461,13 +2475,13 @@ class TestResize(ResizeTestCase):
             self.assertEqual(job["state"], "cancelled")
             self.assertIsNotNone(job["finished"])
         self.assertIn(self.wait_job(running)["state"], ENDED_STATES)
-        self.assertError(self.request("GET", "/slow.png"), 404)
+        self.assertError(self.request("GET", "/slow.png"), 404, "slow.png")
 
     def test_delete_during_a_running_resize_does_not_bring_the_image_back(self):
         location = self.start_slow_resize()
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
         self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
-        self.assertError(self.request("GET", "/slow.png"), 404)
+        self.assertError(self.request("GET", "/slow.png"), 404, "slow.png")
         self.assertEqual(self.request("GET", "/").json, [])
         self.assertEqual(self.stored_files(), [])
 
@@ -2524,17 +2538,17 @@ class TestResizeWithOneWorkerAndOneQueued(ResizeTestCase):
         self.store("a.png", make_image("PNG"))
         queued = self.submit("a.png", "width=10&height=10")
         reply = self.patch("a.png", "width=20&height=20")
-        self.assertError(reply, 503)
+        self.assertError(reply, 503, "try again later")
         self.assertRegex(reply.headers.get("Retry-After", ""), r"^\d+$")
         self.assertEqual(self.job(queued)["state"], "queued")
 
     def test_if_match_with_another_etag_queues_nothing(self):
         self.start_slow_resize()
         self.store("a.png", make_image("PNG"))
-        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412)
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412, "a.png")
         # The one queue slot is still free, so the 412 took none.
         self.submit("a.png", "width=20&height=20")
-        self.assertError(self.patch("a.png", "width=30&height=30"), 503)
+        self.assertError(self.patch("a.png", "width=30&height=30"), 503, "try again later")
 
     def test_a_queued_resize_of_a_deleted_image_is_cancelled_while_others_run_on(self):
         running = self.start_slow_resize()
@@ -2557,7 +2571,7 @@ class TestResizeWithoutQueue(ResizeTestCase):
     def test_a_resize_is_503_when_every_worker_is_busy(self):
         self.start_slow_resize()
         self.store("a.png", make_image("PNG"))
-        self.assertError(self.patch("a.png", "width=10&height=10"), 503)
+        self.assertError(self.patch("a.png", "width=10&height=10"), 503, "try again later")
 
 
 class TestResizePixelLimit(ResizeTestCase):
@@ -2565,7 +2579,7 @@ class TestResizePixelLimit(ResizeTestCase):
 
     def test_a_result_over_max_pixels_is_400(self):
         self.store("a.png", make_image("PNG", (64, 48)))
-        self.assertError(self.patch("a.png", "width=101&height=100"), 400, "pixels")
+        self.assertError(self.patch("a.png", "width=101&height=100"), 400, ("101x100", "10000"))
         self.assertEqual(self.wait_job(self.submit("a.png", "width=100&height=100"))["state"], "done")
         self.assertEqual(self.download("a.png").size, (100, 100))
 
@@ -2664,15 +2678,15 @@ class TestJobs(ResizeTestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.9)
 
     def test_unknown_job_is_404(self):
-        self.assertError(self.request("GET", "/jobs/no-such-job"), 404)
-        self.assertError(self.request("GET", "/jobs/no-such-job?wait=5"), 404)
+        self.assertError(self.request("GET", "/jobs/no-such-job"), 404, "'no-such-job'")
+        self.assertError(self.request("GET", "/jobs/no-such-job?wait=5"), 404, "'no-such-job'")
 
     def test_invalid_wait_is_400(self):
         self.store("a.png", make_image("PNG"))
         location = self.submit("a.png", "width=10&height=10")
         for wait in ("-1", "abc", "nan", "1e999"):
             with self.subTest(wait=wait):
-                self.assertError(self.request("GET", f"{location}?wait={wait}"), 400, "wait")
+                self.assertError(self.request("GET", f"{location}?wait={wait}"), 400, ("wait", repr(wait)))
 
     def test_wait_above_60_is_accepted(self):
         self.store("a.png", make_image("PNG"))
@@ -2850,8 +2864,9 @@ class TestSampleImage(unittest.TestCase):
 class TestHostileRequests(HTTPTestCase):
     """Whatever the bytes, the answer is a JSON 4xx (or a correct answer), and never a hang."""
 
-    def assertRefused(self, data, status, words=""):
-        """`data` gets exactly one JSON error of `status`, and the connection is closed after it."""
+    def assertRefused(self, data, status, words):
+        """`data` gets exactly one JSON error of `status` holding `words` (see assertError), and the
+        connection is closed after it."""
         reply = self.parse_reply(self.raw_exchange(data))
         self.assertError(reply, status, words)
         return reply
@@ -2873,29 +2888,29 @@ class TestHostileRequests(HTTPTestCase):
     # Request lines
 
     def test_garbage_request_lines_are_400_json(self):
-        for request_line in (
-            b"GARBAGE",
-            b"\x00\x01\x02\x03 / HTTP/1.1",
-            b"GET / HTTP/1.1 extra words",
-            b"GET /a b.png HTTP/1.1",
-            b"GET  / HTTP/1.1",
-            b"GET\t/\tHTTP/1.1",
-            b"G(T / HTTP/1.1",
-            b"GET /\r HTTP/1.1",
-            b"GET /\x7f.png HTTP/1.1",
-            b"/ GET HTTP/1.1",
+        for request_line, words in (
+            (b"GARBAGE", "request line"),
+            (b"\x00\x01\x02\x03 / HTTP/1.1", "request line"),
+            (b"GET / HTTP/1.1 extra words", "request line"),
+            (b"GET /a b.png HTTP/1.1", "request line"),
+            (b"GET  / HTTP/1.1", "request line"),
+            (b"GET\t/\tHTTP/1.1", "request line"),
+            (b"G(T / HTTP/1.1", "request line"),
+            (b"GET /\r HTTP/1.1", "request target"),
+            (b"GET /\x7f.png HTTP/1.1", "request target"),
+            (b"/ GET HTTP/1.1", "request line"),
         ):
             with self.subTest(request_line=request_line):
-                self.assertRefused(request_line + b"\r\nHost: ims.test\r\n\r\n", 400)
+                self.assertRefused(request_line + b"\r\nHost: ims.test\r\n\r\n", 400, words)
 
     def test_lowercase_and_malformed_versions_are_400_json(self):
         for version in (b"http/1.1", b"HTTP/1", b"HTTP/1.1.1", b"HTTP/11", b"HTTP/1.x", b"HTTPS/1.1", b"HTTP/ 1.1"):
             with self.subTest(version=version):
-                self.assertRefused(b"GET / " + version + b"\r\nHost: ims.test\r\n\r\n", 400)
+                self.assertRefused(b"GET / " + version + b"\r\nHost: ims.test\r\n\r\n", 400, "request line")
 
     def test_http_2_request_line_is_505_json(self):
-        self.assertRefused(b"GET / HTTP/2.0\r\nHost: ims.test\r\n\r\n", 505, "HTTP/1.1")
-        self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505)
+        self.assertRefused(b"GET / HTTP/2.0\r\nHost: ims.test\r\n\r\n", 505, ("HTTP/2.0", "HTTP/1.1"))
+        self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505, ("HTTP/3.0", "HTTP/1.1"))
 
     def test_http_2_connection_preface_gets_a_json_refusal(self):
         reply = self.parse_reply(self.raw_exchange(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
@@ -2909,26 +2924,26 @@ class TestHostileRequests(HTTPTestCase):
         self.assertEqual(reply.json, [])
 
     def test_http_0_9_style_request_with_blank_line_is_400_json(self):
-        self.assertRefused(b"GET /\r\n\r\n", 400)
+        self.assertRefused(b"GET /\r\n\r\n", 400, "request line")
 
     def test_http_0_9_client_waiting_after_its_one_line_gets_400_at_once(self):
         # An HTTP/0.9 client sends "GET /" and one line end, then waits for the answer; the line
         # alone is already not HTTP/1.x, so waiting for more (until --timeout) would hang it. A
         # server that waited would close at its --timeout (30 s) without a word: no 400 to parse.
         reply = self.parse_reply(self.raw_exchange(b"GET /\r\n"))
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "request line")
 
     def test_unknown_methods_are_405_with_allow(self):
         for method in ("BREW", "get", "PROPFIND", "TRACE", "A" * 200):
             with self.subTest(method=method[:20]):
                 request = f"{method} / HTTP/1.1\r\nHost: ims.test\r\nX-Secret: do-not-echo\r\nConnection: close\r\n\r\n".encode()
-                reply = self.assertRefused(request, 405)
+                reply = self.assertRefused(request, 405, method)
                 self.assertEqual({m.strip() for m in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "POST"})
                 self.assertNotIn(b"do-not-echo", reply.body)
 
     def test_unknown_method_on_an_image_keeps_the_image(self):
         data = self.store()
-        reply = self.assertRefused(b"PUT /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 3\r\n\r\nabc", 405)
+        reply = self.assertRefused(b"PUT /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 3\r\n\r\nabc", 405, "PUT")
         self.assertIn("PATCH", reply.headers["Allow"])
         self.assertEqual(self.request("GET", "/a.png").body, data)
 
@@ -2957,7 +2972,7 @@ class TestHostileRequests(HTTPTestCase):
         self.assertEqual(reply.headers["Connection"].lower(), "keep-alive")
         sock.sendall(b"GET /missing.png HTTP/1.0\r\n\r\n")
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertError(reply, 404)
+        self.assertError(reply, 404, "missing.png")
 
     def test_http_1_0_upload_with_content_length_is_stored(self):
         data = make_image("PNG")
@@ -3000,7 +3015,7 @@ class TestHostileRequests(HTTPTestCase):
         self.assertEqual((first.status, first.body), (200, data))
         self.assertEqual((second.status, second.body), (200, b""))
         self.assertEqual(second.headers["Content-Length"], str(len(data)))
-        self.assertError(third, 404)
+        self.assertError(third, 404, "missing.png")
         self.assertEqual((fourth.status, fourth.json), (200, ["a.png"]))
 
     def test_pipelined_uploads_with_bodies_are_each_read_to_their_exact_end(self):
@@ -3023,27 +3038,27 @@ class TestHostileRequests(HTTPTestCase):
     # Header injection
 
     def test_header_injection_attempts_are_400_json_and_close(self):
-        for header_lines in (
-            b"X-Name: a\rInjected: yes",
-            b"X-Name: a\x00b",
-            b"Host : ims.test",
-            b"X-Name\t: a",
-            b"X-Name: a\r\n folded: continuation",
-            b"X-Name: a\r\n\tfolded",
-            b" X-Leading-Space: a",
-            b"X Name: a",
-            b"X-N\xe4me: a",
-            b": no name",
-            b"no colon at all",
+        for header_lines, words in (
+            (b"X-Name: a\rInjected: yes", ("'X-Name'", "control characters")),
+            (b"X-Name: a\x00b", ("'X-Name'", "control characters")),
+            (b"Host : ims.test", ("'Host : ims.test'", "malformed")),
+            (b"X-Name\t: a", "malformed"),
+            (b"X-Name: a\r\n folded: continuation", ("' folded: continuation'", "malformed")),
+            (b"X-Name: a\r\n\tfolded", "malformed"),
+            (b" X-Leading-Space: a", ("' X-Leading-Space: a'", "malformed")),
+            (b"X Name: a", ("'X Name: a'", "malformed")),
+            (b"X-N\xe4me: a", "malformed"),
+            (b": no name", ("': no name'", "malformed")),
+            (b"no colon at all", ("'no colon at all'", "malformed")),
         ):
             with self.subTest(header_lines=header_lines):
                 request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + header_lines + b"\r\n\r\n"
-                self.assertRefused(request, 400)
+                self.assertRefused(request, 400, words)
 
     def test_header_injection_after_a_request_is_never_answered_as_a_second_request(self):
         self.store()
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Name: a\r\rDELETE /a.png HTTP/1.1\r\n\r\n"
-        self.assertRefused(request, 400)
+        self.assertRefused(request, 400, ("'X-Name'", "control characters"))
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
 
     # Request smuggling (RFC 9112 §6.3)
@@ -3122,7 +3137,7 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_content_length_far_over_the_upload_limit_is_413_before_the_body(self):
         head = self.smuggling_head("Content-Length: 999999999999999999")
-        self.assertRefused(head + b"a little", 413)
+        self.assertRefused(head + b"a little", 413, ("999999999999999999", "16000000"))
 
     def test_get_with_absurd_content_length_is_never_a_5xx(self):
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 999999999999999999\r\n\r\nabc"
@@ -3181,19 +3196,19 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_absurd_resize_dimensions_are_400_json(self):
         self.store()
-        for body in (
-            {"width": 10 ** 30, "height": 10},
-            {"width": 10, "height": 10 ** 30},
-            {"width": 10 ** 30, "height": 10 ** 30},
-            {"width": -10 ** 30, "height": 10},
-            {"width": "1" * 30, "height": "10"},
-            {"width": 1e30, "height": 10},
-            {"width": 10, "height": 0},
-            {"width": [10], "height": {"10": 10}},
+        for body, words in (
+            ({"width": 10 ** 30, "height": 10}, "pixels"),
+            ({"width": 10, "height": 10 ** 30}, "pixels"),
+            ({"width": 10 ** 30, "height": 10 ** 30}, "pixels"),
+            ({"width": -10 ** 30, "height": 10}, "width"),
+            ({"width": "1" * 30, "height": "10"}, "width"),
+            ({"width": 1e30, "height": 10}, "width"),
+            ({"width": 10, "height": 0}, "height"),
+            ({"width": [10], "height": {"10": 10}}, "width"),
         ):
             with self.subTest(body=str(body)[:60]):
                 reply = self.request("PATCH", "/a.png", json.dumps(body), {"Content-Type": "application/json"})
-                self.assertError(reply, 400)
+                self.assertError(reply, 400, words)
         for raw_body in (
             b'{"width": 1e400, "height": 10}', b'{"width": NaN, "height": 10}', b'{"width": Infinity, "height": 10}',
             b'{"width": 1' + b"0" * 5000 + b', "height": 10}', b"[" * 30000 + b"]" * 30000,
@@ -3203,9 +3218,9 @@ class TestHostileRequests(HTTPTestCase):
                 reply = self.request("PATCH", "/a.png", raw_body, {"Content-Type": "application/json"})
                 self.assertIn(reply.status, (400, 413), reply.body)
                 self.assertTrue(reply.message)
-        for query in ("width=" + "9" * 30 + "&height=10", "width=10&height=-0", "width=1e3&height=10"):
+        for query, words in (("width=" + "9" * 30 + "&height=10", "width"), ("width=10&height=-0", "height"), ("width=1e3&height=10", "width")):
             with self.subTest(query=query[:40]):
-                self.assertError(self.request("PATCH", f"/a.png?{query}"), 400)
+                self.assertError(self.request("PATCH", f"/a.png?{query}"), 400, words)
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
 
     def test_chunk_size_of_forty_hex_digits_is_400_and_closes(self):
@@ -3217,7 +3232,7 @@ class TestHostileRequests(HTTPTestCase):
         for size_line in (b"-1", b"0x10", b"1 0", b"", b"g", b"+5"):
             with self.subTest(size_line=size_line):
                 head = self.smuggling_head("Transfer-Encoding: chunked")
-                self.assertRefused(head + size_line + b"\r\nhello\r\n0\r\n\r\n", 400)
+                self.assertRefused(head + size_line + b"\r\nhello\r\n0\r\n\r\n", 400, "chunk size")
 
     def test_huge_chunk_that_never_arrives_is_4xx_not_a_hang(self):
         head = self.smuggling_head("Transfer-Encoding: chunked")
@@ -3233,25 +3248,25 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_request_line_over_8_kib_is_414_json(self):
         request = b"GET /" + b"a" * (8 * 1024 + 10) + b".png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
-        self.assertRefused(request, 414)
+        self.assertRefused(request, 414, "8192")
 
     def test_request_line_that_never_ends_is_414_json(self):
-        self.assertRefused(b"GET /" + b"a" * (100 * 1024), 414)
+        self.assertRefused(b"GET /" + b"a" * (100 * 1024), 414, "8192")
 
     def test_long_request_line_and_header_within_the_limits_are_served(self):
         cookie = b"Cookie: " + b"c" * 6000 + b"\r\n"
         request = b"GET /" + b"a" * 6000 + b".png HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
-        self.assertRefused(request, 404)
+        self.assertRefused(request, 404, "a" * 6000 + ".png")
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
         self.assertEqual(self.parse_reply(self.raw_exchange(request)).status, 200)
 
     def test_header_line_over_8_kib_is_431_json(self):
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nCookie: " + b"c" * (8 * 1024 + 10) + b"\r\n\r\n"
-        self.assertRefused(request, 431)
+        self.assertRefused(request, 431, "8192")
 
     def test_more_than_100_header_fields_is_431_json(self):
         fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(100))
-        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + fields + b"\r\n", 431)
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + fields + b"\r\n", 431, "100")
 
     def test_exactly_100_header_fields_are_served(self):
         fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(98))
@@ -3260,7 +3275,7 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_head_over_64_kib_of_short_lines_is_431_json(self):
         fields = b"".join(b"X-Field-%d: %s\r\n" % (index, b"v" * 4000) for index in range(20))
-        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n", 431)
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n", 431, "65536")
 
     def test_server_keeps_serving_after_every_kind_of_hostile_request(self):
         for request in (
@@ -3295,7 +3310,7 @@ class SlowClientAssertions:
         except ConnectionResetError:
             return
         if data:
-            self.assertError(self.parse_reply(data), 408)
+            self.assertError(self.parse_reply(data), 408, f"stalled for {self.server_options['timeout']:g} seconds")
 
     def is_closed_by_server(self, sock):
         """Tell, without waiting, whether the server has closed `sock` (or answered on it)."""
@@ -3508,7 +3523,7 @@ class TestDiskFull(HTTPTestCase):
         self.assertIsNotNone(refused, "the 1 MiB tmpfs never filled up")
         self.assertGreater(len(stored), 2)
         name, data, reply = refused
-        self.assertError(reply, 507)
+        self.assertError(reply, 507, os.strerror(errno.ENOSPC))
         self.assertNoTempFiles()
         self.assertEqual(self.request("GET", "/").json, sorted(stored))
         for stored_name, stored_data in stored.items():
@@ -3528,7 +3543,7 @@ class TestDiskFull(HTTPTestCase):
         reply = self.request(
             "POST", "/", chunks + b"0\r\n\r\n", {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
         )
-        self.assertError(reply, 507)
+        self.assertError(reply, 507, os.strerror(errno.ENOSPC))
         self.assertNoTempFiles()
         self.assertEqual(self.request("GET", "/").json, [])
 
@@ -3549,8 +3564,8 @@ class TestDiskFull(HTTPTestCase):
         self.assertEqual(self.upload("kept.png", data).status, 201)
         self.mount("-o", "remount,ro", self.storage)
         self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", self.storage], capture_output=True)
-        self.assertError(self.upload("new.png", self.noise_png(SEED + 1)), 507)
-        self.assertError(self.request("DELETE", "/kept.png"), 507)
+        self.assertError(self.upload("new.png", self.noise_png(SEED + 1)), 507, os.strerror(errno.EROFS))
+        self.assertError(self.request("DELETE", "/kept.png"), 507, os.strerror(errno.EROFS))
         reply = self.request("PATCH", "/kept.png?width=10&height=10")
         self.assertEqual(reply.status, 202, reply.body)
         self.assertEqual(self.wait_job(reply.headers["Location"], seconds=5)["state"], "failed")
