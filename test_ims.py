@@ -638,15 +638,15 @@ class TestMultipartParserRejects(unittest.TestCase):
                 ims.MultipartParser(boundary)
             self.assertEqual(caught.exception.status, 400)
 
-    def test_extended_filename_in_an_odd_charset_is_parsed_or_refused_with_400(self):
+    def test_extended_filename_in_an_odd_charset_is_read_as_utf8(self):
+        # RFC 8187: UTF-8 and ISO-8859-1 are the charsets a recipient must know; any other is read
+        # as UTF-8, bytes that are not UTF-8 replaced, never a codec looked up by its name.
         for charset in ("idna", "punycode", "hex", "rot13", "utf-16", "no-such-charset", ""):
             body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
                     f"filename*={charset}''a%FF%00b.png\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
             kind, result = outcome(lambda: ims.MultipartParser(BOUNDARY), [body], multipart_events)
-            if kind == "refused":
-                self.assertEqual(result, 400, charset)
-            else:
-                self.assertIsInstance(result[0].filename, str, charset)
+            self.assertEqual(kind, "parsed", charset)
+            self.assertEqual(result[0].filename, "a\ufffd\x00b.png", charset)
 
     def test_random_mutations_are_parsed_or_refused_with_400(self):
         body, _ = multipart_body(files=[("file", "a.png", b"\x89PNG\r\n\x1a\n--data--\r\n")], fields=[("note", "hi")])
@@ -1815,14 +1815,16 @@ class TestMethodsAndPaths(HTTPTestCase):
             "/../x.jpg", "/..%2Fx.jpg", "/%2e%2e%2fsecret.jpg", "/%2E%2E/secret.jpg", "/%2Fetc%2Fpasswd.jpg",
             "//etc/passwd.jpg", "/..%5Cx.jpg", "/a%00.jpg", "/.hidden.jpg", "/%2ehidden.jpg", "/..", "/%ff.jpg",
         ):
+            # Each names no image (a "/" or a backslash once decoded, NUL, a leading dot, no image
+            # extension, not UTF-8), so the route answers 404 before any file is looked at.
             for method in ("GET", "HEAD", "DELETE"):
                 with self.subTest(path=path, method=method):
                     reply = self.request(method, path)
-                    self.assertIn(reply.status, (400, 404), reply.body)
                     self.assertNotIn(secret, reply.body)
-                    if method != "HEAD":
-                        self.assertEqual(reply.headers["Content-Type"], "application/json")
-                        self.assertTrue(reply.message)
+                    if method == "HEAD":
+                        self.assertEqual((reply.status, reply.body), (404, b""))
+                    else:
+                        self.assertError(reply, 404, repr(path))
         self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "x.jpg")))
         self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "secret.jpg")))
         self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "etc", "passwd.jpg")))
@@ -1842,21 +1844,17 @@ class TestMethodsAndPaths(HTTPTestCase):
 
     def test_every_error_body_is_json_with_a_message(self):
         body, content_type = multipart_body(fields=[("a", "b")])
-        replies = [
-            self.request("GET", "/missing.jpg"),
-            self.request("GET", "/nothing"),
-            self.request("PUT", "/"),
-            self.request("POST", "/", body, {"Content-Type": content_type}),
-            self.request("POST", "/", b"x", {"Content-Type": "text/plain"}),
-            self.request("DELETE", "/missing.jpg"),
+        cases = [
+            (self.request("GET", "/missing.jpg"), 404, "missing.jpg"),
+            (self.request("GET", "/nothing"), 404, "'/nothing'"),
+            (self.request("PUT", "/"), 405, "PUT"),
+            (self.request("POST", "/", body, {"Content-Type": content_type}), 400, "'file'"),
+            (self.request("POST", "/", b"x", {"Content-Type": "text/plain"}), 415, "'text/plain'"),
+            (self.request("DELETE", "/missing.jpg"), 404, "missing.jpg"),
         ]
-        for reply in replies:
-            with self.subTest(status=reply.status):
-                self.assertGreaterEqual(reply.status, 400)
-                self.assertEqual(reply.headers["Content-Type"], "application/json")
-                self.assertEqual(set(reply.json), {"message"})
-                self.assertIsInstance(reply.message, str)
-                self.assertTrue(reply.message)
+        for reply, status, words in cases:
+            with self.subTest(status=status, words=words):
+                self.assertError(reply, status, words)
 
     def test_malformed_request_line_gets_a_4xx_json_answer(self):
         for request_line in (
@@ -1865,11 +1863,7 @@ class TestMethodsAndPaths(HTTPTestCase):
         ):
             with self.subTest(request_line=request_line):
                 raw = self.raw_exchange(request_line + b"\r\nHost: ims.test\r\n\r\n")
-                reply = self.parse_reply(raw)
-                self.assertGreaterEqual(reply.status, 400)
-                self.assertLess(reply.status, 500)
-                self.assertEqual(reply.headers["Content-Type"], "application/json")
-                self.assertTrue(reply.message)
+                self.assertError(self.parse_reply(raw), 400, "request line")
 
     def test_malformed_header_line_gets_a_400_json_answer(self):
         raw = self.raw_exchange(b"GET / HTTP/1.1\r\nHost: ims.test\r\nno colon here\r\n\r\n")
@@ -2871,15 +2865,6 @@ class TestHostileRequests(HTTPTestCase):
         self.assertError(reply, status, words)
         return reply
 
-    def assertClientErrorOrAnswer(self, data, method="GET"):
-        """`data` gets a correct answer or a JSON 4xx; never a 5xx. Returns the Reply."""
-        reply = self.parse_reply(self.raw_exchange(data), method)
-        self.assertLess(reply.status, 500, reply.body)
-        if reply.status >= 400:
-            self.assertEqual(reply.headers["Content-Type"], "application/json")
-            self.assertTrue(reply.message)
-        return reply
-
     def store(self, name="a.png"):
         data = make_image("PNG", size=(40, 30))
         self.assertEqual(self.upload(name, data).status, 201)
@@ -2913,9 +2898,8 @@ class TestHostileRequests(HTTPTestCase):
         self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505, ("HTTP/3.0", "HTTP/1.1"))
 
     def test_http_2_connection_preface_gets_a_json_refusal(self):
-        reply = self.parse_reply(self.raw_exchange(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
-        self.assertIn(reply.status, (400, 505), reply.body)
-        self.assertTrue(reply.message)
+        # "PRI * HTTP/2.0" is a well-formed request line of major version 2.
+        self.assertRefused(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, ("HTTP/2.0", "HTTP/1.1"))
 
     def test_http_1_2_request_is_answered_as_http_1_1(self):
         # RFC 9110 §6.2: a higher minor version of a major version we implement is treated as ours.
@@ -2948,12 +2932,14 @@ class TestHostileRequests(HTTPTestCase):
         self.assertEqual(self.request("GET", "/a.png").body, data)
 
     def test_connect_and_asterisk_targets_are_4xx_json(self):
-        for request in (b"CONNECT ims.test:443 HTTP/1.1", b"OPTIONS * HTTP/1.1", b"GET ftp://ims.test/a.png HTTP/1.1"):
+        # Neither a path nor an http(s) URL: the target names nothing IMS serves.
+        for request, target in (
+            (b"CONNECT ims.test:443 HTTP/1.1", "'ims.test:443'"),
+            (b"OPTIONS * HTTP/1.1", "'*'"),
+            (b"GET ftp://ims.test/a.png HTTP/1.1", "'ftp://ims.test/a.png'"),
+        ):
             with self.subTest(request=request):
-                reply = self.parse_reply(self.raw_exchange(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
-                self.assertGreaterEqual(reply.status, 400)
-                self.assertLess(reply.status, 500)
-                self.assertTrue(reply.message)
+                self.assertRefused(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n", 400, target)
 
     # HTTP/1.0 and absolute-form
 
@@ -3127,12 +3113,11 @@ class TestHostileRequests(HTTPTestCase):
     # Absurd numbers
 
     def test_absurd_content_lengths_are_4xx_json(self):
+        # None is one non-negative integer of at most 18 digits, so none is compared with the limit.
         for value in ("1" * 30, "-1", "0x10", "1e3", "+5", "", "5 5", "99999999999999999999999999999999999999999"):
             with self.subTest(value=value):
                 head = self.smuggling_head(f"Content-Length: {value}")
-                reply = self.parse_reply(self.raw_exchange(head + b"hello"))
-                self.assertIn(reply.status, (400, 413), reply.body)
-                self.assertTrue(reply.message)
+                self.assertRefused(head + b"hello", 400, ("Content-Length", repr(value)))
         self.assertNoTempFiles()
 
     def test_content_length_far_over_the_upload_limit_is_413_before_the_body(self):
@@ -3141,25 +3126,28 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_get_with_absurd_content_length_is_never_a_5xx(self):
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 999999999999999999\r\n\r\nabc"
-        self.assertClientErrorOrAnswer(request)
+        reply = self.parse_reply(self.raw_exchange(request))
+        # GET / reads no body, so it is answered, and the connection closed: the unread body must
+        # not be taken for the next request.
+        self.assertEqual((reply.status, reply.json, reply.headers["Connection"]), (200, [], "close"))
 
     def test_absurd_ranges_give_the_whole_image_a_range_or_416(self):
         data = self.store()
-        for value in (
-            "bytes=99999999999999999999-", "bytes=0-99999999999999999999", "bytes=-99999999999999999999",
-            "bytes=999999999999999999-", "bytes=18446744073709551616-18446744073709551617", "bytes=-0",
-            "bytes=--1", "bytes=1-0", "bytes=0x10-", "bytes=" + "0" * 5000 + "-", "bytes=" + "0-," * 2000,
+        # A number of more than 18 digits, a malformed range or several ranges are ignored (RFC
+        # 9110 §14.2): the whole image. A start past the end, or a suffix of 0 bytes: 416.
+        for value, status in (
+            ("bytes=99999999999999999999-", 200), ("bytes=0-99999999999999999999", 200),
+            ("bytes=-99999999999999999999", 200), ("bytes=999999999999999999-", 416),
+            ("bytes=18446744073709551616-18446744073709551617", 200), ("bytes=-0", 416), ("bytes=--1", 200),
+            ("bytes=1-0", 200), ("bytes=0x10-", 200), ("bytes=" + "0" * 5000 + "-", 200), ("bytes=" + "0-," * 2000, 200),
         ):
             with self.subTest(value=value[:40]):
                 request = f"GET /a.png HTTP/1.1\r\nHost: ims.test\r\nRange: {value}\r\nConnection: close\r\n\r\n"
-                reply = self.assertClientErrorOrAnswer(request.encode())
-                self.assertIn(reply.status, (200, 206, 416), reply.body)
-                if reply.status == 200:
-                    self.assertEqual(reply.body, data)
-                elif reply.status == 206:
-                    start, end = (int(n) for n in reply.headers["Content-Range"].split()[1].split("/")[0].split("-"))
-                    self.assertEqual(reply.body, data[start:end + 1])
+                reply = self.parse_reply(self.raw_exchange(request.encode()))
+                if status == 200:
+                    self.assertEqual((reply.status, reply.body), (200, data))
                 else:
+                    self.assertError(reply, 416, repr(value))
                     self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
 
     def test_absurd_dates_in_conditional_headers_are_never_a_5xx(self):
@@ -3169,15 +3157,16 @@ class TestHostileRequests(HTTPTestCase):
             "Fri, 31 Dec 9999 99:99:99 GMT", "Thu, 01 Jan 1970 00:00:00 +9999", "1" * 400, "\xff\xfe",
         ):
             with self.subTest(value=value[:40]):
-                for header in ("If-Modified-Since", "If-Range"):
+                # None is a valid date at or after the file's and not in the future, so
+                # If-Modified-Since never gives 304 and the range is served; as If-Range, it is
+                # neither the ETag nor the Last-Modified, so the whole image is sent.
+                for header, status, body in (("If-Modified-Since", 206, data[:4]), ("If-Range", 200, data)):
                     request = (
                         f"GET /a.png HTTP/1.1\r\nHost: ims.test\r\n{header}: {value}\r\n"
                         "Range: bytes=0-3\r\nConnection: close\r\n\r\n"
                     )
-                    reply = self.assertClientErrorOrAnswer(request.encode("latin-1"))
-                    self.assertIn(reply.status, (200, 206, 304), reply.body)
-                    if reply.status == 200:
-                        self.assertEqual(reply.body, data)
+                    reply = self.parse_reply(self.raw_exchange(request.encode("latin-1")))
+                    self.assertEqual((reply.status, reply.body), (status, body), header)
 
     def test_absurd_job_waits_are_400_json_and_finite_huge_ones_are_capped(self):
         self.store()
@@ -3209,15 +3198,22 @@ class TestHostileRequests(HTTPTestCase):
             with self.subTest(body=str(body)[:60]):
                 reply = self.request("PATCH", "/a.png", json.dumps(body), {"Content-Type": "application/json"})
                 self.assertError(reply, 400, words)
-        for raw_body in (
-            b'{"width": 1e400, "height": 10}', b'{"width": NaN, "height": 10}', b'{"width": Infinity, "height": 10}',
-            b'{"width": 1' + b"0" * 5000 + b', "height": 10}', b"[" * 30000 + b"]" * 30000,
-            b'{"width": ' * 5000, b"[" * 100000, b"\xff\xfe{}",
+        # Pythons that limit int() to 4300 digits (3.8.14 and later) refuse a longer JSON number as
+        # invalid JSON; older ones read it, and it is then too many pixels.
+        long_number_words = "JSON" if hasattr(sys, "get_int_max_str_digits") else "pixels"
+        for raw_body, status, words in (
+            (b'{"width": 1e400, "height": 10}', 400, ("width", "inf")),
+            (b'{"width": NaN, "height": 10}', 400, ("width", "nan")),
+            (b'{"width": Infinity, "height": 10}', 400, ("width", "inf")),
+            (b'{"width": 1' + b"0" * 5000 + b', "height": 10}', 400, long_number_words),
+            (b"[" * 30000 + b"]" * 30000, 400, "JSON"),
+            (b'{"width": ' * 5000, 400, "JSON"),
+            (b"[" * 100000, 413, ("100000", str(ims.MAX_PARAMETERS_BYTES))),
+            (b"\xff\xfe{}", 400, "JSON"),
         ):
             with self.subTest(raw_body=raw_body[:40]):
                 reply = self.request("PATCH", "/a.png", raw_body, {"Content-Type": "application/json"})
-                self.assertIn(reply.status, (400, 413), reply.body)
-                self.assertTrue(reply.message)
+                self.assertError(reply, status, words)
         for query, words in (("width=" + "9" * 30 + "&height=10", "width"), ("width=10&height=-0", "height"), ("width=1e3&height=10", "width")):
             with self.subTest(query=query[:40]):
                 self.assertError(self.request("PATCH", f"/a.png?{query}"), 400, words)
@@ -3240,8 +3236,8 @@ class TestHostileRequests(HTTPTestCase):
         sock.sendall(head + b"ffffffffffffffff\r\n" + b"x" * 1000)
         sock.shutdown(socket.SHUT_WR)
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertIn(reply.status, (400, 413), reply.body)
-        self.assertTrue(reply.message)
+        # 1000 bytes are far below --max-upload; then the body ends inside the chunk.
+        self.assertError(reply, 400, "last chunk")
         self.assertNoTempFiles()
 
     # Size limits of the head
@@ -3278,14 +3274,12 @@ class TestHostileRequests(HTTPTestCase):
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n", 431, "65536")
 
     def test_server_keeps_serving_after_every_kind_of_hostile_request(self):
-        for request in (
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+        for request, status, words in (
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400, "request line"),
+            (b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "Content-Length"),
+            (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414, "8192"),
         ):
-            reply = self.parse_reply(self.raw_exchange(request))
-            self.assertGreaterEqual(reply.status, 400)
-            self.assertLess(reply.status, 500)
+            self.assertRefused(request, status, words)
         self.assertEqual(self.request("GET", "/").json, [])
 
 
@@ -3627,7 +3621,11 @@ class TestMixedLoad(HTTPTestCase):
                     expected = (200,)
                     self.assertIsInstance(reply.json, list)
                 seen.append((kind, reply.status))
+                # Which of two statuses depends on what the other clients did to the same five
+                # names a moment before; either way a refusal is JSON naming the image.
                 self.assertIn(reply.status, expected, (kind, name, reply.body))
+                if reply.status >= 400:
+                    self.assertError(reply, reply.status, name)
         except BaseException as error:
             failures.append(error)
         finally:
