@@ -3362,20 +3362,23 @@ class TestHostileRequests(HTTPTestCase):
 class SlowClientAssertions:
     """For HTTPTestCase classes: helpers that tell a disconnected client from a waiting one."""
 
-    # How long a test waits for the server to disconnect a client before failing.
-    DISCONNECT_DEADLINE_SECONDS = 5
+    def assertDisconnected(self, sock, status=None, may_reset=False):
+        """The server closes `sock` (failing the test after DEADLINE_SECONDS).
 
-    def assertDisconnected(self, sock):
-        """The server closes `sock` within the deadline; whatever it says first must be a 408."""
-        sock.settimeout(self.DISCONNECT_DEADLINE_SECONDS)
+        `status` None: a request head that did not come in time is dropped without a word; 408:
+        a body that stalled is answered 408 first. `may_reset`: the client may have written after
+        the close, so the kernel may report a reset instead.
+        """
         try:
             data = self.read_until_close(sock)
-        except socket.timeout:
-            self.fail(f"the server still holds the connection after {self.DISCONNECT_DEADLINE_SECONDS} s")
         except ConnectionResetError:
+            if not may_reset:
+                raise
             return
-        if data:
-            self.assertError(self.parse_reply(data), 408, f"stalled for {self.server_options['timeout']:g} seconds")
+        if status is None:
+            self.assertEqual(data, b"", "the server answered a request head that never came whole")
+        else:
+            self.assertError(self.parse_reply(data), status, f"stalled for {self.server_options['timeout']:g} seconds")
 
     def is_closed_by_server(self, sock):
         """Tell, without waiting, whether the server has closed `sock` (or answered on it)."""
@@ -3395,13 +3398,10 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
         self.assertDisconnected(self.open_socket())
 
     def test_head_trickled_a_byte_at_a_time_past_the_timeout_is_disconnected(self):
-        # Each byte comes well within the timeout, but the whole head would take 20 s.
+        # Each byte comes well within the timeout, but the whole head would take 25 s.
         head = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
         sock = self.open_socket()
-        deadline = time.monotonic() + self.DISCONNECT_DEADLINE_SECONDS
         for byte in head:
-            if time.monotonic() > deadline:
-                self.fail(f"a trickling client is still connected after {self.DISCONNECT_DEADLINE_SECONDS} s")
             # One byte per 0.1 s; select returns early when the server closes the connection.
             readable, _, _ = select.select([sock], [], [], 0.1)
             if readable:
@@ -3412,7 +3412,7 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
                 return
         else:
             self.fail("the whole trickled head was accepted")
-        self.assertDisconnected(sock)
+        self.assertDisconnected(sock, may_reset=True)
 
     def test_idle_keep_alive_connection_is_closed_after_the_timeout(self):
         sock = self.open_socket()
@@ -3420,32 +3420,12 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
         self.assertEqual(self.read_reply(sock).status, 200)
         self.assertDisconnected(sock)
 
-    def test_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
-        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
-        sock = self.open_socket()
-        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
-        wait_for(self.temp_files, timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertDisconnected(sock)
-        wait_for(lambda: not self.temp_files(), timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertEqual(self.stored_files(), [])
-        self.assertEqual(self.request("GET", "/").json, [])
-
-    def test_chunked_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
-        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
-        head = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"])
-        sock = self.open_socket()
-        sock.sendall(head + f"{len(body):x}\r\n".encode() + body[:len(body) // 2])
-        wait_for(self.temp_files, timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertDisconnected(sock)
-        wait_for(lambda: not self.temp_files(), timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertEqual(self.request("GET", "/").json, [])
-
     def test_resize_body_that_stops_midway_is_disconnected(self):
         self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
         sock = self.open_socket()
         head = b"PATCH /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
         sock.sendall(head + b'{"width": 10')
-        self.assertDisconnected(sock)
+        self.assertDisconnected(sock, 408)
         self.assertEqual(self.request("GET", "/a.png").body, make_image("PNG"))
 
     def test_server_serves_others_after_slow_clients_are_dropped(self):
@@ -3457,9 +3437,36 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
         self.assertEqual(self.upload("after.png", make_image("PNG")).status, 201)
 
 
+class TestStalledUploads(SlowClientAssertions, HTTPTestCase):
+    # A stalled upload's temp file lives for --timeout after its last byte, and the test must see
+    # it in that time: ample on a loaded machine, short enough to wait out.
+    server_options = {"timeout": 2}
+
+    def test_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
+        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
+        wait_for(self.temp_files)
+        self.assertDisconnected(sock, 408)
+        wait_for(lambda: not self.temp_files())
+        self.assertEqual(self.stored_files(), [])
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def test_chunked_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
+        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
+        head = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"])
+        sock = self.open_socket()
+        sock.sendall(head + f"{len(body):x}\r\n".encode() + body[:len(body) // 2])
+        wait_for(self.temp_files)
+        self.assertDisconnected(sock, 408)
+        wait_for(lambda: not self.temp_files())
+        self.assertEqual(self.request("GET", "/").json, [])
+
+
 class TestManySlowClients(SlowClientAssertions, HTTPTestCase):
-    # Long enough that the trickling sockets stay open while another client is served.
-    server_options = {"timeout": 5}
+    # Far longer than the test, so the trickling sockets stay open while another client is served,
+    # however loaded the machine; server_close() cuts them at once (they are waiting for a head).
+    server_options = {"timeout": 60}
     SLOW_CLIENTS = 50
 
     def test_get_is_answered_while_fifty_clients_trickle_their_heads(self):
@@ -3486,8 +3493,7 @@ class TestManySlowClients(SlowClientAssertions, HTTPTestCase):
         self.addCleanup(stop.set)
         wait_for(lambda: len(sent) >= 3)
         self.assertEqual([sock for sock in slow if self.is_closed_by_server(sock)], [])
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=2)
-        self.addCleanup(connection.close)
+        connection = self.connect()
         self.assertEqual(self.request("GET", "/", connection=connection).json, [])
         self.assertEqual(self.upload("during.png", make_image("PNG"), connection=connection).status, 201)
         self.assertEqual(self.request("GET", "/", connection=connection).json, ["during.png"])
@@ -3506,7 +3512,6 @@ class TestConnectionLimit(HTTPTestCase):
     def open_served_socket(self):
         """Return a keep-alive connection that has been served once, so it holds a slot."""
         sock = self.open_socket()
-        sock.settimeout(5)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\n\r\n")
         self.assertEqual(self.read_reply(sock).status, 200)
         return sock
@@ -3514,20 +3519,23 @@ class TestConnectionLimit(HTTPTestCase):
     def test_connection_past_the_limit_waits_then_is_served_when_a_slot_frees(self):
         first, second = self.open_served_socket(), self.open_served_socket()
         third = self.open_socket()  # connect succeeds: it waits in the listen backlog
-        third.settimeout(5)
         third.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
-        readable, _, _ = select.select([third], [], [], 0.3)
+        # An upload on a connection that holds a slot is served meanwhile, and the third's listing,
+        # when it comes, already holds it: the third was not served before.
+        body, content_type = multipart_body(files=[("file", "during.png", make_image("PNG"))])
+        second.sendall(self.multipart_request_head(content_type, len(body)) + body)
+        self.assertEqual(self.read_reply(second).status, 201)
+        readable, _, _ = select.select([third], [], [], 0)
         self.assertEqual(readable, [], "a third connection was served while two held both slots")
         first.close()
         reply = self.parse_reply(self.read_until_close(third))
-        self.assertEqual((reply.status, reply.json), (200, []))
+        self.assertEqual((reply.status, reply.json), (200, ["during.png"]))
         second.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
         self.assertEqual(self.parse_reply(self.read_until_close(second)).status, 200)
 
     def test_burst_far_past_the_limit_is_served_in_full_without_resets(self):
         sockets = [self.open_socket() for _ in range(40)]
         for sock in sockets:
-            sock.settimeout(10)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
         for sock in sockets:
             reply = self.parse_reply(self.read_until_close(sock))
