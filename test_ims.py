@@ -1441,10 +1441,10 @@ class TestUpload(HTTPTestCase):
 
         def upload(index):
             body, content_type = multipart_body(files=[("file", "race.png", images[index])])
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=DEADLINE_SECONDS)
             try:
                 connection.connect()
-                barrier.wait(timeout=10)
+                barrier.wait(timeout=DEADLINE_SECONDS)
                 connection.request("POST", "/", body, {"Content-Type": content_type})
                 response = connection.getresponse()
                 results[index] = (response.status, response.read())
@@ -1457,7 +1457,7 @@ class TestUpload(HTTPTestCase):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(30)
+            thread.join(DEADLINE_SECONDS)
         statuses = sorted(result[0] for result in results if result)
         self.assertEqual(statuses, [201] + [409] * (count - 1), results)
         winner = next(index for index, result in enumerate(results) if result[0] == 201)
@@ -3666,7 +3666,8 @@ class TestMixedLoad(HTTPTestCase):
 
     def run_client(self, index, seen, failures):
         rng = random.Random(SEED + index)
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        # Longer than the ?wait= below, so the server always answers first.
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=2 * DEADLINE_SECONDS)
         try:
             for _ in range(self.OPERATIONS_PER_CLIENT):
                 name = rng.choice(self.NAMES)
@@ -3689,7 +3690,7 @@ class TestMixedLoad(HTTPTestCase):
                     reply = self.request("PATCH", "/" + name, json.dumps(size), headers, connection)
                     expected = (202, 404)
                     if reply.status == 202:
-                        job = self.request("GET", reply.headers["Location"] + "?wait=30", connection=connection)
+                        job = self.request("GET", f"{reply.headers['Location']}?wait={DEADLINE_SECONDS}", connection=connection)
                         seen.append(("job", job.status))
                         self.assertEqual(job.status, 200, job.body)
                         self.assertIn(job.json["state"], ("done", "failed", "cancelled"), job.json)
@@ -3718,7 +3719,7 @@ class TestMixedLoad(HTTPTestCase):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(4 * DEADLINE_SECONDS)
             self.assertFalse(thread.is_alive(), "a client hung")
         if failures:
             raise failures[0]
