@@ -5,6 +5,7 @@ then the real `python3 ims.py` process. Every fixture image is made here with Pi
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import email.utils
@@ -2770,14 +2771,22 @@ class TestJobs(ResizeTestCase):
 
 
 def start_ims(test, *arguments, env=None):
-    """Start `python3 ims.py --port 0 ...` and return (process, port) once it has said it listens."""
+    """Start `python3 ims.py --port 0 ...` and return (process, port) once it has said it listens.
+
+    The process leads a session of its own, so its resize processes can be told from others (see
+    session_processes()). Its request log goes to a file: a pipe that nobody reads would stop the
+    server once the log filled it, after a number of requests that depends on the machine's speed.
+    """
+    log = tempfile.TemporaryFile()
+    test.addCleanup(log.close)
     process = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "ims.py"), "--port", "0", *arguments],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=log,
         env=dict(os.environ, **(env or {})),
         cwd=HERE,
         text=True,
+        start_new_session=True,
     )
 
     def stop():
@@ -2785,12 +2794,33 @@ def start_ims(test, *arguments, env=None):
             process.kill()
         process.wait()
         process.stdout.close()
-        process.stderr.close()
 
     test.addCleanup(stop)
     line = process.stdout.readline()
     test.assertRegex(line, r"^IMS serving .+ on http://127\.0\.0\.1:\d+\n$")
     return process, int(line.rsplit(":", 1)[1])
+
+
+def session_processes(session_id):
+    """Return the ids of the processes of session `session_id` that still run (zombies aside).
+
+    Reads /proc (Linux); elsewhere returns [], so a test that waits for it waits for nothing.
+    """
+    pids = []
+    if not os.path.isdir("/proc/self"):
+        return pids
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # After the command name: state, parent, process group, session (proc(5)).
+        if fields[0] != "Z" and int(fields[3]) == session_id:
+            pids.append(int(entry))
+    return pids
 
 
 class TestCommandLine(unittest.TestCase):
@@ -2802,7 +2832,7 @@ class TestCommandLine(unittest.TestCase):
     def test_start_up_line_names_the_absolute_storage_and_the_real_port(self):
         process, port = start_ims(self, "--storage", self.storage)
         self.assertTrue(os.path.isdir(self.storage))
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         connection.request("GET", "/")
         self.assertEqual(connection.getresponse().read(), b"[]\n")
         connection.close()
@@ -2810,7 +2840,7 @@ class TestCommandLine(unittest.TestCase):
     def test_environment_variables_are_the_fallback_for_flags(self):
         process, port = start_ims(self, env={"IMS_STORAGE": self.storage, "IMS_MAX_UPLOAD": "1000"})
         body, content_type = multipart_body(files=[("file", "a.png", bytes(range(256)) * 8)])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(connection.close)
         connection.request("POST", "/", body, {"Content-Type": content_type})
         response = connection.getresponse()
@@ -2860,13 +2890,13 @@ class TestSignals(unittest.TestCase):
 
     def check_clean_stop(self, signal_number):
         process, port = start_ims(self, "--storage", self.storage)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         body, content_type = multipart_body(files=[("file", "kept.png", make_image("PNG"))])
         connection.request("POST", "/", body, {"Content-Type": content_type})
         self.assertEqual(connection.getresponse().read(), b'"Image successfully uploaded"\n')
         # The idle keep-alive connection must not hold the stop up.
         process.send_signal(signal_number)
-        self.assertEqual(process.wait(timeout=20), 0)
+        self.assertEqual(process.wait(timeout=DEADLINE_SECONDS), 0)
         connection.close()
         self.assertEqual(os.listdir(self.storage), ["kept.png"])
 
@@ -3760,6 +3790,7 @@ class TestCrashRecovery(unittest.TestCase):
         self.acknowledged = {}  # name -> the bytes of an upload answered 201
         self.resized = set()  # names a PATCH was sent for: their bytes may have changed
         self.deleted = set()  # names a DELETE was sent for: they may be gone
+        self.answered = collections.Counter()  # "upload" (201s) and "resize" answers of this round
         self.lock = threading.Lock()
 
     def small_image(self, rng, extension):
@@ -3767,7 +3798,7 @@ class TestCrashRecovery(unittest.TestCase):
         return encode(noise((rng.randint(32, 96), rng.randint(32, 96)), rng.getrandbits(32)), image_format)
 
     def run_client(self, port, round_index, client_index, rng, stop):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         try:
             for operation in range(1000):
                 if stop.is_set():
@@ -3788,6 +3819,7 @@ class TestCrashRecovery(unittest.TestCase):
                     if response.status == 201:
                         with self.lock:
                             self.acknowledged[name] = data
+                            self.answered["upload"] += 1
                 elif choice < 0.8:
                     name = rng.choice(candidates)
                     with self.lock:
@@ -3795,6 +3827,8 @@ class TestCrashRecovery(unittest.TestCase):
                     size = f"width={rng.randint(8, 200)}&height={rng.randint(8, 200)}"
                     connection.request("PATCH", f"/{name}?{size}")
                     connection.getresponse().read()
+                    with self.lock:
+                        self.answered["resize"] += 1
                 else:
                     name = rng.choice(candidates)
                     with self.lock:
@@ -3810,7 +3844,7 @@ class TestCrashRecovery(unittest.TestCase):
         """The invariants a restart must give, whatever moment the previous process died at."""
         folder = os.listdir(self.storage)
         self.assertEqual([name for name in folder if name.startswith(ims.TEMP_PREFIX)], [])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(connection.close)
         connection.request("GET", "/")
         listed = json.loads(connection.getresponse().read())
@@ -3838,20 +3872,29 @@ class TestCrashRecovery(unittest.TestCase):
             with self.subTest(restart=round_index):
                 self.check_store(port)
             stop = threading.Event()
+            self.answered.clear()
             clients = [
                 threading.Thread(target=self.run_client, args=(port, round_index, index, random.Random(rng.random()), stop))
                 for index in range(self.CLIENTS)
             ]
             for client in clients:
                 client.start()
-            # The fault injection: a SIGKILL at a random moment of the load.
-            threading.Event().wait(rng.uniform(0.05, 0.6))
+            # The fault injection: a SIGKILL in the midst of the load, once this round has had a
+            # seeded random number of uploads acknowledged and a resize answered. Counting answers
+            # rather than seconds, every round gets that far however loaded the machine is; the
+            # other clients' requests are anywhere in flight when it strikes.
+            uploads = rng.randint(2, 8)
+            wait_for(lambda: self.answered["upload"] >= uploads and self.answered["resize"] >= 1)
             process.kill()
             process.wait()
             stop.set()
             for client in clients:
-                client.join(10)
+                client.join(DEADLINE_SECONDS)
                 self.assertFalse(client.is_alive(), "a client hung after the kill")
+            # Resize processes outlive a killed server until they finish (README: they stop by
+            # themselves); one that wrote its temp file after the next start-up's clean-up would
+            # leave it until the start after. Restart once they are gone, as a supervisor would.
+            wait_for(lambda: not session_processes(process.pid))
         process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "2")
         self.check_store(port)
         self.assertGreater(len(self.acknowledged), self.ROUNDS)
