@@ -130,6 +130,7 @@ def feed_all_ways(parser_factory, data, finish):
     return results[0]
 
 
+# The states of a job that has ended, as the contract spells them.
 ENDED_STATES = ("done", "failed", "cancelled")
 
 # How long a test waits for something that should happen at once (an answer, a close, a job's
