@@ -5,6 +5,7 @@ then the real `python3 ims.py` process. Every fixture image is made here with Pi
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import email.utils
@@ -137,13 +138,43 @@ def feed_all_ways(parser_factory, data, finish):
     return results[0]
 
 
-def wait_for(predicate, timeout=5.0):
+# The states of a job that has ended, as the contract spells them.
+ENDED_STATES = ("done", "failed", "cancelled")
+
+# How long a test waits for something that should happen at once (an answer, a close, a job's
+# end, a file to appear) before it fails. Generous, so that a loaded machine never trips it; a test
+# that passes never waits it out.
+DEADLINE_SECONDS = 30
+
+
+def wait_for(predicate, timeout=DEADLINE_SECONDS):
     """Return once `predicate()` is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         threading.Event().wait(0.01)
+
+
+def dead_pid():
+    """Return the process id of a process that has exited (a writer that is gone)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def start_server(test, storage, **options):
+    """Return an in-process server on a free port for `storage`, serving; `test` stops it at cleanup.
+
+    The socket listens as soon as make_server() returns, so there is nothing to wait for.
+    """
+    server = ims.make_server(storage, host="127.0.0.1", port=0, quiet=True, **options)
+    # serve_forever() checks for shutdown() every poll_interval; 0.5 s would slow every test.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return server
 
 
 class ServerTestCase(unittest.TestCase):
@@ -155,16 +186,17 @@ class ServerTestCase(unittest.TestCase):
         self.tempdir = tempfile.TemporaryDirectory()
         self.addCleanup(self.tempdir.cleanup)
         self.storage = os.path.join(self.tempdir.name, "storage")
-        self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **self.server_options)
-        # serve_forever() checks for shutdown() every poll_interval; 0.5 s would slow every test.
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        self.addCleanup(self.server.server_close)
-        self.addCleanup(self.server.shutdown)
+        self.prepare_storage()
+        self.server = start_server(self, self.storage, **self.server_options)
         self.host, self.port = self.server.server_address[:2]
 
-    def connect(self):
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+    def prepare_storage(self):
+        """Ready the storage folder before the server starts; make_server() creates it if missing."""
+
+    def connect(self, address=None):
+        """Return a new connection to this server (or to `address`), closed at cleanup."""
+        # Longer than any ?wait= a test asks for, so the server always answers first.
+        connection = http.client.HTTPConnection(*(address or (self.host, self.port)), timeout=2 * DEADLINE_SECONDS)
         self.addCleanup(connection.close)
         return connection
 
@@ -179,38 +211,62 @@ class ServerTestCase(unittest.TestCase):
         body, content_type = multipart_body(files=[("file", name, data)])
         return self.request("POST", "/", body, {"Content-Type": content_type}, connection)
 
-    def raw_exchange(self, data, read_until_close=True, timeout=10):
-        """Send raw bytes and return everything the server answers until it closes (or times out)."""
-        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+    def raw_exchange(self, data):
+        """Send raw bytes on a new connection; return everything the server answers until it closes."""
+        with socket.create_connection((self.host, self.port), timeout=DEADLINE_SECONDS) as sock:
             sock.sendall(data)
-            chunks = []
+            return self.read_until_close(sock)
+
+    def read_until_close(self, sock):
+        """Return everything the server sends on `sock` until it closes the connection.
+
+        A server that neither sends nor closes for the socket's timeout fails the test, showing
+        what it had sent by then.
+        """
+        chunks = []
+        while True:
             try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+                chunk = sock.recv(65536)
             except socket.timeout:
-                if read_until_close:
-                    raise
-            return b"".join(chunks)
+                self.fail(f"the connection is still open after {sock.gettimeout()} s of silence; "
+                          f"answered so far: {b''.join(chunks)[:300]!r}")
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
     def stored_files(self):
         return sorted(os.listdir(self.storage))
 
-    def assertNoTempFiles(self):
-        leftovers = [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
-        self.assertEqual(leftovers, [])
+    def temp_files(self):
+        """Return the hidden temp files in the storage folder (an upload or resize in progress)."""
+        return [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
 
-    def assertError(self, reply, status, words=""):
-        """The reply has `status` and a JSON message (containing `words`)."""
+    def assertNoTempFiles(self):
+        self.assertEqual(self.temp_files(), [])
+
+    def assertError(self, reply, status, words):
+        """The reply is `status` with a JSON body of exactly {"message": <text>}, the text holding `words`.
+
+        `words` (a string or a tuple of strings) is what the contract, the README or the style
+        guide's rule "name the bad value" fixes of the message: the parameter, the name, the limit.
+        None checks the shape only, for a message of which nothing is fixed (a 500's).
+        """
         self.assertEqual(reply.status, status, reply.body)
         self.assertEqual(reply.headers["Content-Type"], "application/json")
-        self.assertIn(words, reply.message)
+        body = json.loads(reply.body)
+        self.assertIsInstance(body, dict, reply.body)
+        self.assertEqual(set(body), {"message"}, reply.body)
+        self.assertIsInstance(body["message"], str, reply.body)
+        self.assertTrue(body["message"].strip(), "the message is empty")
+        for word in (words,) if isinstance(words, str) else words or ():
+            self.assertTrue(word, "an empty word is in every message")
+            self.assertIn(word, body["message"])
 
-    def wait_job(self, location, seconds=30):
-        reply = self.request("GET", f"{location}?wait={seconds}")
+    def wait_job(self, location):
+        """Return the JSON of the job at `location` once it has ended, waiting with ?wait=."""
+        reply = self.request("GET", f"{location}?wait={DEADLINE_SECONDS}")
         self.assertEqual(reply.status, 200, reply.body)
+        self.assertIn(reply.json["state"], ENDED_STATES, reply.json)
         return reply.json
 
 
@@ -596,15 +652,15 @@ class TestMultipartParserRejects(unittest.TestCase):
                 ims.MultipartParser(boundary)
             self.assertEqual(caught.exception.status, 400)
 
-    def test_extended_filename_in_an_odd_charset_is_parsed_or_refused_with_400(self):
+    def test_extended_filename_in_an_odd_charset_is_read_as_utf8(self):
+        # RFC 8187: UTF-8 and ISO-8859-1 are the charsets a recipient must know; any other is read
+        # as UTF-8, bytes that are not UTF-8 replaced, never a codec looked up by its name.
         for charset in ("idna", "punycode", "hex", "rot13", "utf-16", "no-such-charset", ""):
             body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
                     f"filename*={charset}''a%FF%00b.png\r\n\r\nx\r\n--{BOUNDARY}--\r\n").encode()
             kind, result = outcome(lambda: ims.MultipartParser(BOUNDARY), [body], multipart_events)
-            if kind == "refused":
-                self.assertEqual(result, 400, charset)
-            else:
-                self.assertIsInstance(result[0].filename, str, charset)
+            self.assertEqual(kind, "parsed", charset)
+            self.assertEqual(result[0].filename, "a\ufffd\x00b.png", charset)
 
     def test_random_mutations_are_parsed_or_refused_with_400(self):
         body, _ = multipart_body(files=[("file", "a.png", b"\x89PNG\r\n\x1a\n--data--\r\n")], fields=[("note", "hi")])
@@ -808,6 +864,8 @@ class TestParseRange(unittest.TestCase):
 
 class TestResizeParams(unittest.TestCase):
     def assertRefused(self, query, body, content_type, *words, max_pixels=MAX_PIXELS):
+        """parse_resize_params() raises 400 with a message holding every one of `words` (one at least)."""
+        self.assertTrue(words, "name what the message must hold")
         with self.assertRaises(ims.HTTPError, msg=(query, body)) as caught:
             ims.parse_resize_params(query, body, content_type, max_pixels)
         self.assertEqual(caught.exception.status, 400)
@@ -886,7 +944,7 @@ class TestResizeParams(unittest.TestCase):
 
     def test_deeply_nested_json_is_400(self):
         body = b'{"width": ' + b"[" * 50000 + b"]" * 50000 + b', "height": 2}'
-        self.assertRefused("", body, "application/json")
+        self.assertRefused("", body, "application/json", "JSON")
 
     def test_malformed_form_body_is_400(self):
         for body in (b"width", b"width=3&&height=2&x", b"\xff=1"):
@@ -952,10 +1010,6 @@ class TestConditionals(unittest.TestCase):
             self.assertIsNone(ims.parse_http_date(text), text)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # ====
 # HTTP: list, upload, download, delete, methods and paths
 # ====
@@ -966,7 +1020,7 @@ class HTTPTestCase(ServerTestCase):
 
     def open_socket(self):
         """Return a socket connected to the server, closed at cleanup."""
-        sock = socket.create_connection((self.host, self.port), timeout=10)
+        sock = socket.create_connection((self.host, self.port), timeout=DEADLINE_SECONDS)
         self.addCleanup(sock.close)
         return sock
 
@@ -979,15 +1033,6 @@ class HTTPTestCase(ServerTestCase):
                 break
             data += byte
         return data
-
-    def read_until_close(self, sock):
-        """Return everything the server sends until it closes the connection."""
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
 
     def read_reply(self, sock, method="GET"):
         """Read one final response from `sock`: its head, then exactly the body it announces."""
@@ -1084,19 +1129,6 @@ class HTTPTestCase(ServerTestCase):
 
 
 class TestList(HTTPTestCase):
-    def start_server(self, storage):
-        """Start another server on `storage` (prepared beforehand) and return its address."""
-        server = ims.make_server(storage, host="127.0.0.1", port=0, quiet=True)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        return server.server_address[:2]
-
-    def dead_pid(self):
-        process = subprocess.Popen([sys.executable, "-c", ""])
-        process.wait()
-        return process.pid
-
     def test_empty_storage_lists_an_empty_array(self):
         reply = self.request("GET", "/")
         self.assertEqual(reply.status, 200)
@@ -1147,21 +1179,19 @@ class TestList(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, ["a.png", "b.png"])
         os.remove(os.path.join(self.storage, "a.png"))
         self.assertEqual(self.request("GET", "/").json, ["b.png"])
-        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
 
     def test_leftovers_of_dead_writers_are_removed_at_start_up(self):
         storage = os.path.join(self.tempdir.name, "prepared")
         os.mkdir(storage)
-        leftover = self.put_file(f"{ims.TEMP_PREFIX}{self.dead_pid()}-x", b"half an upload", storage)
-        leftover_jpg = self.put_file(f"{ims.TEMP_PREFIX}{self.dead_pid()}-y.jpg", b"half", storage)
+        leftover = self.put_file(f"{ims.TEMP_PREFIX}{dead_pid()}-x", b"half an upload", storage)
+        leftover_jpg = self.put_file(f"{ims.TEMP_PREFIX}{dead_pid()}-y.jpg", b"half", storage)
         self.put_file("kept.jpg", make_image("JPEG"), storage)
-        host, port = self.start_server(storage)
+        server = start_server(self, storage)
         self.assertFalse(os.path.exists(leftover))
         self.assertFalse(os.path.exists(leftover_jpg))
         self.assertEqual(sorted(os.listdir(storage)), ["kept.jpg"])
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-        self.addCleanup(connection.close)
-        reply = self.request("GET", "/", connection=connection)
+        reply = self.request("GET", "/", connection=self.connect(server.server_address))
         self.assertEqual(reply.json, ["kept.jpg"])
 
     def test_temp_file_of_a_live_writer_is_kept_at_start_up_but_not_listed(self):
@@ -1169,11 +1199,9 @@ class TestList(HTTPTestCase):
         os.mkdir(storage)
         # Another IMS process serving the same folder is writing this upload right now.
         in_progress = self.put_file(f"{ims.TEMP_PREFIX}{os.getppid()}-z.jpg", b"half", storage)
-        host, port = self.start_server(storage)
+        server = start_server(self, storage)
         self.assertTrue(os.path.exists(in_progress))
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-        self.addCleanup(connection.close)
-        self.assertEqual(self.request("GET", "/", connection=connection).json, [])
+        self.assertEqual(self.request("GET", "/", connection=self.connect(server.server_address)).json, [])
 
 
 # ====
@@ -1182,8 +1210,8 @@ class TestList(HTTPTestCase):
 
 
 class TestUpload(HTTPTestCase):
-    def assertUploadRefused(self, reply, status, words=""):
-        """The upload got `status` with a JSON message, and left nothing behind."""
+    def assertUploadRefused(self, reply, status, words):
+        """The upload got `status` with a JSON message holding `words` (see assertError), and left nothing behind."""
         self.assertError(reply, status, words)
         self.assertNotIn("Location", reply.headers)
         self.assertNothingStored()
@@ -1246,10 +1274,10 @@ class TestUpload(HTTPTestCase):
         self.assertUploadRefused(self.request("POST", "/", body, {"Content-Type": content_type}), 400, "file")
 
     def test_empty_filename_is_400(self):
-        self.assertUploadRefused(self.upload("", make_image("PNG")), 400)
+        self.assertUploadRefused(self.upload("", make_image("PNG")), 400, "filename")
 
     def test_filename_with_nothing_left_once_made_safe_is_400(self):
-        self.assertUploadRefused(self.upload("../..", make_image("PNG")), 400)
+        self.assertUploadRefused(self.upload("../..", make_image("PNG")), 400, "'../..'")
 
     def test_name_already_stored_is_409_and_keeps_the_first_file(self):
         first = make_image("PNG", color=(1, 2, 3))
@@ -1262,61 +1290,61 @@ class TestUpload(HTTPTestCase):
 
     def test_name_that_becomes_a_stored_name_once_made_safe_is_409(self):
         self.assertEqual(self.upload("my_cat.png", make_image("PNG")).status, 201)
-        self.assertError(self.upload("my cat.png", make_image("PNG")), 409)
+        self.assertError(self.upload("my cat.png", make_image("PNG")), 409, "my_cat.png")
         self.assertEqual(self.stored_files(), ["my_cat.png"])
         self.assertNoTempFiles()
 
     def test_name_placed_in_folder_by_someone_else_is_409(self):
         self.put_file("taken.png", b"someone else's file")
-        self.assertError(self.upload("taken.png", make_image("PNG")), 409)
+        self.assertError(self.upload("taken.png", make_image("PNG")), 409, "taken.png")
         with open(os.path.join(self.storage, "taken.png"), "rb") as file:
             self.assertEqual(file.read(), b"someone else's file")
         self.assertNoTempFiles()
 
     def test_not_multipart_is_415(self):
         reply = self.request("POST", "/", make_image("JPEG"), {"Content-Type": "image/jpeg"})
-        self.assertUploadRefused(reply, 415, "multipart/form-data")
+        self.assertUploadRefused(reply, 415, ("multipart/form-data", "'image/jpeg'"))
 
     def test_no_content_type_is_415(self):
-        self.assertUploadRefused(self.request("POST", "/", b"abc"), 415)
+        self.assertUploadRefused(self.request("POST", "/", b"abc"), 415, "multipart/form-data")
 
     def test_not_an_image_is_415(self):
-        self.assertUploadRefused(self.upload("notes.jpg", b"these are not the pixels you are looking for"), 415)
+        self.assertUploadRefused(self.upload("notes.jpg", b"these are not the pixels you are looking for"), 415, "readable image")
 
     def test_truncated_image_is_415(self):
         data = make_image("PNG", size=(200, 200))
-        self.assertUploadRefused(self.upload("cut.png", data[: len(data) // 2]), 415)
+        self.assertUploadRefused(self.upload("cut.png", data[: len(data) // 2]), 415, "readable image")
 
     def test_format_not_matching_extension_is_415(self):
-        self.assertUploadRefused(self.upload("really_a_png.jpg", make_image("PNG")), 415, "PNG")
+        self.assertUploadRefused(self.upload("really_a_png.jpg", make_image("PNG")), 415, ("PNG", "'.jpg'"))
 
     def test_ico_named_jpg_is_415(self):
-        self.assertUploadRefused(self.upload("icon.jpg", make_image("ICO", size=(32, 32))), 415)
+        self.assertUploadRefused(self.upload("icon.jpg", make_image("ICO", size=(32, 32))), 415, "readable image")
 
     def test_pdf_named_jpg_is_415(self):
-        self.assertUploadRefused(self.upload("paper.jpg", make_image("PDF")), 415)
+        self.assertUploadRefused(self.upload("paper.jpg", make_image("PDF")), 415, "readable image")
 
     def test_name_without_image_extension_is_415(self):
-        self.assertUploadRefused(self.upload("icon.ico", make_image("ICO", size=(32, 32))), 415)
+        self.assertUploadRefused(self.upload("icon.ico", make_image("ICO", size=(32, 32))), 415, "'icon.ico'")
 
     def test_malformed_multipart_is_400(self):
         body = b'--b\r\nthis line is no header\r\n\r\ndata\r\n--b--\r\n'
         reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data; boundary=b"})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "this line is no header")
 
     def test_part_without_content_disposition_is_400(self):
         body = b"--b\r\nContent-Type: image/png\r\n\r\n" + make_image("PNG") + b"\r\n--b--\r\n"
         reply = self.request("POST", "/", body, {"Content-Type": "multipart/form-data; boundary=b"})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "Content-Disposition")
 
     def test_body_that_is_not_multipart_at_all_is_400(self):
         reply = self.request("POST", "/", b"just some bytes", {"Content-Type": "multipart/form-data; boundary=b"})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "closing boundary")
 
     def test_body_without_closing_boundary_is_400(self):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
         reply = self.request("POST", "/", body[: -len(b"--ims-test-boundary--\r\n")], {"Content-Type": content_type})
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, "closing boundary")
 
     def test_missing_boundary_is_400(self):
         body, _ = multipart_body(files=[("file", "a.png", make_image("PNG"))])
@@ -1327,21 +1355,21 @@ class TestUpload(HTTPTestCase):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
         sock = self.open_socket()
         sock.sendall(self.multipart_request_head(content_type, len(body) + 1000) + body[: len(body) // 2])
-        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        wait_for(self.temp_files)
         sock.shutdown(socket.SHUT_WR)
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertUploadRefused(reply, 400)
+        self.assertUploadRefused(reply, 400, f"of {len(body) + 1000} bytes")
 
     def test_no_content_length_and_not_chunked_is_411(self):
         _, content_type = multipart_body(files=[("file", "a.png", b"")])
         raw = self.raw_exchange(self.multipart_request_head(content_type, None, ["Connection: close"]))
-        self.assertUploadRefused(self.parse_reply(raw), 411)
+        self.assertUploadRefused(self.parse_reply(raw), 411, "Content-Length")
 
     def test_client_disconnecting_mid_upload_leaves_nothing(self):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG", size=(400, 400)))])
         sock = self.open_socket()
         sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
-        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        wait_for(self.temp_files)
         sock.close()
         wait_for(lambda: self.stored_files() == [])
         self.assertNothingStored()
@@ -1351,9 +1379,9 @@ class TestUpload(HTTPTestCase):
         body, content_type = multipart_body(files=[("file", "a.png", data)])
         sock = self.open_socket()
         sock.sendall(self.multipart_request_head(content_type, len(body)) + body[: len(body) // 2])
-        wait_for(lambda: any(name.startswith(ims.TEMP_PREFIX) for name in self.stored_files()))
+        wait_for(self.temp_files)
         self.assertEqual(self.request("GET", "/").json, [])
-        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
         sock.sendall(body[len(body) // 2:])
         reply = self.read_reply(sock)
         self.assertEqual(reply.status, 201, reply.body)
@@ -1413,7 +1441,7 @@ class TestUpload(HTTPTestCase):
             b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
         )
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertUploadRefused(reply, 415)
+        self.assertUploadRefused(reply, 415, "'image/png'")
 
     def test_concurrent_uploads_of_one_name_store_exactly_one(self):
         count = 10
@@ -1423,10 +1451,10 @@ class TestUpload(HTTPTestCase):
 
         def upload(index):
             body, content_type = multipart_body(files=[("file", "race.png", images[index])])
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=DEADLINE_SECONDS)
             try:
                 connection.connect()
-                barrier.wait(timeout=10)
+                barrier.wait(timeout=DEADLINE_SECONDS)
                 connection.request("POST", "/", body, {"Content-Type": content_type})
                 response = connection.getresponse()
                 results[index] = (response.status, response.read())
@@ -1439,7 +1467,7 @@ class TestUpload(HTTPTestCase):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(30)
+            thread.join(DEADLINE_SECONDS)
         statuses = sorted(result[0] for result in results if result)
         self.assertEqual(statuses, [201] + [409] * (count - 1), results)
         winner = next(index for index, result in enumerate(results) if result[0] == 201)
@@ -1455,10 +1483,10 @@ class TestUpload(HTTPTestCase):
         local_address = connection.sock.getsockname()
         body, content_type = multipart_body(fields=[("note", "no file")])
         reply = self.request("POST", "/", body, {"Content-Type": content_type}, connection)
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "'file'")
         self.assertNotEqual(reply.headers.get("Connection"), "close")
-        self.assertError(self.upload("b.jpg", b"not an image", connection), 415)
-        self.assertError(self.request("GET", "/missing.png", connection=connection), 404)
+        self.assertError(self.upload("b.jpg", b"not an image", connection), 415, "readable image")
+        self.assertError(self.request("GET", "/missing.png", connection=connection), 404, "missing.png")
         self.assertEqual(self.request("GET", "/a.png", connection=connection).body, png)
         self.assertEqual(self.request("GET", "/", connection=connection).json, ["a.png"])
         self.assertEqual(self.request("DELETE", "/a.png", connection=connection).status, 204)
@@ -1469,7 +1497,7 @@ class TestUpload(HTTPTestCase):
         with mock.patch.object(ims.Handler, "log_error") as log_error:
             with mock.patch.object(ims, "check_image", side_effect=RuntimeError("secret internals")):
                 reply = self.upload("a.png", make_image("PNG"))
-        self.assertError(reply, 500)
+        self.assertError(reply, 500, None)  # a generic message, of which nothing is fixed
         self.assertNotIn(b"Traceback", reply.body)
         self.assertNotIn(b"secret internals", reply.body)
         self.assertIn("RuntimeError", str(log_error.call_args))
@@ -1533,7 +1561,7 @@ class TestUploadPixelLimit(HTTPTestCase):
 
     def test_image_larger_than_max_pixels_is_413(self):
         reply = self.upload("big.png", make_image("PNG", size=(40, 26)))
-        self.assertError(reply, 413, "1000")
+        self.assertError(reply, 413, ("40x26", "1000"))
         self.assertNothingStored()
 
 
@@ -1652,7 +1680,7 @@ class TestDownload(HTTPTestCase):
     def test_range_beyond_the_end_is_416(self):
         data = self.stored("a.png")
         reply = self.request("GET", "/a.png", headers={"Range": f"bytes={len(data)}-{len(data) + 10}"})
-        self.assertError(reply, 416)
+        self.assertError(reply, 416, f"'bytes={len(data)}-{len(data) + 10}'")
         self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
 
     def test_open_range_starting_at_or_past_the_end_is_416(self):
@@ -1660,7 +1688,7 @@ class TestDownload(HTTPTestCase):
         for first in (len(data), len(data) + 100):
             with self.subTest(first=first):
                 reply = self.request("GET", "/a.png", headers={"Range": f"bytes={first}-"})
-                self.assertError(reply, 416)
+                self.assertError(reply, 416, f"'bytes={first}-'")
                 self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
 
     def test_range_with_stale_if_range_sends_the_whole_file(self):
@@ -1703,7 +1731,7 @@ class TestDownload(HTTPTestCase):
         body = response.read()
         self.assertEqual(len(body), len(data))
         self.assertTrue(body == data, "the download is not the whole old file")
-        self.assertError(self.request("GET", "/big.png"), 404)
+        self.assertError(self.request("GET", "/big.png"), 404, "big.png")
 
 
 # ====
@@ -1719,7 +1747,7 @@ class TestDelete(HTTPTestCase):
         self.assertEqual(deleted.body, b"")
         self.assertNotIn("Content-Type", deleted.headers)
         self.assertEqual(listing.json, [])
-        self.assertError(self.request("GET", "/a.png"), 404)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
         self.assertEqual(self.stored_files(), [])
 
     def test_deleted_name_can_be_uploaded_again(self):
@@ -1733,7 +1761,7 @@ class TestDelete(HTTPTestCase):
     def test_delete_twice_is_404_the_second_time(self):
         self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
         self.assertEqual(self.request("DELETE", "/a.png").status, 204)
-        self.assertError(self.request("DELETE", "/a.png"), 404)
+        self.assertError(self.request("DELETE", "/a.png"), 404, "a.png")
 
     def test_if_match_with_current_etag_deletes(self):
         self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
@@ -1747,10 +1775,10 @@ class TestDelete(HTTPTestCase):
         etag = self.request("HEAD", "/a.png").headers["ETag"]
         self.put_file("a.png", make_image("PNG", size=(10, 10)))
         reply = self.request("DELETE", "/a.png", headers={"If-Match": etag})
-        self.assertError(reply, 412)
+        self.assertError(reply, 412, "a.png")
         self.assertEqual(self.stored_files(), ["a.png"])
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
-        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": '"made-up"'}), 412)
+        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": '"made-up"'}), 412, "a.png")
         self.assertEqual(self.stored_files(), ["a.png"])
 
 
@@ -1762,34 +1790,34 @@ class TestDelete(HTTPTestCase):
 class TestMethodsAndPaths(HTTPTestCase):
     def test_put_on_root_is_405_with_allow(self):
         reply = self.request("PUT", "/", b"x")
-        self.assertError(reply, 405)
+        self.assertError(reply, 405, "PUT")
         self.assertEqual({method.strip() for method in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "POST"})
 
     def test_put_on_image_is_405_with_allow(self):
         reply = self.request("PUT", "/x.jpg", b"x")
-        self.assertError(reply, 405)
+        self.assertError(reply, 405, "PUT")
         self.assertEqual(
             {method.strip() for method in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "DELETE", "PATCH"}
         )
         self.assertEqual(self.stored_files(), [])
 
     def test_post_on_image_and_delete_on_root_are_405(self):
-        self.assertError(self.request("POST", "/x.jpg", b""), 405)
-        self.assertError(self.request("DELETE", "/"), 405)
+        self.assertError(self.request("POST", "/x.jpg", b""), 405, "POST")
+        self.assertError(self.request("DELETE", "/"), 405, "DELETE")
 
     def test_unknown_method_is_405_not_501(self):
         reply = self.request("FOO", "/")
-        self.assertError(reply, 405)
+        self.assertError(reply, 405, "FOO")
         self.assertIn("GET", reply.headers["Allow"])
-        self.assertError(self.request("FOO", "/x.jpg"), 405)
+        self.assertError(self.request("FOO", "/x.jpg"), 405, "FOO")
 
     def test_unknown_method_on_unknown_path_is_404(self):
-        self.assertError(self.request("FOO", "/nothing/here"), 404)
+        self.assertError(self.request("FOO", "/nothing/here"), 404, "'/nothing/here'")
 
     def test_unknown_paths_are_404(self):
         for path in ("/x.txt", "/x", "/a/b.jpg", "/index.html", "/x.jpg/", "/favicon.ico", "/jobs"):
             with self.subTest(path=path):
-                self.assertError(self.request("GET", path), 404)
+                self.assertError(self.request("GET", path), 404, repr(path))
 
     def test_traversal_attempts_are_404_and_never_serve_outside_files(self):
         secret = b"outside the storage folder"
@@ -1801,48 +1829,46 @@ class TestMethodsAndPaths(HTTPTestCase):
             "/../x.jpg", "/..%2Fx.jpg", "/%2e%2e%2fsecret.jpg", "/%2E%2E/secret.jpg", "/%2Fetc%2Fpasswd.jpg",
             "//etc/passwd.jpg", "/..%5Cx.jpg", "/a%00.jpg", "/.hidden.jpg", "/%2ehidden.jpg", "/..", "/%ff.jpg",
         ):
+            # Each names no image (a "/" or a backslash once decoded, NUL, a leading dot, no image
+            # extension, not UTF-8), so the route answers 404 before any file is looked at.
             for method in ("GET", "HEAD", "DELETE"):
                 with self.subTest(path=path, method=method):
                     reply = self.request(method, path)
-                    self.assertIn(reply.status, (400, 404), reply.body)
                     self.assertNotIn(secret, reply.body)
-                    if method != "HEAD":
-                        self.assertEqual(reply.headers["Content-Type"], "application/json")
-                        self.assertTrue(reply.message)
+                    if method == "HEAD":
+                        self.assertEqual((reply.status, reply.body), (404, b""))
+                    else:
+                        self.assertError(reply, 404, repr(path))
         self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "x.jpg")))
         self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "secret.jpg")))
         self.assertTrue(os.path.exists(os.path.join(self.tempdir.name, "etc", "passwd.jpg")))
 
     def test_hidden_file_in_folder_is_not_served(self):
         self.put_file(".hidden.jpg", make_image("JPEG"))
-        self.assertError(self.request("GET", "/.hidden.jpg"), 404)
-        self.assertError(self.request("DELETE", "/.hidden.jpg"), 404)
+        self.assertError(self.request("GET", "/.hidden.jpg"), 404, "'/.hidden.jpg'")
+        self.assertError(self.request("DELETE", "/.hidden.jpg"), 404, "'/.hidden.jpg'")
         self.assertTrue(os.path.exists(os.path.join(self.storage, ".hidden.jpg")))
 
     def test_symlink_to_outside_file_is_not_served(self):
         outside = self.put_file("outside.jpg", b"outside the storage folder", self.tempdir.name)
         os.symlink(outside, os.path.join(self.storage, "link.jpg"))
         reply = self.request("GET", "/link.jpg")
-        self.assertError(reply, 404)
+        self.assertError(reply, 404, "link.jpg")
         self.assertNotIn(b"outside the storage folder", reply.body)
 
     def test_every_error_body_is_json_with_a_message(self):
         body, content_type = multipart_body(fields=[("a", "b")])
-        replies = [
-            self.request("GET", "/missing.jpg"),
-            self.request("GET", "/nothing"),
-            self.request("PUT", "/"),
-            self.request("POST", "/", body, {"Content-Type": content_type}),
-            self.request("POST", "/", b"x", {"Content-Type": "text/plain"}),
-            self.request("DELETE", "/missing.jpg"),
+        cases = [
+            (self.request("GET", "/missing.jpg"), 404, "missing.jpg"),
+            (self.request("GET", "/nothing"), 404, "'/nothing'"),
+            (self.request("PUT", "/"), 405, "PUT"),
+            (self.request("POST", "/", body, {"Content-Type": content_type}), 400, "'file'"),
+            (self.request("POST", "/", b"x", {"Content-Type": "text/plain"}), 415, "'text/plain'"),
+            (self.request("DELETE", "/missing.jpg"), 404, "missing.jpg"),
         ]
-        for reply in replies:
-            with self.subTest(status=reply.status):
-                self.assertGreaterEqual(reply.status, 400)
-                self.assertEqual(reply.headers["Content-Type"], "application/json")
-                self.assertEqual(set(reply.json), {"message"})
-                self.assertIsInstance(reply.message, str)
-                self.assertTrue(reply.message)
+        for reply, status, words in cases:
+            with self.subTest(status=status, words=words):
+                self.assertError(reply, status, words)
 
     def test_malformed_request_line_gets_a_4xx_json_answer(self):
         for request_line in (
@@ -1851,16 +1877,12 @@ class TestMethodsAndPaths(HTTPTestCase):
         ):
             with self.subTest(request_line=request_line):
                 raw = self.raw_exchange(request_line + b"\r\nHost: ims.test\r\n\r\n")
-                reply = self.parse_reply(raw)
-                self.assertGreaterEqual(reply.status, 400)
-                self.assertLess(reply.status, 500)
-                self.assertEqual(reply.headers["Content-Type"], "application/json")
-                self.assertTrue(reply.message)
+                self.assertError(self.parse_reply(raw), 400, "request line")
 
     def test_malformed_header_line_gets_a_400_json_answer(self):
         raw = self.raw_exchange(b"GET / HTTP/1.1\r\nHost: ims.test\r\nno colon here\r\n\r\n")
         reply = self.parse_reply(raw)
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "'no colon here'")
 
     def test_content_length_with_transfer_encoding_is_400(self):
         body, content_type = multipart_body(files=[("file", "a.png", make_image("PNG"))])
@@ -1894,7 +1916,7 @@ class TestMethodsAndPaths(HTTPTestCase):
             with mock.patch.object(ims.Handler, "list_images", side_effect=RuntimeError("secret internals")):
                 reply = self.request("GET", "/")
         self.assertIn("RuntimeError", str(log_error.call_args))
-        self.assertError(reply, 500)
+        self.assertError(reply, 500, None)  # a generic message, of which nothing is fixed
         self.assertNotIn(b"Traceback", reply.body)
         self.assertNotIn(b"secret internals", reply.body)
         self.assertEqual(self.request("GET", "/").json, [])
@@ -1910,10 +1932,6 @@ class TestMethodsAndPaths(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, [])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestOddFilesAndNames(HTTPTestCase):
     """What a careful user tries that the contract is silent on."""
 
@@ -1921,8 +1939,8 @@ class TestOddFilesAndNames(HTTPTestCase):
         os.makedirs(self.storage, exist_ok=True)
         os.mkfifo(os.path.join(self.storage, "pipe.jpg"))
         self.assertEqual(self.request("GET", "/").json, [])
-        self.assertError(self.request("GET", "/pipe.jpg"), 404)
-        self.assertError(self.request("PATCH", "/pipe.jpg?width=5&height=5"), 404)
+        self.assertError(self.request("GET", "/pipe.jpg"), 404, "pipe.jpg")
+        self.assertError(self.request("PATCH", "/pipe.jpg?width=5&height=5"), 404, "pipe.jpg")
 
     def test_a_symbolic_link_or_folder_with_an_image_name_cannot_be_resized(self):
         outside = os.path.join(self.tempdir.name, "outside.png")
@@ -1931,7 +1949,7 @@ class TestOddFilesAndNames(HTTPTestCase):
         os.symlink(outside, os.path.join(self.storage, "link.png"))
         os.mkdir(os.path.join(self.storage, "folder.png"))
         for name in ("link.png", "folder.png"):
-            self.assertError(self.request("PATCH", f"/{name}?width=5&height=5"), 404)
+            self.assertError(self.request("PATCH", f"/{name}?width=5&height=5"), 404, name)
         with Image.open(outside) as image:
             self.assertEqual(image.size, (64, 48))
 
@@ -1942,12 +1960,12 @@ class TestOddFilesAndNames(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, [])
 
     def test_a_filename_with_nothing_but_its_extension_left_once_safe_is_400(self):
-        self.assertError(self.upload("\u0444\u043e\u0442\u043e.jpeg", make_image("JPEG")), 400, "nothing is left")
+        self.assertError(self.upload("\u0444\u043e\u0442\u043e.jpeg", make_image("JPEG")), 400, ("nothing is left", "'\u0444\u043e\u0442\u043e.jpeg'"))
         self.assertNothingStored()
 
     def test_a_request_target_with_raw_non_ascii_bytes_is_400(self):
         reply = self.parse_reply(self.raw_exchange("GET /\u00e9.jpg HTTP/1.1\r\nConnection: close\r\n\r\n".encode("utf-8")))
-        self.assertError(reply, 400)
+        self.assertError(reply, 400, "ASCII")
 
     def test_a_request_whose_body_is_not_read_is_answered_with_connection_close(self):
         self.upload("a.png", make_image("PNG"))
@@ -2015,7 +2033,6 @@ EXIF_MAKE = 0x010F
 EXIF_ORIENTATION = 0x0112
 FORMAT_BY_SUFFIX = {"jpg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF"}
 JOB_FIELDS = {"id", "image", "width", "height", "fit", "state", "error", "submitted", "finished"}
-ENDED_STATES = ("done", "failed", "cancelled")
 
 
 def noise(size, seed=SEED):
@@ -2068,12 +2085,24 @@ def epoch_of(value):
 
 
 # A source that makes a resize run for a long time at no cost to the test: upscaling 200x200 of
-# noise to a 4000x4000 PNG takes about 10 s of CPU here, far longer than any test waits for it,
-# and server_close() stops it. SLOW_ENOUGH is a resize of it that takes about a third of a second:
-# long enough to act while it runs, short enough to wait for.
+# noise to a 4000x4000 PNG takes about 9 s of CPU here, and a test stops its process (SIGSTOP)
+# besides, so it never ends on its own; deleting the image or server_close() kills it.
+# SLOW_ENOUGH takes about 1.5 s of CPU: ample time to catch its process and stop it, short enough
+# to wait for once it is let go on.
 SLOW_SOURCE = encode(noise((200, 200)), "PNG")
 SLOW_FOREVER = "width=4000&height=4000"
-SLOW_ENOUGH = "width=1200&height=1200"
+SLOW_ENOUGH = "width=2000&height=2000"
+
+
+def is_stopped(pid):
+    """Tell whether process `pid` is stopped (SIGSTOP); True where /proc cannot tell (not Linux)."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except FileNotFoundError:
+        return False
 
 
 class ColourAssertions:
@@ -2336,12 +2365,37 @@ class ResizeTestCase(ColourAssertions, ServerTestCase):
         return decode(reply.body)
 
     def start_slow_resize(self, name="slow.png", query=SLOW_FOREVER):
-        """Store SLOW_SOURCE and start a resize of it that runs until the server stops; return its location."""
+        """Store SLOW_SOURCE and start a resize of it that cannot end; return its location.
+
+        Its process is stopped (see hold()), so the job stays running, and holds its worker, until
+        the test deletes the image or the server stops; both kill the process.
+        """
         if name not in self.request("GET", "/").json:
             self.store(name, SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
         location = self.submit(name, query)
-        wait_for(lambda: self.job(location)["state"] == "running", timeout=10)
+        self.hold(location, children)
         return location
+
+    def hold(self, location, children_before):
+        """Stop (SIGSTOP) the resize process of the job at `location`; return its pid.
+
+        `children_before` are multiprocessing.active_children() from before the job was submitted;
+        the job must start at once (a worker free) and run long enough to be caught.
+        """
+        def new_children():
+            return set(multiprocessing.active_children()) - children_before
+
+        # "running" is reported a moment before the process is started.
+        wait_for(lambda: new_children() or self.job(location)["state"] in ENDED_STATES)
+        children = new_children()
+        self.assertEqual(len(children), 1, f"not one new resize process: {children}")
+        pid = children.pop().pid
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: is_stopped(pid) or self.job(location)["state"] in ENDED_STATES)
+        self.assertTrue(is_stopped(pid), "the resize ended before it could be stopped")
+        self.assertEqual(self.job(location)["state"], "running")
+        return pid
 
 
 class TestResize(ResizeTestCase):
@@ -2451,13 +2505,13 @@ class TestResize(ResizeTestCase):
     def test_if_match_with_another_etag_is_412_and_the_current_one_is_accepted(self):
         self.store("a.png", make_image("PNG", (64, 48)))
         etag = self.request("HEAD", "/a.png").headers["ETag"]
-        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412)
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412, "a.png")
         reply = self.patch("a.png", "width=20&height=10", headers={"If-Match": etag})
         self.assertEqual(reply.status, 202, reply.body)
         self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
         self.assertEqual(self.download("a.png").size, (20, 10))
         # The resize made a new version: the old ETag no longer matches.
-        self.assertError(self.patch("a.png", "width=30&height=10", headers={"If-Match": etag}), 412)
+        self.assertError(self.patch("a.png", "width=30&height=10", headers={"If-Match": etag}), 412, "a.png")
 
     def test_twenty_resizes_of_one_image_apply_in_the_order_they_were_accepted(self):
         self.store("a.jpg", make_image("JPEG", (200, 150)))
@@ -2495,13 +2549,17 @@ class TestResize(ResizeTestCase):
             wait_for(lambda: len(seen) + len(failures) > 0)
             locations = [self.submit("r.png", f"width={w}&height={h}") for w, h in sizes]
             self.assertEqual(self.wait_job(locations[-1])["state"], "done")
+            # How many reads fall during the resizes is up to the scheduler. The reader goes on
+            # until it has read more times than there were resizes, and has begun a read after
+            # the last resize (the read after the one in flight now).
+            reads_when_done = len(seen)
+            wait_for(lambda: failures or len(seen) > max(len(sizes), reads_when_done + 1))
         finally:
             stop.set()
             reader.join()
         self.assertEqual(failures, [])
-        self.assertGreater(len(seen), len(sizes))
         self.assertLessEqual(set(seen), {(300, 300), (290, 290), (310, 310)})
-        self.assertGreater(len(set(seen)), 1, "the reader never saw a resized version")
+        self.assertEqual((seen[0], seen[reads_when_done + 1]), ((300, 300), sizes[-1]))
 
     def test_delete_cancels_the_queued_resizes(self):
         running = self.start_slow_resize()
@@ -2513,23 +2571,22 @@ class TestResize(ResizeTestCase):
             job = self.wait_job(location)
             self.assertEqual(job["state"], "cancelled")
             self.assertIsNotNone(job["finished"])
-        self.assertIn(self.wait_job(running)["state"], ENDED_STATES)
-        self.assertError(self.request("GET", "/slow.png"), 404)
+        self.assertEqual(self.wait_job(running)["state"], "cancelled")
+        self.assertError(self.request("GET", "/slow.png"), 404, "slow.png")
 
     def test_delete_during_a_running_resize_does_not_bring_the_image_back(self):
         location = self.start_slow_resize()
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
-        self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
-        self.assertError(self.request("GET", "/slow.png"), 404)
+        self.assertEqual(self.wait_job(location)["state"], "cancelled")
+        self.assertError(self.request("GET", "/slow.png"), 404, "slow.png")
         self.assertEqual(self.request("GET", "/").json, [])
         self.assertEqual(self.stored_files(), [])
 
     def test_delete_stops_the_running_resize_process(self):
         self.start_slow_resize()
-        # "running" may be reported a moment before the process is started.
-        wait_for(lambda: len(multiprocessing.active_children()) == 1)
+        self.assertEqual(len(multiprocessing.active_children()), 1)
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
-        # SLOW_FOREVER would run for about 10 s more if it were left to finish.
+        # The process is stopped: only a kill ends it.
         wait_for(lambda: not multiprocessing.active_children())
 
     def test_delete_and_upload_again_during_a_running_resize_keeps_the_new_upload(self):
@@ -2537,19 +2594,24 @@ class TestResize(ResizeTestCase):
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
         replacement = make_image("PNG", (30, 20))
         self.store("slow.png", replacement)
-        self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
+        self.assertEqual(self.wait_job(location)["state"], "cancelled")
         self.assertEqual(self.request("GET", "/slow.png").body, replacement)
         self.assertNoTempFiles()
 
     def test_a_file_replaced_in_the_folder_during_a_resize_is_not_overwritten(self):
-        # Someone else (a person, a backup restore, another IMS) replaces the file while it is resized.
-        location = self.start_slow_resize(query=SLOW_ENOUGH)
+        # Someone else (a person, a backup restore, another IMS) replaces the file while it is
+        # resized: the resize process is stopped meanwhile, then let go on to finish.
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(location, children)
         replacement = make_image("PNG", (30, 20))
         temp_path = os.path.join(self.storage, ".replacement")
         with open(temp_path, "wb") as file:
             file.write(replacement)
         os.replace(temp_path, os.path.join(self.storage, "slow.png"))
-        self.assertIn(self.wait_job(location)["state"], ("cancelled", "failed"))
+        os.kill(pid, signal.SIGCONT)
+        self.assertEqual(self.wait_job(location)["state"], "cancelled")
         self.assertEqual(self.request("GET", "/slow.png").body, replacement)
         self.assertNoTempFiles()
 
@@ -2577,17 +2639,17 @@ class TestResizeWithOneWorkerAndOneQueued(ResizeTestCase):
         self.store("a.png", make_image("PNG"))
         queued = self.submit("a.png", "width=10&height=10")
         reply = self.patch("a.png", "width=20&height=20")
-        self.assertError(reply, 503)
+        self.assertError(reply, 503, "try again later")
         self.assertRegex(reply.headers.get("Retry-After", ""), r"^\d+$")
         self.assertEqual(self.job(queued)["state"], "queued")
 
     def test_if_match_with_another_etag_queues_nothing(self):
         self.start_slow_resize()
         self.store("a.png", make_image("PNG"))
-        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412)
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": '"another"'}), 412, "a.png")
         # The one queue slot is still free, so the 412 took none.
         self.submit("a.png", "width=20&height=20")
-        self.assertError(self.patch("a.png", "width=30&height=30"), 503)
+        self.assertError(self.patch("a.png", "width=30&height=30"), 503, "try again later")
 
     def test_a_queued_resize_of_a_deleted_image_is_cancelled_while_others_run_on(self):
         running = self.start_slow_resize()
@@ -2610,7 +2672,7 @@ class TestResizeWithoutQueue(ResizeTestCase):
     def test_a_resize_is_503_when_every_worker_is_busy(self):
         self.start_slow_resize()
         self.store("a.png", make_image("PNG"))
-        self.assertError(self.patch("a.png", "width=10&height=10"), 503)
+        self.assertError(self.patch("a.png", "width=10&height=10"), 503, "try again later")
 
 
 class TestResizePixelLimit(ResizeTestCase):
@@ -2618,7 +2680,7 @@ class TestResizePixelLimit(ResizeTestCase):
 
     def test_a_result_over_max_pixels_is_400(self):
         self.store("a.png", make_image("PNG", (64, 48)))
-        self.assertError(self.patch("a.png", "width=101&height=100"), 400, "pixels")
+        self.assertError(self.patch("a.png", "width=101&height=100"), 400, ("101x100", "10000"))
         self.assertEqual(self.wait_job(self.submit("a.png", "width=100&height=100"))["state"], "done")
         self.assertEqual(self.download("a.png").size, (100, 100))
 
@@ -2643,13 +2705,15 @@ class TestResizePixelLimit(ResizeTestCase):
 
 
 class TestResizeTimeLimit(ResizeTestCase):
-    server_options = {"resize_timeout": 0.5}
+    # SLOW_FOREVER needs about 9 s of CPU, far past the limit; the small resize after it needs a
+    # few milliseconds, far below it even on a loaded machine.
+    server_options = {"resize_timeout": 2}
 
     def test_a_resize_past_the_time_limit_is_stopped_and_fails(self):
         self.store("slow.png", SLOW_SOURCE)
         job = self.wait_job(self.submit("slow.png", SLOW_FOREVER))
         self.assertEqual(job["state"], "failed")
-        self.assertIn("0.5", job["error"])
+        self.assertIn("2 seconds", job["error"])
         self.assertEqual(multiprocessing.active_children(), [])
         self.assertEqual(self.request("GET", "/slow.png").body, SLOW_SOURCE)
         self.assertNoTempFiles()
@@ -2665,10 +2729,12 @@ class TestResizeOnOneWorker(ResizeTestCase):
     def test_queued_resizes_checked_against_one_etag_apply_only_to_that_version(self):
         self.store("a.png", make_image("PNG", (64, 48)))
         etag = self.request("HEAD", "/a.png").headers["ETag"]
-        self.start_slow_resize(query=SLOW_ENOUGH)
+        # Both are queued while the one worker is held, so both are accepted against one version.
+        self.start_slow_resize()
         first = self.patch("a.png", "width=32&height=24", headers={"If-Match": etag})
         second = self.patch("a.png", "width=16&height=12", headers={"If-Match": etag})
         self.assertEqual((first.status, second.status), (202, 202))
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
         self.assertEqual(self.wait_job(first.headers["Location"])["state"], "done")
         late = self.wait_job(second.headers["Location"])
         self.assertEqual(late["state"], "failed")
@@ -2718,33 +2784,52 @@ class TestJobs(ResizeTestCase):
                 self.assertIsNotNone(job["submitted"])
 
     def test_wait_answers_as_soon_as_the_job_ends(self):
-        self.store("slow.png", SLOW_SOURCE)
-        location = self.submit("slow.png", SLOW_ENOUGH)
-        self.assertIn(self.job(location)["state"], ("queued", "running"))
-        started = time.monotonic()
-        job = self.wait_job(location, 20)
-        self.assertEqual(job["state"], "done")
-        self.assertLess(time.monotonic() - started, 10, "the answer waited for the whole ?wait=")
-        self.assertEqual(self.download("slow.png").size, (1200, 1200))
+        # The job waited on is queued behind one that cannot end. Deleting that one's image frees
+        # the worker, and the job runs and ends: the answer must come then, with the job done,
+        # not when the 60 s of ?wait= are up. (Were the DELETE served before the wait began, the
+        # answer would be the same; the request is sent first so that it is already waiting.)
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG", (64, 48)))
+        location = self.submit("a.png", "width=32&height=24")
+        self.assertEqual(self.job(location)["state"], "queued")
+        connection, sent, answers = self.connect(), threading.Event(), []
+
+        def wait():
+            connection.request("GET", f"{location}?wait=60")
+            sent.set()
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        self.assertTrue(sent.wait(DEADLINE_SECONDS), "the request could not be sent")
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        waiter.join(DEADLINE_SECONDS)
+        self.assertFalse(waiter.is_alive(), "the answer waited for the whole ?wait=")
+        self.assertEqual([(status, job["state"]) for status, job in answers], [(200, "done")], answers)
+        self.assertEqual(self.download("a.png").size, (32, 24))
 
     def test_wait_answers_when_the_time_is_up(self):
+        # Neither job can end while the test runs: the first one's process is stopped, and the
+        # second, of the same image, waits for it.
         running = self.start_slow_resize()
-        started = time.monotonic()
-        reply = self.request("GET", f"{running}?wait=1")
-        self.assertEqual(reply.status, 200, reply.body)
-        self.assertEqual(reply.json["state"], "running")
-        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        queued = self.submit("slow.png", "width=10&height=10")
+        for location, state in ((running, "running"), (queued, "queued")):
+            with self.subTest(state=state):
+                reply = self.request("GET", f"{location}?wait=0.5")
+                self.assertEqual(reply.status, 200, reply.body)
+                self.assertEqual((reply.json["state"], reply.json["finished"]), (state, None))
 
     def test_unknown_job_is_404(self):
-        self.assertError(self.request("GET", "/jobs/no-such-job"), 404)
-        self.assertError(self.request("GET", "/jobs/no-such-job?wait=5"), 404)
+        self.assertError(self.request("GET", "/jobs/no-such-job"), 404, "'no-such-job'")
+        self.assertError(self.request("GET", "/jobs/no-such-job?wait=5"), 404, "'no-such-job'")
 
     def test_invalid_wait_is_400(self):
         self.store("a.png", make_image("PNG"))
         location = self.submit("a.png", "width=10&height=10")
         for wait in ("-1", "abc", "nan", "1e999"):
             with self.subTest(wait=wait):
-                self.assertError(self.request("GET", f"{location}?wait={wait}"), 400, "wait")
+                self.assertError(self.request("GET", f"{location}?wait={wait}"), 400, ("wait", repr(wait)))
 
     def test_wait_above_60_is_accepted(self):
         self.store("a.png", make_image("PNG"))
@@ -2757,26 +2842,28 @@ class TestJobs(ResizeTestCase):
                 self.assertEqual(reply.json["state"], "done")
 
 
-
-
-if __name__ == "__main__":
-    unittest.main()
-
-
 # ====
 # The real process
 # ====
 
 
 def start_ims(test, *arguments, env=None):
-    """Start `python3 ims.py --port 0 ...` and return (process, port) once it has said it listens."""
+    """Start `python3 ims.py --port 0 ...` and return (process, port) once it has said it listens.
+
+    The process leads a session of its own, so its resize processes can be told from others (see
+    session_processes()). Its request log goes to a file: a pipe that nobody reads would stop the
+    server once the log filled it, after a number of requests that depends on the machine's speed.
+    """
+    log = tempfile.TemporaryFile()
+    test.addCleanup(log.close)
     process = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "ims.py"), "--port", "0", *arguments],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=log,
         env=dict(os.environ, **(env or {})),
         cwd=HERE,
         text=True,
+        start_new_session=True,
     )
 
     def stop():
@@ -2784,12 +2871,33 @@ def start_ims(test, *arguments, env=None):
             process.kill()
         process.wait()
         process.stdout.close()
-        process.stderr.close()
 
     test.addCleanup(stop)
     line = process.stdout.readline()
     test.assertRegex(line, r"^IMS serving .+ on http://127\.0\.0\.1:\d+\n$")
     return process, int(line.rsplit(":", 1)[1])
+
+
+def session_processes(session_id):
+    """Return the ids of the processes of session `session_id` that still run (zombies aside).
+
+    Reads /proc (Linux); elsewhere returns [], so a test that waits for it waits for nothing.
+    """
+    pids = []
+    if not os.path.isdir("/proc/self"):
+        return pids
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # After the command name: state, parent, process group, session (proc(5)).
+        if fields[0] != "Z" and int(fields[3]) == session_id:
+            pids.append(int(entry))
+    return pids
 
 
 class TestCommandLine(unittest.TestCase):
@@ -2801,7 +2909,7 @@ class TestCommandLine(unittest.TestCase):
     def test_start_up_line_names_the_absolute_storage_and_the_real_port(self):
         process, port = start_ims(self, "--storage", self.storage)
         self.assertTrue(os.path.isdir(self.storage))
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         connection.request("GET", "/")
         self.assertEqual(connection.getresponse().read(), b"[]\n")
         connection.close()
@@ -2809,7 +2917,7 @@ class TestCommandLine(unittest.TestCase):
     def test_environment_variables_are_the_fallback_for_flags(self):
         process, port = start_ims(self, env={"IMS_STORAGE": self.storage, "IMS_MAX_UPLOAD": "1000"})
         body, content_type = multipart_body(files=[("file", "a.png", bytes(range(256)) * 8)])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(connection.close)
         connection.request("POST", "/", body, {"Content-Type": content_type})
         response = connection.getresponse()
@@ -2859,13 +2967,13 @@ class TestSignals(unittest.TestCase):
 
     def check_clean_stop(self, signal_number):
         process, port = start_ims(self, "--storage", self.storage)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         body, content_type = multipart_body(files=[("file", "kept.png", make_image("PNG"))])
         connection.request("POST", "/", body, {"Content-Type": content_type})
         self.assertEqual(connection.getresponse().read(), b'"Image successfully uploaded"\n')
         # The idle keep-alive connection must not hold the stop up.
         process.send_signal(signal_number)
-        self.assertEqual(process.wait(timeout=20), 0)
+        self.assertEqual(process.wait(timeout=DEADLINE_SECONDS), 0)
         connection.close()
         self.assertEqual(os.listdir(self.storage), ["kept.png"])
 
@@ -2877,8 +2985,7 @@ class TestSignals(unittest.TestCase):
 
     def test_leftovers_of_a_killed_upload_are_removed_at_start_up(self):
         os.makedirs(self.storage)
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        leftover = os.path.join(self.storage, f"{ims.TEMP_PREFIX}{dead.stdout.strip()}-abc.jpg")
+        leftover = os.path.join(self.storage, f"{ims.TEMP_PREFIX}{dead_pid()}-abc.jpg")
         with open(leftover, "wb") as file:
             file.write(b"half an upload")
         start_ims(self, "--storage", self.storage)
@@ -2929,43 +3036,11 @@ class TestSampleImage(unittest.TestCase):
 class TestHostileRequests(HTTPTestCase):
     """Whatever the bytes, the answer is a JSON 4xx (or a correct answer), and never a hang."""
 
-    # A hang fails the test after this long instead of holding the suite up.
-    HANG_SECONDS = 5
-
-    def exchange(self, data, timeout=HANG_SECONDS):
-        """Send raw bytes on a new connection; return all the server sends until it closes.
-
-        A server that neither answers nor closes within `timeout` fails the test, showing what it
-        had sent by then.
-        """
-        chunks = []
-        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
-            sock.sendall(data)
-            try:
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return b"".join(chunks)
-                    chunks.append(chunk)
-            except socket.timeout:
-                self.fail(
-                    f"the connection was still open after {timeout} s; request {data[:120]!r}, "
-                    f"answered so far {b''.join(chunks)[:300]!r}"
-                )
-
-    def assertRefused(self, data, status, words=""):
-        """`data` gets exactly one JSON error of `status`, and the connection is closed after it."""
-        reply = self.parse_reply(self.exchange(data))
+    def assertRefused(self, data, status, words):
+        """`data` gets exactly one JSON error of `status` holding `words` (see assertError), and the
+        connection is closed after it."""
+        reply = self.parse_reply(self.raw_exchange(data))
         self.assertError(reply, status, words)
-        return reply
-
-    def assertClientErrorOrAnswer(self, data, method="GET"):
-        """`data` gets a correct answer or a JSON 4xx; never a 5xx. Returns the Reply."""
-        reply = self.parse_reply(self.exchange(data), method)
-        self.assertLess(reply.status, 500, reply.body)
-        if reply.status >= 400:
-            self.assertEqual(reply.headers["Content-Type"], "application/json")
-            self.assertTrue(reply.message)
         return reply
 
     def store(self, name="a.png"):
@@ -2976,110 +3051,111 @@ class TestHostileRequests(HTTPTestCase):
     # Request lines
 
     def test_garbage_request_lines_are_400_json(self):
-        for request_line in (
-            b"GARBAGE",
-            b"\x00\x01\x02\x03 / HTTP/1.1",
-            b"GET / HTTP/1.1 extra words",
-            b"GET /a b.png HTTP/1.1",
-            b"GET  / HTTP/1.1",
-            b"GET\t/\tHTTP/1.1",
-            b"G(T / HTTP/1.1",
-            b"GET /\r HTTP/1.1",
-            b"GET /\x7f.png HTTP/1.1",
-            b"/ GET HTTP/1.1",
+        for request_line, words in (
+            (b"GARBAGE", "request line"),
+            (b"\x00\x01\x02\x03 / HTTP/1.1", "request line"),
+            (b"GET / HTTP/1.1 extra words", "request line"),
+            (b"GET /a b.png HTTP/1.1", "request line"),
+            (b"GET  / HTTP/1.1", "request line"),
+            (b"GET\t/\tHTTP/1.1", "request line"),
+            (b"G(T / HTTP/1.1", "request line"),
+            (b"GET /\r HTTP/1.1", "request target"),
+            (b"GET /\x7f.png HTTP/1.1", "request target"),
+            (b"/ GET HTTP/1.1", "request line"),
         ):
             with self.subTest(request_line=request_line):
-                self.assertRefused(request_line + b"\r\nHost: ims.test\r\n\r\n", 400)
+                self.assertRefused(request_line + b"\r\nHost: ims.test\r\n\r\n", 400, words)
 
     def test_lowercase_and_malformed_versions_are_400_json(self):
         for version in (b"http/1.1", b"HTTP/1", b"HTTP/1.1.1", b"HTTP/11", b"HTTP/1.x", b"HTTPS/1.1", b"HTTP/ 1.1"):
             with self.subTest(version=version):
-                self.assertRefused(b"GET / " + version + b"\r\nHost: ims.test\r\n\r\n", 400)
+                self.assertRefused(b"GET / " + version + b"\r\nHost: ims.test\r\n\r\n", 400, "request line")
 
     def test_http_2_request_line_is_505_json(self):
-        self.assertRefused(b"GET / HTTP/2.0\r\nHost: ims.test\r\n\r\n", 505, "HTTP/1.1")
-        self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505)
+        self.assertRefused(b"GET / HTTP/2.0\r\nHost: ims.test\r\n\r\n", 505, ("HTTP/2.0", "HTTP/1.1"))
+        self.assertRefused(b"GET / HTTP/3.0\r\nHost: ims.test\r\n\r\n", 505, ("HTTP/3.0", "HTTP/1.1"))
 
     def test_http_2_connection_preface_gets_a_json_refusal(self):
-        reply = self.parse_reply(self.exchange(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
-        self.assertIn(reply.status, (400, 505), reply.body)
-        self.assertTrue(reply.message)
+        # "PRI * HTTP/2.0" is a well-formed request line of major version 2.
+        self.assertRefused(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, ("HTTP/2.0", "HTTP/1.1"))
 
     def test_http_1_2_request_is_answered_as_http_1_1(self):
         # RFC 9110 §6.2: a higher minor version of a major version we implement is treated as ours.
-        reply = self.parse_reply(self.exchange(b"GET / HTTP/1.2\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
+        reply = self.parse_reply(self.raw_exchange(b"GET / HTTP/1.2\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.json, [])
 
     def test_http_0_9_style_request_with_blank_line_is_400_json(self):
-        self.assertRefused(b"GET /\r\n\r\n", 400)
+        self.assertRefused(b"GET /\r\n\r\n", 400, "request line")
 
     def test_http_0_9_client_waiting_after_its_one_line_gets_400_at_once(self):
         # An HTTP/0.9 client sends "GET /" and one line end, then waits for the answer; the line
-        # alone is already not HTTP/1.x, so waiting for more (until --timeout) would hang it.
-        reply = self.parse_reply(self.exchange(b"GET /\r\n", timeout=2))
-        self.assertError(reply, 400)
+        # alone is already not HTTP/1.x, so waiting for more (until --timeout) would hang it. A
+        # server that waited would close at its --timeout (30 s) without a word: no 400 to parse.
+        reply = self.parse_reply(self.raw_exchange(b"GET /\r\n"))
+        self.assertError(reply, 400, "request line")
 
     def test_unknown_methods_are_405_with_allow(self):
         for method in ("BREW", "get", "PROPFIND", "TRACE", "A" * 200):
             with self.subTest(method=method[:20]):
                 request = f"{method} / HTTP/1.1\r\nHost: ims.test\r\nX-Secret: do-not-echo\r\nConnection: close\r\n\r\n".encode()
-                reply = self.assertRefused(request, 405)
+                reply = self.assertRefused(request, 405, method)
                 self.assertEqual({m.strip() for m in reply.headers["Allow"].split(",")}, {"GET", "HEAD", "POST"})
                 self.assertNotIn(b"do-not-echo", reply.body)
 
     def test_unknown_method_on_an_image_keeps_the_image(self):
         data = self.store()
-        reply = self.assertRefused(b"PUT /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 3\r\n\r\nabc", 405)
+        reply = self.assertRefused(b"PUT /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 3\r\n\r\nabc", 405, "PUT")
         self.assertIn("PATCH", reply.headers["Allow"])
         self.assertEqual(self.request("GET", "/a.png").body, data)
 
     def test_connect_and_asterisk_targets_are_4xx_json(self):
-        for request in (b"CONNECT ims.test:443 HTTP/1.1", b"OPTIONS * HTTP/1.1", b"GET ftp://ims.test/a.png HTTP/1.1"):
+        # Neither a path nor an http(s) URL: the target names nothing IMS serves.
+        for request, target in (
+            (b"CONNECT ims.test:443 HTTP/1.1", "'ims.test:443'"),
+            (b"OPTIONS * HTTP/1.1", "'*'"),
+            (b"GET ftp://ims.test/a.png HTTP/1.1", "'ftp://ims.test/a.png'"),
+        ):
             with self.subTest(request=request):
-                reply = self.parse_reply(self.exchange(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
-                self.assertGreaterEqual(reply.status, 400)
-                self.assertLess(reply.status, 500)
-                self.assertTrue(reply.message)
+                self.assertRefused(request + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n", 400, target)
 
     # HTTP/1.0 and absolute-form
 
     def test_http_1_0_request_is_answered_then_closed(self):
         self.store()
-        raw = self.exchange(b"GET / HTTP/1.0\r\n\r\n")
+        raw = self.raw_exchange(b"GET / HTTP/1.0\r\n\r\n")
         reply = self.parse_reply(raw)
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.json, ["a.png"])
 
     def test_http_1_0_keep_alive_request_keeps_the_connection_open(self):
         sock = self.open_socket()
-        sock.settimeout(self.HANG_SECONDS)
         sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         reply = self.read_reply(sock)
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.headers["Connection"].lower(), "keep-alive")
         sock.sendall(b"GET /missing.png HTTP/1.0\r\n\r\n")
         reply = self.parse_reply(self.read_until_close(sock))
-        self.assertError(reply, 404)
+        self.assertError(reply, 404, "missing.png")
 
     def test_http_1_0_upload_with_content_length_is_stored(self):
         data = make_image("PNG")
         body, content_type = multipart_body(files=[("file", "old.png", data)])
         head = f"POST / HTTP/1.0\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        reply = self.parse_reply(self.exchange(head + body))
+        reply = self.parse_reply(self.raw_exchange(head + body))
         self.assertEqual(reply.status, 201, reply.body)
         self.assertEqual(self.request("GET", "/old.png").body, data)
 
     def test_absolute_form_targets_are_served_like_paths(self):
         data = self.store()
-        reply = self.parse_reply(self.exchange(
+        reply = self.parse_reply(self.raw_exchange(
             b"GET http://ims.test/a.png HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
         ))
         self.assertEqual(reply.status, 200, reply.body)
         self.assertEqual(reply.body, data)
         for target in (b"http://ims.test/", b"HTTP://ims.test:5000/", b"http://ims.test"):
             with self.subTest(target=target):
-                reply = self.parse_reply(self.exchange(
+                reply = self.parse_reply(self.raw_exchange(
                     b"GET " + target + b" HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
                 ))
                 self.assertEqual(reply.status, 200, reply.body)
@@ -3095,7 +3171,7 @@ class TestHostileRequests(HTTPTestCase):
             b"GET /missing.png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
             b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
         )
-        raw = self.exchange(requests)
+        raw = self.raw_exchange(requests)
         first, raw = self.split_reply(raw)
         second, raw = self.split_reply(raw, "HEAD")
         third, raw = self.split_reply(raw)
@@ -3103,7 +3179,7 @@ class TestHostileRequests(HTTPTestCase):
         self.assertEqual((first.status, first.body), (200, data))
         self.assertEqual((second.status, second.body), (200, b""))
         self.assertEqual(second.headers["Content-Length"], str(len(data)))
-        self.assertError(third, 404)
+        self.assertError(third, 404, "missing.png")
         self.assertEqual((fourth.status, fourth.json), (200, ["a.png"]))
 
     def test_pipelined_uploads_with_bodies_are_each_read_to_their_exact_end(self):
@@ -3115,7 +3191,7 @@ class TestHostileRequests(HTTPTestCase):
         chunks += f"{len(body) - len(body) // 2:x}\r\n".encode() + body[len(body) // 2:] + b"\r\n0\r\n\r\n"
         by_chunks = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"]) + chunks
         listing = b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n"
-        raw = self.exchange(by_length + by_chunks + listing)
+        raw = self.raw_exchange(by_length + by_chunks + listing)
         first, raw = self.split_reply(raw)
         second, raw = self.split_reply(raw)
         third = self.parse_reply(raw)
@@ -3126,27 +3202,27 @@ class TestHostileRequests(HTTPTestCase):
     # Header injection
 
     def test_header_injection_attempts_are_400_json_and_close(self):
-        for header_lines in (
-            b"X-Name: a\rInjected: yes",
-            b"X-Name: a\x00b",
-            b"Host : ims.test",
-            b"X-Name\t: a",
-            b"X-Name: a\r\n folded: continuation",
-            b"X-Name: a\r\n\tfolded",
-            b" X-Leading-Space: a",
-            b"X Name: a",
-            b"X-N\xe4me: a",
-            b": no name",
-            b"no colon at all",
+        for header_lines, words in (
+            (b"X-Name: a\rInjected: yes", ("'X-Name'", "control characters")),
+            (b"X-Name: a\x00b", ("'X-Name'", "control characters")),
+            (b"Host : ims.test", ("'Host : ims.test'", "malformed")),
+            (b"X-Name\t: a", "malformed"),
+            (b"X-Name: a\r\n folded: continuation", ("' folded: continuation'", "malformed")),
+            (b"X-Name: a\r\n\tfolded", "malformed"),
+            (b" X-Leading-Space: a", ("' X-Leading-Space: a'", "malformed")),
+            (b"X Name: a", ("'X Name: a'", "malformed")),
+            (b"X-N\xe4me: a", "malformed"),
+            (b": no name", ("': no name'", "malformed")),
+            (b"no colon at all", ("'no colon at all'", "malformed")),
         ):
             with self.subTest(header_lines=header_lines):
                 request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + header_lines + b"\r\n\r\n"
-                self.assertRefused(request, 400)
+                self.assertRefused(request, 400, words)
 
     def test_header_injection_after_a_request_is_never_answered_as_a_second_request(self):
         self.store()
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Name: a\r\rDELETE /a.png HTTP/1.1\r\n\r\n"
-        self.assertRefused(request, 400)
+        self.assertRefused(request, 400, ("'X-Name'", "control characters"))
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
 
     # Request smuggling (RFC 9112 §6.3)
@@ -3215,39 +3291,41 @@ class TestHostileRequests(HTTPTestCase):
     # Absurd numbers
 
     def test_absurd_content_lengths_are_4xx_json(self):
+        # None is one non-negative integer of at most 18 digits, so none is compared with the limit.
         for value in ("1" * 30, "-1", "0x10", "1e3", "+5", "", "5 5", "99999999999999999999999999999999999999999"):
             with self.subTest(value=value):
                 head = self.smuggling_head(f"Content-Length: {value}")
-                reply = self.parse_reply(self.exchange(head + b"hello"))
-                self.assertIn(reply.status, (400, 413), reply.body)
-                self.assertTrue(reply.message)
+                self.assertRefused(head + b"hello", 400, ("Content-Length", repr(value)))
         self.assertNoTempFiles()
 
     def test_content_length_far_over_the_upload_limit_is_413_before_the_body(self):
         head = self.smuggling_head("Content-Length: 999999999999999999")
-        self.assertRefused(head + b"a little", 413)
+        self.assertRefused(head + b"a little", 413, ("999999999999999999", "16000000"))
 
     def test_get_with_absurd_content_length_is_never_a_5xx(self):
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 999999999999999999\r\n\r\nabc"
-        self.assertClientErrorOrAnswer(request)
+        reply = self.parse_reply(self.raw_exchange(request))
+        # GET / reads no body, so it is answered, and the connection closed: the unread body must
+        # not be taken for the next request.
+        self.assertEqual((reply.status, reply.json, reply.headers["Connection"]), (200, [], "close"))
 
     def test_absurd_ranges_give_the_whole_image_a_range_or_416(self):
         data = self.store()
-        for value in (
-            "bytes=99999999999999999999-", "bytes=0-99999999999999999999", "bytes=-99999999999999999999",
-            "bytes=999999999999999999-", "bytes=18446744073709551616-18446744073709551617", "bytes=-0",
-            "bytes=--1", "bytes=1-0", "bytes=0x10-", "bytes=" + "0" * 5000 + "-", "bytes=" + "0-," * 2000,
+        # A number of more than 18 digits, a malformed range or several ranges are ignored (RFC
+        # 9110 §14.2): the whole image. A start past the end, or a suffix of 0 bytes: 416.
+        for value, status in (
+            ("bytes=99999999999999999999-", 200), ("bytes=0-99999999999999999999", 200),
+            ("bytes=-99999999999999999999", 200), ("bytes=999999999999999999-", 416),
+            ("bytes=18446744073709551616-18446744073709551617", 200), ("bytes=-0", 416), ("bytes=--1", 200),
+            ("bytes=1-0", 200), ("bytes=0x10-", 200), ("bytes=" + "0" * 5000 + "-", 200), ("bytes=" + "0-," * 2000, 200),
         ):
             with self.subTest(value=value[:40]):
                 request = f"GET /a.png HTTP/1.1\r\nHost: ims.test\r\nRange: {value}\r\nConnection: close\r\n\r\n"
-                reply = self.assertClientErrorOrAnswer(request.encode())
-                self.assertIn(reply.status, (200, 206, 416), reply.body)
-                if reply.status == 200:
-                    self.assertEqual(reply.body, data)
-                elif reply.status == 206:
-                    start, end = (int(n) for n in reply.headers["Content-Range"].split()[1].split("/")[0].split("-"))
-                    self.assertEqual(reply.body, data[start:end + 1])
+                reply = self.parse_reply(self.raw_exchange(request.encode()))
+                if status == 200:
+                    self.assertEqual((reply.status, reply.body), (200, data))
                 else:
+                    self.assertError(reply, 416, repr(value))
                     self.assertEqual(reply.headers["Content-Range"], f"bytes */{len(data)}")
 
     def test_absurd_dates_in_conditional_headers_are_never_a_5xx(self):
@@ -3257,23 +3335,23 @@ class TestHostileRequests(HTTPTestCase):
             "Fri, 31 Dec 9999 99:99:99 GMT", "Thu, 01 Jan 1970 00:00:00 +9999", "1" * 400, "\xff\xfe",
         ):
             with self.subTest(value=value[:40]):
-                for header in ("If-Modified-Since", "If-Range"):
+                # None is a valid date at or after the file's and not in the future, so
+                # If-Modified-Since never gives 304 and the range is served; as If-Range, it is
+                # neither the ETag nor the Last-Modified, so the whole image is sent.
+                for header, status, body in (("If-Modified-Since", 206, data[:4]), ("If-Range", 200, data)):
                     request = (
                         f"GET /a.png HTTP/1.1\r\nHost: ims.test\r\n{header}: {value}\r\n"
                         "Range: bytes=0-3\r\nConnection: close\r\n\r\n"
                     )
-                    reply = self.assertClientErrorOrAnswer(request.encode("latin-1"))
-                    self.assertIn(reply.status, (200, 206, 304), reply.body)
-                    if reply.status == 200:
-                        self.assertEqual(reply.body, data)
+                    reply = self.parse_reply(self.raw_exchange(request.encode("latin-1")))
+                    self.assertEqual((reply.status, reply.body), (status, body), header)
 
     def test_absurd_job_waits_are_400_json_and_finite_huge_ones_are_capped(self):
         self.store()
         reply = self.request("PATCH", "/a.png?width=4&height=3")
         self.assertEqual(reply.status, 202, reply.body)
         location = reply.headers["Location"]
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.HANG_SECONDS)
-        self.addCleanup(connection.close)
+        connection = self.connect()
         # Asked at once, while the job most likely still runs: the wait must be capped, not overflow.
         for value in ("1e308", "99999999999999999999999", "60.0000001"):
             with self.subTest(value=value):
@@ -3285,31 +3363,38 @@ class TestHostileRequests(HTTPTestCase):
 
     def test_absurd_resize_dimensions_are_400_json(self):
         self.store()
-        for body in (
-            {"width": 10 ** 30, "height": 10},
-            {"width": 10, "height": 10 ** 30},
-            {"width": 10 ** 30, "height": 10 ** 30},
-            {"width": -10 ** 30, "height": 10},
-            {"width": "1" * 30, "height": "10"},
-            {"width": 1e30, "height": 10},
-            {"width": 10, "height": 0},
-            {"width": [10], "height": {"10": 10}},
+        for body, words in (
+            ({"width": 10 ** 30, "height": 10}, "pixels"),
+            ({"width": 10, "height": 10 ** 30}, "pixels"),
+            ({"width": 10 ** 30, "height": 10 ** 30}, "pixels"),
+            ({"width": -10 ** 30, "height": 10}, "width"),
+            ({"width": "1" * 30, "height": "10"}, "width"),
+            ({"width": 1e30, "height": 10}, "width"),
+            ({"width": 10, "height": 0}, "height"),
+            ({"width": [10], "height": {"10": 10}}, "width"),
         ):
             with self.subTest(body=str(body)[:60]):
                 reply = self.request("PATCH", "/a.png", json.dumps(body), {"Content-Type": "application/json"})
-                self.assertError(reply, 400)
-        for raw_body in (
-            b'{"width": 1e400, "height": 10}', b'{"width": NaN, "height": 10}', b'{"width": Infinity, "height": 10}',
-            b'{"width": 1' + b"0" * 5000 + b', "height": 10}', b"[" * 30000 + b"]" * 30000,
-            b'{"width": ' * 5000, b"[" * 100000, b"\xff\xfe{}",
+                self.assertError(reply, 400, words)
+        # Pythons that limit int() to 4300 digits (3.8.14 and later) refuse a longer JSON number as
+        # invalid JSON; older ones read it, and it is then too many pixels.
+        long_number_words = "JSON" if hasattr(sys, "get_int_max_str_digits") else "pixels"
+        for raw_body, status, words in (
+            (b'{"width": 1e400, "height": 10}', 400, ("width", "inf")),
+            (b'{"width": NaN, "height": 10}', 400, ("width", "nan")),
+            (b'{"width": Infinity, "height": 10}', 400, ("width", "inf")),
+            (b'{"width": 1' + b"0" * 5000 + b', "height": 10}', 400, long_number_words),
+            (b"[" * 30000 + b"]" * 30000, 400, "JSON"),
+            (b'{"width": ' * 5000, 400, "JSON"),
+            (b"[" * 100000, 413, ("100000", str(ims.MAX_PARAMETERS_BYTES))),
+            (b"\xff\xfe{}", 400, "JSON"),
         ):
             with self.subTest(raw_body=raw_body[:40]):
                 reply = self.request("PATCH", "/a.png", raw_body, {"Content-Type": "application/json"})
-                self.assertIn(reply.status, (400, 413), reply.body)
-                self.assertTrue(reply.message)
-        for query in ("width=" + "9" * 30 + "&height=10", "width=10&height=-0", "width=1e3&height=10"):
+                self.assertError(reply, status, words)
+        for query, words in (("width=" + "9" * 30 + "&height=10", "width"), ("width=10&height=-0", "height"), ("width=1e3&height=10", "width")):
             with self.subTest(query=query[:40]):
-                self.assertError(self.request("PATCH", f"/a.png?{query}"), 400)
+                self.assertError(self.request("PATCH", f"/a.png?{query}"), 400, words)
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
 
     def test_chunk_size_of_forty_hex_digits_is_400_and_closes(self):
@@ -3321,30 +3406,26 @@ class TestHostileRequests(HTTPTestCase):
         for size_line in (b"-1", b"0x10", b"1 0", b"", b"g", b"+5"):
             with self.subTest(size_line=size_line):
                 head = self.smuggling_head("Transfer-Encoding: chunked")
-                self.assertRefused(head + size_line + b"\r\nhello\r\n0\r\n\r\n", 400)
+                self.assertRefused(head + size_line + b"\r\nhello\r\n0\r\n\r\n", 400, "chunk size")
 
     def test_huge_chunk_that_never_arrives_is_4xx_not_a_hang(self):
         head = self.smuggling_head("Transfer-Encoding: chunked")
-        with socket.create_connection((self.host, self.port), timeout=self.HANG_SECONDS) as sock:
-            sock.sendall(head + b"ffffffffffffffff\r\n" + b"x" * 1000)
-            sock.shutdown(socket.SHUT_WR)
-            try:
-                raw = self.read_until_close(sock)
-            except socket.timeout:
-                self.fail("the server neither answered nor closed")
-        reply = self.parse_reply(raw)
-        self.assertIn(reply.status, (400, 413), reply.body)
-        self.assertTrue(reply.message)
+        sock = self.open_socket()
+        sock.sendall(head + b"ffffffffffffffff\r\n" + b"x" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        reply = self.parse_reply(self.read_until_close(sock))
+        # 1000 bytes are far below --max-upload; then the body ends inside the chunk.
+        self.assertError(reply, 400, "last chunk")
         self.assertNoTempFiles()
 
     # Size limits of the head
 
     def test_request_line_over_8_kib_is_414_json(self):
         request = b"GET /" + b"a" * (8 * 1024 + 10) + b".png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
-        self.assertRefused(request, 414)
+        self.assertRefused(request, 414, "8192")
 
     def test_request_line_that_never_ends_is_414_json(self):
-        self.assertRefused(b"GET /" + b"a" * (100 * 1024), 414)
+        self.assertRefused(b"GET /" + b"a" * (100 * 1024), 414, "8192")
 
     def test_request_line_of_100_kib_followed_by_headers_is_414_json(self):
         request = b"GET /" + b"a" * (100 * 1024) + b".png HTTP/1.1\r\nHost: ims.test\r\n\r\n"
@@ -3353,36 +3434,34 @@ class TestHostileRequests(HTTPTestCase):
     def test_long_request_line_and_header_within_the_limits_are_served(self):
         cookie = b"Cookie: " + b"c" * 6000 + b"\r\n"
         request = b"GET /" + b"a" * 6000 + b".png HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
-        self.assertRefused(request, 404)
+        self.assertRefused(request, 404, "a" * 6000 + ".png")
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + cookie + b"Connection: close\r\n\r\n"
-        self.assertEqual(self.parse_reply(self.exchange(request)).status, 200)
+        self.assertEqual(self.parse_reply(self.raw_exchange(request)).status, 200)
 
     def test_header_line_over_8_kib_is_431_json(self):
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nCookie: " + b"c" * (8 * 1024 + 10) + b"\r\n\r\n"
-        self.assertRefused(request, 431)
+        self.assertRefused(request, 431, "8192")
 
     def test_more_than_100_header_fields_is_431_json(self):
         fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(100))
-        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + fields + b"\r\n", 431)
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\n" + fields + b"\r\n", 431, "100")
 
     def test_exactly_100_header_fields_are_served(self):
         fields = b"".join(b"X-Field-%d: %d\r\n" % (index, index) for index in range(98))
         request = b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n"
-        self.assertEqual(self.parse_reply(self.exchange(request)).status, 200)
+        self.assertEqual(self.parse_reply(self.raw_exchange(request)).status, 200)
 
     def test_head_over_64_kib_of_short_lines_is_431_json(self):
         fields = b"".join(b"X-Field-%d: %s\r\n" % (index, b"v" * 4000) for index in range(20))
-        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n", 431)
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n" + fields + b"\r\n", 431, "65536")
 
     def test_server_keeps_serving_after_every_kind_of_hostile_request(self):
-        for request in (
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+        for request, status, words in (
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400, "request line"),
+            (b"GET / HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "Content-Length"),
+            (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414, "8192"),
         ):
-            reply = self.parse_reply(self.exchange(request))
-            self.assertGreaterEqual(reply.status, 400)
-            self.assertLess(reply.status, 500)
+            self.assertRefused(request, status, words)
         self.assertEqual(self.request("GET", "/").json, [])
 
 
@@ -3394,23 +3473,23 @@ class TestHostileRequests(HTTPTestCase):
 class SlowClientAssertions:
     """For HTTPTestCase classes: helpers that tell a disconnected client from a waiting one."""
 
-    # How long a test waits for the server to disconnect a client before failing.
-    DISCONNECT_DEADLINE_SECONDS = 5
+    def assertDisconnected(self, sock, status=None, may_reset=False):
+        """The server closes `sock` (failing the test after DEADLINE_SECONDS).
 
-    def temp_files(self):
-        return [name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)]
-
-    def assertDisconnected(self, sock):
-        """The server closes `sock` within the deadline; whatever it says first must be a 408."""
-        sock.settimeout(self.DISCONNECT_DEADLINE_SECONDS)
+        `status` None: a request head that did not come in time is dropped without a word; 408:
+        a body that stalled is answered 408 first. `may_reset`: the client may have written after
+        the close, so the kernel may report a reset instead.
+        """
         try:
             data = self.read_until_close(sock)
-        except socket.timeout:
-            self.fail(f"the server still holds the connection after {self.DISCONNECT_DEADLINE_SECONDS} s")
         except ConnectionResetError:
+            if not may_reset:
+                raise
             return
-        if data:
-            self.assertError(self.parse_reply(data), 408)
+        if status is None:
+            self.assertEqual(data, b"", "the server answered a request head that never came whole")
+        else:
+            self.assertError(self.parse_reply(data), status, f"stalled for {self.server_options['timeout']:g} seconds")
 
     def is_closed_by_server(self, sock):
         """Tell, without waiting, whether the server has closed `sock` (or answered on it)."""
@@ -3430,13 +3509,10 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
         self.assertDisconnected(self.open_socket())
 
     def test_head_trickled_a_byte_at_a_time_past_the_timeout_is_disconnected(self):
-        # Each byte comes well within the timeout, but the whole head would take 20 s.
+        # Each byte comes well within the timeout, but the whole head would take 25 s.
         head = b"GET / HTTP/1.1\r\nHost: ims.test\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
         sock = self.open_socket()
-        deadline = time.monotonic() + self.DISCONNECT_DEADLINE_SECONDS
         for byte in head:
-            if time.monotonic() > deadline:
-                self.fail(f"a trickling client is still connected after {self.DISCONNECT_DEADLINE_SECONDS} s")
             # One byte per 0.1 s; select returns early when the server closes the connection.
             readable, _, _ = select.select([sock], [], [], 0.1)
             if readable:
@@ -3447,7 +3523,7 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
                 return
         else:
             self.fail("the whole trickled head was accepted")
-        self.assertDisconnected(sock)
+        self.assertDisconnected(sock, may_reset=True)
 
     def test_idle_keep_alive_connection_is_closed_after_the_timeout(self):
         sock = self.open_socket()
@@ -3455,32 +3531,12 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
         self.assertEqual(self.read_reply(sock).status, 200)
         self.assertDisconnected(sock)
 
-    def test_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
-        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
-        sock = self.open_socket()
-        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
-        wait_for(self.temp_files, timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertDisconnected(sock)
-        wait_for(lambda: not self.temp_files(), timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertEqual(self.stored_files(), [])
-        self.assertEqual(self.request("GET", "/").json, [])
-
-    def test_chunked_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
-        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
-        head = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"])
-        sock = self.open_socket()
-        sock.sendall(head + f"{len(body):x}\r\n".encode() + body[:len(body) // 2])
-        wait_for(self.temp_files, timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertDisconnected(sock)
-        wait_for(lambda: not self.temp_files(), timeout=self.DISCONNECT_DEADLINE_SECONDS)
-        self.assertEqual(self.request("GET", "/").json, [])
-
     def test_resize_body_that_stops_midway_is_disconnected(self):
         self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
         sock = self.open_socket()
         head = b"PATCH /a.png HTTP/1.1\r\nHost: ims.test\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
         sock.sendall(head + b'{"width": 10')
-        self.assertDisconnected(sock)
+        self.assertDisconnected(sock, 408)
         self.assertEqual(self.request("GET", "/a.png").body, make_image("PNG"))
 
     def test_server_serves_others_after_slow_clients_are_dropped(self):
@@ -3492,9 +3548,36 @@ class TestSlowClients(SlowClientAssertions, HTTPTestCase):
         self.assertEqual(self.upload("after.png", make_image("PNG")).status, 201)
 
 
+class TestStalledUploads(SlowClientAssertions, HTTPTestCase):
+    # A stalled upload's temp file lives for --timeout after its last byte, and the test must see
+    # it in that time: ample on a loaded machine, short enough to wait out.
+    server_options = {"timeout": 2}
+
+    def test_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
+        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
+        wait_for(self.temp_files)
+        self.assertDisconnected(sock, 408)
+        wait_for(lambda: not self.temp_files())
+        self.assertEqual(self.stored_files(), [])
+        self.assertEqual(self.request("GET", "/").json, [])
+
+    def test_chunked_upload_that_stops_mid_body_is_disconnected_and_leaves_no_temp_file(self):
+        body, content_type = multipart_body(files=[("file", "stalled.png", encode(noise((100, 100)), "PNG"))])
+        head = self.multipart_request_head(content_type, None, ["Transfer-Encoding: chunked"])
+        sock = self.open_socket()
+        sock.sendall(head + f"{len(body):x}\r\n".encode() + body[:len(body) // 2])
+        wait_for(self.temp_files)
+        self.assertDisconnected(sock, 408)
+        wait_for(lambda: not self.temp_files())
+        self.assertEqual(self.request("GET", "/").json, [])
+
+
 class TestManySlowClients(SlowClientAssertions, HTTPTestCase):
-    # Long enough that the trickling sockets stay open while another client is served.
-    server_options = {"timeout": 5}
+    # Far longer than the test, so the trickling sockets stay open while another client is served,
+    # however loaded the machine; server_close() cuts them at once (they are waiting for a head).
+    server_options = {"timeout": 60}
     SLOW_CLIENTS = 50
 
     def test_get_is_answered_while_fifty_clients_trickle_their_heads(self):
@@ -3521,8 +3604,7 @@ class TestManySlowClients(SlowClientAssertions, HTTPTestCase):
         self.addCleanup(stop.set)
         wait_for(lambda: len(sent) >= 3)
         self.assertEqual([sock for sock in slow if self.is_closed_by_server(sock)], [])
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=2)
-        self.addCleanup(connection.close)
+        connection = self.connect()
         self.assertEqual(self.request("GET", "/", connection=connection).json, [])
         self.assertEqual(self.upload("during.png", make_image("PNG"), connection=connection).status, 201)
         self.assertEqual(self.request("GET", "/", connection=connection).json, ["during.png"])
@@ -3541,7 +3623,6 @@ class TestConnectionLimit(HTTPTestCase):
     def open_served_socket(self):
         """Return a keep-alive connection that has been served once, so it holds a slot."""
         sock = self.open_socket()
-        sock.settimeout(5)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\n\r\n")
         self.assertEqual(self.read_reply(sock).status, 200)
         return sock
@@ -3549,20 +3630,23 @@ class TestConnectionLimit(HTTPTestCase):
     def test_connection_past_the_limit_waits_then_is_served_when_a_slot_frees(self):
         first, second = self.open_served_socket(), self.open_served_socket()
         third = self.open_socket()  # connect succeeds: it waits in the listen backlog
-        third.settimeout(5)
         third.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
-        readable, _, _ = select.select([third], [], [], 0.3)
+        # An upload on a connection that holds a slot is served meanwhile, and the third's listing,
+        # when it comes, already holds it: the third was not served before.
+        body, content_type = multipart_body(files=[("file", "during.png", make_image("PNG"))])
+        second.sendall(self.multipart_request_head(content_type, len(body)) + body)
+        self.assertEqual(self.read_reply(second).status, 201)
+        readable, _, _ = select.select([third], [], [], 0)
         self.assertEqual(readable, [], "a third connection was served while two held both slots")
         first.close()
         reply = self.parse_reply(self.read_until_close(third))
-        self.assertEqual((reply.status, reply.json), (200, []))
+        self.assertEqual((reply.status, reply.json), (200, ["during.png"]))
         second.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
         self.assertEqual(self.parse_reply(self.read_until_close(second)).status, 200)
 
     def test_burst_far_past_the_limit_is_served_in_full_without_resets(self):
         sockets = [self.open_socket() for _ in range(40)]
         for sock in sockets:
-            sock.settimeout(10)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
         for sock in sockets:
             reply = self.parse_reply(self.read_until_close(sock))
@@ -3579,21 +3663,12 @@ class TestDiskFull(HTTPTestCase):
 
     TMPFS_SIZE = "1m"
 
-    def setUp(self):
+    def prepare_storage(self):
         if not hasattr(os, "geteuid") or os.geteuid() != 0:
             self.skipTest("mounting a tmpfs needs root")
-        self.tempdir = tempfile.TemporaryDirectory()
-        self.addCleanup(self.tempdir.cleanup)
-        self.storage = os.path.join(self.tempdir.name, "storage")
         os.mkdir(self.storage)
         self.mount("-t", "tmpfs", "-o", f"size={self.TMPFS_SIZE},mode=0755", "tmpfs", self.storage)
         self.addCleanup(subprocess.run, ["umount", "-l", self.storage], capture_output=True)
-        self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True)
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        thread.start()
-        self.addCleanup(self.server.server_close)
-        self.addCleanup(self.server.shutdown)
-        self.host, self.port = self.server.server_address[:2]
 
     def mount(self, *arguments):
         try:
@@ -3632,7 +3707,7 @@ class TestDiskFull(HTTPTestCase):
         self.assertIsNotNone(refused, "the 1 MiB tmpfs never filled up")
         self.assertGreater(len(stored), 2)
         name, data, reply = refused
-        self.assertError(reply, 507)
+        self.assertError(reply, 507, os.strerror(errno.ENOSPC))
         self.assertNoTempFiles()
         self.assertEqual(self.request("GET", "/").json, sorted(stored))
         for stored_name, stored_data in stored.items():
@@ -3652,7 +3727,7 @@ class TestDiskFull(HTTPTestCase):
         reply = self.request(
             "POST", "/", chunks + b"0\r\n\r\n", {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
         )
-        self.assertError(reply, 507)
+        self.assertError(reply, 507, os.strerror(errno.ENOSPC))
         self.assertNoTempFiles()
         self.assertEqual(self.request("GET", "/").json, [])
 
@@ -3662,7 +3737,7 @@ class TestDiskFull(HTTPTestCase):
         self.fill_disk()
         reply = self.request("PATCH", "/a.png?width=400&height=400")
         self.assertEqual(reply.status, 202, reply.body)
-        job = self.wait_job(reply.headers["Location"], seconds=10)
+        job = self.wait_job(reply.headers["Location"])
         self.assertEqual(job["state"], "failed")
         self.assertTrue(job["error"])
         self.assertEqual(self.request("GET", "/a.png").body, data)
@@ -3673,11 +3748,11 @@ class TestDiskFull(HTTPTestCase):
         self.assertEqual(self.upload("kept.png", data).status, 201)
         self.mount("-o", "remount,ro", self.storage)
         self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", self.storage], capture_output=True)
-        self.assertError(self.upload("new.png", self.noise_png(SEED + 1)), 507)
-        self.assertError(self.request("DELETE", "/kept.png"), 507)
+        self.assertError(self.upload("new.png", self.noise_png(SEED + 1)), 507, os.strerror(errno.EROFS))
+        self.assertError(self.request("DELETE", "/kept.png"), 507, os.strerror(errno.EROFS))
         reply = self.request("PATCH", "/kept.png?width=10&height=10")
         self.assertEqual(reply.status, 202, reply.body)
-        self.assertEqual(self.wait_job(reply.headers["Location"], seconds=5)["state"], "failed")
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "failed")
         self.assertEqual(self.request("GET", "/").json, ["kept.png"])
         reply = self.request("GET", "/kept.png")
         self.assertEqual((reply.status, reply.body), (200, data))
@@ -3702,7 +3777,8 @@ class TestMixedLoad(HTTPTestCase):
 
     def run_client(self, index, seen, failures):
         rng = random.Random(SEED + index)
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        # Longer than the ?wait= below, so the server always answers first.
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=2 * DEADLINE_SECONDS)
         try:
             for _ in range(self.OPERATIONS_PER_CLIENT):
                 name = rng.choice(self.NAMES)
@@ -3725,7 +3801,7 @@ class TestMixedLoad(HTTPTestCase):
                     reply = self.request("PATCH", "/" + name, json.dumps(size), headers, connection)
                     expected = (202, 404)
                     if reply.status == 202:
-                        job = self.request("GET", reply.headers["Location"] + "?wait=30", connection=connection)
+                        job = self.request("GET", f"{reply.headers['Location']}?wait={DEADLINE_SECONDS}", connection=connection)
                         seen.append(("job", job.status))
                         self.assertEqual(job.status, 200, job.body)
                         self.assertIn(job.json["state"], ("done", "failed", "cancelled"), job.json)
@@ -3736,7 +3812,11 @@ class TestMixedLoad(HTTPTestCase):
                     expected = (200,)
                     self.assertIsInstance(reply.json, list)
                 seen.append((kind, reply.status))
+                # Which of two statuses depends on what the other clients did to the same five
+                # names a moment before; either way a refusal is JSON naming the image.
                 self.assertIn(reply.status, expected, (kind, name, reply.body))
+                if reply.status >= 400:
+                    self.assertError(reply, reply.status, name)
         except BaseException as error:
             failures.append(error)
         finally:
@@ -3750,7 +3830,7 @@ class TestMixedLoad(HTTPTestCase):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(4 * DEADLINE_SECONDS)
             self.assertFalse(thread.is_alive(), "a client hung")
         if failures:
             raise failures[0]
@@ -3758,7 +3838,7 @@ class TestMixedLoad(HTTPTestCase):
         kinds = {kind for kind, status in seen}
         self.assertLessEqual({"upload", "download", "delete", "resize", "job"}, kinds)
         # Invariants once the load is over.
-        wait_for(lambda: not [n for n in os.listdir(self.storage) if n.startswith(ims.TEMP_PREFIX)])
+        wait_for(lambda: not self.temp_files())
         listed = self.request("GET", "/").json
         on_disk = sorted(
             name for name in os.listdir(self.storage)
@@ -3818,6 +3898,7 @@ class TestCrashRecovery(unittest.TestCase):
         self.acknowledged = {}  # name -> the bytes of an upload answered 201
         self.resized = set()  # names a PATCH was sent for: their bytes may have changed
         self.deleted = set()  # names a DELETE was sent for: they may be gone
+        self.answered = collections.Counter()  # "upload" (201s) and "resize" answers of this round
         self.lock = threading.Lock()
 
     def small_image(self, rng, extension):
@@ -3825,7 +3906,7 @@ class TestCrashRecovery(unittest.TestCase):
         return encode(noise((rng.randint(32, 96), rng.randint(32, 96)), rng.getrandbits(32)), image_format)
 
     def run_client(self, port, round_index, client_index, rng, stop):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         try:
             for operation in range(1000):
                 if stop.is_set():
@@ -3846,6 +3927,7 @@ class TestCrashRecovery(unittest.TestCase):
                     if response.status == 201:
                         with self.lock:
                             self.acknowledged[name] = data
+                            self.answered["upload"] += 1
                 elif choice < 0.8:
                     name = rng.choice(candidates)
                     with self.lock:
@@ -3853,6 +3935,8 @@ class TestCrashRecovery(unittest.TestCase):
                     size = f"width={rng.randint(8, 200)}&height={rng.randint(8, 200)}"
                     connection.request("PATCH", f"/{name}?{size}")
                     connection.getresponse().read()
+                    with self.lock:
+                        self.answered["resize"] += 1
                 else:
                     name = rng.choice(candidates)
                     with self.lock:
@@ -3868,7 +3952,7 @@ class TestCrashRecovery(unittest.TestCase):
         """The invariants a restart must give, whatever moment the previous process died at."""
         folder = os.listdir(self.storage)
         self.assertEqual([name for name in folder if name.startswith(ims.TEMP_PREFIX)], [])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(connection.close)
         connection.request("GET", "/")
         listed = json.loads(connection.getresponse().read())
@@ -3896,20 +3980,29 @@ class TestCrashRecovery(unittest.TestCase):
             with self.subTest(restart=round_index):
                 self.check_store(port)
             stop = threading.Event()
+            self.answered.clear()
             clients = [
                 threading.Thread(target=self.run_client, args=(port, round_index, index, random.Random(rng.random()), stop))
                 for index in range(self.CLIENTS)
             ]
             for client in clients:
                 client.start()
-            # The fault injection: a SIGKILL at a random moment of the load.
-            threading.Event().wait(rng.uniform(0.05, 0.6))
+            # The fault injection: a SIGKILL in the midst of the load, once this round has had a
+            # seeded random number of uploads acknowledged and a resize answered. Counting answers
+            # rather than seconds, every round gets that far however loaded the machine is; the
+            # other clients' requests are anywhere in flight when it strikes.
+            uploads = rng.randint(2, 8)
+            wait_for(lambda: self.answered["upload"] >= uploads and self.answered["resize"] >= 1)
             process.kill()
             process.wait()
             stop.set()
             for client in clients:
-                client.join(10)
+                client.join(DEADLINE_SECONDS)
                 self.assertFalse(client.is_alive(), "a client hung after the kill")
+            # Resize processes outlive a killed server until they finish (README: they stop by
+            # themselves); one that wrote its temp file after the next start-up's clean-up would
+            # leave it until the start after. Restart once they are gone, as a supervisor would.
+            wait_for(lambda: not session_processes(process.pid))
         process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "2")
         self.check_store(port)
         self.assertGreater(len(self.acknowledged), self.ROUNDS)
@@ -3917,4 +4010,8 @@ class TestCrashRecovery(unittest.TestCase):
 
 
 if __name__ == "__main__":
+    # multiprocessing starts each resize child by running __main__'s file again, here this whole
+    # module (fixtures included): a few hundred milliseconds per resize, inside its time limit.
+    # ims.py hides its file the same way.
+    __file__ = None
     unittest.main()
