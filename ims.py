@@ -1595,7 +1595,7 @@ class Resizer:
             if job.state == QUEUED and len(self._queue) > self._max_queue:
                 self._queue.remove(job)
                 raise HTTPError(
-                    503, f"{self._max_queue} resizes are already waiting; try again later", {"Retry-After": "1"}
+                    503, f"the queue of {self._max_queue} waiting resizes is full; try again later", {"Retry-After": "1"}
                 )
             self._jobs[job.id] = job
             return job

@@ -36,6 +36,7 @@ from unittest import mock
 from PIL import Image
 from PIL import ImageCms
 from PIL import ImageOps
+from PIL import PngImagePlugin
 
 import ims
 
@@ -929,6 +930,11 @@ class TestResizeParams(unittest.TestCase):
         self.assertRefused("", b'{"width": 100000000000000000000000, "height": 1}', "application/json", "pixels")
         self.assertRefused("width=3&height=3", b"", "", "3x3", max_pixels=8)
 
+    def test_a_json_size_beyond_18_digits_is_400_whatever_the_fit(self):
+        for fit in ("fill", "contain", "cover"):
+            body = b'{"width": 1' + b"0" * 400 + b', "height": 100, "fit": "' + fit.encode() + b'"}'
+            self.assertRefused("", body, "application/json", "width must be at most")
+
     def test_unknown_fit_is_400_naming_fit(self):
         for fit in ("stretch", "FILL", "cover ", "0"):
             self.assertRefused(urllib.parse.urlencode({"width": 3, "height": 2, "fit": fit}), b"", "", "fit")
@@ -949,6 +955,102 @@ class TestResizeParams(unittest.TestCase):
     def test_malformed_form_body_is_400(self):
         for body in (b"width", b"width=3&&height=2&x", b"\xff=1"):
             self.assertRefused("", body, FORM, "form")
+
+
+class TestParseRequest(unittest.TestCase):
+    """parse_request() on bytes: what is asked, how the body is framed, and keep-alive."""
+
+    def parse(self, head):
+        return ims.parse_request(head)
+
+    def assertRejected(self, head, status, words):
+        with self.assertRaises(ims.HTTPError) as caught:
+            self.parse(head)
+        self.assertEqual(caught.exception.status, status)
+        self.assertIn(words, caught.exception.message)
+
+    def test_a_get_has_its_path_query_and_no_body(self):
+        request = self.parse(b"GET /a.png?width=3 HTTP/1.1\r\nHost: ims.test\r\n\r\n")
+        self.assertEqual((request.method, request.path, request.query), ("GET", "/a.png", "width=3"))
+        self.assertEqual((request.content_length, request.is_chunked, request.has_body), (0, False, False))
+        self.assertTrue(request.keep_alive)
+
+    def test_bare_line_feeds_end_lines_too(self):
+        request = self.parse(b"GET / HTTP/1.1\nHost: ims.test\nConnection: close\n\n")
+        self.assertEqual(request.headers.get("host"), "ims.test")
+        self.assertFalse(request.keep_alive)
+
+    def test_keep_alive_follows_the_version_and_connection_options(self):
+        for head, keep_alive in (
+            (b"GET / HTTP/1.1\r\n\r\n", True),
+            (b"GET / HTTP/1.1\r\nConnection: Keep-Alive, close\r\n\r\n", False),
+            (b"GET / HTTP/1.0\r\n\r\n", False),
+            (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+            (b"GET / HTTP/1.9\r\n\r\n", True),
+        ):
+            with self.subTest(head=head):
+                self.assertEqual(self.parse(head).keep_alive, keep_alive)
+
+    def test_a_later_minor_version_is_answered_as_http_1_1(self):
+        self.assertEqual(self.parse(b"GET / HTTP/1.9\r\n\r\n").version, "HTTP/1.1")
+
+    def test_content_length_frames_the_body_and_identical_repeats_are_one(self):
+        request = self.parse(b"POST / HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 12, 12\r\n\r\n")
+        self.assertEqual((request.content_length, request.is_chunked, request.has_body), (12, False, True))
+
+    def test_chunked_frames_the_body(self):
+        request = self.parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n")
+        self.assertEqual((request.content_length, request.is_chunked, request.has_body), (0, True, True))
+
+    def test_an_absolute_target_is_reduced_to_its_path(self):
+        request = self.parse(b"GET http://ims.test/a.png?x=1 HTTP/1.1\r\n\r\n")
+        self.assertEqual((request.path, request.query), ("/a.png", "x=1"))
+
+    def test_smuggling_shapes_are_400(self):
+        for head, words in (
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "Content-Length"),
+            (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "chunked"),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "HTTP/1.0"),
+            (b"GET / HTTP/1.1\r\nHost : ims.test\r\n\r\n", "malformed"),
+            (b"GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", "malformed"),
+            (b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", "control"),
+        ):
+            with self.subTest(head=head):
+                self.assertRejected(head, 400, words)
+
+    def test_malformed_request_lines_and_targets_are_400(self):
+        for head, words in (
+            (b"GET /\r\n\r\n", "METHOD /path"),
+            (b"GET  / HTTP/1.1\r\n\r\n", "METHOD /path"),
+            (b"GET / HTTX/1.1\r\n\r\n", "HTTP version"),
+            (b"GET ftp://ims.test/ HTTP/1.1\r\n\r\n", "not a path"),
+            (b"GET /\xe9.png HTTP/1.1\r\n\r\n", "ASCII"),
+        ):
+            with self.subTest(head=head):
+                self.assertRejected(head, 400, words)
+
+    def test_limits_of_the_head(self):
+        self.assertRejected(b"GET /" + b"a" * ims.MAX_REQUEST_LINE_BYTES + b" HTTP/1.1\r\n\r\n", 414, "request line")
+        self.assertRejected(b"GET / HTTP/1.1\r\nX-A: " + b"a" * ims.MAX_HEADER_LINE_BYTES + b"\r\n\r\n", 431, "header line")
+        fields = b"".join(b"X-%d: 1\r\n" % number for number in range(ims.MAX_HEADER_FIELDS + 1))
+        self.assertRejected(b"GET / HTTP/1.1\r\n" + fields + b"\r\n", 431, "header fields")
+        self.assertRejected(b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/2.0")
+
+    def test_seeded_garbage_is_parsed_or_refused_with_a_4xx_or_505(self):
+        rng = random.Random(SEED)
+        valid = b"POST /a.png?w=1 HTTP/1.1\r\nHost: ims.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+        for _ in range(2000):
+            head = mutate(rng, valid)
+            try:
+                request = self.parse(head)
+            except ims.HTTPError as error:
+                self.assertIn(error.status, (400, 414, 431, 505), head)
+                self.assertTrue(error.message)
+            else:
+                self.assertIsInstance(request.content_length, int)
+                self.assertFalse(request.is_chunked and request.content_length, head)
 
 
 class TestConditionals(unittest.TestCase):
@@ -1314,6 +1416,15 @@ class TestUpload(HTTPTestCase):
     def test_truncated_image_is_415(self):
         data = make_image("PNG", size=(200, 200))
         self.assertUploadRefused(self.upload("cut.png", data[: len(data) // 2]), 415, "readable image")
+
+    def test_a_phone_photo_with_further_images_appended_is_a_jpeg(self):
+        # Phones and cameras write JPEGs with a depth map or preview appended (MPO).
+        main = Image.open(io.BytesIO(make_image("PNG", (80, 60))))
+        out = io.BytesIO()
+        main.save(out, "MPO", save_all=True, append_images=[Image.new("RGB", (20, 15), BLUE)])
+        self.assertEqual(self.upload("phone.jpg", out.getvalue()).status, 201)
+        reply = self.request("GET", "/phone.jpg")
+        self.assertEqual((reply.headers["Content-Type"], reply.body), ("image/jpeg", out.getvalue()))
 
     def test_format_not_matching_extension_is_415(self):
         self.assertUploadRefused(self.upload("really_a_png.jpg", make_image("PNG")), 415, ("PNG", "'.jpg'"))
@@ -2177,6 +2288,37 @@ class TestImageWork(ColourAssertions, unittest.TestCase):
         second = self.resized(first, "jpg", 150, 150, "contain")
         self.assertFitsContain(second.size, (225, 300), (150, 150))
         self.assertUprightPortrait(second)
+
+    def test_a_tiff_with_an_orientation_is_turned_upright_once(self):
+        # Pillow turns a TIFF upright as it loads it; IMS must not turn it a second time.
+        picture = Image.open(io.BytesIO(make_image("PNG", (400, 300))))
+        out = io.BytesIO()
+        picture.save(out, "TIFF", tiffinfo={EXIF_ORIENTATION: 6})
+        image = self.resized(out.getvalue(), "tif", 300, 300, "contain")
+        self.assertEqual(image.size, (225, 300))
+        self.assertUprightPortrait(image)
+        with io.BytesIO(out.getvalue()) as file:
+            self.assertEqual(ims.upright_size(file), (300, 400))
+
+    def test_cover_whose_centred_crop_rounds_past_an_edge_still_resizes(self):
+        # 800x600 covered by 100x158: the centred crop's left edge computes as -4e-16.
+        image = self.resized(make_image("PNG", (800, 600)), "png", 100, 158, "cover")
+        self.assertEqual(image.size, (100, 158))
+
+    def test_upright_size_reads_a_png_header_without_decoding_its_pixels(self):
+        # Decoding a big PNG in the server to answer a PATCH would cost its whole size in memory.
+        with mock.patch.object(PngImagePlugin.PngImageFile, "load", side_effect=AssertionError("decoded")):
+            for data, size in ((make_image("PNG", (400, 300)), (400, 300)), (make_image("PNG", (400, 300), orientation=6), (300, 400))):
+                with io.BytesIO(data) as file:
+                    self.assertEqual(ims.upright_size(file), size)
+
+    def test_an_mpo_photo_resizes_to_a_plain_jpeg_of_its_main_picture(self):
+        main = Image.open(io.BytesIO(make_image("PNG", (400, 300))))
+        out = io.BytesIO()
+        main.save(out, "MPO", save_all=True, append_images=[Image.new("RGB", (40, 30), BLUE)])
+        image = self.resized(out.getvalue(), "jpg", 200, 150)
+        self.assertEqual((image.format, image.size), ("JPEG", (200, 150)))
+        self.assertLeftRedRightBlue(image)
 
     def test_every_orientation_comes_out_the_way_it_was_shown(self):
         source = Image.open(io.BytesIO(make_image("PNG", (80, 60))))
@@ -3859,15 +4001,17 @@ class TestMixedLoad(HTTPTestCase):
 class TestCrashRecovery(unittest.TestCase):
     """The real process, killed with SIGKILL at seeded random moments and restarted on one folder."""
 
-    def test_a_restart_after_kill_9_mid_resize_gets_the_port_at_once(self):
-        # The killed server's resize process runs on for a while: it must not keep the port.
+    def kill_mid_resize(self, query):
+        """Start ims.py on slow.png, SIGKILL it while a resize of it runs; return (process, port)."""
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("telling a server's resize process needs /proc")
         os.makedirs(self.storage)
         with open(os.path.join(self.storage, "slow.png"), "wb") as file:
             file.write(SLOW_SOURCE)
-        process, port = start_ims(self, "--storage", self.storage, "--resize-timeout", "5")
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        process, port = start_ims(self, "--storage", self.storage, "--resize-timeout", "20")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(connection.close)
-        connection.request("PATCH", "/slow.png?" + SLOW_FOREVER)
+        connection.request("PATCH", "/slow.png?" + query)
         response = connection.getresponse()
         response.read()
         self.assertEqual(response.status, 202)
@@ -3877,14 +4021,36 @@ class TestCrashRecovery(unittest.TestCase):
             connection.request("GET", location)
             return json.loads(connection.getresponse().read())["state"] == "running"
 
-        wait_for(is_running, timeout=10)
+        wait_for(is_running)
+        # Its job runs from before its process is forked: wait for the process itself.
+        wait_for(lambda: len(session_processes(process.pid)) > 1)
         process.kill()
         process.wait()
+        return process, port
+
+    def test_a_restart_after_kill_9_mid_resize_gets_the_port_at_once(self):
+        # The killed server's resize process runs on for a while: it must not keep the port.
+        process, port = self.kill_mid_resize(SLOW_FOREVER)
+        self.addCleanup(self.kill_session, process.pid)
         start_ims(self, "--storage", self.storage, "--port", str(port))
-        restarted = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        restarted = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(restarted.close)
         restarted.request("GET", "/")
         self.assertEqual(json.loads(restarted.getresponse().read()), ["slow.png"])
+
+    def test_a_resize_that_outlives_its_killed_server_leaves_no_file_behind(self):
+        process, _ = self.kill_mid_resize(SLOW_ENOUGH)
+        wait_for(lambda: not session_processes(process.pid))
+        self.assertEqual([name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)], [])
+        self.assertEqual(os.listdir(self.storage), ["slow.png"])
+
+    @staticmethod
+    def kill_session(session_id):
+        for pid in session_processes(session_id):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     ROUNDS = 10
     CLIENTS = 3
@@ -4010,8 +4176,4 @@ class TestCrashRecovery(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    # multiprocessing starts each resize child by running __main__'s file again, here this whole
-    # module (fixtures included): a few hundred milliseconds per resize, inside its time limit.
-    # ims.py hides its file the same way.
-    __file__ = None
     unittest.main()
