@@ -338,9 +338,9 @@ class Version:
         return f'"{self.inode:x}-{self.mtime_ns:x}-{self.size:x}"'
 
     @property
-    def mtime(self):
-        """The modification time in POSIX seconds."""
-        return self.mtime_ns / 1e9
+    def mtime_seconds(self):
+        """The modification time in whole POSIX seconds, as HTTP dates have it."""
+        return self.mtime_ns // 1_000_000_000
 
 
 class StoredFile:
@@ -1334,8 +1334,9 @@ def upright_frames(image, width, height, fit):
 
     Of an MPO only the main picture is kept: the result is a plain JPEG.
     """
-    n_frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
-    if n_frames == 1 and image.format in ("JPEG", "MPO"):
+    is_jpeg = FORMAT_ALIASES.get(image.format, image.format) == "JPEG"
+    n_frames = 1 if is_jpeg else getattr(image, "n_frames", 1)
+    if is_jpeg:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost, never below the size
         # needed (in the stored orientation); its DCT scaling is itself a good low-pass filter.
         stored_box = (height, width) if header_orientation(image) in (5, 6, 7, 8) else (width, height)
@@ -1429,6 +1430,9 @@ def detach_from_server(kept_descriptor):
     copy of /dev/null rather than closed, so its number stays taken and the Python object that still
     owns it can never close a file this child opens later.
     """
+    # The server's handlers would stop the server, not this child.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     for listing in ("/proc/self/fd", "/dev/fd"):
         try:
             descriptors = [int(name) for name in os.listdir(listing)]
@@ -1447,9 +1451,6 @@ def detach_from_server(kept_descriptor):
                     pass
     finally:
         os.close(null)
-    # The server's handlers would stop the server, not this child.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_resize(connection, source_path, target_path, width, height, fit, timeout_seconds, max_pixels):
@@ -1917,7 +1918,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.http_request = request
         self.command, self.path, self.request_version = request.method, request.target, request.version
         self.headers = request.headers
-        self.query = request.query
         self.body_is_consumed = not request.has_body
 
     def decide_keep_alive(self):
@@ -2026,7 +2026,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with self.server.store.open(name) as stored:
             version = stored.version
             etag = version.etag
-            last_modified = format_http_date(version.mtime_ns // 1_000_000_000)
+            last_modified = format_http_date(version.mtime_seconds)
             headers = {
                 "ETag": etag,
                 "Last-Modified": last_modified,
@@ -2034,7 +2034,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "Content-Disposition": content_disposition(name),
                 "Accept-Ranges": "bytes",
             }
-            if is_not_modified(self.headers, etag, version.mtime):
+            if is_not_modified(self.headers, etag, version.mtime_seconds):
                 self.send_head(304, headers)
                 return
             size = version.size
@@ -2080,7 +2080,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with self.server.store.open(name) as stored:
             body = b"".join(self.read_body(MAX_PARAMETERS_BYTES))
             width, height, fit = parse_resize_params(
-                self.query, body, self.headers.get("Content-Type", ""), settings.max_pixels
+                self.http_request.query, body, self.headers.get("Content-Type", ""), settings.max_pixels
             )
             if fit == "contain":
                 with stored.reader() as file:
@@ -2105,7 +2105,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Answers 200 with the job's JSON; 400 for a wait that is not a number of seconds, 404 for
         an unknown or forgotten job.
         """
-        wait_text = urllib.parse.parse_qs(self.query).get("wait", ["0"])[-1]
+        wait_text = urllib.parse.parse_qs(self.http_request.query).get("wait", ["0"])[-1]
         try:
             wait_seconds = float(wait_text)
         except ValueError:
