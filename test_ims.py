@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -1203,6 +1204,36 @@ class HTTPTestCase(ServerTestCase):
         lines.extend(extra_headers)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
+    def upload_at_once(self, name, images):
+        """Upload each of `images` as `name`, each on a connection of its own, all at one moment.
+
+        Return the answers in the order of `images`: (status, body), or (None, the error) for a
+        request that failed, or None for one still unanswered after DEADLINE_SECONDS.
+        """
+        barrier = threading.Barrier(len(images))
+        results = [None] * len(images)
+
+        def upload(index):
+            body, content_type = multipart_body(files=[("file", name, images[index])])
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=DEADLINE_SECONDS)
+            try:
+                connection.connect()
+                barrier.wait(timeout=DEADLINE_SECONDS)
+                connection.request("POST", "/", body, {"Content-Type": content_type})
+                response = connection.getresponse()
+                results[index] = (response.status, response.read())
+            except Exception as error:  # reported in the main thread
+                results[index] = (None, repr(error))
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=upload, args=(index,)) for index in range(len(images))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE_SECONDS)
+        return results
+
     def assertConnectionStillServes(self, connection):
         """The connection is open and framed right: another request on it gets a whole answer."""
         self.assertIsNotNone(connection.sock, "the server closed the connection")
@@ -1557,28 +1588,7 @@ class TestUpload(HTTPTestCase):
     def test_concurrent_uploads_of_one_name_store_exactly_one(self):
         count = 10
         images = [make_image("PNG", size=(200, 200), color=(20 * i, 100, 100)) for i in range(count)]
-        barrier = threading.Barrier(count)
-        results = [None] * count
-
-        def upload(index):
-            body, content_type = multipart_body(files=[("file", "race.png", images[index])])
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=DEADLINE_SECONDS)
-            try:
-                connection.connect()
-                barrier.wait(timeout=DEADLINE_SECONDS)
-                connection.request("POST", "/", body, {"Content-Type": content_type})
-                response = connection.getresponse()
-                results[index] = (response.status, response.read())
-            except Exception as error:  # reported in the main thread
-                results[index] = (None, repr(error))
-            finally:
-                connection.close()
-
-        threads = [threading.Thread(target=upload, args=(index,)) for index in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(DEADLINE_SECONDS)
+        results = self.upload_at_once("race.png", images)
         statuses = sorted(result[0] for result in results if result)
         self.assertEqual(statuses, [201] + [409] * (count - 1), results)
         winner = next(index for index, result in enumerate(results) if result[0] == 201)
@@ -2989,17 +2999,20 @@ class TestJobs(ResizeTestCase):
 # ====
 
 
-def start_ims(test, *arguments, env=None):
+def start_ims(test, *arguments, env=None, log=None, wrapper=()):
     """Start `python3 ims.py --port 0 ...` and return (process, port) once it has said it listens.
 
     The process leads a session of its own, so its resize processes can be told from others (see
     session_processes()). Its request log goes to a file: a pipe that nobody reads would stop the
     server once the log filled it, after a number of requests that depends on the machine's speed.
+    `log` is that file when the test reads it (a temporary one otherwise); `wrapper` is a command
+    that runs ims.py, such as unshare(1)'s.
     """
-    log = tempfile.TemporaryFile()
-    test.addCleanup(log.close)
+    if log is None:
+        log = tempfile.TemporaryFile()
+        test.addCleanup(log.close)
     process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "ims.py"), "--port", "0", *arguments],
+        [*wrapper, sys.executable, os.path.join(HERE, "ims.py"), "--port", "0", *arguments],
         stdout=subprocess.PIPE,
         stderr=log,
         env=dict(os.environ, **(env or {})),
@@ -3040,6 +3053,15 @@ def session_processes(session_id):
         if fields[0] != "Z" and int(fields[3]) == session_id:
             pids.append(int(entry))
     return pids
+
+
+def kill_session(session_id):
+    """SIGKILL every process of session `session_id` that still runs."""
+    for pid in session_processes(session_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class TestCommandLine(unittest.TestCase):
@@ -4031,7 +4053,7 @@ class TestCrashRecovery(unittest.TestCase):
     def test_a_restart_after_kill_9_mid_resize_gets_the_port_at_once(self):
         # The killed server's resize process runs on for a while: it must not keep the port.
         process, port = self.kill_mid_resize(SLOW_FOREVER)
-        self.addCleanup(self.kill_session, process.pid)
+        self.addCleanup(kill_session, process.pid)
         start_ims(self, "--storage", self.storage, "--port", str(port))
         restarted = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
         self.addCleanup(restarted.close)
@@ -4043,14 +4065,6 @@ class TestCrashRecovery(unittest.TestCase):
         wait_for(lambda: not session_processes(process.pid))
         self.assertEqual([name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)], [])
         self.assertEqual(os.listdir(self.storage), ["slow.png"])
-
-    @staticmethod
-    def kill_session(session_id):
-        for pid in session_processes(session_id):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     ROUNDS = 10
     CLIENTS = 3
@@ -4173,6 +4187,602 @@ class TestCrashRecovery(unittest.TestCase):
         self.check_store(port)
         self.assertGreater(len(self.acknowledged), self.ROUNDS)
         self.assertTrue(self.resized)
+
+
+
+# ====
+# Scaling out: real processes
+# ====
+# Several real `python3 ims.py` processes on one folder: a supervisor and its workers, three
+# instances behind a real nginx, instances in PID namespaces of their own. They read /proc (Linux).
+
+
+def parent_of(pid):
+    """Return the id of the parent of process `pid`, or None once it has gone (reads /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return int(file.read().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def command_line_of(pid):
+    """Return the command line of process `pid` as /proc has it, or None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def serving_pid(connection, pids):
+    """Return which of `pids` holds the server's end of the open http.client `connection`, or None.
+
+    The kernel's table of TCP sockets (/proc/net/tcp) gives the server end's inode from the two
+    addresses of the connection; the process that answered has that socket among its open files.
+    """
+    def address(host, port):
+        return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+    client, server = connection.sock.getsockname(), connection.sock.getpeername()
+    wanted = (address(*server[:2]), address(*client[:2]))
+    with open("/proc/net/tcp") as file:
+        rows = [line.split() for line in file.readlines()[1:]]
+    sockets = {f"socket:[{row[9]}]" for row in rows if (row[1], row[2]) == wanted}
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{descriptor}") in sockets:
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+def free_port():
+    """Return a TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Instance:
+    """A real `python3 ims.py` that a test started: its process (leading a session), port and log."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: str
+    supervised: bool  # started with --workers above 1: the process is the workers' supervisor
+
+    def log(self):
+        """Return what it has written to stderr: the request log and the supervisor's lines."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def has_served(self, method, target):
+        """Tell whether its request log has the line of `method target`."""
+        return f'"{method} {target} HTTP/1.1"' in self.log()
+
+    def workers(self):
+        """Return the ids of a supervisor's workers: its children that run ims.py as it does."""
+        leader = self.process.pid
+        command_line = command_line_of(leader)
+        return sorted(
+            pid for pid in session_processes(leader) if parent_of(pid) == leader and command_line_of(pid) == command_line
+        )
+
+    def resize_processes(self):
+        """Return the ids of its resize processes: the children of the processes that serve."""
+        serving = set(self.workers()) if self.supervised else {self.process.pid}
+        return sorted(pid for pid in session_processes(self.process.pid) if parent_of(pid) in serving)
+
+
+class RealProcessTestCase(ResizeTestCase, HTTPTestCase):
+    """The request helpers of ResizeTestCase and HTTPTestCase, sent to real ims.py processes.
+
+    setUp makes an empty temporary folder; a test starts its processes with start_instance() and
+    points self.port at the one its requests go to (an instance, a supervisor, nginx).
+    """
+
+    def setUp(self):
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("telling real processes apart needs /proc (Linux)")
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        self.host, self.port = "127.0.0.1", None
+        self.instances = []
+
+    def start_instance(self, *arguments, env=None, wrapper=()):
+        """Start ims.py on self.storage with `arguments`; return its Instance, listening.
+
+        Its stderr is unbuffered, so a request's log line is there once the request is answered.
+        At cleanup every process of its session is killed, resize processes held with SIGSTOP too.
+        """
+        env = dict(env or {}, PYTHONUNBUFFERED="1")
+        log_path = os.path.join(self.tempdir.name, f"ims-{len(self.instances)}.log")
+        log = open(log_path, "wb")
+        self.addCleanup(log.close)
+        process, port = start_ims(self, "--storage", self.storage, *arguments, env=env, log=log, wrapper=wrapper)
+        self.addCleanup(self.end_session, process.pid)
+        instance = Instance(process, port, log_path, supervised="--workers" in arguments or "IMS_WORKERS" in env)
+        self.instances.append(instance)
+        return instance
+
+    def end_session(self, session_id):
+        """Kill every process of the session, again until none is left: a dying one may still fork."""
+        def ended():
+            kill_session(session_id)
+            return not session_processes(session_id)
+
+        wait_for(ended)
+
+    def direct(self, instance):
+        """Return a new connection straight to `instance`, closed at cleanup."""
+        return self.connect(("127.0.0.1", instance.port))
+
+    def hold_resize(self, location):
+        """Stop (SIGSTOP) the one resize process of the job at `location`; return (its Instance, its pid).
+
+        The job must start at once and run long enough to be caught (SLOW_FOREVER, SLOW_ENOUGH).
+        """
+        def running():
+            return [(instance, pid) for instance in self.instances for pid in instance.resize_processes()]
+
+        wait_for(lambda: running() or self.job(location)["state"] in ENDED_STATES)
+        found = running()
+        self.assertEqual(len(found), 1, f"not one resize process: {found}")
+        instance, pid = found[0]
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: is_stopped(pid) or self.job(location)["state"] in ENDED_STATES)
+        self.assertTrue(is_stopped(pid), "the resize ended before it could be stopped")
+        self.assertEqual(self.job(location)["state"], "running")
+        return instance, pid
+
+    def wait_for_log(self, instance, *words):
+        """Return the first line of `instance`'s stderr that holds every one of `words`, once there is one."""
+        def lines():
+            return [line for line in instance.log().splitlines() if all(word in line for word in words)]
+
+        try:
+            wait_for(lines)
+        except AssertionError:
+            self.fail(f"no line of stderr holds {words}; it ends with: {instance.log()[-1500:]}")
+        return lines()[0]
+
+
+class TestWorkers(RealProcessTestCase):
+    """`python3 ims.py --workers 2`: a supervisor and two serving processes on one port."""
+
+    def start_workers(self, *arguments):
+        instance = self.start_instance("--workers", "2", *arguments)
+        self.port = instance.port
+        return instance
+
+    def serving_pids(self, instance, listing, count=40):
+        """Ask GET / on `count` new connections; return a Counter of the processes that answered.
+
+        Every answer must be `listing`. The kernel spreads new connections over the workers' sockets
+        (SO_REUSEPORT), so 40 reach both of two workers but once in 2**39 runs.
+        """
+        answered = collections.Counter()
+        for _ in range(count):
+            connection = self.connect()
+            reply = self.request("GET", "/", connection=connection)
+            self.assertEqual((reply.status, reply.json), (200, listing), reply.body)
+            answered[serving_pid(connection, instance.workers())] += 1
+            connection.close()
+        return answered
+
+    def connection_to_worker(self, instance, pid):
+        """Return a new connection that worker `pid` serves (opening others until one is)."""
+        for _ in range(100):
+            connection = self.connect()
+            self.assertEqual(self.request("GET", "/", connection=connection).status, 200)
+            if serving_pid(connection, instance.workers()) == pid:
+                return connection
+            connection.close()
+        self.fail(f"none of 100 new connections reached worker {pid}")
+
+    def test_two_workers_serve_one_port_after_one_start_up_line(self):
+        instance = self.start_workers()
+        workers = instance.workers()
+        self.assertEqual(len(workers), 2, f"the supervisor's workers: {workers}")
+        answered = self.serving_pids(instance, [])
+        self.assertEqual(set(answered), set(workers), f"who answered: {answered}")
+        instance.process.send_signal(signal.SIGTERM)
+        self.assertEqual(instance.process.wait(timeout=DEADLINE_SECONDS), 0)
+        self.assertEqual(instance.process.stdout.read(), "", "more than the one start-up line")
+
+    def test_ims_workers_in_the_environment_starts_that_many_workers(self):
+        instance = self.start_instance(env={"IMS_WORKERS": "2"})
+        self.port = instance.port
+        workers = instance.workers()
+        self.assertEqual(len(workers), 2, f"the supervisor's workers: {workers}")
+        self.assertEqual(set(self.serving_pids(instance, [])), set(workers))
+
+    def test_fewer_than_one_worker_is_refused_with_status_2(self):
+        for arguments, env in ((["--workers", "0"], {}), (["--workers", "-1"], {}), ([], {"IMS_WORKERS": "0"})):
+            with self.subTest(arguments=arguments, env=env):
+                result = subprocess.run(
+                    [sys.executable, os.path.join(HERE, "ims.py"), "--port", "0", "--storage", self.storage, *arguments],
+                    capture_output=True, text=True, timeout=DEADLINE_SECONDS, env=dict(os.environ, **env),
+                )
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertIn("invalid", result.stderr)
+                self.assertIn("workers", result.stderr)
+                self.assertEqual(result.stdout, "")
+
+    def test_a_killed_worker_is_replaced_and_the_supervisor_says_so(self):
+        instance = self.start_workers()
+        self.store("kept.png", make_image("PNG"))
+        workers = instance.workers()
+        self.assertEqual(len(workers), 2, f"the supervisor's workers: {workers}")
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in instance.workers() and len(instance.workers()) == 2)
+        line = self.wait_for_log(instance, f"worker {victim}")
+        self.assertIn("restart", line)
+        replacement = set(instance.workers()) - set(workers)
+        self.assertEqual(len(replacement), 1, instance.workers())
+        answered = self.serving_pids(instance, ["kept.png"])
+        self.assertEqual(set(answered), set(instance.workers()), f"who answered: {answered}")
+        self.assertEqual(instance.process.poll(), None, "the supervisor has exited")
+
+    def check_clean_stop(self, signal_number):
+        instance = self.start_workers()
+        name = f"kept-{signal_number.name}.png"
+        data = make_image("PNG")
+        idle = self.connect()
+        self.assertEqual(self.upload(name, data, idle).status, 201)
+        self.assertEqual(len(instance.workers()), 2)
+        # The idle keep-alive connection must not hold the stop up.
+        instance.process.send_signal(signal_number)
+        self.assertEqual(instance.process.wait(timeout=DEADLINE_SECONDS), 0)
+        self.assertEqual(session_processes(instance.process.pid), [], "processes outlive the supervisor")
+        self.assertNoTempFiles()
+        with open(os.path.join(self.storage, name), "rb") as file:
+            self.assertEqual(file.read(), data)
+
+    def test_sigterm_stops_every_worker_with_status_0(self):
+        self.check_clean_stop(signal.SIGTERM)
+
+    def test_sigint_stops_every_worker_with_status_0(self):
+        self.check_clean_stop(signal.SIGINT)
+
+    def test_resize_workers_bounds_resize_processes_on_the_host_not_per_worker(self):
+        instance = self.start_workers("--resize-workers", "1")
+        names = ["a.png", "b.png", "c.png", "d.png"]
+        for name in names:
+            self.store(name, make_image("PNG", (64, 48)))
+        self.store("slow.png", SLOW_SOURCE)
+        counts, stop = [], threading.Event()
+
+        def count_resize_processes():
+            while not stop.is_set():
+                counts.append(len(instance.resize_processes()))
+                stop.wait(0.005)
+
+        sampler = threading.Thread(target=count_resize_processes, daemon=True)
+        sampler.start()
+        self.addCleanup(sampler.join)
+        self.addCleanup(stop.set)
+        held = self.submit("slow.png", SLOW_FOREVER)
+        _, pid = self.hold_resize(held)
+        # Each job goes to the worker that is not running the held resize: it has no resize of its own.
+        other = next(worker for worker in instance.workers() if worker != parent_of(pid))
+        locations = [self.submit(name, "width=32&height=24", self.connection_to_worker(instance, other)) for name in names]
+        for location in locations:
+            reply = self.request("GET", f"{location}?wait=0.5")
+            self.assertEqual((reply.status, reply.json["state"]), (200, "queued"), reply.body)
+        self.assertEqual(instance.resize_processes(), [pid])
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertEqual(self.wait_job(held)["state"], "cancelled")
+        self.assertEqual([self.wait_job(location)["state"] for location in locations], ["done"] * len(names))
+        stop.set()
+        sampler.join(DEADLINE_SECONDS)
+        self.assertEqual(max(counts), 1, "more than one resize process ran at once")
+        for name in names:
+            self.assertEqual(self.download(name).size, (32, 24))
+
+
+# nginx in front of several instances, as the README shows it: the file a site adds to nginx's
+# http block (Debian: /etc/nginx/conf.d/ims.conf), one `server` line per instance. The tests put
+# their own ports in place of these.
+NGINX_CONFIG = """\
+upstream ims {
+    # Round robin (nginx's default): any request may go to any instance on the folder.
+    server 127.0.0.1:5001;
+    server 127.0.0.1:5002;
+    server 127.0.0.1:5003;
+    keepalive 16;                       # connections to the instances kept open for reuse
+}
+
+server {
+    listen 127.0.0.1:8080;
+    client_max_body_size 0;             # IMS applies --max-upload itself, with a 413 that says so
+    location / {
+        proxy_pass http://ims;
+        proxy_http_version 1.1;         # keep-alive and chunked bodies to the instances
+        proxy_set_header Connection "";
+        proxy_request_buffering off;    # uploads stream through as they come
+        proxy_read_timeout 90s;         # GET /jobs/<id>?wait= may hold its answer 60 s
+    }
+}
+"""
+
+# What a test wraps around NGINX_CONFIG to run nginx in a temporary folder of its own, as any
+# user. One worker process, so requests go round the instances strictly in turn.
+NGINX_TEST_MAIN = """\
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/client_body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    include {folder}/ims.conf;
+}}
+"""
+
+
+def nginx_config(instance_ports, listen_port):
+    """Return NGINX_CONFIG with the three `instance_ports` in its server lines, listening on `listen_port`."""
+    ports = dict(zip(("5001", "5002", "5003", "8080"), (*instance_ports, listen_port)))
+
+    def address(match):
+        return f"127.0.0.1:{ports[match.group(1)]}"
+
+    return re.sub(r"127\.0\.0\.1:(5001|5002|5003|8080)\b", address, NGINX_CONFIG)
+
+
+NGINX = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]))
+
+
+@unittest.skipUnless(NGINX, "nginx is not installed (Debian: apt-get install nginx-light, as .ci/run does)")
+class TestNginx(RealProcessTestCase):
+    """A real nginx, round robin over three real instances on one folder; requests go through nginx."""
+
+    def setUp(self):
+        super().setUp()
+        instances = [self.start_instance() for _ in range(3)]
+        self.port = self.start_nginx([instance.port for instance in instances])
+        self.probes = itertools.count()
+
+    def start_nginx(self, instance_ports):
+        """Start nginx from NGINX_CONFIG in a temporary folder; return its port once it listens."""
+        # A folder of its own that every user may enter: run by root, nginx's workers are `nobody`.
+        folder = tempfile.mkdtemp(prefix="ims-nginx-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.chmod(folder, 0o755)
+        listen_port = free_port()
+        with open(os.path.join(folder, "ims.conf"), "w") as file:
+            file.write(nginx_config(instance_ports, listen_port))
+        with open(os.path.join(folder, "nginx.conf"), "w") as file:
+            file.write(NGINX_TEST_MAIN.format(folder=folder))
+        error_log = os.path.join(folder, "error.log")
+        output = open(os.path.join(folder, "output.log"), "wb")
+        self.addCleanup(output.close)
+        process = subprocess.Popen(
+            [NGINX, "-p", folder, "-c", os.path.join(folder, "nginx.conf"), "-e", error_log, "-g", "daemon off;"],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.addCleanup(self.stop_nginx, process)
+
+        def is_listening():
+            if process.poll() is not None:
+                with open(os.path.join(folder, "output.log"), errors="replace") as file:
+                    self.fail(f"nginx exited with status {process.returncode}: {file.read()}")
+            try:
+                socket.create_connection(("127.0.0.1", listen_port), timeout=DEADLINE_SECONDS).close()
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        wait_for(is_listening)
+        return listen_port
+
+    def stop_nginx(self, process):
+        process.terminate()
+        try:
+            process.wait(timeout=DEADLINE_SECONDS)
+        finally:
+            self.end_session(process.pid)
+            process.wait()
+
+    def served_by(self, method, target):
+        """Return the one instance whose log shows it answered `method target`."""
+        wait_for(lambda: any(instance.has_served(method, target) for instance in self.instances))
+        served = [instance for instance in self.instances if instance.has_served(method, target)]
+        self.assertEqual(len(served), 1, f"{method} {target} was answered by {len(served)} instances")
+        return served[0]
+
+    def steer_away_from(self, instance):
+        """Send requests through nginx until the next one, by its round robin, goes to another instance."""
+        for _ in range(2 * len(self.instances)):
+            target = f"/jobs/steering-{next(self.probes)}"
+            self.assertEqual(self.request("GET", target).status, 404)
+            following = (self.instances.index(self.served_by("GET", target)) + 1) % len(self.instances)
+            if self.instances[following] is not instance:
+                return
+        self.fail("nginx does not send requests round the instances in turn")
+
+    def assertServedEverywhere(self, name, data):
+        """`name` is listed by every instance and downloads whole from each, and through nginx."""
+        for instance in self.instances:
+            connection = self.direct(instance)
+            self.assertIn(name, self.request("GET", "/", connection=connection).json)
+            self.assertEqual(self.request("GET", f"/{name}", connection=connection).body, data)
+        self.assertEqual(self.request("GET", f"/{name}").body, data)
+
+    def test_uploads_of_every_framing_are_listed_and_downloaded_from_every_instance_at_once(self):
+        images = {name: encode(noise((300, 200), index), FORMAT_BY_SUFFIX[name[-3:]]) for index, name in enumerate(
+            ("length.png", "chunked.jpg", "expect.png")
+        )}
+        with self.subTest(framing="Content-Length"):
+            self.assertEqual(self.upload("length.png", images["length.png"]).status, 201)
+            self.assertServedEverywhere("length.png", images["length.png"])
+        with self.subTest(framing="chunked"):
+            body, content_type = multipart_body(files=[("file", "chunked.jpg", images["chunked.jpg"])])
+            connection = self.connect()
+            connection.request(
+                "POST", "/", body=iter([body[i:i + 8192] for i in range(0, len(body), 8192)]), encode_chunked=True,
+                headers={"Content-Type": content_type, "Transfer-Encoding": "chunked"},
+            )
+            response = connection.getresponse()
+            self.assertEqual((response.status, json.loads(response.read())), (201, "Image successfully uploaded"))
+            self.assertServedEverywhere("chunked.jpg", images["chunked.jpg"])
+        with self.subTest(framing="Expect: 100-continue"):
+            body, content_type = multipart_body(files=[("file", "expect.png", images["expect.png"])])
+            sock = self.open_socket()
+            sock.sendall(self.multipart_request_head(content_type, len(body), ["Expect: 100-continue"]))
+            self.assertEqual(self.read_head(sock), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            reply = self.read_reply(sock)
+            self.assertEqual((reply.status, reply.json), (201, "Image successfully uploaded"))
+            self.assertServedEverywhere("expect.png", images["expect.png"])
+        self.assertEqual(self.request("GET", "/").json, sorted(images))
+        self.assertNoTempFiles()
+
+    def test_concurrent_uploads_of_one_name_through_nginx_store_exactly_one(self):
+        count = 9
+        images = [encode(noise((100, 100), index), "PNG") for index in range(count)]
+        results = self.upload_at_once("race.png", images)
+        self.assertEqual(sorted(result[0] for result in results if result), [201] + [409] * (count - 1), results)
+        winner = next(index for index, result in enumerate(results) if result[0] == 201)
+        self.assertServedEverywhere("race.png", images[winner])
+        self.assertEqual({instance.has_served("POST", "/") for instance in self.instances}, {True})
+        self.assertNoTempFiles()
+
+    def test_a_job_is_awaited_on_another_instance_than_the_one_running_it(self):
+        self.store("slow.png", SLOW_SOURCE)
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        runner, pid = self.hold_resize(location)
+        self.steer_away_from(runner)
+        connection, sent, answers = self.connect(), threading.Event(), []
+
+        def wait():
+            connection.request("GET", f"{location}?wait=60")
+            sent.set()
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())["state"]))
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        self.assertTrue(sent.wait(DEADLINE_SECONDS), "the request could not be sent")
+        os.kill(pid, signal.SIGCONT)
+        waiter.join(DEADLINE_SECONDS)
+        self.assertFalse(waiter.is_alive(), "the answer waited for the whole ?wait=")
+        self.assertEqual(answers, [(200, "done")])
+        self.assertIsNot(self.served_by("GET", f"{location}?wait=60"), runner)
+        self.assertEqual(self.download("slow.png").size, (2000, 2000))
+
+    def test_twenty_patches_of_one_image_apply_in_the_order_they_were_accepted(self):
+        self.store("a.png", SLOW_SOURCE)
+        # The first job is held, so the twenty queue behind it in the folder, spread over the instances.
+        first = self.submit("a.png", SLOW_ENOUGH)
+        _, pid = self.hold_resize(first)
+        queries = [f"width={width}&height=50&fit=fill" for width in range(100, 120)]
+        locations = [first] + [self.submit("a.png", query) for query in queries]
+        accepting = {self.instances.index(self.served_by("PATCH", f"/a.png?{query}")) for query in queries}
+        self.assertEqual(accepting, {0, 1, 2}, "nginx did not spread the PATCHes over the instances")
+        self.assertEqual([self.job(location)["state"] for location in locations[1:]], ["queued"] * len(queries))
+        os.kill(pid, signal.SIGCONT)
+        jobs = [self.wait_job(location) for location in locations]
+        self.assertEqual([job["state"] for job in jobs], ["done"] * len(jobs), jobs)
+        self.assertEqual([job["width"] for job in jobs], [2000] + list(range(100, 120)))
+        finished = [epoch_of(job["finished"]) for job in jobs]
+        self.assertEqual(finished, sorted(finished), "jobs ended out of the order they were accepted in")
+        self.assertEqual(self.download("a.png").size, (119, 50))
+
+    def test_delete_during_a_resize_on_another_instance_cancels_it_for_good(self):
+        self.store("slow.png", SLOW_SOURCE)
+        location = self.submit("slow.png", SLOW_FOREVER)
+        runner, pid = self.hold_resize(location)
+        self.steer_away_from(runner)
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertIsNot(self.served_by("DELETE", "/slow.png"), runner)
+        job = self.wait_job(location)
+        self.assertEqual((job["state"], job["finished"] is None), ("cancelled", False), job)
+        # Once its process is gone nothing can bring the image back.
+        wait_for(lambda: pid not in session_processes(runner.process.pid))
+        for instance in self.instances:
+            connection = self.direct(instance)
+            self.assertEqual(self.request("GET", "/", connection=connection).json, [])
+            self.assertEqual(self.request("GET", "/slow.png", connection=connection).status, 404)
+            self.assertEqual(self.request("GET", location, connection=connection).json["state"], "cancelled")
+        self.assertNotIn("slow.png", os.listdir(self.storage))
+        self.assertNoTempFiles()
+
+    def test_a_job_whose_instance_is_killed_still_ends_done(self):
+        self.store("slow.png", SLOW_SOURCE)
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        runner, _ = self.hold_resize(location)
+        kill_session(runner.process.pid)
+        wait_for(lambda: not session_processes(runner.process.pid))
+        job = self.wait_job(location)
+        self.assertEqual((job["state"], job["error"]), ("done", None), job)
+        self.assertEqual(self.download("slow.png").size, (2000, 2000))
+        self.assertEqual(self.request("GET", "/").json, ["slow.png"])
+
+
+# Each instance gets a PID namespace of its own, as in a container of its own: the same numbers
+# mean other processes, or none, in each.
+UNSHARE = ("unshare", "--pid", "--mount-proc", "--kill-child")
+
+
+class TestPidNamespaces(RealProcessTestCase):
+    """Two instances on one folder, each in a PID namespace of its own."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not shutil.which("unshare"):
+            raise unittest.SkipTest("unshare (util-linux) is not installed")
+        try:
+            probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+        except OSError as error:
+            raise unittest.SkipTest(f"unshare cannot run: {error}")
+        if probe.returncode != 0:
+            raise unittest.SkipTest(f"new PID namespaces are not permitted here: {probe.stderr.strip()}")
+
+    def test_a_restart_in_another_namespace_never_removes_a_live_upload(self):
+        # A's ims.py is process 2 of its namespace (a shell is 1), B's is process 1 of its own: in
+        # B's namespace no process 2 runs, so A's upload looks like a dead writer's to a scan that
+        # judges by process ids.
+        streaming = self.start_instance("--timeout", "120", wrapper=(*UNSHARE, "sh", "-c", '"$@"; exit $?', "sh"))
+        restarting = self.start_instance(wrapper=UNSHARE)
+        data = encode(noise((400, 300), SEED), "PNG")
+        body, content_type = multipart_body(files=[("file", "streamed.png", data)])
+        self.port = streaming.port
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body), ["Connection: close"]))
+        sock.sendall(body[:len(body) // 2])
+        wait_for(self.temp_files)
+        uploading = self.temp_files()
+
+        server = next(pid for pid in session_processes(restarting.process.pid) if parent_of(pid) == restarting.process.pid)
+        os.kill(server, signal.SIGTERM)
+        self.assertEqual(restarting.process.wait(timeout=DEADLINE_SECONDS), 0)
+        restarted = self.start_instance(wrapper=UNSHARE)
+        self.assertEqual(self.temp_files(), uploading, "the restart removed the upload in progress")
+        self.assertEqual(self.request("GET", "/", connection=self.direct(restarted)).json, [])
+
+        sock.sendall(body[len(body) // 2:])
+        reply = self.parse_reply(self.read_until_close(sock))
+        self.assertEqual((reply.status, reply.json), (201, "Image successfully uploaded"))
+        connection = self.direct(restarted)
+        self.assertEqual(self.request("GET", "/", connection=connection).json, ["streamed.png"])
+        self.assertEqual(self.request("GET", "/streamed.png", connection=connection).body, data)
+        self.assertNoTempFiles()
 
 
 if __name__ == "__main__":
