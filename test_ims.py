@@ -4457,15 +4457,36 @@ class TestWorkers(RealProcessTestCase):
         self.assertEqual(set(answered), set(instance.workers()), f"who answered: {answered}")
         self.assertEqual(instance.process.poll(), None, "the supervisor has exited")
 
+    def is_refused(self):
+        """Tell whether a new connection to self.port is refused (no socket listens on it any more).
+
+        One that a stopping worker's socket had queued is reset instead when that socket closes.
+        """
+        try:
+            socket.create_connection((self.host, self.port), timeout=DEADLINE_SECONDS).close()
+        except ConnectionRefusedError:
+            return True
+        except ConnectionResetError:
+            pass
+        return False
+
     def check_clean_stop(self, signal_number):
         instance = self.start_workers()
-        name = f"kept-{signal_number.name}.png"
-        data = make_image("PNG")
-        idle = self.connect()
-        self.assertEqual(self.upload(name, data, idle).status, 201)
         self.assertEqual(len(instance.workers()), 2)
-        # The idle keep-alive connection must not hold the stop up.
+        name = f"kept-{signal_number.name}.png"
+        data = encode(noise((300, 200)), "PNG")
+        body, content_type = multipart_body(files=[("file", name, data)])
+        idle = self.connect()
+        self.assertEqual(self.request("GET", "/", connection=idle).status, 200)
+        uploading = self.open_socket()
+        uploading.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
+        wait_for(self.temp_files)
+        # The idle keep-alive connection must not hold the stop up; the upload in flight finishes.
         instance.process.send_signal(signal_number)
+        wait_for(self.is_refused)
+        uploading.sendall(body[len(body) // 2:])
+        reply = self.read_reply(uploading)
+        self.assertEqual((reply.status, reply.json), (201, "Image successfully uploaded"))
         self.assertEqual(instance.process.wait(timeout=DEADLINE_SECONDS), 0)
         self.assertEqual(session_processes(instance.process.pid), [], "processes outlive the supervisor")
         self.assertNoTempFiles()
@@ -4512,6 +4533,42 @@ class TestWorkers(RealProcessTestCase):
         self.assertEqual(max(counts), 1, "more than one resize process ran at once")
         for name in names:
             self.assertEqual(self.download(name).size, (32, 24))
+
+
+    def test_a_job_whose_worker_is_killed_still_ends_done(self):
+        instance = self.start_workers()
+        self.store("slow.png", SLOW_SOURCE)
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        _, pid = self.hold_resize(location)
+        worker = parent_of(pid)
+        os.kill(worker, signal.SIGKILL)
+        # Connections waiting on the worker's own socket when it died are reset (SO_REUSEPORT):
+        # a client asks again once the worker is gone.
+        wait_for(lambda: worker not in session_processes(instance.process.pid))
+        # Its resize process, orphaned, runs on to its end, as after the OOM killer took the worker.
+        os.kill(pid, signal.SIGCONT)
+        job = self.wait_job(location)
+        self.assertEqual((job["state"], job["error"]), ("done", None), job)
+        self.assertEqual(self.download("slow.png").size, (2000, 2000))
+        wait_for(lambda: pid not in session_processes(instance.process.pid))
+        self.assertNoTempFiles()
+        self.assertEqual(self.request("GET", "/").json, ["slow.png"])
+
+    def test_jobs_accepted_before_a_stop_end_done_after_the_restart(self):
+        instance = self.start_workers("--resize-workers", "1")
+        self.store("slow.png", SLOW_SOURCE)
+        running = self.submit("slow.png", SLOW_ENOUGH)
+        self.hold_resize(running)
+        queued = self.submit("slow.png", "width=30&height=20")
+        self.assertEqual(self.job(queued)["state"], "queued")
+        instance.process.send_signal(signal.SIGTERM)
+        self.assertEqual(instance.process.wait(timeout=DEADLINE_SECONDS), 0)
+        self.assertEqual(session_processes(instance.process.pid), [], "processes outlive the supervisor")
+        self.start_workers("--resize-workers", "1")
+        jobs = [self.wait_job(location) for location in (running, queued)]
+        self.assertEqual([(job["state"], job["error"]) for job in jobs], [("done", None)] * 2, jobs)
+        self.assertEqual(self.download("slow.png").size, (30, 20))
+        self.assertNoTempFiles()
 
 
 # nginx in front of several instances, as the README shows it: the file a site adds to nginx's
