@@ -2038,7 +2038,11 @@ class Resizer:
             slot = self._store.take_slot(self._workers)
             if slot is None:
                 return
-            claim = self._claim_next(queued)
+            try:
+                claim = self._claim_next(queued)
+            except BaseException:
+                self._store.release_slot(slot)
+                raise
             job = None
             if claim is not None:
                 try:
