@@ -2551,7 +2551,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         Answers 202 with the job's Location; 400 for a missing or invalid parameter or a result
         over --max-pixels, 404 for an unknown name, 412 when If-Match names another version, 413
-        for a body over MAX_PARAMETERS_BYTES, 503 with Retry-After when the queue is full.
+        for a body over MAX_PARAMETERS_BYTES, 503 with Retry-After when the queue is full, 507
+        when the job cannot be recorded in the folder.
         """
         settings = self.server.settings
         with self.server.store.open(name) as stored:
@@ -2729,8 +2730,9 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, settings, quiet=False, listener=None):
+    def __init__(self, settings, quiet=False, listener=None, supervisor_pid=None):
         self.settings = settings
+        self.supervisor_pid = supervisor_pid
         self.quiet = quiet
         self.store = Store(settings.storage)
         self.store.scan()
@@ -2843,6 +2845,12 @@ class Server(http.server.ThreadingHTTPServer):
                     except OSError:
                         pass
 
+    def service_actions(self):
+        # A worker whose supervisor was killed stops, rather than serve on unsupervised.
+        if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
+            self.supervisor_pid = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def handle_error(self, request, client_address):
         sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
 
@@ -2952,7 +2960,7 @@ def _reserve_port(settings):
 def _run_worker(settings, listener, ready_descriptor):
     # In a forked worker: serve until told to stop; the exit status of the worker process.
     try:
-        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener)
+        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener, supervisor_pid=os.getppid())
     except OSError as error:
         sys.stderr.write(f"ims.py: worker {os.getpid()} cannot serve on {settings.host}:{settings.port}: {error}\n")
         return 1
