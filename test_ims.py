@@ -4447,12 +4447,18 @@ class TestWorkers(RealProcessTestCase):
         workers = instance.workers()
         self.assertEqual(len(workers), 2, f"the supervisor's workers: {workers}")
         victim = workers[0]
+        # An upload in flight on the worker that dies is lost, and its partial file goes.
+        uploading = self.connection_to_worker(instance, victim)
+        body, content_type = multipart_body(files=[("file", "lost.png", encode(noise((300, 200)), "PNG"))])
+        uploading.sock.sendall(self.multipart_request_head(content_type, len(body)) + body[:len(body) // 2])
+        wait_for(self.temp_files)
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: victim not in instance.workers() and len(instance.workers()) == 2)
         line = self.wait_for_log(instance, f"worker {victim}")
         self.assertIn("restart", line)
         replacement = set(instance.workers()) - set(workers)
         self.assertEqual(len(replacement), 1, instance.workers())
+        wait_for(lambda: not self.temp_files())
         answered = self.serving_pids(instance, ["kept.png"])
         self.assertEqual(set(answered), set(instance.workers()), f"who answered: {answered}")
         self.assertEqual(instance.process.poll(), None, "the supervisor has exited")
@@ -4534,6 +4540,18 @@ class TestWorkers(RealProcessTestCase):
         for name in names:
             self.assertEqual(self.download(name).size, (32, 24))
 
+
+    def test_workers_stop_when_their_supervisor_is_killed(self):
+        instance = self.start_workers()
+        workers = instance.workers()
+        self.assertEqual(len(workers), 2, f"the supervisor's workers: {workers}")
+        instance.process.kill()
+        instance.process.wait()
+        # Unsupervised, they stop by themselves and free the port for the next start.
+        wait_for(lambda: not set(workers) & set(session_processes(instance.process.pid)))
+        self.assertTrue(self.is_refused())
+        restarted = self.start_workers("--port", str(instance.port))
+        self.assertEqual(set(self.serving_pids(restarted, [])), set(restarted.workers()))
 
     def test_a_job_whose_worker_is_killed_still_ends_done(self):
         instance = self.start_workers()
