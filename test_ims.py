@@ -4553,6 +4553,27 @@ class TestWorkers(RealProcessTestCase):
         restarted = self.start_workers("--port", str(instance.port))
         self.assertEqual(set(self.serving_pids(restarted, [])), set(restarted.workers()))
 
+    def test_a_port_another_ims_serves_is_refused_with_status_1(self):
+        # SO_REUSEPORT lets any process of the same user listen on a port its sockets share: a
+        # second IMS started there by mistake must not take half of the first one's connections.
+        first = self.start_workers()
+        for workers in ("2", "1"):
+            with self.subTest(workers=workers):
+                process = subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "ims.py"), "--workers", workers, "--port", str(first.port),
+                     "--storage", os.path.join(self.tempdir.name, "other")],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                )
+                self.addCleanup(process.stderr.close)
+                self.addCleanup(process.stdout.close)
+                self.addCleanup(process.wait)
+                self.addCleanup(self.end_session, process.pid)
+                self.assertEqual(process.stdout.readline(), "", "it serves on the port already served")
+                self.assertEqual(process.wait(timeout=DEADLINE_SECONDS), 1)
+                self.assertIn(f"cannot serve on 127.0.0.1:{first.port}", process.stderr.read())
+        answered = self.serving_pids(first, [])
+        self.assertEqual(set(answered), set(first.workers()), f"who answered (None: not the first IMS): {answered}")
+
     def test_a_job_whose_worker_is_killed_still_ends_done(self):
         instance = self.start_workers()
         self.store("slow.png", SLOW_SOURCE)
