@@ -4624,13 +4624,21 @@ upstream ims {
 
 server {
     listen 127.0.0.1:8080;
-    client_max_body_size 0;             # IMS applies --max-upload itself, with a 413 that says so
     location / {
         proxy_pass http://ims;
         proxy_http_version 1.1;         # keep-alive and chunked bodies to the instances
         proxy_set_header Connection "";
         proxy_request_buffering off;    # uploads stream through as they come
         proxy_read_timeout 90s;         # GET /jobs/<id>?wait= may hold its answer 60 s
+    }
+
+    # nginx, not IMS, answers "Expect: 100-continue": with IMS's --max-upload here too, an upload
+    # that says it is larger gets IMS's 413 before its body is sent, not a 100 Continue.
+    client_max_body_size 16000000;
+    error_page 413 @too_large;
+    location @too_large {
+        default_type application/json;
+        return 413 '{"message": "the body is larger than the 16000000 bytes allowed"}\\n';
     }
 }
 """
@@ -4771,6 +4779,16 @@ class TestNginx(RealProcessTestCase):
             self.assertServedEverywhere("expect.png", images["expect.png"])
         self.assertEqual(self.request("GET", "/").json, sorted(images))
         self.assertNoTempFiles()
+
+    def test_an_upload_over_max_upload_is_refused_before_its_body(self):
+        # API.md: Expect: 100-continue is answered with the final error when the headers show it.
+        content_type = f"multipart/form-data; boundary={BOUNDARY}"
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, 16000001, ["Expect: 100-continue", "Connection: close"]))
+        raw = self.read_until_close(sock)
+        self.assertFalse(raw.startswith(b"HTTP/1.1 100"), raw)
+        self.assertError(self.parse_reply(raw), 413, "16000000")
+        self.assertEqual(self.request("GET", "/").json, [])
 
     def test_concurrent_uploads_of_one_name_through_nginx_store_exactly_one(self):
         count = 9
