@@ -4841,6 +4841,31 @@ class TestNginx(RealProcessTestCase):
         self.assertEqual(finished, sorted(finished), "jobs ended out of the order they were accepted in")
         self.assertEqual(self.download("a.png").size, (119, 50))
 
+    def test_max_queue_counts_the_jobs_waiting_in_the_folder(self):
+        # Three instances of their own, on a folder of their own: one resize at a time on the
+        # host, and three jobs waiting at most.
+        self.storage = os.path.join(self.tempdir.name, "queue-storage")
+        self.instances = []
+        for _ in range(3):
+            self.start_instance("--resize-workers", "1", "--max-queue", "3")
+        self.port = self.start_nginx([instance.port for instance in self.instances])
+        names = ["a.png", "b.png", "c.png", "d.png"]
+        for name in names:
+            self.store(name, make_image("PNG"))
+        self.store("slow.png", SLOW_SOURCE)
+        held = self.submit("slow.png", SLOW_FOREVER)
+        self.hold_resize(held)
+        queued = [self.submit(name, "width=10&height=10") for name in names[:3]]
+        accepting = {self.instances.index(self.served_by("PATCH", f"/{name}?width=10&height=10")) for name in names[:3]}
+        self.assertEqual(accepting, {0, 1, 2}, "nginx did not spread the PATCHes over the instances")
+        for instance in self.instances:
+            reply = self.patch("d.png", "width=10&height=10", connection=self.direct(instance))
+            self.assertError(reply, 503, "try again later")
+            self.assertRegex(reply.headers.get("Retry-After", ""), r"^\d+$")
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertEqual([self.wait_job(location)["state"] for location in queued], ["done"] * 3)
+        self.assertEqual(self.wait_job(self.submit("d.png", "width=10&height=10"))["state"], "done")
+
     def test_delete_during_a_resize_on_another_instance_cancels_it_for_good(self):
         self.store("slow.png", SLOW_SOURCE)
         location = self.submit("slow.png", SLOW_FOREVER)
