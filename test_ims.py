@@ -4574,6 +4574,25 @@ class TestWorkers(RealProcessTestCase):
         answered = self.serving_pids(first, [])
         self.assertEqual(set(answered), set(first.workers()), f"who answered (None: not the first IMS): {answered}")
 
+    def test_a_stop_signal_to_the_whole_process_group_leaves_running_jobs_to_run_again(self):
+        # A terminal's Ctrl-C sends SIGINT, and systemd's stop SIGTERM, to every process of the
+        # group (the unit) at once, resize processes included: a job running then is a 202 too.
+        for arguments, signal_number in (((), signal.SIGINT), (("--workers", "2"), signal.SIGTERM)):
+            with self.subTest(arguments=arguments, signal=signal_number.name):
+                self.storage = os.path.join(self.tempdir.name, f"storage-{signal_number.name}")
+                instance = self.start_instance(*arguments)
+                self.port = instance.port
+                self.store("slow.png", SLOW_SOURCE)
+                location = self.submit("slow.png", SLOW_ENOUGH)
+                wait_for(lambda: instance.resize_processes() or self.job(location)["state"] in ENDED_STATES)
+                self.assertEqual(self.job(location)["state"], "running")
+                os.killpg(instance.process.pid, signal_number)
+                self.assertEqual(instance.process.wait(timeout=DEADLINE_SECONDS), 0)
+                self.port = self.start_instance(*arguments).port
+                job = self.wait_job(location)
+                self.assertEqual((job["state"], job["error"]), ("done", None), job)
+                self.assertEqual(self.download("slow.png").size, (2000, 2000))
+
     def test_a_job_whose_worker_is_killed_still_ends_done(self):
         instance = self.start_workers()
         self.store("slow.png", SLOW_SOURCE)
