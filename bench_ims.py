@@ -21,7 +21,8 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
     upload-4    4 such curl uploads at once, uploads/s, and the server's CPU time per upload (its
                 tree's user + system time, /proc/PID/stat), beside curl's own in the notes
     resize      a 12-megapixel photo resized to 300x300 end to end, ms, beside `vipsthumbnail`
-                as a command and Pillow's best in-process path, one run of each in turn (wall time)
+                as a command and Pillow's best in-process path, one run of each in turn (wall time);
+                with --baseline, the target is at most 1.1x the time before
     resize-8    8 photos resized at once, photos/s, beside 8 best Pillow resizes on all CPUs
     first-resize
                 the first resize after a fresh start (GET /, then wait until the tree uses no CPU)
@@ -35,22 +36,40 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 GET / latency over a new connection each, p50 and p99, while 200 sockets trickle
                 a request head a byte every 0.5 s for 10 s; beside the same without them
     patch-burst 1000 PATCHes as fast as 8 keep-alive clients send them, --resize-workers = CPUs and
-                --max-queue 256: how many are accepted and refused, and the peak count of the
-                server's live descendant processes, from /proc/*/stat sampled every ~2 ms
+                --max-queue 256: each answer's latency (p50, p99), how many are accepted and refused
+                (every answer must be 202 or 503), and the peak count of the server's live
+                descendant processes, from /proc/*/stat sampled every ~2 ms; medians of --repeat
+                bursts, each on a fresh server, and with --baseline the same of the IMS before
+    workers     `--workers 2` against `--workers 1`, each on a storage of its own: wrk -t2 -c16 on
+                GET / and on the 20 KB JPEG, --repeat runs interleaved, req/s and their ratio; the
+                notes give the cores the server's tree and wrk kept busy and the CPU split over
+                the two workers (SO_REUSEPORT must spread the connections)
+    nginx       3 instances on one folder behind nginx (round robin, keepalive 32, HTTP/1.1 to
+                them, proxy_request_buffering off), against one instance direct and against nginx
+                serving the folder itself (GET / as autoindex JSON): wrk -t2 -c16 on GET / and the
+                20 KB JPEG, --repeat runs interleaved, req/s and ratios
+    nginx-resize
+                16 photos (../shared/photos/ in turn, uploaded first) PATCHed to 300x300 at once
+                through that nginx, against one instance direct: seconds until every job has
+                ended, each client waiting with GET /jobs/<id>?wait=60; median of --repeat runs
 
-The last three measure IMS only, each on a fresh server of its own (the other columns say n/a).
+soak, slow-clients, patch-burst and the scaling scenarios after them measure IMS only (patch-burst
+also the IMS before with --baseline), each on fresh servers of their own (the other columns say
+n/a). nginx's config, pid, error log and temporary files are in the scratch folder; it runs as
+root's user when the bench runs as root, so its workers can read the storage.
 
 --repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
-(largest growth), of resize-8 rounds (median) and of fresh starts for first-resize; upload, upload-4 and resize have their own
-series. "IMS vs seed" is a factor where above 1 means IMS is better, whatever the unit.
+(largest growth), of resize-8 rounds (median), of fresh starts for first-resize, of PATCH bursts
+and of nginx-resize rounds; upload, upload-4 and resize have their own series. "IMS vs seed" is
+a factor where above 1 means IMS is better, whatever the unit.
 
 --baseline PATH also runs another ims.py (say a worktree of the last commit) as the column
 "before", on its own copy of the storage, for every scenario but the last three, so a change is
 measured against the code before it in one run; "IMS vs before" is a factor like the seed's.
 
 --vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
-(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl and vipsthumbnail; a
-scenario whose tool is missing is skipped with a message. Photos are read from ../shared/photos/.
+(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail and nginx
+(Debian: apt-get install -y nginx-light); a scenario whose tool is missing is skipped with a message. Photos are read from ../shared/photos/.
 Standard library only, plus Pillow imported where images are made or resized.
 """
 from __future__ import annotations
@@ -110,6 +129,8 @@ PARALLEL_UPLOADS = 4
 PARALLEL_UPLOAD_ROUNDS = 10
 RESIZE_RUNS = 10
 RESIZE_SIZE = (300, 300)
+# Issue 9: writing durable job records may slow one resize end to end by 10 % at most.
+RESIZE_MAX_VERSUS_BEFORE = 1.1
 PARALLEL_RESIZES = 8
 FIRST_RESIZE_LATER = 2  # later resizes on each fresh server, after its first
 # Robustness scenarios (issue 5), each on a fresh IMS.
@@ -132,6 +153,13 @@ BURST_IMAGES = 4
 BURST_MAX_QUEUE = 256
 BURST_SAMPLE_SECONDS = 0.002
 BURST_DRAIN_SECONDS = 30
+BURST_MAX_P99_MS = 50  # issue 9: durable job records must not slow the answer to a PATCH
+# Scaling scenarios (issue 9): enough connections that SO_REUSEPORT and nginx spread them.
+SCALE_WRK_ARGUMENTS = ["-t2", "-c16", "-d5s"]
+WORKERS_MIN_FACTOR = 1.6
+CLUSTER_INSTANCES = 3
+SPREAD_PHOTOS = 16
+SPREAD_JOB_WAIT_SECONDS = 60  # the contract's longest ?wait=
 # Extra descendants allowed beside the resize workers: multiprocessing's forkserver and resource tracker.
 BURST_HELPER_PROCESSES = 2
 
@@ -276,6 +304,110 @@ def start_seed(storage: Path) -> Server:
     raise BenchError(f"flask_seed.py did not accept connections within {STARTUP_TIMEOUT_SECONDS} s")
 
 
+# The load balancer of issue 9's tests: round robin over the instances, keep-alive connections to
+# them, bodies streamed as they come (uploads are not spooled to disk first). A second server block
+# serves the storage folder itself as static files, the fastest anyone could read it.
+NGINX_CONFIG = """\
+{user}worker_processes auto;
+pid {prefix}/nginx.pid;
+events {{
+    worker_connections 1024;
+}}
+http {{
+{mime_types}    access_log off;
+    client_body_temp_path {prefix}/client-body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream ims {{
+{upstream_servers}        keepalive {keepalive};
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://ims;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_read_timeout 120s;
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{static_port};
+        location / {{
+            root {storage};
+            autoindex on;
+            autoindex_format json;
+        }}
+    }}
+}}
+"""
+NGINX_KEEPALIVE = 32
+NGINX_MIME_TYPES = Path("/etc/nginx/mime.types")
+
+
+def tool_path(name: str) -> str | None:
+    """Return where a command is, looking in the sbin folders too (nginx is in /usr/sbin)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+@dataclasses.dataclass
+class NginxFront:
+    """One nginx: proxy balances over IMS instances, static serves their folder; both share a process."""
+
+    proxy: Server
+    static: Server
+
+    def stop(self) -> list[str]:
+        return self.proxy.stop()
+
+
+def start_nginx(prefix: Path, instances: list[Server], storage: Path) -> NginxFront:
+    """Write a config under prefix (temp files, pid, error log there too) and run nginx in the foreground.
+
+    Raises BenchError when nginx is missing, exits or does not listen within STARTUP_TIMEOUT_SECONDS.
+    """
+    nginx = tool_path("nginx")
+    if nginx is None:
+        raise BenchError("nginx is not installed (apt-get install -y nginx-light)")
+    prefix.mkdir()
+    proxy_port, static_port = free_port(), free_port()
+    while static_port == proxy_port:
+        static_port = free_port()
+    config = NGINX_CONFIG.format(
+        # As root, nginx's workers would run as nobody, who cannot read the private scratch folder.
+        user="user root;\n" if os.geteuid() == 0 else "",
+        prefix=prefix,
+        mime_types=f"    include {NGINX_MIME_TYPES};\n" if NGINX_MIME_TYPES.exists() else "",
+        upstream_servers="".join(f"        server {server.host}:{server.port};\n" for server in instances),
+        keepalive=NGINX_KEEPALIVE, proxy_port=proxy_port, static_port=static_port, storage=storage)
+    config_path = prefix / "nginx.conf"
+    config_path.write_text(config)
+    error_log = prefix / "error.log"
+    with open(prefix / "output.txt", "wb") as output:
+        process = subprocess.Popen(
+            [nginx, "-p", str(prefix), "-c", str(config_path), "-e", str(error_log), "-g", "daemon off;"],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    proxy = Server("nginx", process, "127.0.0.1", proxy_port, storage)
+    front = NginxFront(proxy, Server("nginx", process, "127.0.0.1", static_port, storage))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            said = " ".join(path.read_text(errors="replace") for path in (prefix / "output.txt", error_log)
+                            if path.exists()).strip()
+            front.stop()
+            raise BenchError(f"nginx exited with status {process.returncode}: {said[-300:]}")
+        with contextlib.suppress(OSError):
+            for port in (proxy_port, static_port):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return front
+        time.sleep(0.05)
+    front.stop()
+    raise BenchError(f"nginx did not listen within {STARTUP_TIMEOUT_SECONDS} s")
+
+
 def read_status_kib(pid: int, field: str) -> int:
     """Return a kB field of /proc/PID/status, such as VmRSS or VmHWM (or a count, such as Threads)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -418,6 +550,35 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def tree_cpu_ticks(pid: int) -> int:
+    """Return the CPU time a process and its descendants have used, reaped children's included, in ticks.
+
+    A reaped child's time is in its parent's cutime and cstime (fields 16 and 17 of /proc/PID/stat),
+    so resize processes that have ended still count.
+    """
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(field) for field in fields[11:15])
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    """Return the ids of a process's children (the workers of an IMS started with --workers)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found.extend(int(child) for child in children.read_text().split())
+    return found
+
+
+def own_cpu_seconds() -> float:
+    """Return the CPU time (user + system) of this process's reaped children, such as wrk, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def wait_until_idle(pid: int) -> bool:
     """Wait until a process and its descendants use no CPU for IDLE_QUIET_SECONDS; False on time-out.
 
@@ -557,9 +718,9 @@ def finished_size(path: Path) -> tuple[int, int] | None:
 # The requests the scenarios make: wrk, curl, and http.client for set-up and resizes.
 
 
-def run_wrk(server: Server, path: str) -> dict[str, float]:
-    """Run wrk on one path; return requests per second and the number of errors it counted."""
-    completed = subprocess.run(["wrk", *WRK_ARGUMENTS, server.url(path)], stdout=subprocess.PIPE,
+def run_wrk(url: str, arguments: list[str] = WRK_ARGUMENTS) -> dict[str, float]:
+    """Run wrk on one URL; return requests per second and the number of errors it counted."""
+    completed = subprocess.run(["wrk", *arguments, url], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, check=False)
     output = completed.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
@@ -623,15 +784,15 @@ def request_json(connection: http.client.HTTPConnection, method: str, path: str,
     return response.status, response.headers, decoded
 
 
-def resize_and_wait(server: Server, name: str) -> None:
+def resize_and_wait(server: Server, name: str, wait_seconds: int = JOB_WAIT_SECONDS) -> None:
     """PATCH an image to 300x300 and return once the resized image is stored.
 
-    IMS says when through GET /jobs/<id>?wait=; the seed tells nobody, so its file is read until
-    it is a whole 300x300 image. Raises BenchError when the resize is refused or fails.
+    IMS says when through GET /jobs/<id>?wait=wait_seconds; the seed tells nobody, so its file is
+    read until it is a whole 300x300 image. Raises BenchError when the resize is refused or fails.
     """
     width, height = RESIZE_SIZE
     deadline = time.monotonic() + RESIZE_DEADLINE_SECONDS
-    connection = server.connect()
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=wait_seconds + 30)
     try:
         status, headers, _ = request_json(connection, "PATCH", "/" + name, {"width": width, "height": height})
         if status != 202:
@@ -649,7 +810,7 @@ def resize_and_wait(server: Server, name: str) -> None:
         while job.get("state") not in ("done", "failed", "cancelled"):
             if time.monotonic() > deadline:
                 raise BenchError(f"job {location} not ended within {RESIZE_DEADLINE_SECONDS} s")
-            status, _, job = request_json(connection, "GET", f"{location}?wait={JOB_WAIT_SECONDS}")
+            status, _, job = request_json(connection, "GET", f"{location}?wait={wait_seconds}")
             if status != 200 or not isinstance(job, dict):
                 raise BenchError(f"GET {location} answered {status}")
         if job["state"] != "done":
@@ -668,13 +829,13 @@ def run_threads(threads: list[threading.Thread]) -> float:
     return time.perf_counter() - started
 
 
-def resize_all_at_once(server: Server, names: list[str]) -> float:
+def resize_all_at_once(server: Server, names: list[str], wait_seconds: int = JOB_WAIT_SECONDS) -> float:
     """Resize every image at once, one thread each; return the seconds until all are stored."""
     errors = []
 
     def resize(name: str) -> None:
         try:
-            resize_and_wait(server, name)
+            resize_and_wait(server, name, wait_seconds)
         except BenchError as error:
             errors.append(error)
 
@@ -725,6 +886,7 @@ class Row:
     higher_is_better: bool = True
     target: str = ""
     min_versus_seed: float | None = None  # a target as a factor over the seed,
+    min_versus_before: float | None = None  # or over the --baseline IMS,
     min_ims: float | None = None  # or as limits on IMS's own value
     max_ims: float | None = None
     note: str = ""
@@ -750,6 +912,8 @@ class Row:
         checks = []
         if self.min_versus_seed is not None and self.versus_seed is not None:
             checks.append(self.versus_seed >= self.min_versus_seed)
+        if self.min_versus_before is not None and self.versus_before is not None:
+            checks.append(self.versus_before >= self.min_versus_before)
         if self.min_ims is not None and self.ims is not None:
             checks.append(self.ims >= self.min_ims)
         if self.max_ims is not None and self.ims is not None:
@@ -793,7 +957,7 @@ def wrk_scenario(bench: Bench, path: str):
     for _ in range(bench.repeat):
         for kind, server in bench.servers.items():
             server.check_alive()
-            result = run_wrk(server, path)
+            result = run_wrk(server.url(path))
             runs[kind].append(result["requests_per_second"])
             errors[kind] += result["errors"]
     medians = {kind: statistics.median(values) for kind, values in runs.items()}
@@ -971,7 +1135,8 @@ def scenario_resize(bench: Bench) -> list[Row]:
     reference = "a reference, not a server"
     return [
         Row("resize", f"12 MP photo to 300x300, end to end (median of {RESIZE_RUNS})", "ms",
-            **columns(values), higher_is_better=False, note=note),
+            **columns(values), higher_is_better=False, target="<= 1.1x before",
+            min_versus_before=1 / RESIZE_MAX_VERSUS_BEFORE, note=note),
         Row("resize", f"vipsthumbnail -s 300x300, command wall (median of {RESIZE_RUNS})", "ms",
             vips_ms, note=reference),
         Row("resize", f"best in-process Pillow, wall (median of {RESIZE_RUNS})", "ms", pillow_ms,
@@ -1067,14 +1232,18 @@ def scenario_first_resize(bench: Bench) -> list[Row]:
 
 
 @contextlib.contextmanager
-def fresh_ims(bench: Bench, label: str, options: list[str] = ()):
-    """Start an IMS of its own on a storage folder with small.jpeg and 10 more names; stop it after."""
+def fresh_ims(bench: Bench, label: str, options: list[str] = (), kind: str = "ims"):
+    """Start an IMS of its own on a storage folder with small.jpeg and 10 more names; stop it after.
+
+    kind "before" runs the --baseline ims.py instead.
+    """
     storage = bench.scratch / f"{label}-storage"
     storage.mkdir()
     shutil.copyfile(bench.small_image, storage / "small.jpeg")
     for index in range(10):
         shutil.copyfile(bench.small_image, storage / f"list-{index:03d}.jpeg")
-    server = start_ims(storage, bench.scratch, list(options), label)
+    script = bench.baseline if kind == "before" else IMS_SCRIPT
+    server = start_ims(storage, bench.scratch, list(options), label, script=script, kind=kind)
     try:
         yield server
     finally:
@@ -1464,16 +1633,29 @@ def scenario_slow_clients(bench: Bench) -> list[Row]:
     ]
 
 
-def scenario_patch_burst(bench: Bench) -> list[Row]:
-    workers = os.cpu_count() or 1
-    options = ["--resize-workers", str(workers), "--max-queue", str(BURST_MAX_QUEUE)]
-    with fresh_ims(bench, "burst", options) as server:
+@dataclasses.dataclass
+class BurstResult:
+    """What one PATCH burst gave: answers by status, each answer's latency, the jobs' ends, the processes."""
+
+    statuses: collections.Counter
+    failures: collections.Counter
+    latencies: list[float]  # seconds from sending a PATCH to reading its whole answer
+    burst_seconds: float
+    drain_seconds: float
+    states: collections.Counter
+    sampler: DescendantSampler
+
+
+def run_patch_burst(bench: Bench, label: str, kind: str, options: list[str]) -> BurstResult:
+    """Send BURST_PATCHES PATCHes from BURST_CLIENTS keep-alive clients to a fresh server, then wait for the jobs."""
+    with fresh_ims(bench, label, options, kind=kind) as server:
         names = [server.fresh_name("burst") for _ in range(BURST_IMAGES)]
         for name in names:
             upload_file(server, bench.small_image, name)
         statuses = collections.Counter()
         locations: list[str] = []
         failures = collections.Counter()
+        latencies: list[float] = []
         lock = threading.Lock()
 
         def send(client: int) -> None:
@@ -1481,6 +1663,7 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
             try:
                 for number in range(client, BURST_PATCHES, BURST_CLIENTS):
                     side = 100 + 20 * (number % 2)
+                    started = time.perf_counter()
                     try:
                         status, headers, _ = request_json(connection, "PATCH", "/" + names[number % BURST_IMAGES],
                                                           {"width": side, "height": side})
@@ -1489,7 +1672,9 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
                         with lock:
                             failures[type(error).__name__] += 1
                         continue
+                    latency = time.perf_counter() - started
                     with lock:
+                        latencies.append(latency)
                         statuses[status] += 1
                         if status == 202:
                             locations.append(headers.get("Location"))
@@ -1501,13 +1686,9 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
         with DescendantSampler(server.process.pid, BURST_SAMPLE_SECONDS) as sampler:
             time.sleep(0.1)  # a few samples of the idle server
             clients = [threading.Thread(target=send, args=(client,)) for client in range(BURST_CLIENTS)]
-            started = time.perf_counter()
-            for thread in clients:
-                thread.start()
-            for thread in clients:
-                thread.join()
-            burst_seconds = time.perf_counter() - started
+            burst_seconds = run_threads(clients)
             # The accepted jobs run on after the burst: keep sampling until every one has ended.
+            drain_started = time.perf_counter()
             states = collections.Counter()
             deadline = time.monotonic() + BURST_DRAIN_SECONDS
             connection = server.connect()
@@ -1521,31 +1702,297 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
                     states[job.get("state") if status == 200 and isinstance(job, dict) else f"GET {status}"] += 1
             finally:
                 connection.close()
-            drain_seconds = time.perf_counter() - started - burst_seconds
+            drain_seconds = time.perf_counter() - drain_started
             time.sleep(0.1)
         server.check_alive()
+    return BurstResult(statuses, failures, latencies, burst_seconds, drain_seconds, states, sampler)
+
+
+def scenario_patch_burst(bench: Bench) -> list[Row]:
+    workers = os.cpu_count() or 1
+    options = ["--resize-workers", str(workers), "--max-queue", str(BURST_MAX_QUEUE)]
+    # IMS, and the --baseline IMS when there is one, so that what durable job records cost shows;
+    # --repeat bursts of each, interleaved, each on a fresh server.
+    kinds = ["ims", "before"] if bench.baseline else ["ims"]
+    results: dict[str, list[BurstResult]] = {kind: [] for kind in kinds}
+    failed = {}
+    for run in range(bench.repeat):
+        for kind in kinds:
+            if kind in failed:
+                continue
+            try:
+                results[kind].append(run_patch_burst(bench, f"burst-{kind}-{run}", kind, options))
+            except BenchError as error:
+                if kind == "ims":
+                    raise
+                failed[kind] = f"{kind}: {error}"
+    results = {kind: runs for kind, runs in results.items() if runs and kind not in failed}
+
+    def median_of_runs(measure: Callable[[BurstResult], float]) -> dict[str, float | None]:
+        return columns({kind: statistics.median(measure(each) for each in runs) for kind, runs in results.items()})
+
+    def worst_of_runs(measure: Callable[[BurstResult], float]) -> dict[str, float | None]:
+        return columns({kind: max(measure(each) for each in runs) for kind, runs in results.items()})
+
+    def wrong_answers(each: BurstResult) -> int:
+        return (sum(count for status, count in each.statuses.items() if status not in (202, 503))
+                + sum(each.failures.values()))
+
+    def latency_ms(fraction: float) -> Callable[[BurstResult], float]:
+        return lambda each: percentile(each.latencies, fraction) * 1000 if each.latencies else math.inf
 
     limit = workers + BURST_HELPER_PROCESSES
-    made = sum(statuses.values())
-    others = {status: count for status, count in statuses.items() if status not in (202, 503)}
-    notes = [f"burst took {burst_seconds:.2f} s, its jobs ended {drain_seconds:.1f} s later: "
-             + ", ".join(f"{state} x{count}" for state, count in states.most_common())]
-    if others:
-        notes.append("other answers: " + ", ".join(f"{status} x{count}" for status, count in sorted(others.items())))
-    if failures:
-        notes.append("failed: " + ", ".join(f"{what} x{count}" for what, count in failures.items()))
+    notes = []
+    for kind, runs in results.items():
+        for number, each in enumerate(runs, 1):
+            note = (f"{kind} run {number}: burst took {each.burst_seconds:.2f} s, answers "
+                    + ", ".join(f"{status} x{count}" for status, count in sorted(each.statuses.items()))
+                    + f", p99 {latency_ms(0.99)(each):.1f} ms, max {max(each.latencies, default=0) * 1000:.0f} ms"
+                    + f"; its jobs ended {each.drain_seconds:.1f} s later: "
+                    + ", ".join(f"{state} x{count}" for state, count in each.states.most_common()))
+            if each.failures:
+                note += "; failed: " + ", ".join(f"{what} x{count}" for what, count in each.failures.items())
+            notes.append(note)
+    notes.extend(failed.values())
+    peak = max(results["ims"], key=lambda each: each.sampler.peak).sampler
     depth_names = {1: "children", 2: "grandchildren"}
     makeup = ", ".join(f"{count} {depth_names.get(depth, f'at depth {depth}')}"
-                       for depth, count in sorted(sampler.peak_by_depth.items()))
-    process_note = (f"{sampler.samples:,} samples of /proc every ~{BURST_SAMPLE_SECONDS * 1000:.0f} ms; "
-                    f"at the peak: {makeup or 'none'}; at most {sampler.peak_zombies} unreaped zombie(s) at once")
+                       for depth, count in sorted(peak.peak_by_depth.items()))
+    process_note = (f"{peak.samples:,} samples of /proc every ~{BURST_SAMPLE_SECONDS * 1000:.0f} ms in IMS's "
+                    f"run with the highest peak; at that peak: {makeup or 'none'}; "
+                    f"at most {peak.peak_zombies} unreaped zombie(s) at once")
+    runs = f"median of {bench.repeat} bursts"
     return [
-        Row("patch-burst", f"{BURST_PATCHES} PATCHes, {BURST_CLIENTS} keep-alive clients", "req/s",
-            made / burst_seconds, note="; ".join(notes)),
-        Row("patch-burst", "accepted (202)", "count", statuses[202]),
-        Row("patch-burst", f"refused (503, --max-queue {BURST_MAX_QUEUE})", "count", statuses[503]),
-        Row("patch-burst", f"peak descendant processes ({workers} resize workers)", "count", sampler.peak,
-            higher_is_better=False, target=f"<= {limit} (workers + 2)", max_ims=limit, note=process_note),
+        Row("patch-burst", f"{BURST_PATCHES} PATCHes, {BURST_CLIENTS} keep-alive clients ({runs})", "req/s",
+            **median_of_runs(lambda each: sum(each.statuses.values()) / each.burst_seconds), note="; ".join(notes)),
+        Row("patch-burst", f"PATCH answer latency, p50 ({runs})", "ms", **median_of_runs(latency_ms(0.5)),
+            higher_is_better=False),
+        Row("patch-burst", f"PATCH answer latency, p99 ({runs})", "ms", **median_of_runs(latency_ms(0.99)),
+            higher_is_better=False, target=f"< {BURST_MAX_P99_MS} ms", max_ims=BURST_MAX_P99_MS),
+        Row("patch-burst", f"accepted (202, {runs})", "count", **median_of_runs(lambda each: each.statuses[202])),
+        Row("patch-burst", f"refused (503, --max-queue {BURST_MAX_QUEUE}, {runs})", "count",
+            **median_of_runs(lambda each: each.statuses[503])),
+        Row("patch-burst", "other answers and failed requests (worst burst)", "count",
+            **worst_of_runs(wrong_answers), higher_is_better=False, target="= 0 (202 or 503 only)", max_ims=0),
+        Row("patch-burst", f"peak descendant processes ({workers} resize workers, worst burst)", "count",
+            **worst_of_runs(lambda each: each.sampler.peak), higher_is_better=False,
+            target=f"<= {limit} (workers + 2)", max_ims=limit, note=process_note),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Scaling scenarios (issue 9): IMS only, on servers of their own: --workers, several instances
+# on one folder behind nginx, and resizes spread over them.
+# ------------------------------------------------------------------------------------------
+
+SCALE_PATHS = [("/", f"GET / ({LIST_NAMES} names)"), ("/small.jpeg", "GET 20 KB JPEG")]
+
+
+def stop_later(stack: contextlib.ExitStack, bench: Bench, label: str, server: Server | NginxFront) -> None:
+    """Stop a server when the stack closes, noting in bench.problems what went wrong."""
+    stack.callback(lambda: bench.problems.extend(f"{label}: {problem}" for problem in server.stop()))
+
+
+def start_cluster(stack: contextlib.ExitStack, bench: Bench, label: str, storage: Path) -> tuple[list[Server], NginxFront]:
+    """Start CLUSTER_INSTANCES IMS on one folder and nginx in front of them; all stop when the stack closes."""
+    instances = []
+    for index in range(CLUSTER_INSTANCES):
+        instance = start_ims(storage, bench.scratch, [], f"{label}-{index}")
+        stop_later(stack, bench, f"{label} instance {index}", instance)
+        instances.append(instance)
+    front = start_nginx(bench.scratch / f"{label}-nginx", instances, storage)
+    stop_later(stack, bench, f"{label} nginx", front)
+    return instances, front
+
+
+def check_answers(server: Server, paths: list[str]) -> None:
+    """GET each path once (a warm-up); raise BenchError unless every answer is 200."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=CLIENT_TIMEOUT_SECONDS)
+    try:
+        for path in paths:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise BenchError(f"GET {path} on port {server.port} answered {response.status}")
+    finally:
+        connection.close()
+
+
+def shares(ticks: list[int]) -> str:
+    """Return each part's share of the total, as "50/30/20 %"."""
+    total = sum(ticks)
+    return "/".join(f"{100 * part / total:.0f}" for part in ticks) + " %" if total else "no CPU used"
+
+
+def scenario_workers(bench: Bench) -> list[Row]:
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    counts = (1, 2)
+    rates = {(path, count): [] for path, _ in SCALE_PATHS for count in counts}
+    busy = {(path, count): [] for path, _ in SCALE_PATHS for count in counts}  # cores: server tree, wrk
+    worker_ticks = {path: collections.Counter() for path, _ in SCALE_PATHS}
+    errors = collections.Counter()
+    worker_pids = []
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for count in counts:
+            storage = bench.scratch / f"workers-{count}-storage"
+            prepare_storage(storage, bench.small_image)
+            servers[count] = start_ims(storage, bench.scratch, ["--workers", str(count)], f"workers-{count}")
+            stop_later(stack, bench, f"workers {count}", servers[count])
+        for server in servers.values():
+            check_answers(server, [path for path, _ in SCALE_PATHS])
+        worker_pids = children_of(servers[2].process.pid)
+        for path, _ in SCALE_PATHS:
+            for _ in range(bench.repeat):
+                for count, server in servers.items():
+                    server.check_alive()
+                    workers = children_of(server.process.pid) if count > 1 else []
+                    ticks_before = tree_cpu_ticks(server.process.pid)
+                    workers_before = {pid: tree_cpu_ticks(pid) for pid in workers}
+                    wrk_before = own_cpu_seconds()
+                    started = time.perf_counter()
+                    result = run_wrk(server.url(path), SCALE_WRK_ARGUMENTS)
+                    elapsed = time.perf_counter() - started
+                    rates[path, count].append(result["requests_per_second"])
+                    errors[count] += result["errors"]
+                    server_cores = (tree_cpu_ticks(server.process.pid) - ticks_before) / clock_ticks / elapsed
+                    busy[path, count].append((server_cores, (own_cpu_seconds() - wrk_before) / elapsed))
+                    for pid, before in workers_before.items():
+                        worker_ticks[path][pid] += tree_cpu_ticks(pid) - before
+        later_pids = children_of(servers[2].process.pid)
+
+    rows = []
+    for path, label in SCALE_PATHS:
+        medians = {count: statistics.median(rates[path, count]) for count in counts}
+        notes = {}
+        for count in counts:
+            server_cores = statistics.median(cores for cores, _ in busy[path, count])
+            wrk_cores = statistics.median(cores for _, cores in busy[path, count])
+            notes[count] = (f"runs {', '.join(f'{rate:,.0f}' for rate in rates[path, count])}; "
+                            f"server tree busy {server_cores:.2f} cores, wrk {wrk_cores:.2f} cores (medians)")
+        notes[2] += f"; CPU split over its workers {shares(list(worker_ticks[path].values()))}"
+        pair_ratios = [two / one for one, two in zip(rates[path, 1], rates[path, 2])]
+        command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+        rows += [
+            Row("workers", f"{label}, --workers 1, wrk {command}", "req/s", medians[1], note=notes[1]),
+            Row("workers", f"{label}, --workers 2, wrk {command}", "req/s", medians[2], note=notes[2]),
+            Row("workers", f"{label}, --workers 2 / --workers 1", "x", medians[2] / medians[1],
+                target=f">= {WORKERS_MIN_FACTOR}", min_ims=WORKERS_MIN_FACTOR,
+                note="ratio of each interleaved pair of runs: " + ", ".join(f"{ratio:.2f}" for ratio in pair_ratios)),
+        ]
+    problems = [f"--workers {count}: {count_errors} socket errors or non-2xx answers"
+                for count, count_errors in errors.items() if count_errors]
+    if len(worker_pids) != 2:
+        problems.append(f"--workers 2 had {len(worker_pids)} child process(es), not 2: {worker_pids}")
+    if set(later_pids) != set(worker_pids):
+        problems.append(f"--workers 2's children changed during the runs: {worker_pids} then {later_pids}")
+    if problems:
+        rows[-1].note += "; " + "; ".join(problems)
+    return rows
+
+
+def scenario_nginx(bench: Bench) -> list[Row]:
+    storage = bench.scratch / "nginx-storage"
+    prepare_storage(storage, bench.small_image)
+    direct_storage = bench.scratch / "nginx-direct-storage"
+    prepare_storage(direct_storage, bench.small_image)
+    kinds = ("proxy", "direct", "static")
+    rates = {(path, kind): [] for path, _ in SCALE_PATHS for kind in kinds}
+    errors = collections.Counter()
+    instance_ticks = {path: [0] * CLUSTER_INSTANCES for path, _ in SCALE_PATHS}
+    with contextlib.ExitStack() as stack:
+        direct = start_ims(direct_storage, bench.scratch, [], "nginx-direct")
+        stop_later(stack, bench, "nginx direct", direct)
+        instances, front = start_cluster(stack, bench, "nginx", storage)
+        targets = {"proxy": front.proxy, "direct": direct, "static": front.static}
+        for target in targets.values():
+            check_answers(target, [path for path, _ in SCALE_PATHS])
+        for path, _ in SCALE_PATHS:
+            for _ in range(bench.repeat):
+                for kind, target in targets.items():
+                    for instance in (*instances, direct):
+                        instance.check_alive()
+                    before = [tree_cpu_ticks(instance.process.pid) for instance in instances]
+                    result = run_wrk(target.url(path), SCALE_WRK_ARGUMENTS)
+                    rates[path, kind].append(result["requests_per_second"])
+                    errors[kind] += result["errors"]
+                    if kind == "proxy":
+                        for index, instance in enumerate(instances):
+                            instance_ticks[path][index] += tree_cpu_ticks(instance.process.pid) - before[index]
+
+    command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+    rows = []
+    for path, label in SCALE_PATHS:
+        medians = {kind: statistics.median(rates[path, kind]) for kind in kinds}
+        runs = {kind: "runs " + ", ".join(f"{rate:,.0f}" for rate in rates[path, kind]) for kind in kinds}
+        static_what = "autoindex, JSON" if path == "/" else "a file"
+        rows += [
+            Row("nginx", f"{label} via nginx to {CLUSTER_INSTANCES} instances, wrk {command}", "req/s",
+                medians["proxy"], note=f"{runs['proxy']}; CPU split over the instances "
+                                       f"{shares(instance_ticks[path])}"),
+            Row("nginx", f"{label}, one instance direct", "req/s", medians["direct"], note=runs["direct"]),
+            Row("nginx", f"{label}, nginx serving the folder itself ({static_what})", "req/s", medians["static"],
+                note=f"a reference, not IMS; {runs['static']}"),
+            Row("nginx", f"{label}: via nginx to {CLUSTER_INSTANCES} / one direct", "x",
+                medians["proxy"] / medians["direct"]),
+            Row("nginx", f"{label}: via nginx to {CLUSTER_INSTANCES} / nginx static", "x",
+                medians["proxy"] / medians["static"]),
+        ]
+    config = (f"nginx worker_processes auto ({os.cpu_count()} CPUs), upstream round robin, keepalive "
+              f"{NGINX_KEEPALIVE}, proxy_http_version 1.1, Connection \"\", proxy_request_buffering off, access_log off")
+    problems = [f"{kind}: {count} socket errors or non-2xx answers" for kind, count in errors.items() if count]
+    rows[0].note += "; " + "; ".join([config, *problems])
+    return rows
+
+
+def scenario_nginx_resize(bench: Bench) -> list[Row]:
+    photos = sorted((SHARED / "photos").glob("*.jpeg"))
+    if not photos:
+        raise BenchError(f"no photos in {SHARED / 'photos'}")
+    storage = bench.scratch / "spread-storage"
+    storage.mkdir()
+    direct_storage = bench.scratch / "spread-direct-storage"
+    direct_storage.mkdir()
+    kinds = ("proxy", "direct")
+    times = {kind: [] for kind in kinds}
+    instance_ticks = [0] * CLUSTER_INSTANCES
+    with contextlib.ExitStack() as stack:
+        direct = start_ims(direct_storage, bench.scratch, [], "spread-direct")
+        stop_later(stack, bench, "nginx-resize direct", direct)
+        instances, front = start_cluster(stack, bench, "spread", storage)
+        targets = {"proxy": front.proxy, "direct": direct}
+        for _ in range(bench.repeat):
+            for kind, target in targets.items():
+                for instance in (*instances, direct):
+                    instance.check_alive()
+                names = [target.fresh_name("spread") for _ in range(SPREAD_PHOTOS)]
+                for index, name in enumerate(names):
+                    upload_file(target, photos[index % len(photos)], name)
+                before = [tree_cpu_ticks(instance.process.pid) for instance in instances]
+                times[kind].append(resize_all_at_once(target, names, SPREAD_JOB_WAIT_SECONDS))
+                if kind == "proxy":
+                    for index, instance in enumerate(instances):
+                        instance_ticks[index] += tree_cpu_ticks(instance.process.pid) - before[index]
+                for name in names:
+                    size = finished_size(target.storage / name)
+                    if size != RESIZE_SIZE:
+                        raise BenchError(f"{kind}: {name} is {size} once its job ended, not {RESIZE_SIZE}")
+
+    medians = {kind: statistics.median(runs) for kind, runs in times.items()}
+    runs = {kind: "runs " + ", ".join(f"{seconds:.2f}" for seconds in times[kind]) for kind in kinds}
+    what = (f"{SPREAD_PHOTOS} photos ({', '.join(photo.name for photo in photos)} in turn) "
+            f"PATCHed to {RESIZE_SIZE[0]}x{RESIZE_SIZE[1]} at once")
+    return [
+        Row("nginx-resize", f"{what} via nginx to {CLUSTER_INSTANCES} instances, until every job ended "
+            f"(median of {bench.repeat})", "s", medians["proxy"], higher_is_better=False,
+            note=f"{runs['proxy']}; CPU split over the instances (their resizes included) {shares(instance_ticks)}; "
+                 f"each client waits with GET /jobs/<id>?wait={SPREAD_JOB_WAIT_SECONDS}; "
+                 f"--resize-workers is the default, {os.cpu_count()} on this host however many instances"),
+        Row("nginx-resize", "same, one instance direct", "s", medians["direct"], higher_is_better=False,
+            note=runs["direct"]),
+        Row("nginx-resize", f"via nginx to {CLUSTER_INSTANCES} / one direct", "x",
+            medians["proxy"] / medians["direct"], higher_is_better=False),
     ]
 
 
@@ -1563,6 +2010,9 @@ SCENARIOS = {
     "soak": (scenario_soak, []),
     "slow-clients": (scenario_slow_clients, []),
     "patch-burst": (scenario_patch_burst, []),
+    "workers": (scenario_workers, ["wrk"]),
+    "nginx": (scenario_nginx, ["wrk", "nginx"]),
+    "nginx-resize": (scenario_nginx_resize, ["nginx"]),
 }
 
 
@@ -1589,11 +2039,13 @@ def format_factor(versus: float | None) -> str:
     return f"{versus:.2f}x" if versus else "-"
 
 
-def verdict(row: Row, with_seed: bool) -> str:
+def verdict(row: Row, with_seed: bool, with_before: bool) -> str:
     if not row.target:
         return ""
     if row.met is None:
-        return "needs --vs" if row.min_versus_seed and not with_seed else "n/a"
+        if row.min_versus_seed and not with_seed:
+            return "needs --vs"
+        return "needs --baseline" if row.min_versus_before and not with_before else "n/a"
     return "met" if row.met else "MISSED"
 
 
@@ -1611,7 +2063,7 @@ def print_table(rows: list[Row], with_seed: bool, with_before: bool) -> None:
             line += [format_value(row.before), format_factor(row.versus_before)]
         if with_seed:
             line += [format_value(row.seed), format_factor(row.versus_seed)]
-        line += [row.target, verdict(row, with_seed)]
+        line += [row.target, verdict(row, with_seed, with_before)]
         lines.append(line)
         if row.note:
             notes.append(f"  {row.scenario} / {row.measure}: {row.note}")
@@ -1651,7 +2103,7 @@ def run_scenarios(bench: Bench, names: list[str]) -> list[Row]:
     for name, (scenario, tools) in SCENARIOS.items():
         if name not in names:
             continue
-        missing = ", ".join(tool for tool in tools if shutil.which(tool) is None)
+        missing = ", ".join(tool for tool in tools if tool_path(tool) is None)
         if missing:
             progress(f"skipping {name}: {missing} not installed")
             rows.append(Row(name, "skipped", "", note=f"{missing} not installed"))
@@ -1684,7 +2136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only these scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each wrk scenario, 15 MB uploads and resize-8 rounds (default 3)")
+                        help="runs of each wrk scenario, 15 MB uploads, resize-8 rounds, first-resize starts, "
+                             "PATCH bursts and nginx-resize rounds (default 3)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE")
     arguments = parser.parse_args(argv)
     if arguments.repeat < 1:
