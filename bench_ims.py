@@ -1819,6 +1819,16 @@ def check_answers(server: Server, paths: list[str]) -> None:
         connection.close()
 
 
+def in_turn(servers: dict, run: int) -> list:
+    """Return the (key, server) pairs in order on even runs and reversed on odd ones (A B, B A, ...).
+
+    Whichever server goes first in a round meets the machine as the last round left it, so the
+    order alternates rather than favouring one.
+    """
+    pairs = list(servers.items())
+    return pairs if run % 2 == 0 else pairs[::-1]
+
+
 def shares(ticks: list[int]) -> str:
     """Return each part's share of the total, as "50/30/20 %"."""
     total = sum(ticks)
@@ -1844,8 +1854,8 @@ def scenario_workers(bench: Bench) -> list[Row]:
             check_answers(server, [path for path, _ in SCALE_PATHS])
         worker_pids = children_of(servers[2].process.pid)
         for path, _ in SCALE_PATHS:
-            for _ in range(bench.repeat):
-                for count, server in servers.items():
+            for run in range(bench.repeat):
+                for count, server in in_turn(servers, run):
                     server.check_alive()
                     workers = children_of(server.process.pid) if count > 1 else []
                     ticks_before = tree_cpu_ticks(server.process.pid)
@@ -1909,8 +1919,8 @@ def scenario_nginx(bench: Bench) -> list[Row]:
         for target in targets.values():
             check_answers(target, [path for path, _ in SCALE_PATHS])
         for path, _ in SCALE_PATHS:
-            for _ in range(bench.repeat):
-                for kind, target in targets.items():
+            for run in range(bench.repeat):
+                for kind, target in in_turn(targets, run):
                     for instance in (*instances, direct):
                         instance.check_alive()
                     before = [tree_cpu_ticks(instance.process.pid) for instance in instances]
@@ -1932,7 +1942,7 @@ def scenario_nginx(bench: Bench) -> list[Row]:
                 medians["proxy"], note=f"{runs['proxy']}; CPU split over the instances "
                                        f"{shares(instance_ticks[path])}"),
             Row("nginx", f"{label}, one instance direct", "req/s", medians["direct"], note=runs["direct"]),
-            Row("nginx", f"{label}, nginx serving the folder itself ({static_what})", "req/s", medians["static"],
+            Row("nginx", f"{label}, nginx serving the folder ({static_what})", "req/s", medians["static"],
                 note=f"a reference, not IMS; {runs['static']}"),
             Row("nginx", f"{label}: via nginx to {CLUSTER_INSTANCES} / one direct", "x",
                 medians["proxy"] / medians["direct"]),
@@ -1962,8 +1972,8 @@ def scenario_nginx_resize(bench: Bench) -> list[Row]:
         stop_later(stack, bench, "nginx-resize direct", direct)
         instances, front = start_cluster(stack, bench, "spread", storage)
         targets = {"proxy": front.proxy, "direct": direct}
-        for _ in range(bench.repeat):
-            for kind, target in targets.items():
+        for run in range(bench.repeat):
+            for kind, target in in_turn(targets, run):
                 for instance in (*instances, direct):
                     instance.check_alive()
                 names = [target.fresh_name("spread") for _ in range(SPREAD_PHOTOS)]
@@ -1981,13 +1991,12 @@ def scenario_nginx_resize(bench: Bench) -> list[Row]:
 
     medians = {kind: statistics.median(runs) for kind, runs in times.items()}
     runs = {kind: "runs " + ", ".join(f"{seconds:.2f}" for seconds in times[kind]) for kind in kinds}
-    what = (f"{SPREAD_PHOTOS} photos ({', '.join(photo.name for photo in photos)} in turn) "
-            f"PATCHed to {RESIZE_SIZE[0]}x{RESIZE_SIZE[1]} at once")
     return [
-        Row("nginx-resize", f"{what} via nginx to {CLUSTER_INSTANCES} instances, until every job ended "
+        Row("nginx-resize", f"{SPREAD_PHOTOS} photos PATCHed at once via nginx to {CLUSTER_INSTANCES}, until all ended "
             f"(median of {bench.repeat})", "s", medians["proxy"], higher_is_better=False,
-            note=f"{runs['proxy']}; CPU split over the instances (their resizes included) {shares(instance_ticks)}; "
-                 f"each client waits with GET /jobs/<id>?wait={SPREAD_JOB_WAIT_SECONDS}; "
+            note=f"{runs['proxy']}; photos {', '.join(photo.name for photo in photos)} in turn, to "
+                 f"{RESIZE_SIZE[0]}x{RESIZE_SIZE[1]}; CPU split over the instances (their resizes included) "
+                 f"{shares(instance_ticks)}; each client waits with GET /jobs/<id>?wait={SPREAD_JOB_WAIT_SECONDS}; "
                  f"--resize-workers is the default, {os.cpu_count()} on this host however many instances"),
         Row("nginx-resize", "same, one instance direct", "s", medians["direct"], higher_is_better=False,
             note=runs["direct"]),
@@ -2079,12 +2088,14 @@ def print_table(rows: list[Row], with_seed: bool, with_before: bool) -> None:
         print("\n".join(notes))
 
 
-def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str]) -> None:
+def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str],
+               load_averages: tuple[float, float]) -> None:
     results = [dict(dataclasses.asdict(row), versus_seed=row.versus_seed, versus_before=row.versus_before,
                     met=row.met) for row in rows]
     document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
                 "repeat": arguments.repeat, "vs": arguments.vs,
-                "baseline": arguments.baseline and str(arguments.baseline), "results": results, "problems": problems}
+                "baseline": arguments.baseline and str(arguments.baseline), "results": results, "problems": problems,
+                "load_average_before": load_averages[0], "load_average_after": load_averages[1]}
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -2150,6 +2161,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     servers: dict[str, Server] = {}
     problems: list[str] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ims-bench-") as scratch_name:
         scratch = Path(scratch_name)
         try:
@@ -2177,11 +2189,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 problems.extend(server.stop())
+    load_averages = (load_before, os.getloadavg()[0])
     print_table(rows, arguments.vs, bool(arguments.baseline))
+    # Whatever else runs on the machine (a test suite, another bench) weighs on every figure.
+    print(f"Load average (1 min): {load_averages[0]:.2f} before the scenarios, {load_averages[1]:.2f} after, "
+          f"on {os.cpu_count()} CPUs.")
     for problem in problems:
         print("Problem: " + problem)
     if arguments.json:
-        write_json(arguments.json, rows, arguments, problems)
+        write_json(arguments.json, rows, arguments, problems, load_averages)
     return 0
 
 
