@@ -1911,6 +1911,8 @@ def scenario_nginx(bench: Bench) -> list[Row]:
     rates = {(path, kind): [] for path, _ in SCALE_PATHS for kind in kinds}
     errors = collections.Counter()
     instance_ticks = {path: [0] * CLUSTER_INSTANCES for path, _ in SCALE_PATHS}
+    busy = {(path, kind): [] for path, _ in SCALE_PATHS for kind in kinds}  # cores: IMS, nginx
+    clock_ticks = os.sysconf("SC_CLK_TCK")
     with contextlib.ExitStack() as stack:
         direct = start_ims(direct_storage, bench.scratch, [], "nginx-direct")
         stop_later(stack, bench, "nginx direct", direct)
@@ -1923,19 +1925,29 @@ def scenario_nginx(bench: Bench) -> list[Row]:
                 for kind, target in in_turn(targets, run):
                     for instance in (*instances, direct):
                         instance.check_alive()
-                    before = [tree_cpu_ticks(instance.process.pid) for instance in instances]
+                    before = [tree_cpu_ticks(instance.process.pid) for instance in (*instances, direct)]
+                    nginx_before = tree_cpu_ticks(front.proxy.process.pid)
+                    started = time.perf_counter()
                     result = run_wrk(target.url(path), SCALE_WRK_ARGUMENTS)
+                    elapsed = time.perf_counter() - started
                     rates[path, kind].append(result["requests_per_second"])
                     errors[kind] += result["errors"]
+                    used = [tree_cpu_ticks(instance.process.pid) - ticks
+                            for instance, ticks in zip((*instances, direct), before)]
+                    nginx_used = tree_cpu_ticks(front.proxy.process.pid) - nginx_before
+                    busy[path, kind].append((sum(used) / clock_ticks / elapsed, nginx_used / clock_ticks / elapsed))
                     if kind == "proxy":
-                        for index, instance in enumerate(instances):
-                            instance_ticks[path][index] += tree_cpu_ticks(instance.process.pid) - before[index]
+                        for index in range(CLUSTER_INSTANCES):
+                            instance_ticks[path][index] += used[index]
 
     command = " ".join(SCALE_WRK_ARGUMENTS[:2])
     rows = []
     for path, label in SCALE_PATHS:
         medians = {kind: statistics.median(rates[path, kind]) for kind in kinds}
-        runs = {kind: "runs " + ", ".join(f"{rate:,.0f}" for rate in rates[path, kind]) for kind in kinds}
+        runs = {kind: "runs " + ", ".join(f"{rate:,.0f}" for rate in rates[path, kind])
+                + f"; IMS busy {statistics.median(ims for ims, _ in busy[path, kind]):.2f} cores, "
+                f"nginx {statistics.median(nginx for _, nginx in busy[path, kind]):.2f} (medians)"
+                for kind in kinds}
         static_what = "autoindex, JSON" if path == "/" else "a file"
         rows += [
             Row("nginx", f"{label} via nginx to {CLUSTER_INSTANCES} instances, wrk {command}", "req/s",
