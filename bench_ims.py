@@ -43,7 +43,9 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
     workers     `--workers 2` against `--workers 1`, each on a storage of its own: wrk -t2 -c16 on
                 GET / and on the 20 KB JPEG, --repeat runs interleaved, req/s and their ratio; the
                 notes give the cores the server's tree and wrk kept busy and the CPU split over
-                the two workers (SO_REUSEPORT must spread the connections)
+                the two workers (SO_REUSEPORT must spread the connections); beside them, as a
+                reference, --workers 1 pinned to one CPU (one process's threads handing the GIL
+                across two cores can be several times slower than on one)
     nginx       3 instances on one folder behind nginx (round robin, keepalive 32, HTTP/1.1 to
                 them, proxy_request_buffering off), against one instance direct and against nginx
                 serving the folder itself (GET / as autoindex JSON): wrk -t2 -c16 on GET / and the
@@ -252,15 +254,19 @@ def free_port() -> int:
 
 
 def start_ims(storage: Path, scratch: Path, options: list[str] = (), label: str = "ims",
-              script: Path = IMS_SCRIPT, kind: str = "ims") -> Server:
-    """Run `ims.py --port 0` (plus options) and read the port from its start-up line."""
+              script: Path = IMS_SCRIPT, kind: str = "ims", cpus: set[int] | None = None) -> Server:
+    """Run `ims.py --port 0` (plus options) and read the port from its start-up line.
+
+    cpus, when given, pins the server and everything it starts to those CPUs (as taskset does).
+    """
     if not script.exists():
         raise BenchError(f"{script} does not exist")
     stdout_path = scratch / f"{label}-stdout.txt"
     with open(stdout_path, "wb") as stdout:
         process = subprocess.Popen(
             [sys.executable, str(script), "--port", "0", "--storage", str(storage), *options],
-            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         match = STARTUP_LINE.search(stdout_path.read_text(errors="replace"))
@@ -1837,68 +1843,71 @@ def shares(ticks: list[int]) -> str:
 
 def scenario_workers(bench: Bench) -> list[Row]:
     clock_ticks = os.sysconf("SC_CLK_TCK")
-    counts = (1, 2)
-    rates = {(path, count): [] for path, _ in SCALE_PATHS for count in counts}
-    busy = {(path, count): [] for path, _ in SCALE_PATHS for count in counts}  # cores: server tree, wrk
+    # "pinned" is --workers 1 held to one CPU: a reference for what one process can do when its
+    # threads do not hand the GIL from one core to the other.
+    setups = {"1": (["--workers", "1"], None), "2": (["--workers", "2"], None), "pinned": (["--workers", "1"], {0})}
+    rates = {(path, setup): [] for path, _ in SCALE_PATHS for setup in setups}
+    busy = {(path, setup): [] for path, _ in SCALE_PATHS for setup in setups}  # cores: server tree, wrk
     worker_ticks = {path: collections.Counter() for path, _ in SCALE_PATHS}
     errors = collections.Counter()
-    worker_pids = []
     with contextlib.ExitStack() as stack:
         servers = {}
-        for count in counts:
-            storage = bench.scratch / f"workers-{count}-storage"
+        for setup, (options, cpus) in setups.items():
+            storage = bench.scratch / f"workers-{setup}-storage"
             prepare_storage(storage, bench.small_image)
-            servers[count] = start_ims(storage, bench.scratch, ["--workers", str(count)], f"workers-{count}")
-            stop_later(stack, bench, f"workers {count}", servers[count])
+            servers[setup] = start_ims(storage, bench.scratch, options, f"workers-{setup}", cpus=cpus)
+            stop_later(stack, bench, f"workers {setup}", servers[setup])
         for server in servers.values():
             check_answers(server, [path for path, _ in SCALE_PATHS])
-        worker_pids = children_of(servers[2].process.pid)
+        worker_pids = children_of(servers["2"].process.pid)
         for path, _ in SCALE_PATHS:
             for run in range(bench.repeat):
-                for count, server in in_turn(servers, run):
+                for setup, server in in_turn(servers, run):
                     server.check_alive()
-                    workers = children_of(server.process.pid) if count > 1 else []
+                    workers = children_of(server.process.pid) if setup == "2" else []
                     ticks_before = tree_cpu_ticks(server.process.pid)
                     workers_before = {pid: tree_cpu_ticks(pid) for pid in workers}
                     wrk_before = own_cpu_seconds()
                     started = time.perf_counter()
                     result = run_wrk(server.url(path), SCALE_WRK_ARGUMENTS)
                     elapsed = time.perf_counter() - started
-                    rates[path, count].append(result["requests_per_second"])
-                    errors[count] += result["errors"]
+                    rates[path, setup].append(result["requests_per_second"])
+                    errors[setup] += result["errors"]
                     server_cores = (tree_cpu_ticks(server.process.pid) - ticks_before) / clock_ticks / elapsed
-                    busy[path, count].append((server_cores, (own_cpu_seconds() - wrk_before) / elapsed))
+                    busy[path, setup].append((server_cores, (own_cpu_seconds() - wrk_before) / elapsed))
                     for pid, before in workers_before.items():
                         worker_ticks[path][pid] += tree_cpu_ticks(pid) - before
-        later_pids = children_of(servers[2].process.pid)
+        later_pids = children_of(servers["2"].process.pid)
 
+    command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+    names = {"1": "--workers 1", "2": "--workers 2", "pinned": "--workers 1 pinned to one CPU"}
     rows = []
     for path, label in SCALE_PATHS:
-        medians = {count: statistics.median(rates[path, count]) for count in counts}
+        medians = {setup: statistics.median(rates[path, setup]) for setup in setups}
         notes = {}
-        for count in counts:
-            server_cores = statistics.median(cores for cores, _ in busy[path, count])
-            wrk_cores = statistics.median(cores for _, cores in busy[path, count])
-            notes[count] = (f"runs {', '.join(f'{rate:,.0f}' for rate in rates[path, count])}; "
+        for setup in setups:
+            server_cores = statistics.median(cores for cores, _ in busy[path, setup])
+            wrk_cores = statistics.median(cores for _, cores in busy[path, setup])
+            notes[setup] = (f"runs {', '.join(f'{rate:,.0f}' for rate in rates[path, setup])}; "
                             f"server tree busy {server_cores:.2f} cores, wrk {wrk_cores:.2f} cores (medians)")
-        notes[2] += f"; CPU split over its workers {shares(list(worker_ticks[path].values()))}"
-        pair_ratios = [two / one for one, two in zip(rates[path, 1], rates[path, 2])]
-        command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+        notes["2"] += f"; CPU split over its workers {shares(list(worker_ticks[path].values()))}"
+        notes["pinned"] = "a reference (sched_setaffinity to CPU 0, as taskset -c 0 does); " + notes["pinned"]
+        pair_ratios = [two / one for one, two in zip(rates[path, "1"], rates[path, "2"])]
         rows += [
-            Row("workers", f"{label}, --workers 1, wrk {command}", "req/s", medians[1], note=notes[1]),
-            Row("workers", f"{label}, --workers 2, wrk {command}", "req/s", medians[2], note=notes[2]),
-            Row("workers", f"{label}, --workers 2 / --workers 1", "x", medians[2] / medians[1],
+            *(Row("workers", f"{label}, {names[setup]}, wrk {command}", "req/s", medians[setup], note=notes[setup])
+              for setup in setups),
+            Row("workers", f"{label}, --workers 2 / --workers 1", "x", medians["2"] / medians["1"],
                 target=f">= {WORKERS_MIN_FACTOR}", min_ims=WORKERS_MIN_FACTOR,
                 note="ratio of each interleaved pair of runs: " + ", ".join(f"{ratio:.2f}" for ratio in pair_ratios)),
+            Row("workers", f"{label}, --workers 2 / --workers 1 pinned", "x", medians["2"] / medians["pinned"]),
         ]
-    problems = [f"--workers {count}: {count_errors} socket errors or non-2xx answers"
-                for count, count_errors in errors.items() if count_errors]
+    problems = [f"{names[setup]}: {count} socket errors or non-2xx answers" for setup, count in errors.items() if count]
     if len(worker_pids) != 2:
         problems.append(f"--workers 2 had {len(worker_pids)} child process(es), not 2: {worker_pids}")
     if set(later_pids) != set(worker_pids):
         problems.append(f"--workers 2's children changed during the runs: {worker_pids} then {later_pids}")
     if problems:
-        rows[-1].note += "; " + "; ".join(problems)
+        rows[-1].note = "; ".join(problems)
     return rows
 
 
