@@ -65,13 +65,15 @@ root's user when the bench runs as root, so its workers can read the storage.
 and of nginx-resize rounds; upload, upload-4 and resize have their own series. "IMS vs seed" is
 a factor where above 1 means IMS is better, whatever the unit.
 
---baseline PATH also runs another ims.py (say a worktree of the last commit) as the column
-"before", on its own copy of the storage, for every scenario but the last three, so a change is
-measured against the code before it in one run; "IMS vs before" is a factor like the seed's.
+--baseline PATH also runs another ims.py (say `git show HEAD~1:ims.py` saved somewhere) as the
+column "before", on its own copy of the storage, for idle-rss through first-resize and for
+patch-burst, so a change is measured against the code before it in one run; "IMS vs before" is
+a factor like the seed's.
 
 --vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
 (Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail and nginx
-(Debian: apt-get install -y nginx-light); a scenario whose tool is missing is skipped with a message. Photos are read from ../shared/photos/.
+(Debian: apt-get install -y nginx-light); a scenario whose tool is missing is skipped with a
+message. Photos are read from ../shared/photos/.
 Standard library only, plus Pillow imported where images are made or resized.
 """
 from __future__ import annotations
