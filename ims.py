@@ -516,8 +516,10 @@ class FolderLock:
             self._thread_lock.release()
 
     def close(self):
-        """Close the lock file."""
-        os.close(self._descriptor)
+        """Close the lock file; closing it again does nothing."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 @dataclasses.dataclass
@@ -2788,6 +2790,7 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             super().__init__((settings.host, settings.port), Handler, bind_and_activate=listener is None)
         except BaseException:
+            # TCPServer has already called server_close() when binding failed; this covers the rest.
             self.resizer.stop()
             self.store.close()
             raise
@@ -2975,12 +2978,21 @@ def _reserve_port(settings):
     # Binds the port for the workers, so --port 0 picks one port for all of them. With SO_REUSEPORT
     # this socket never listens: it only keeps the port while workers come and go.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    port = settings.port
+    if REUSE_PORT_BALANCES:
+        # Bound first without SO_REUSEPORT, which fails while any socket holds the port: a second
+        # IMS started on it by mistake is refused rather than quietly given half the connections.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, port))
+            port = probe.getsockname()[1]
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if REUSE_PORT_BALANCES:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind((settings.host, settings.port))
+        else:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((settings.host, port))
         if not REUSE_PORT_BALANCES:
             listener.listen(LISTEN_BACKLOG)
             # Every worker waits on it; those that lose the race for a connection must not block.
