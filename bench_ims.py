@@ -70,6 +70,10 @@ column "before", on its own copy of the storage, for idle-rss through first-resi
 patch-burst, so a change is measured against the code before it in one run; "IMS vs before" is
 a factor like the seed's.
 
+Below the table, a line tells how many cores processes outside the bench kept busy during each
+scenario (the machine's busy time in /proc/stat less the bench's own tree): a test suite running
+meanwhile moves the wrk figures by 2x, so a figure taken beside one is not to be trusted.
+
 --vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
 (Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail and nginx
 (Debian: apt-get install -y nginx-light); a scenario whose tool is missing is skipped with a
@@ -587,6 +591,33 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def machine_busy_ticks() -> int:
+    """Return the CPU time all CPUs have spent on anything but idling and waiting for I/O, in ticks (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(field) for field in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+class OtherLoad:
+    """How busy processes outside the bench kept the machine since this was made, in cores.
+
+    The machine's busy time less the bench's own: this process, the servers, wrk, curl and the
+    resize processes, live or reaped (tree_cpu_ticks of this process). A shared machine's other
+    work (a test suite, another bench) weighs on every figure; this says how much there was.
+    """
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.machine = machine_busy_ticks()
+        self.own = tree_cpu_ticks(os.getpid())
+
+    def cores(self) -> float:
+        other_ticks = (machine_busy_ticks() - self.machine) - (tree_cpu_ticks(os.getpid()) - self.own)
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        return max(other_ticks, 0) / os.sysconf("SC_CLK_TCK") / seconds
+
+
 def wait_until_idle(pid: int) -> bool:
     """Wait until a process and its descendants use no CPU for IDLE_QUIET_SECONDS; False on time-out.
 
@@ -940,6 +971,8 @@ class Bench:
     repeat: int
     problems: list[str] = dataclasses.field(default_factory=list)  # servers that stopped badly
     baseline: Path | None = None  # the ims.py of the "before" column
+    # Cores that processes outside the bench kept busy during each scenario, on average.
+    other_cores: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def columns(values: dict[str, float]) -> dict[str, float | None]:
@@ -2112,13 +2145,13 @@ def print_table(rows: list[Row], with_seed: bool, with_before: bool) -> None:
 
 
 def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str],
-               load_averages: tuple[float, float]) -> None:
+               load_before: float, other_cores: dict[str, float]) -> None:
     results = [dict(dataclasses.asdict(row), versus_seed=row.versus_seed, versus_before=row.versus_before,
                     met=row.met) for row in rows]
     document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
                 "repeat": arguments.repeat, "vs": arguments.vs,
                 "baseline": arguments.baseline and str(arguments.baseline), "results": results, "problems": problems,
-                "load_average_before": load_averages[0], "load_average_after": load_averages[1]}
+                "load_average_before": load_before, "other_cores_by_scenario": other_cores}
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -2144,6 +2177,7 @@ def run_scenarios(bench: Bench, names: list[str]) -> list[Row]:
             continue
         progress(f"running {name}")
         started = time.monotonic()
+        others = OtherLoad()
         try:
             for server in bench.servers.values():
                 server.check_alive()
@@ -2152,7 +2186,9 @@ def run_scenarios(bench: Bench, names: list[str]) -> list[Row]:
         except Exception as error:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
             rows.append(Row(name, "failed", "", note=f"{type(error).__name__}: {error}"))
-        progress(f"{name} took {time.monotonic() - started:.0f} s")
+        bench.other_cores[name] = others.cores()
+        progress(f"{name} took {time.monotonic() - started:.0f} s; other processes kept "
+                 f"{bench.other_cores[name]:.2f} cores busy meanwhile")
     return rows
 
 
@@ -2206,21 +2242,21 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(servers, scratch, small_image, large_image, arguments.repeat, problems,
                           arguments.baseline and arguments.baseline.resolve())
             rows = run_scenarios(bench, arguments.only or list(SCENARIOS))
+            other_cores = bench.other_cores
         except BenchError as error:
             progress(f"cannot run: {error}")
             return 1
         finally:
             for server in servers.values():
                 problems.extend(server.stop())
-    load_averages = (load_before, os.getloadavg()[0])
     print_table(rows, arguments.vs, bool(arguments.baseline))
     # Whatever else runs on the machine (a test suite, another bench) weighs on every figure.
-    print(f"Load average (1 min): {load_averages[0]:.2f} before the scenarios, {load_averages[1]:.2f} after, "
-          f"on {os.cpu_count()} CPUs.")
+    print(f"Machine: {os.cpu_count()} CPUs, load average {load_before:.2f} before the run; other processes "
+          "kept busy, in cores on average: " + ", ".join(f"{name} {cores:.2f}" for name, cores in other_cores.items()))
     for problem in problems:
         print("Problem: " + problem)
     if arguments.json:
-        write_json(arguments.json, rows, arguments, problems, load_averages)
+        write_json(arguments.json, rows, arguments, problems, load_before, other_cores)
     return 0
 
 
