@@ -459,11 +459,22 @@ class TempFile:
 
     def __init__(self, path):
         self.path = path
-        try:
-            self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
-        except OSError as error:
-            raise storage_error(error) from None
-        lock_file(self._descriptor)
+        while True:
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            except OSError as error:
+                raise storage_error(error) from None
+            lock_file(descriptor)
+            # A scan may have taken the new file for a leftover between its creation and its lock,
+            # and removed it: then it is made again.
+            try:
+                is_in_place = os.path.samestat(os.stat(path), os.fstat(descriptor))
+            except FileNotFoundError:
+                is_in_place = False
+            if is_in_place:
+                self._descriptor = descriptor
+                return
+            _close_locked(descriptor)
 
     def write(self, data):
         """Append `data`; raises HTTPError(507) when the disk is full."""
@@ -1787,9 +1798,11 @@ def detach_from_server(kept_descriptor):
     copy of /dev/null rather than closed, so its number stays taken and the Python object that still
     owns it can never close a file this child opens later.
     """
-    # The server's handlers would stop the server, not this child.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # The server's handlers would stop the server, not this child. A stop signal sent to the whole
+    # process group (Ctrl-C, systemd) is the server's to act on: it kills its children, and a job
+    # it puts back runs again, rather than failing because its child died first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for listing in ("/proc/self/fd", "/dev/fd"):
         try:
             descriptors = [int(name) for name in os.listdir(listing)]
