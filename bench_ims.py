@@ -316,9 +316,10 @@ def start_seed(storage: Path) -> Server:
     raise BenchError(f"flask_seed.py did not accept connections within {STARTUP_TIMEOUT_SECONDS} s")
 
 
-# The load balancer of issue 9's tests: round robin over the instances, keep-alive connections to
-# them, bodies streamed as they come (uploads are not spooled to disk first). A second server block
-# serves the storage folder itself as static files, the fastest anyone could read it.
+# The load balancer of the README's "Behind nginx": round robin over the instances, keep-alive
+# connections to them, bodies streamed as they come (uploads are not spooled to disk first), the
+# contract's upload limit, and time for a ?wait= of 60 s. A second server block serves the storage
+# folder itself as static files, the fastest anyone could read it.
 NGINX_CONFIG = """\
 {user}worker_processes auto;
 pid {prefix}/nginx.pid;
@@ -337,13 +338,13 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{proxy_port};
-        client_max_body_size 0;
+        client_max_body_size 16000000;
         location / {{
             proxy_pass http://ims;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_request_buffering off;
-            proxy_read_timeout 120s;
+            proxy_read_timeout 90s;
         }}
     }}
     server {{
