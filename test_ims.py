@@ -2539,6 +2539,25 @@ class ResizeTestCase(ColourAssertions, ServerTestCase):
         self.assertEqual(self.job(location)["state"], "running")
         return pid
 
+    def wait_in_background(self, location, seconds, connection=None):
+        """Send GET <location>?wait=<seconds> from a thread; return (thread, answers) once it is sent.
+
+        `answers` gets (status, job JSON) when the answer comes.
+        """
+        connection = connection or self.connect()
+        sent, answers = threading.Event(), []
+
+        def wait():
+            connection.request("GET", f"{location}?wait={seconds}")
+            sent.set()
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        self.assertTrue(sent.wait(DEADLINE_SECONDS), "the request could not be sent")
+        return waiter, answers
+
 
 class TestResize(ResizeTestCase):
     def test_patch_answers_202_with_the_location_of_its_job(self):
@@ -2934,17 +2953,7 @@ class TestJobs(ResizeTestCase):
         self.store("a.png", make_image("PNG", (64, 48)))
         location = self.submit("a.png", "width=32&height=24")
         self.assertEqual(self.job(location)["state"], "queued")
-        connection, sent, answers = self.connect(), threading.Event(), []
-
-        def wait():
-            connection.request("GET", f"{location}?wait=60")
-            sent.set()
-            response = connection.getresponse()
-            answers.append((response.status, json.loads(response.read())))
-
-        waiter = threading.Thread(target=wait, daemon=True)
-        waiter.start()
-        self.assertTrue(sent.wait(DEADLINE_SECONDS), "the request could not be sent")
+        waiter, answers = self.wait_in_background(location, 60)
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
         waiter.join(DEADLINE_SECONDS)
         self.assertFalse(waiter.is_alive(), "the answer waited for the whole ?wait=")
@@ -4173,6 +4182,456 @@ class TestCrashRecovery(unittest.TestCase):
         self.check_store(port)
         self.assertGreater(len(self.acknowledged), self.ROUNDS)
         self.assertTrue(self.resized)
+
+
+# ====
+# Scaling out: several instances on one folder
+# ====
+# Two or three make_server() servers on one storage folder, in this one process, are separate
+# instances (spec: locks are per open file, so they exclude each other inside one process too).
+# What one instance accepts, every other must see, answer and, when it stops, carry on.
+
+
+def job_path(location):
+    """Return the job id of a Location header (/jobs/<id>)."""
+    return location.rpartition("/")[2]
+
+
+class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
+    """Instance A (self.server, the default for every helper) and instance B on one folder.
+
+    Either may be stopped by the test (stop_instance); a stopped instance is not stopped again
+    at cleanup. `other_options` are B's options; None gives B the same options as A.
+    """
+
+    other_options = None
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        self.prepare_storage()
+        self.server = self.start_instance(**self.server_options)
+        self.host, self.port = self.a = self.server.server_address[:2]
+        options = self.server_options if self.other_options is None else self.other_options
+        self.other = self.start_instance(**options)
+        self.b = self.other.server_address[:2]
+
+    def start_instance(self, **options):
+        """Return another in-process server on the folder, serving; stopped at cleanup unless stopped before."""
+        server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **options)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        thread.start()
+        server.ims_test_is_running = True
+        self.addCleanup(self.stop_instance, server)
+        return server
+
+    def stop_instance(self, server):
+        """Stop `server` the way an embedding program does (shutdown, server_close): a graceful stop."""
+        if server.ims_test_is_running:
+            server.ims_test_is_running = False
+            server.shutdown()
+            server.server_close()
+
+    def on_b(self):
+        """Return a new connection to instance B."""
+        return self.connect(self.b)
+
+    def job_on(self, address, location):
+        """GET the job from the instance at `address` now, without waiting."""
+        reply = self.request("GET", location, connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        return reply.json
+
+    def wait_job_on(self, address, location):
+        """Return the job's JSON from the instance at `address` once it has ended, waiting with ?wait=."""
+        reply = self.request("GET", f"{location}?wait={DEADLINE_SECONDS}", connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertIn(reply.json["state"], ENDED_STATES, reply.json)
+        return reply.json
+
+    def listing_on(self, address):
+        reply = self.request("GET", "/", connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        return reply.json
+
+    def image_size_on(self, address, name):
+        """Return the (width, height) of the stored image `name` as the instance at `address` serves it."""
+        reply = self.request("GET", f"/{name}", connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        return Image.open(io.BytesIO(reply.body)).size
+
+    def images_in_folder(self):
+        """Return the visible files of the folder: what a person listing it would call the images."""
+        return sorted(name for name in os.listdir(self.storage) if not name.startswith("."))
+
+
+class TestSharedFolder(SharedFolderTestCase):
+    def test_an_upload_acknowledged_by_one_instance_is_listed_and_served_by_the_other_at_once(self):
+        for index in range(10):
+            name, data = f"a{index}.png", encode(noise((40 + index, 30), SEED + index), "PNG")
+            writer, reader = (self.a, self.b) if index % 2 == 0 else (self.b, self.a)
+            with self.subTest(name=name):
+                self.assertEqual(self.upload(name, data, self.connect(writer)).status, 201)
+                self.assertIn(name, self.listing_on(reader))
+                self.assertEqual(self.request("GET", f"/{name}", connection=self.connect(reader)).body, data)
+        self.assertEqual(self.listing_on(self.a), self.listing_on(self.b))
+
+    def test_a_delete_on_one_instance_is_seen_by_the_other_at_once(self):
+        for index in range(6):
+            name = f"d{index}.png"
+            deleter, reader = (self.b, self.a) if index % 2 == 0 else (self.a, self.b)
+            with self.subTest(name=name):
+                self.assertEqual(self.upload(name, make_image("PNG")).status, 201)
+                # The reader has listed and served the name before it goes.
+                self.assertIn(name, self.listing_on(reader))
+                self.assertEqual(self.request("HEAD", f"/{name}", connection=self.connect(reader)).status, 200)
+                self.assertEqual(self.request("DELETE", f"/{name}", connection=self.connect(deleter)).status, 204)
+                self.assertNotIn(name, self.listing_on(reader))
+                self.assertError(self.request("GET", f"/{name}", connection=self.connect(reader)), 404, name)
+                self.assertError(self.request("DELETE", f"/{name}", connection=self.connect(reader)), 404, name)
+        self.assertEqual(self.images_in_folder(), [])
+
+    def test_both_instances_give_one_file_one_etag(self):
+        self.store("a.png", make_image("PNG"))
+        from_a = self.request("HEAD", "/a.png")
+        from_b = self.request("HEAD", "/a.png", connection=self.on_b())
+        self.assertEqual(from_a.headers["ETag"], from_b.headers["ETag"])
+        self.assertEqual(from_a.headers["Last-Modified"], from_b.headers["Last-Modified"])
+        reply = self.request("GET", "/a.png", headers={"If-None-Match": from_a.headers["ETag"]}, connection=self.on_b())
+        self.assertEqual(reply.status, 304)
+
+    def test_concurrent_uploads_of_one_name_split_between_instances_give_exactly_one_201(self):
+        rounds, uploaders = 5, 6
+        for round_index in range(rounds):
+            name = f"same{round_index}.png"
+            # Big enough (about 120 KB each, not compressible) that the uploads overlap in time.
+            bodies = [encode(noise((200, 200), SEED + 100 * round_index + i), "PNG") for i in range(uploaders)]
+            connections = [self.connect(self.a if i % 2 == 0 else self.b) for i in range(uploaders)]
+            barrier = threading.Barrier(uploaders)
+            statuses = [None] * uploaders
+
+            def upload(index):
+                barrier.wait(DEADLINE_SECONDS)
+                statuses[index] = self.upload(name, bodies[index], connections[index]).status
+
+            threads = [threading.Thread(target=upload, args=(i,)) for i in range(uploaders)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(2 * DEADLINE_SECONDS)
+            with self.subTest(name=name):
+                self.assertEqual(sorted(statuses), [201] + [409] * (uploaders - 1), statuses)
+                winner = bodies[statuses.index(201)]
+                for address in (self.a, self.b):
+                    self.assertEqual(self.request("GET", f"/{name}", connection=self.connect(address)).body, winner)
+        self.assertEqual(self.listing_on(self.b), [f"same{i}.png" for i in range(rounds)])
+        self.assertNoTempFiles()
+
+    def test_job_records_are_never_listed_or_served(self):
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        job_id = job_path(location)
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        # The record is where the spec keeps it, so the requests below aim at a real file.
+        record = os.path.join(self.storage, ".ims", "jobs", f"{job_id}.json")
+        self.assertTrue(os.path.isfile(record), os.listdir(self.storage))
+        with open(record, "rb") as file:
+            record_bytes = file.read()
+        for address in (self.a, self.b):
+            with self.subTest(instance=address):
+                self.assertEqual(self.listing_on(address), ["a.png"])
+                paths = ["/.ims", "/.ims/", "/.ims/jobs", f"/.ims/jobs/{job_id}.json", f"/%2Eims%2Fjobs%2F{job_id}.json",
+                         "/%2eims", f"/jobs/../.ims/jobs/{job_id}.json", f"/jobs/%2E%2E%2F.ims%2Fjobs%2F{job_id}.json"]
+                for path in paths:
+                    for method in ("GET", "HEAD", "DELETE", "PATCH"):
+                        reply = self.request(method, path + ("?width=5&height=5" if method == "PATCH" else ""),
+                                             connection=self.connect(address))
+                        self.assertIn(reply.status, (400, 404), f"{method} {path}: {reply.status} {reply.body[:200]!r}")
+                        self.assertNotIn(b'"state"', reply.body, f"{method} {path} served a job record")
+        with open(record, "rb") as file:
+            self.assertEqual(file.read(), record_bytes)
+        self.assertEqual(self.job_on(self.b, location)["state"], "done")
+
+    def test_a_start_up_scan_leaves_a_live_upload_of_another_instance_alone(self):
+        data = encode(noise((300, 300)), "PNG")
+        body, content_type = multipart_body(files=[("file", "live.png", data)])
+        sock = socket.create_connection(self.a, timeout=DEADLINE_SECONDS)
+        self.addCleanup(sock.close)
+        head = ("POST / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        sock.sendall(head + body[:len(body) // 3])
+        wait_for(self.temp_files)
+        # A third instance starts on the folder while A writes; its start-up scan must not take
+        # A's temp file, whose writer lives though it is in this very process.
+        third = self.start_instance()
+        sock.sendall(body[len(body) // 3:2 * len(body) // 3])
+        self.assertTrue(self.temp_files(), "the live upload's temp file was removed")
+        sock.sendall(body[2 * len(body) // 3:])
+        reply = self.parse_reply(self.read_until_close(sock))
+        self.assertEqual(reply.status, 201, reply.body)
+        for address in (self.a, self.b, third.server_address[:2]):
+            self.assertEqual(self.request("GET", "/live.png", connection=self.connect(address)).body, data)
+        self.assertNoTempFiles()
+
+    def test_a_start_up_scan_removes_leftover_temp_files_that_nobody_holds(self):
+        # Named after processes that are alive (init, this test's parent) and after none: what a
+        # writer in another PID namespace or on another host, since gone, would leave. Only the
+        # lock tells whether their writers still write.
+        leftovers = [f"{ims.TEMP_PREFIX}1-0123456789abcdef.png", f"{ims.TEMP_PREFIX}{os.getppid()}-abc.jpg",
+                     f"{ims.TEMP_PREFIX}{os.getpid()}-def.gif", f"{ims.TEMP_PREFIX}elsewhere"]
+        for name in leftovers:
+            with open(os.path.join(self.storage, name), "wb") as file:
+                file.write(b"half an upload")
+        self.start_instance()
+        self.assertEqual(self.temp_files(), [])
+        self.assertEqual(self.listing_on(self.a), [])
+
+
+class TestSharedFolderJobs(SharedFolderTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_a_job_accepted_by_one_instance_is_answered_by_the_other(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        reply = self.patch("a.png", "width=40&height=30&fit=cover")
+        self.assertEqual(reply.status, 202, reply.body)
+        location = reply.headers["Location"]
+        job = self.job_on(self.b, location)
+        self.assertEqual(set(job), JOB_FIELDS)
+        expected = {"id": job_path(location), "image": "a.png", "width": 40, "height": 30, "fit": "cover"}
+        self.assertEqual({key: job[key] for key in expected}, expected)
+        self.assertIn(job["state"], ("queued", "running", "done"))
+        ended = self.wait_job_on(self.b, location)
+        self.assertEqual(ended["state"], "done")
+        self.assertEqual(ended, self.job_on(self.a, location))
+        self.assertEqual(self.image_size_on(self.b, "a.png"), (40, 30))
+        self.assertError(self.request("GET", "/jobs/no-such-job", connection=self.on_b()), 404, "'no-such-job'")
+
+    def test_wait_on_one_instance_answers_when_the_job_ends_on_the_other(self):
+        # A runs the job, held stopped until B is waiting for it; then it is let go on and ends
+        # in about 1.5 s. B must answer then, with the job done, not when the 60 s of ?wait= are up.
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(location, children)
+        self.assertEqual(self.job_on(self.b, location)["state"], "running")
+        waiter, answers = self.wait_in_background(location, 60, self.on_b())
+        os.kill(pid, signal.SIGCONT)
+        waiter.join(DEADLINE_SECONDS)
+        self.assertFalse(waiter.is_alive(), "B's answer waited for the whole ?wait=")
+        self.assertEqual([(status, job["state"]) for status, job in answers], [(200, "done")], answers)
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
+
+    def test_resizes_of_one_image_accepted_by_both_instances_run_one_at_a_time_in_acceptance_order(self):
+        self.store("a.jpg", make_image("JPEG", (200, 150)))
+        connections = {self.a: self.connect(self.a), self.b: self.connect(self.b)}
+        locations = []
+        for index in range(10):
+            address = self.a if index % 2 == 0 else self.b
+            locations.append(self.submit("a.jpg", f"width={100 + index}&height={80 + index}", connections[address]))
+        jobs = [self.wait_job_on(self.b if index % 2 == 0 else self.a, location) for index, location in enumerate(locations)]
+        self.assertEqual([job["state"] for job in jobs], ["done"] * 10, jobs)
+        self.assertEqual([(job["width"], job["height"]) for job in jobs], [(100 + i, 80 + i) for i in range(10)])
+        submitted = [epoch_of(job["submitted"]) for job in jobs]
+        self.assertEqual(submitted, sorted(submitted))
+        finished = [epoch_of(job["finished"]) for job in jobs]
+        self.assertEqual(finished, sorted(finished), "the resizes did not end in the order they were accepted")
+        for address in (self.a, self.b):
+            self.assertEqual(self.image_size_on(address, "a.jpg"), (109, 89))
+        self.assertNoTempFiles()
+
+    def test_if_match_on_one_instance_sees_the_version_a_resize_on_the_other_made(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        before = self.request("HEAD", "/a.png").headers["ETag"]
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=32&height=24"))["state"], "done")
+        after = self.request("HEAD", "/a.png").headers["ETag"]
+        self.assertNotEqual(before, after)
+        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": before}, connection=self.on_b()), 412, "a.png")
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": before}, connection=self.on_b()), 412, "a.png")
+        self.assertEqual(self.image_size_on(self.a, "a.png"), (32, 24))
+        reply = self.request("DELETE", "/a.png", headers={"If-Match": after}, connection=self.on_b())
+        self.assertEqual(reply.status, 204, reply.body)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
+
+    def test_if_match_accepted_by_one_instance_applies_only_to_the_version_before_the_others_running_resize(self):
+        # A runs a resize of slow.png (held stopped). B accepts a resize of it against its current
+        # ETag: B's job must wait for A's, which makes a new version, and then fail on If-Match.
+        self.store("slow.png", SLOW_SOURCE)
+        etag = self.request("HEAD", "/slow.png").headers["ETag"]
+        children = set(multiprocessing.active_children())
+        first = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(first, children)
+        reply = self.patch("slow.png", "width=10&height=10", headers={"If-Match": etag}, connection=self.on_b())
+        self.assertEqual(reply.status, 202, reply.body)
+        second = reply.headers["Location"]
+        self.assertEqual(self.job_on(self.a, second)["state"], "queued")
+        self.assertEqual(self.job_on(self.b, second)["state"], "queued")
+        os.kill(pid, signal.SIGCONT)
+        self.assertEqual(self.wait_job_on(self.b, first)["state"], "done")
+        late = self.wait_job_on(self.a, second)
+        self.assertEqual(late["state"], "failed", late)
+        self.assertIn("If-Match", late["error"])
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
+
+    def test_delete_on_one_instance_cancels_the_image_s_queued_and_running_resizes_on_the_other(self):
+        running = self.start_slow_resize()
+        queued = [self.submit("slow.png", "width=10&height=10"), self.submit("slow.png", "width=20&height=20"),
+                  self.submit("slow.png", "width=30&height=30", connection=self.on_b())]
+        for location in queued:
+            self.assertEqual(self.job(location)["state"], "queued")
+        self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
+        for location in queued + [running]:
+            for address in (self.b, self.a):
+                job = self.wait_job_on(address, location)
+                self.assertEqual(job["state"], "cancelled", job)
+                self.assertIn("deleted", job["error"])
+                self.assertIsNotNone(job["finished"])
+        # A kills its stopped resize process (only a kill ends it), which never writes its result.
+        wait_for(lambda: not multiprocessing.active_children())
+        for address in (self.a, self.b):
+            self.assertError(self.request("GET", "/slow.png", connection=self.connect(address)), 404, "slow.png")
+            self.assertEqual(self.listing_on(address), [])
+        self.assertEqual(self.images_in_folder(), [])
+        self.assertNoTempFiles()
+
+    def test_an_upload_after_a_delete_on_the_other_instance_survives_the_cancelled_resize(self):
+        running = self.start_slow_resize(query=SLOW_ENOUGH)
+        self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
+        replacement = make_image("PNG", (30, 20))
+        self.assertEqual(self.upload("slow.png", replacement, self.on_b()).status, 201)
+        self.assertEqual(self.wait_job_on(self.b, running)["state"], "cancelled")
+        wait_for(lambda: not multiprocessing.active_children())
+        for address in (self.a, self.b):
+            self.assertEqual(self.request("GET", "/slow.png", connection=self.connect(address)).body, replacement)
+        self.assertNoTempFiles()
+
+
+class TestSharedFolderQueue(SharedFolderTestCase):
+    # One resize slot on this host, whichever instance holds it; two waiting jobs in the folder.
+    server_options = {"resize_workers": 1, "max_queue": 2}
+
+    def test_max_queue_counts_the_jobs_waiting_in_the_folder_not_in_one_instance(self):
+        running = self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        queued = [self.submit("a.png", "width=10&height=10"), self.submit("a.png", "width=20&height=20")]
+        for connection in (self.on_b(), self.connect()):
+            reply = self.patch("a.png", "width=30&height=30", connection=connection)
+            self.assertError(reply, 503, "try again later")
+            self.assertRegex(reply.headers.get("Retry-After", ""), r"^\d+$")
+            reply = self.patch("slow.png", "width=30&height=30", connection=connection)
+            self.assertError(reply, 503, "try again later")
+        for location in queued:
+            self.assertEqual(self.job_on(self.b, location)["state"], "queued")
+        # Freeing the slot lets the folder's queue run, and then B has room again.
+        self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
+        self.assertEqual(self.wait_job_on(self.b, running)["state"], "cancelled")
+        self.assertEqual([self.wait_job_on(self.b, location)["state"] for location in queued], ["done", "done"])
+        location = self.submit("a.png", "width=30&height=30", connection=self.on_b())
+        self.assertEqual(self.wait_job_on(self.a, location)["state"], "done")
+        self.assertEqual(self.image_size_on(self.a, "a.png"), (30, 30))
+
+    def test_at_most_resize_workers_resizes_run_at_once_on_one_host(self):
+        # Each instance has one slot of its own in memory, but the host has one: with A's resize
+        # held, B's resize of another image waits.
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10", connection=self.on_b())
+        reply = self.request("GET", f"{location}?wait=1", connection=self.on_b())
+        self.assertEqual(reply.json["state"], "queued")
+        self.assertEqual(len(multiprocessing.active_children()), 1)
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
+
+
+class TestDurableJobs(SharedFolderTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_ended_jobs_are_answered_the_same_after_every_instance_restarts(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        self.put_file("broken.png", make_image("PNG", (64, 48))[:60])
+        done = self.submit("a.png", "width=20&height=10")
+        failed = self.submit("broken.png", "width=5&height=5", connection=self.on_b())
+        ended = {location: self.wait_job(location) for location in (done, failed)}
+        self.assertEqual([job["state"] for job in ended.values()], ["done", "failed"])
+        self.stop_instance(self.server)
+        self.stop_instance(self.other)
+        restarted = self.start_instance()
+        address = restarted.server_address[:2]
+        for location, job in ended.items():
+            with self.subTest(state=job["state"]):
+                self.assertEqual(self.job_on(address, location), job)
+                reply = self.request("GET", f"{location}?wait=5", connection=self.connect(address))
+                self.assertEqual((reply.status, reply.json), (200, job))
+        self.assertEqual(self.image_size_on(address, "a.png"), (20, 10))
+
+    def store_slow_and_small(self, connection=None):
+        for name, data in (("slow.png", SLOW_SOURCE), ("a.png", make_image("PNG", (64, 48)))):
+            self.assertEqual(self.upload(name, data, connection).status, 201)
+
+    def hold_one_on_a_and_queue_one(self, queue_connection=None):
+        """A runs a resize of slow.png, held stopped, in the host's one slot; a.png's waits (via `queue_connection`).
+
+        Return the locations of the running job and of the queued one.
+        """
+        self.store_slow_and_small()
+        children = set(multiprocessing.active_children())
+        running = self.submit("slow.png", SLOW_ENOUGH)
+        self.hold(running, children)
+        queued = self.submit("a.png", "width=32&height=24", queue_connection)
+        self.assertEqual(self.job_on(self.b, queued)["state"], "queued")
+        return running, queued
+
+    def assertBothDone(self, address, running, queued):
+        """The held job and the queued one (see hold_one_on_a_and_queue_one) end done, as the instance at `address` says."""
+        for location, size, name in ((running, (2000, 2000), "slow.png"), (queued, (32, 24), "a.png")):
+            job = self.wait_job_on(address, location)
+            self.assertEqual(job["state"], "done", job)
+            self.assertEqual(self.image_size_on(address, name), size)
+
+    def test_queued_and_running_jobs_of_a_stopped_instance_are_run_by_the_other(self):
+        # A graceful stop of A leaves both of its jobs in the folder (spec: a graceful stop no
+        # longer cancels queued jobs, and a running one is run again), and B runs both.
+        running, queued = self.hold_one_on_a_and_queue_one()
+        self.stop_instance(self.server)
+        self.assertBothDone(self.b, running, queued)
+        self.assertNoTempFiles()
+
+    def test_jobs_left_when_every_instance_stopped_run_when_one_starts_again(self):
+        running, queued = self.hold_one_on_a_and_queue_one(self.on_b())
+        self.stop_instance(self.other)
+        self.stop_instance(self.server)
+        self.assertEqual(multiprocessing.active_children(), [])
+        self.assertBothDone(self.start_instance().server_address[:2], running, queued)
+
+    def test_jobs_of_an_instance_killed_with_sigkill_are_run_by_the_other(self):
+        # A is the real process, so that it can die the way a crashed host does: SIGKILL to it
+        # and to its resize process at once, no clean-up of any kind. B is in this process.
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("telling a server's resize process needs /proc")
+        self.stop_instance(self.server)
+        process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "1")
+        self.addCleanup(TestCrashRecovery.kill_session, process.pid)
+        a = ("127.0.0.1", port)
+        self.store_slow_and_small(self.on_b())
+        running = self.submit("slow.png", SLOW_ENOUGH, connection=self.connect(a))
+        wait_for(lambda: len(session_processes(process.pid)) > 1 or self.job_on(a, running)["state"] in ENDED_STATES)
+        resize_pids = set(session_processes(process.pid)) - {process.pid}
+        self.assertEqual(len(resize_pids), 1, "not one resize process")
+        os.kill(resize_pids.pop(), signal.SIGSTOP)
+        queued = self.submit("a.png", "width=32&height=24", connection=self.connect(a))
+        self.assertEqual(self.job_on(self.b, running)["state"], "running")
+        self.assertEqual(self.job_on(self.b, queued)["state"], "queued")
+        TestCrashRecovery.kill_session(process.pid)
+        process.wait()
+        wait_for(lambda: not session_processes(process.pid))
+        self.assertBothDone(self.b, running, queued)
+
+    def test_a_job_is_on_disk_before_its_202(self):
+        # Nothing but the folder is left when an instance dies right after its answer.
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        self.assertTrue(os.path.isfile(os.path.join(self.storage, ".ims", "jobs", f"{job_path(location)}.json")))
+        self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
 
 
 if __name__ == "__main__":
