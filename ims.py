@@ -20,11 +20,11 @@ from __future__ import annotations
 __version__ = "1.0.0"
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import email.utils
 import errno
+import fcntl
 import functools
 import http.server
 import json
@@ -36,6 +36,7 @@ import secrets
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -85,6 +86,7 @@ class Settings:
     resize_timeout: float = 60.0
     timeout: float = 30.0
     max_connections: int = 256
+    workers: int = 1
 
     def __post_init__(self):
         """Raise ValueError for a value out of its range."""
@@ -95,6 +97,7 @@ class Settings:
             "resize_workers": (1, None),
             "max_queue": (0, None),
             "max_connections": (1, None),
+            "workers": (1, None),
             "resize_timeout": (0.001, MAX_SECONDS),
             "timeout": (0.001, MAX_SECONDS),
         }
@@ -138,6 +141,18 @@ FOLDER_MTIME_SLACK_NS = 1_000_000_000
 MAX_JOB_WAIT_SECONDS = 60
 JOB_RETENTION_SECONDS = 3600
 JOB_RETENTION_COUNT = 1000
+# A job may run on another instance: a waiter re-reads its record this often, so it hears of the
+# end within the contract's 100 ms, at 20 small reads a second.
+JOB_POLL_SECONDS = 0.05
+# How often an instance looks in the folder's queue for jobs it did not accept: those of an
+# instance that died, or waiting while their own instance's slots are busy. A job running here
+# also re-reads its record this often, to hear that a DELETE elsewhere cancelled it.
+QUEUE_SCAN_SECONDS = 0.5
+# How often an instance removes ended jobs past their retention.
+JOB_CLEANUP_SECONDS = 60
+# A job record's temp file older than this was left by a writer that died: writing one takes
+# microseconds.
+RECORD_TEMP_SECONDS = 60
 
 
 # ====
@@ -181,9 +196,16 @@ FORMAT_SIGNATURES = (
 SNIFF_BYTES = 12
 # What a file is served as when its bytes match no allowed format (RFC 9110 §8.3).
 UNKNOWN_CONTENT_TYPE = "application/octet-stream"
-# Temporary files are hidden, so they are never listed, and carry the writer's process id, so a
-# start-up scan removes only the leftovers of processes that are gone.
+# Temporary files are hidden, so they are never listed; their writer holds a lock on them, so a
+# scan removes only those whose writer is gone, whatever host or PID namespace it ran in.
 TEMP_PREFIX = ".ims-tmp-"
+# The hidden folder inside storage where instances share their state: job records, the queue of
+# jobs not ended, and lock files.
+STATE_FOLDER = ".ims"
+# A job id: 16 hex digits (secrets.token_hex(8)); anything else names no job and no file.
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
+# A queue entry: the job's sequence number across every instance, and its id.
+_QUEUE_ENTRY = re.compile(r"\d{12}-[0-9a-f]{16}")
 
 _UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]")
 # Path separators, control characters (they could split a header line) and lone surrogates (names
@@ -269,8 +291,8 @@ def sniff_format(head):
 # Store
 # ====
 # Owns the storage folder: the only code that opens, writes, links, replaces or removes anything in
-# it, and the lock that makes replace-if-unchanged and remove-if-unchanged exact. The folder is the
-# truth; the listing is a cache of it. Never parses HTTP.
+# it, its shared state (job records, the queue, lock files) and the locks that make changes exact
+# across processes and hosts. The folder is the truth; the listing is a cache of it. Never parses HTTP.
 
 # Errors that mean "the disk is full or we may not write here", answered 507.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
@@ -279,6 +301,57 @@ OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0
 # Content types sniffed from files' first bytes, one per version; a folder rarely holds more
 # images than this is worth caching, and past it the cache starts again.
 MAX_SNIFFED_VERSIONS = 4096
+# Job states, spelt as the contract's JSON spells them.
+QUEUED = "queued"
+RUNNING = "running"
+DONE_STATE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+ENDED_STATES = (DONE_STATE, FAILED, CANCELLED)
+
+# Locks that hold across processes and hosts are fcntl locks owned by an open file (Linux's open
+# file description locks): the kernel, and NFSv4 or NLM for a network folder, release them when
+# their holder dies, so nothing judges liveness by a PID or a clock. Owned by an open file rather
+# than by a process, they also exclude two servers embedded in one program, and closing another
+# descriptor of the file never drops them. Elsewhere flock() gives the same on a local folder.
+_HAS_OFD_LOCKS = sys.platform.startswith("linux")
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+# struct flock: l_type, l_whence, l_start, l_len (0: to the end of the file), l_pid (0 for these).
+_FLOCK = struct.Struct("hhqqi")
+
+
+def lock_file(descriptor, blocking=True):
+    """Take the exclusive lock of the open file `descriptor`; False when another holds it and not `blocking`."""
+    try:
+        if _HAS_OFD_LOCKS:
+            command = _OFD_SETLKW if blocking else _OFD_SETLK
+            fcntl.fcntl(descriptor, command, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        else:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def unlock_file(descriptor):
+    """Let go of the lock taken through `descriptor`, also while a forked child still shares the file."""
+    if _HAS_OFD_LOCKS:
+        fcntl.fcntl(descriptor, _OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+
+def is_file_locked(descriptor):
+    """Tell whether another open file holds the lock of this file, without taking it."""
+    if _HAS_OFD_LOCKS:
+        answer = fcntl.fcntl(descriptor, _OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        return _FLOCK.unpack(answer[:_FLOCK.size])[0] != fcntl.F_UNLCK
+    if lock_file(descriptor, blocking=False):
+        unlock_file(descriptor)
+        return False
+    return True
 
 
 def storage_error(error):
@@ -289,17 +362,6 @@ def storage_error(error):
     if error.errno in STORAGE_ERRNOS:
         return HTTPError(507, f"the storage folder is full or not writable ({error.strerror})")
     return error
-
-
-def is_process_alive(pid):
-    """Tell whether a process with this id exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_path(path):
@@ -317,6 +379,13 @@ def _remove_if_present(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+def _close_locked(descriptor):
+    try:
+        unlock_file(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +451,7 @@ class StoredFile:
 class TempFile:
     """A hidden file in the storage folder, being written, that is either published or removed.
 
+    Its writer holds its lock until it is removed, so no scan by any instance removes it meanwhile.
     Write errors that mean a full or read-only disk raise HTTPError(507).
     """
 
@@ -391,6 +461,7 @@ class TempFile:
             self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
         except OSError as error:
             raise storage_error(error) from None
+        lock_file(self._descriptor)
 
     def write(self, data):
         """Append `data`; raises HTTPError(507) when the disk is full."""
@@ -402,60 +473,113 @@ class TempFile:
             raise storage_error(error) from None
 
     def finish(self):
-        """Flush the bytes to disk and close the file."""
+        """Flush the bytes to disk; the file stays locked until it is removed."""
         try:
             os.fsync(self._descriptor)
         except OSError as error:
             raise storage_error(error) from None
-        finally:
-            self._close()
 
     def remove(self):
-        """Close and delete the file; it may already be gone."""
-        self._close()
-        _remove_if_present(self.path)
-
-    def _close(self):
+        """Delete the file if it is still there (a published or replaced file is not), and let go of it."""
         if self._descriptor is not None:
-            os.close(self._descriptor)
+            _remove_if_present(self.path)
+            _close_locked(self._descriptor)
             self._descriptor = None
 
 
+class FolderLock:
+    """The folder's exclusive lock: held by one thread of one instance at a time, on any host.
+
+    A context manager. A thread lock in front keeps this instance's threads apart, since they share
+    the one open file that holds the fcntl lock.
+    """
+
+    def __init__(self, path):
+        self._thread_lock = threading.Lock()
+        self._descriptor = os.open(path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+
+    def __enter__(self):
+        self._thread_lock.acquire()
+        try:
+            lock_file(self._descriptor)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        try:
+            unlock_file(self._descriptor)
+        finally:
+            self._thread_lock.release()
+
+    def close(self):
+        """Close the lock file."""
+        os.close(self._descriptor)
+
+
+@dataclasses.dataclass
+class Claim:
+    """A queued job this instance holds the lock of, to run it: its queue entry and current record."""
+
+    entry: str
+    descriptor: int
+    record: dict
+
+
 class Store:
-    """The storage folder: its stored images, their versions, temp files and the lock over changes.
+    """The storage folder: its images and their versions, temp files, job records, queue and locks.
 
     Names given to it satisfy is_image_name(). A missing image raises HTTPError(404), a full or
-    read-only folder HTTPError(507).
+    read-only folder HTTPError(507). Several Stores, in any processes on any hosts, may share one
+    folder: every change that depends on what is stored happens under the folder's lock.
     """
 
     def __init__(self, folder):
-        os.makedirs(folder, exist_ok=True)
         self.folder = folder
-        # Held while a file is replaced or removed only if it is still the version a caller saw.
-        self._changes_lock = threading.Lock()
+        state = os.path.join(folder, STATE_FOLDER)
+        self._jobs_folder = os.path.join(state, "jobs")
+        self._queue_folder = os.path.join(state, "queue")
+        locks_folder = os.path.join(state, "locks")
+        for path in (self._jobs_folder, self._queue_folder, locks_folder):
+            os.makedirs(path, exist_ok=True)
+        # Resize slots are per host: one lock file per slot, named after the host.
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+        self._slot_prefix = os.path.join(locks_folder, f"slot-{host}-")
+        # Held while an image is replaced, removed, or its jobs queued or ended, so each happens
+        # only if what was checked first is still true.
+        self._lock = FolderLock(os.path.join(locks_folder, "folder"))
         self._listing_lock = threading.Lock()
         self._names = frozenset()
         self._listing = b"[]\n"
         self._mtime_ns = None
         self._is_settled = False
         self._content_types = {}
+        # Queue entries never change once written: their records as queued, by entry name.
+        self._entries = {}
 
     def scan(self):
-        """Remove leftovers of interrupted writes by processes that are gone, then read the folder."""
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                if entry.name.startswith(TEMP_PREFIX) and not self._is_writer_alive(entry.name):
-                    _remove_if_present(entry.path)
+        """Remove the leftovers of interrupted writes by writers that are gone, then read the folder."""
+        self.remove_leftovers()
         with self._listing_lock:
             self._refresh(force=True)
 
-    def remove_own_temp_files(self):
-        """Remove the temp files this process made; called when the server stops."""
-        own_prefix = f"{TEMP_PREFIX}{os.getpid()}-"
+    def remove_leftovers(self):
+        """Remove the temp files no writer holds, here or in any other instance; called at start and stop."""
         with os.scandir(self.folder) as entries:
             for entry in entries:
-                if entry.name.startswith(own_prefix):
-                    _remove_if_present(entry.path)
+                if entry.name.startswith(TEMP_PREFIX):
+                    self._remove_if_unlocked(entry.path)
+        cutoff = time.time() - RECORD_TEMP_SECONDS
+        for folder in (self._jobs_folder, self._queue_folder):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        _remove_if_present(entry.path)
+
+    def close(self):
+        """Let go of the folder's lock file."""
+        self._lock.close()
 
     # Reading
 
@@ -519,17 +643,9 @@ class Store:
 
     # Changing
 
-    def temp_path(self, suffix=""):
-        """Return a fresh hidden path in the folder, named after this process, for a new file."""
-        return os.path.join(self.folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}")
-
     def new_file(self, suffix=""):
-        """Return a TempFile to write an upload into; HTTPError(507) when the folder is not writable."""
-        return TempFile(self.temp_path(suffix))
-
-    def discard(self, path):
-        """Remove a temp file if it is there."""
-        _remove_if_present(path)
+        """Return a locked TempFile to write an upload or a resize into; HTTPError(507) when not writable."""
+        return TempFile(os.path.join(self.folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"))
 
     def publish(self, temp_file, name):
         """Give a finished TempFile the name `name` without ever overwriting an existing file.
@@ -546,44 +662,42 @@ class Store:
         except OSError as error:
             raise storage_error(error) from None
 
-    def replace(self, name, temp_path, expected, is_wanted):
-        """Put the finished file at `temp_path` in place of `name`, if that is still version `expected`.
+    def replace(self, name, temp_file, expected, is_wanted):
+        """Put the finished `temp_file` in place of `name`, if that is still version `expected`.
 
         Readers see the old file or the new one, whole, and so does a crash: the new bytes are on
         disk before the name is. Returns False, replacing nothing, when `name` is another version
-        or gone, or when is_wanted() (called under the lock) says no; HTTPError(507) when the
-        folder is not writable.
+        or gone, or when is_wanted(inode of the new file), called under the folder's lock, says
+        no; HTTPError(507) when the folder is not writable.
         """
-        try:
-            _fsync_path(temp_path)
-        except OSError as error:
-            raise storage_error(error) from None
-        with self._changes_lock:
-            if not is_wanted():
-                return False
+        temp_file.finish()
+        with self._lock:
             try:
                 if self.version(name) != expected:
                     return False
             except HTTPError:
                 return False
+            if not is_wanted(os.stat(temp_file.path).st_ino):
+                return False
             try:
-                os.replace(temp_path, self.path_of(name))
+                os.replace(temp_file.path, self.path_of(name))
                 _fsync_path(self.folder)
             except OSError as error:
                 raise storage_error(error) from None
         return True
 
     def remove(self, name, precondition=None, on_removing=None):
-        """Remove the stored image `name`; HTTPError(404) when there is none, 507 when not writable.
+        """Remove the stored image `name` and cancel its jobs; HTTPError(404) when there is none, 507 when not writable.
 
-        precondition(version), called under the lock, may raise (412 for If-Match) to keep the
-        file; on_removing(), called under the lock too, runs just before the file goes, so what it
-        stops (the image's resizes) cannot start on a file that is gone.
+        precondition(version), called under the folder's lock, may raise (412 for If-Match) to keep
+        the file. Jobs of the image that have not ended are cancelled, wherever they wait or run,
+        before the file goes; on_removing(), under the lock too, stops the ones running here.
         """
-        with self._changes_lock:
+        with self._lock:
             version = self.version(name)
             if precondition is not None:
                 precondition(version)
+            self._cancel_jobs(name, "the image was deleted")
             if on_removing is not None:
                 on_removing()
             try:
@@ -593,6 +707,220 @@ class Store:
                 raise HTTPError(404, f"no image named {name!r} is stored") from None
             except OSError as error:
                 raise storage_error(error) from None
+
+    # Jobs: a record per job in .ims/jobs/<id>.json, and, until it ends, an entry in .ims/queue
+    # named <sequence>-<id>, a hard link to its record as accepted. Sequence numbers order the
+    # entries of every instance. The instance running a job holds its entry's lock.
+
+    def load_record(self, job_id):
+        """Return the record of job `job_id` as a dict, or None when there is none or it is unreadable."""
+        if not _JOB_ID.fullmatch(job_id):
+            return None
+        return self._read_record(os.path.join(self._jobs_folder, job_id + ".json"))
+
+    def save_record(self, record, durable=False):
+        """Write a job's record in place of its last one, atomically; `durable` waits until it is on disk."""
+        self._write_record(record, os.path.join(self._jobs_folder, record["id"] + ".json"), durable)
+
+    def enqueue(self, record, max_queue, slot_count):
+        """Record a new job, durably, and put it at the end of the folder's queue.
+
+        Raises HTTPError(503) when `max_queue` jobs would then wait beyond the ones running and the
+        free resize slots of this host (`slot_count` in all), and 507 when the folder is not writable.
+        """
+        temp_path = os.path.join(self._jobs_folder, f".{record['id']}.json")
+        try:
+            self._write_file(temp_path, json.dumps(record).encode(), durable=True)
+            with self._lock:
+                entries = self._entry_names()
+                if len(entries) >= max_queue:
+                    running = sum(self._is_locked(os.path.join(self._queue_folder, entry)) for entry in entries)
+                    free_slots = sum(not self._is_locked(f"{self._slot_prefix}{slot}") for slot in range(slot_count))
+                    if len(entries) - running >= max_queue + free_slots:
+                        raise HTTPError(503, f"the queue of {max_queue} waiting resizes is full; try again later", {"Retry-After": "1"})
+                sequence = int(entries[-1].partition("-")[0]) + 1 if entries else 0
+                os.link(temp_path, os.path.join(self._queue_folder, f"{sequence:012d}-{record['id']}"))
+                os.rename(temp_path, os.path.join(self._jobs_folder, record["id"] + ".json"))
+            _fsync_path(self._queue_folder)
+            _fsync_path(self._jobs_folder)
+        except OSError as error:
+            raise storage_error(error) from None
+        finally:
+            _remove_if_present(temp_path)
+
+    def queued_records(self):
+        """Return (entry, record as accepted) for every job not ended, in the order they were accepted."""
+        entries = self._entry_names()
+        known = {}
+        for entry in entries:
+            record = self._entries.get(entry)
+            if record is None:
+                record = self._read_record(os.path.join(self._queue_folder, entry))
+            if record is not None:
+                known[entry] = record
+        self._entries = known
+        return [(entry, record) for entry, record in known.items()]
+
+    def claim(self, entry):
+        """Take the lock of a queued job to run it: a Claim, or None when another holds it or it has ended.
+
+        An entry whose job has already ended (its runner died before removing it) is removed here.
+        """
+        path = os.path.join(self._queue_folder, entry)
+        try:
+            descriptor = os.open(path, os.O_RDWR | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            return None
+        if not lock_file(descriptor, blocking=False):
+            os.close(descriptor)
+            return None
+        try:
+            # Locked only after its last runner removed it: it has ended.
+            try:
+                is_queued = os.path.samestat(os.stat(path), os.fstat(descriptor))
+            except FileNotFoundError:
+                is_queued = False
+            if not is_queued:
+                _close_locked(descriptor)
+                return None
+            record = self.load_record(entry.partition("-")[2])
+        except BaseException:
+            _close_locked(descriptor)
+            raise
+        if record is None or record["state"] in ENDED_STATES:
+            _remove_if_present(os.path.join(self._queue_folder, entry))
+            _close_locked(descriptor)
+            return None
+        return Claim(entry, descriptor, record)
+
+    def end(self, claim, record):
+        """Record how a claimed job ended, durably, unless a DELETE ended it first, and drop it from the queue."""
+        try:
+            with self._lock:
+                current = self.load_record(record["id"])
+                if current is None or current["state"] not in ENDED_STATES:
+                    self.save_record(record, durable=True)
+                _remove_if_present(os.path.join(self._queue_folder, claim.entry))
+        finally:
+            _close_locked(claim.descriptor)
+
+    def release(self, claim):
+        """Let go of a claimed job without ending it: it stays queued for any instance to run."""
+        _close_locked(claim.descriptor)
+
+    def take_slot(self, slot_count):
+        """Take one of this host's `slot_count` resize slots: its locked descriptor, or None when all are taken."""
+        for slot in range(slot_count):
+            descriptor = os.open(f"{self._slot_prefix}{slot}", os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            if lock_file(descriptor, blocking=False):
+                return descriptor
+            os.close(descriptor)
+        return None
+
+    def release_slot(self, descriptor):
+        """Give back a resize slot."""
+        _close_locked(descriptor)
+
+    def remove_old_records(self):
+        """Remove the records of jobs that ended over JOB_RETENTION_SECONDS ago, keeping the last JOB_RETENTION_COUNT."""
+        with os.scandir(self._jobs_folder) as entries:
+            records = [entry for entry in entries if entry.name.endswith(".json") and not entry.name.startswith(".")]
+        if len(records) <= JOB_RETENTION_COUNT:
+            return
+        queued = {entry.partition("-")[2] + ".json" for entry in self._entry_names()}
+        ended = []
+        for entry in records:
+            try:
+                ended.append((entry.stat(follow_symlinks=False).st_mtime, entry))
+            except OSError:
+                continue
+        ended.sort(key=lambda pair: pair[0], reverse=True)
+        cutoff = time.time() - JOB_RETENTION_SECONDS
+        for mtime, entry in ended[JOB_RETENTION_COUNT:]:
+            if mtime < cutoff and entry.name not in queued:
+                _remove_if_present(entry.path)
+
+    def _cancel_jobs(self, name, reason):
+        for entry, accepted in self.queued_records():
+            if accepted.get("image") != name:
+                continue
+            record = self.load_record(accepted["id"])
+            if record is not None and record["state"] not in ENDED_STATES:
+                record.update(state=CANCELLED, error=reason, finished=time.time())
+                self.save_record(record, durable=True)
+            # The instance running it (it holds the lock) removes it when its resize stops.
+            path = os.path.join(self._queue_folder, entry)
+            if not self._is_locked(path):
+                _remove_if_present(path)
+
+    def _entry_names(self):
+        try:
+            return sorted(name for name in os.listdir(self._queue_folder) if _QUEUE_ENTRY.fullmatch(name))
+        except FileNotFoundError:
+            raise HTTPError(507, f"the storage folder {self.folder} no longer exists") from None
+
+    @staticmethod
+    def _is_locked(path):
+        try:
+            descriptor = os.open(path, os.O_RDWR | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            return False
+        try:
+            return is_file_locked(descriptor)
+        finally:
+            os.close(descriptor)
+
+    @staticmethod
+    def _read_record(path):
+        try:
+            with open(os.open(path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW), "rb") as file:
+                record = json.loads(file.read(MAX_PARAMETERS_BYTES))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or record.get("state") not in (QUEUED, RUNNING, *ENDED_STATES):
+            return None
+        return record
+
+    def _write_record(self, record, path, durable):
+        temp_path = os.path.join(os.path.dirname(path), f".{record['id']}-{secrets.token_hex(4)}.json")
+        data = json.dumps(record).encode()
+        try:
+            self._write_file(temp_path, data, durable)
+            os.replace(temp_path, path)
+            if durable:
+                _fsync_path(os.path.dirname(path))
+        except OSError as error:
+            _remove_if_present(temp_path)
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._overwrite(path, data, durable):
+                raise storage_error(error) from None
+
+    @staticmethod
+    def _overwrite(path, data, durable):
+        # A full disk has no room for a new record, but the last one's block has room for its end:
+        # written over in place, padded with JSON white space, so no job stays running for ever.
+        try:
+            descriptor = os.open(path, os.O_WRONLY | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            return False
+        try:
+            os.pwrite(descriptor, data.ljust(os.fstat(descriptor).st_size), 0)
+            if durable:
+                os.fsync(descriptor)
+        except OSError:
+            return False
+        finally:
+            os.close(descriptor)
+        return True
+
+    @staticmethod
+    def _write_file(path, data, durable):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
+        try:
+            os.write(descriptor, data)
+            if durable:
+                os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     # Caches
 
@@ -625,12 +953,17 @@ class Store:
             self._listing = (json.dumps(sorted(names)) + "\n").encode()
 
     @staticmethod
-    def _is_writer_alive(temp_name):
-        pid_text = temp_name[len(TEMP_PREFIX):].partition("-")[0]
-        if not pid_text.isdigit():
-            return False
-        pid = int(pid_text)
-        return pid != os.getpid() and is_process_alive(pid)
+    def _remove_if_unlocked(path):
+        try:
+            descriptor = os.open(path, os.O_RDWR | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            return
+        try:
+            if lock_file(descriptor, blocking=False):
+                _remove_if_present(path)
+                unlock_file(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 # ====
@@ -1486,15 +1819,9 @@ def run_resize(connection, source_path, target_path, width, height, fit, timeout
 # ====
 # Jobs
 # ====
-# Owns resize jobs: the queue, the child processes and their time limit, order per image, and
-# waiting for an end. Never parses HTTP; changes stored files only through the Store.
-
-QUEUED = "queued"
-RUNNING = "running"
-DONE_STATE = "done"
-FAILED = "failed"
-CANCELLED = "cancelled"
-ENDED_STATES = (DONE_STATE, FAILED, CANCELLED)
+# Owns resize jobs: running the folder's queue, each job in a child process within its time limit,
+# bounded per host, in order per image, and waiting for an end. Never parses HTTP; reads and changes
+# files, records and the queue only through the Store.
 
 
 def _iso_time(timestamp):
@@ -1517,7 +1844,11 @@ class Job:
     error: str | None = None
     submitted: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
+    # With If-Match: the version the resize must start from.
     expected_version: Version | None = dataclasses.field(default=None, repr=False)
+    # The inode of the result, recorded just before it replaces the image: a run that died after
+    # the replace is then known to be done.
+    result_inode: int | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self):
         """Return the job as the contract's JSON object."""
@@ -1533,6 +1864,26 @@ class Job:
             "finished": _iso_time(self.finished),
         }
 
+    def to_record(self):
+        """Return the job as the record the Store keeps."""
+        record = dataclasses.asdict(self)
+        if self.expected_version is not None:
+            record["expected_version"] = dataclasses.astuple(self.expected_version)
+        return record
+
+    @classmethod
+    def from_record(cls, record):
+        """Return the Job a record describes; ValueError for a record that is not one."""
+        try:
+            job = cls(**record)
+            if job.expected_version is not None:
+                job.expected_version = Version(*job.expected_version)
+        except TypeError:
+            raise ValueError("not a job record") from None
+        if not (isinstance(job.image, str) and isinstance(job.width, int) and isinstance(job.height, int)):
+            raise ValueError("not a job record")
+        return job
+
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
@@ -1540,6 +1891,17 @@ class Outcome:
 
     state: str
     error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """A job running here: its claim on the folder's queue, its resize slot and its child process."""
+
+    job: Job
+    claim: Claim
+    slot: int | None
+    process: multiprocessing.Process | None = None
+    is_cancelled: bool = False
 
 
 def _multiprocessing_context():
@@ -1555,11 +1917,14 @@ def _multiprocessing_context():
 
 
 class Resizer:
-    """Runs resize jobs, each in its own process, at most `workers` at once, in order per image.
+    """Runs the resize jobs queued in the folder by every instance, each in its own process.
 
-    submit() raises HTTPError(503) when `max_queue` jobs already wait. A child still running after
-    `timeout_seconds` is killed and its job fails. The result replaces the stored file only if
-    that file is still the version the job started from.
+    At most `workers` resize processes run at once on this host, whatever the number of instances
+    on it; jobs of one image run one at a time, in the order they were accepted, wherever. submit()
+    raises HTTPError(503) when `max_queue` jobs already wait. A child still running after
+    `timeout_seconds` is killed and its job fails. The result replaces the stored file only if that
+    file is still the version the job started from. A job whose instance died is run by another one,
+    or by the next to start.
     """
 
     def __init__(self, store, workers, max_queue, timeout_seconds, max_pixels):
@@ -1570,177 +1935,272 @@ class Resizer:
         self._timeout_seconds = timeout_seconds
         self._context = _multiprocessing_context()
         self._condition = threading.Condition()
-        self._jobs = {}
-        self._ended = collections.deque()
-        self._queue = collections.deque()
-        self._running = {}
-        # Jobs holding a worker slot: from their start until their child process has exited, so
-        # the next child starts while this job's result is still being flushed into place.
-        self._slot_holders = set()
-        self._processes = {}
+        self._runs = {}
         self._threads = set()
         self._is_stopping = False
+        self._is_woken = True
+        self._last_queue_error = None
+        self._scheduler = threading.Thread(target=self._schedule, name="ims-scheduler", daemon=True)
+        self._scheduler.start()
 
     def submit(self, name, width, height, fit, expected_version=None):
-        """Queue a resize of `name` and return its Job; HTTPError(503) when the queue is full.
+        """Queue a resize of `name` in the folder and return its Job; HTTPError(503) when the queue is full.
 
         With `expected_version`, the job fails if the stored file is no longer that Version when
-        it starts.
+        it starts. The job is on disk when this returns.
         """
-        with self._condition:
-            if self._is_stopping:
-                raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
-            job = Job(secrets.token_hex(8), name, width, height, fit, expected_version=expected_version)
-            self._queue.append(job)
-            self._start_ready_jobs()
-            if job.state == QUEUED and len(self._queue) > self._max_queue:
-                self._queue.remove(job)
-                raise HTTPError(
-                    503, f"the queue of {self._max_queue} waiting resizes is full; try again later", {"Retry-After": "1"}
-                )
-            self._jobs[job.id] = job
-            return job
+        if self._is_stopping:
+            raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
+        job = Job(secrets.token_hex(8), name, width, height, fit, expected_version=expected_version)
+        self._store.enqueue(job.to_record(), self._max_queue, self._workers)
+        self._wake()
+        return job
 
     def cancel_for(self, name):
-        """Cancel the queued and running resizes of `name` (it was deleted)."""
+        """Kill the resizes of `name` running here; the Store has cancelled its jobs in the folder."""
         with self._condition:
-            for job in [job for job in self._queue if job.image == name]:
-                self._queue.remove(job)
-                self._end(job, Outcome(CANCELLED, "the image was deleted"))
-            job = self._running.get(name)
-            if job is not None:
-                self._end(job, Outcome(CANCELLED, "the image was deleted"))
-                process = self._processes.get(job.id)
-                if process is not None:
-                    process.kill()
+            for run in self._runs.values():
+                if run.job.image == name:
+                    run.is_cancelled = True
+                    if run.process is not None:
+                        run.process.kill()
 
     def wait(self, job_id, timeout_seconds):
-        """Return the job's JSON once it has ended or `timeout_seconds` passed; HTTPError(404) if unknown."""
-        with self._condition:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise HTTPError(404, f"no resize job {job_id!r} is known (ended jobs are kept for an hour)")
-            self._condition.wait_for(lambda: job.state in ENDED_STATES or self._is_stopping, timeout_seconds)
-            return job.to_json()
+        """Return the job's JSON once it has ended or `timeout_seconds` passed; HTTPError(404) if unknown.
+
+        A job ending here wakes the wait at once; one running elsewhere is seen within JOB_POLL_SECONDS.
+        """
+        job = self._load(job_id)
+        if job is None:
+            raise HTTPError(404, f"no resize job {job_id!r} is known (ended jobs are kept for an hour)")
+        deadline = time.monotonic() + timeout_seconds
+        while job.state not in ENDED_STATES and not self._is_stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self._condition:
+                self._condition.wait(min(JOB_POLL_SECONDS, remaining))
+            job = self._load(job_id) or job
+        return job.to_json()
 
     def stop(self):
-        """Drop queued jobs, kill running children and wait for their threads."""
+        """Stop running jobs here and leave them, and the queued ones, in the folder for any instance."""
         with self._condition:
             self._is_stopping = True
-            while self._queue:
-                self._end(self._queue.popleft(), Outcome(CANCELLED, "the server stopped"))
-            for process in self._processes.values():
-                process.kill()
-            threads = list(self._threads)
+            for run in self._runs.values():
+                if run.process is not None:
+                    run.process.kill()
             self._condition.notify_all()
+        self._scheduler.join()
+        with self._condition:
+            threads = list(self._threads)
         for thread in threads:
             thread.join()
 
-    def _start_ready_jobs(self):
-        for job in list(self._queue):
-            if len(self._slot_holders) >= self._workers:
-                return
-            if job.image in self._running:
-                continue
-            self._queue.remove(job)
-            job.state = RUNNING
-            self._running[job.image] = job
-            self._slot_holders.add(job.id)
-            thread = threading.Thread(target=self._run, args=(job,), name=f"ims-job-{job.id}", daemon=True)
-            self._threads.add(thread)
-            thread.start()
-
-    def _end(self, job, outcome):
-        if job.state in ENDED_STATES:
-            return
-        job.state = outcome.state
-        job.error = outcome.error
-        job.finished = time.time()
-        self._ended.append(job.id)
-        while len(self._ended) > JOB_RETENTION_COUNT:
-            oldest = self._jobs.get(self._ended[0])
-            if oldest is not None and time.time() - oldest.finished < JOB_RETENTION_SECONDS:
-                break
-            self._jobs.pop(self._ended.popleft(), None)
-        self._condition.notify_all()
-
-    def _run(self, job):
-        target_path = self._store.temp_path(extension_of(job.image))
-        outcome = Outcome(FAILED, "the resize failed unexpectedly; the server log has the details")
+    def _load(self, job_id):
+        record = self._store.load_record(job_id)
         try:
-            outcome = self._resize(job, target_path)
+            return None if record is None else Job.from_record(record)
+        except ValueError:
+            return None
+
+    def _wake(self):
+        with self._condition:
+            self._is_woken = True
+            self._condition.notify_all()
+
+    def _schedule(self):
+        next_cleanup = 0.0
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._is_woken or self._is_stopping, QUEUE_SCAN_SECONDS)
+                if self._is_stopping:
+                    return
+                self._is_woken = False
+            try:
+                self._start_ready_jobs()
+                if time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + JOB_CLEANUP_SECONDS
+                    self._store.remove_old_records()
+                self._last_queue_error = None
+            except (HTTPError, OSError) as error:
+                # The folder may be gone or read-only for a while: said once, not twice a second.
+                message = getattr(error, "message", None) or str(error)
+                if message != self._last_queue_error:
+                    sys.stderr.write(f"ims.py: cannot run the folder's resize queue: {message}\n")
+                    self._last_queue_error = message
+
+    def _start_ready_jobs(self):
+        while True:
+            queued = self._store.queued_records()
+            if not queued:
+                return
+            slot = self._store.take_slot(self._workers)
+            if slot is None:
+                return
+            claim = self._claim_next(queued)
+            job = None
+            if claim is not None:
+                try:
+                    job = Job.from_record(claim.record)
+                except ValueError:
+                    self._store.end(claim, dict(claim.record, state=FAILED, error="the job's record is unreadable"))
+            with self._condition:
+                if job is None or self._is_stopping:
+                    self._store.release_slot(slot)
+                    if claim is not None and job is not None:
+                        self._store.release(claim)
+                    return
+                run = Run(job, claim, slot)
+                self._runs[job.id] = run
+                thread = threading.Thread(target=self._run, args=(run,), name=f"ims-job-{job.id}", daemon=True)
+                self._threads.add(thread)
+                thread.start()
+
+    def _claim_next(self, queued):
+        images_seen = set()
+        for entry, accepted in queued:
+            image = accepted.get("image")
+            # Only the first job of an image not ended may run: the others follow it in order.
+            if image in images_seen:
+                continue
+            images_seen.add(image)
+            claim = self._store.claim(entry)
+            if claim is not None:
+                return claim
+        return None
+
+    def _free_slot(self, run):
+        with self._condition:
+            if run.slot is not None:
+                self._store.release_slot(run.slot)
+                run.slot = None
+                self._is_woken = True
+                self._condition.notify_all()
+
+    def _run(self, run):
+        job = run.job
+        outcome = Outcome(FAILED, "the resize failed unexpectedly; the server log has the details")
+        target = None
+        try:
+            job.state = RUNNING
+            self._store.save_record(job.to_record())
+            target = self._store.new_file(extension_of(job.image))
+            outcome = self._resize(run, target)
         except HTTPError as failure:
             outcome = Outcome(FAILED, failure.message)
         except Exception:
             traceback.print_exc()
         finally:
-            self._store.discard(target_path)
-            with self._condition:
-                self._end(job, outcome)
-                del self._running[job.image]
-                self._processes.pop(job.id, None)
-                self._slot_holders.discard(job.id)
-                self._threads.discard(threading.current_thread())
-                if not self._is_stopping:
-                    self._start_ready_jobs()
+            try:
+                if target is not None:
+                    target.remove()
+                self._free_slot(run)
+                if outcome is None:
+                    job.state = QUEUED
+                    self._store.save_record(job.to_record())
+                    self._store.release(run.claim)
+                else:
+                    job.state, job.error, job.finished = outcome.state, outcome.error, time.time()
+                    self._store.end(run.claim, job.to_record())
+            except Exception:
+                traceback.print_exc()
+            finally:
+                with self._condition:
+                    self._runs.pop(job.id, None)
+                    self._threads.discard(threading.current_thread())
+                    self._is_woken = True
+                    self._condition.notify_all()
 
-    def _resize(self, job, target_path):
+    def _resize(self, run, target):
+        """Resize the job's image into `target` and put it in place: the Outcome, or None when stopping."""
+        job = run.job
         try:
             version = self._store.version(job.image)
         except HTTPError:
             return Outcome(FAILED, "the image no longer exists")
+        if job.result_inode == version.inode:
+            return Outcome(DONE_STATE)
         if job.expected_version not in (None, version):
             return Outcome(FAILED, "the image changed after its ETag was checked (If-Match); nothing was resized")
-        arguments = (self._store.path_of(job.image), target_path, job.width, job.height, job.fit)
-        outcome = self._run_child(job, arguments)
-        if outcome.state != DONE_STATE:
+        arguments = (self._store.path_of(job.image), target.path, job.width, job.height, job.fit)
+        outcome = self._run_child(run, arguments)
+        if outcome is None or outcome.state != DONE_STATE:
             return outcome
-        if self._store.replace(job.image, target_path, version, lambda: job.state not in ENDED_STATES):
+
+        def is_wanted(inode):
+            # Under the folder's lock: a DELETE elsewhere may have cancelled the job meanwhile.
+            record = self._store.load_record(job.id)
+            if record is None or record["state"] in ENDED_STATES:
+                return False
+            job.result_inode = inode
+            self._store.save_record(job.to_record())
+            return True
+
+        if self._store.replace(job.image, target, version, is_wanted):
             return outcome
-        if job.state in ENDED_STATES:
-            return Outcome(job.state, job.error)
         return Outcome(CANCELLED, "the image was replaced or deleted while it was being resized")
 
-    def _run_child(self, job, arguments):
+    def _is_cancelled(self, run):
+        if run.is_cancelled:
+            return True
+        record = self._store.load_record(run.job.id)
+        return record is None or record["state"] in ENDED_STATES
+
+    def _run_child(self, run, arguments):
         """Run resize_file(*arguments) in a process of its own, within the time limit; return its Outcome.
 
-        The job's worker slot is free again as soon as the process has exited (it does so right
-        after answering), so at most `workers` resize processes exist at once.
+        None when the server is stopping. The job's slot is free again as soon as the process has
+        exited (it does so right after answering), so at most `workers` resize processes exist at
+        once on this host. A job cancelled elsewhere is seen within QUEUE_SCAN_SECONDS.
         """
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_resize,
             args=(writer, *arguments, self._timeout_seconds, self._max_pixels),
-            name=f"ims-resize-{job.id}",
+            name=f"ims-resize-{run.job.id}",
             daemon=True,
         )
         with self._condition:
-            is_cancelled = job.state in ENDED_STATES or self._is_stopping
-            if not is_cancelled:
-                self._processes[job.id] = process
+            is_startable = not (self._is_stopping or run.is_cancelled)
+            if is_startable:
+                run.process = process
                 process.start()
         writer.close()
-        if is_cancelled:
+        if not is_startable:
             reader.close()
-            return Outcome(CANCELLED, "the server stopped")
+            return None if self._is_stopping else Outcome(CANCELLED, "the image was deleted")
         # The child holds the only writing end of the pipe: it is readable once the child has
         # answered, or has exited without answering.
+        deadline = time.monotonic() + self._timeout_seconds
+        is_answered = False
+        message = False
         try:
-            ready = reader.poll(self._timeout_seconds)
-            message = reader.recv() if ready else False
+            while not self._is_stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if reader.poll(min(QUEUE_SCAN_SECONDS, remaining)):
+                    is_answered = True
+                    message = reader.recv()
+                    break
+                if self._is_cancelled(run):
+                    break
         except EOFError:
             message = False
         finally:
             reader.close()
-        if not ready:
+        if not is_answered:
             process.kill()
         process.join()
         with self._condition:
-            self._processes.pop(job.id, None)
-            self._slot_holders.discard(job.id)
-            if not self._is_stopping:
-                self._start_ready_jobs()
-        if not ready:
+            run.process = None
+        self._free_slot(run)
+        if self._is_stopping:
+            return None
+        if self._is_cancelled(run):
+            return Outcome(CANCELLED, "the image was deleted")
+        if not is_answered:
             return Outcome(FAILED, f"the resize took longer than {self._timeout_seconds:g} seconds and was stopped")
         if message is False:
             return Outcome(FAILED, f"the resize process died (exit code {process.exitcode})")
@@ -2252,7 +2712,7 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, settings, quiet=False):
+    def __init__(self, settings, quiet=False, listener=None):
         self.settings = settings
         self.quiet = quiet
         self.store = Store(settings.storage)
@@ -2273,12 +2733,22 @@ class Server(http.server.ThreadingHTTPServer):
             settings.max_pixels,
         )
         try:
-            super().__init__((settings.host, settings.port), Handler)
+            super().__init__((settings.host, settings.port), Handler, bind_and_activate=listener is None)
         except BaseException:
             self.resizer.stop()
+            self.store.close()
             raise
+        if listener is not None:
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
 
     def server_bind(self):
+        # Each of several workers listens on the port with its own socket; the kernel spreads
+        # new connections among them.
+        if self.settings.workers > 1:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # HTTPServer.server_bind looks up the host's FQDN, which can stall on a host without DNS.
         socketserver_bind = http.server.socketserver.TCPServer.server_bind
         socketserver_bind(self)
@@ -2343,7 +2813,8 @@ class Server(http.server.ThreadingHTTPServer):
         self._cut_connections(only_idle=False)
         for thread in threads:
             thread.join()
-        self.store.remove_own_temp_files()
+        self.store.remove_leftovers()
+        self.store.close()
 
     def _cut_connections(self, only_idle):
         # Shutting a socket down wakes the thread blocked reading it.
@@ -2382,6 +2853,7 @@ OPTIONS = (
     ("--resize-timeout", float, "seconds after which a resize process is killed and its job fails"),
     ("--timeout", float, "seconds a client may take to send its request head, or stay silent"),
     ("--max-connections", int, "connections served at once; more wait in the listen backlog"),
+    ("--workers", int, "serving processes on one port, restarted when they die"),
 )
 
 
@@ -2410,14 +2882,8 @@ def parse_args(argv, environ):
         parser.error(str(error))
 
 
-def main(argv=None):
-    """Run IMS until SIGINT or SIGTERM; return the exit status."""
-    settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
-    try:
-        server = Server(settings)
-    except OSError as error:
-        sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
-        return 1
+def serve(server):
+    """Serve until SIGINT or SIGTERM, then stop cleanly."""
 
     def stop(signal_number, frame):
         # shutdown() waits for serve_forever() to return, which runs in this very thread.
@@ -2425,13 +2891,160 @@ def main(argv=None):
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    host, port = server.server_address[:2]
-    shown_host = f"[{host}]" if ":" in host else host
-    print(f"IMS serving {settings.storage} on http://{shown_host}:{port}", flush=True)
     try:
         server.serve_forever()
     finally:
         server.server_close()
+
+
+def print_serving(settings, address):
+    """Print the one start-up line the contract promises, flushed."""
+    host, port = address[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"IMS serving {settings.storage} on http://{shown_host}:{port}", flush=True)
+
+
+# Linux spreads connections among sockets listening on one port with SO_REUSEPORT; elsewhere (BSD,
+# macOS) the option exists but one socket gets them all, so workers share one listening socket.
+REUSE_PORT_BALANCES = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+# A worker that dies sooner than this after its start is restarted only after this long, so a
+# worker that cannot start does not spin.
+WORKER_RESTART_SECONDS = 1.0
+
+
+def _reserve_port(settings):
+    # Binds the port for the workers, so --port 0 picks one port for all of them. With SO_REUSEPORT
+    # this socket never listens: it only keeps the port while workers come and go.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT_BALANCES:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((settings.host, settings.port))
+        if not REUSE_PORT_BALANCES:
+            listener.listen(LISTEN_BACKLOG)
+            # Every worker waits on it; those that lose the race for a connection must not block.
+            listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _run_worker(settings, listener, ready_descriptor):
+    # In a forked worker: serve until told to stop; the exit status of the worker process.
+    try:
+        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener)
+    except OSError as error:
+        sys.stderr.write(f"ims.py: worker {os.getpid()} cannot serve on {settings.host}:{settings.port}: {error}\n")
+        return 1
+    try:
+        os.write(ready_descriptor, b"+")
+        os.close(ready_descriptor)
+    except OSError:
+        pass
+    serve(server)
+    return 0
+
+
+def _describe_exit(status):
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"was killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"was killed by signal {number}"
+    return f"exited with status {os.WEXITSTATUS(status) if os.WIFEXITED(status) else status}"
+
+
+def serve_workers(settings):
+    """Run `settings.workers` serving processes on one port until SIGINT or SIGTERM; return the exit status.
+
+    The calling process supervises them: it prints the start-up line once every worker listens,
+    restarts a worker that dies (and logs it), and on SIGINT or SIGTERM stops them all cleanly.
+    Resize slots are shared by every process on the host through the folder's lock files.
+    """
+    try:
+        listener = _reserve_port(settings)
+    except OSError as error:
+        sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
+        return 1
+    settings = dataclasses.replace(settings, port=listener.getsockname()[1])
+    workers = {}
+    is_stopping = False
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+
+    def stop(signal_number, frame):
+        nonlocal is_stopping
+        is_stopping = True
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    def start_worker():
+        reader, writer = os.pipe()
+        # Signals wait until the worker has its own handlers and the supervisor knows the worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(reader)
+                for number in stop_signals:
+                    signal.signal(number, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                status = _run_worker(settings, listener, writer)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        workers[pid] = time.monotonic()
+        os.close(writer)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        return reader
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    readers = [start_worker() for _ in range(settings.workers)]
+    is_ready = True
+    for reader in readers:
+        is_ready = is_ready and os.read(reader, 1) == b"+"
+        os.close(reader)
+    if is_ready:
+        print_serving(settings, listener.getsockname())
+    else:
+        stop(None, None)
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = workers.pop(pid, None)
+        if started is None or is_stopping:
+            continue
+        sys.stderr.write(f"ims.py: worker {pid} {_describe_exit(status)}; restarting it\n")
+        if time.monotonic() - started < WORKER_RESTART_SECONDS:
+            time.sleep(WORKER_RESTART_SECONDS)
+        if not is_stopping:
+            os.close(start_worker())
+    listener.close()
+    return 0 if is_ready else 1
+
+
+def main(argv=None):
+    """Run IMS until SIGINT or SIGTERM; return the exit status."""
+    settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    if settings.workers > 1:
+        return serve_workers(settings)
+    try:
+        server = Server(settings)
+    except OSError as error:
+        sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
+        return 1
+    print_serving(settings, server.server_address)
+    serve(server)
     return 0
 
 

@@ -157,6 +157,11 @@ def wait_for(predicate, timeout=DEADLINE_SECONDS):
         threading.Event().wait(0.01)
 
 
+def folder_files(storage):
+    """Return the sorted names in a storage folder, but for the hidden folder of shared state."""
+    return sorted(name for name in os.listdir(storage) if name != ims.STATE_FOLDER)
+
+
 def dead_pid():
     """Return the process id of a process that has exited (a writer that is gone)."""
     process = subprocess.Popen([sys.executable, "-c", ""])
@@ -236,7 +241,8 @@ class ServerTestCase(unittest.TestCase):
             chunks.append(chunk)
 
     def stored_files(self):
-        return sorted(os.listdir(self.storage))
+        """Return the files in the storage folder, but for the hidden folder of shared state."""
+        return sorted(name for name in os.listdir(self.storage) if name != ims.STATE_FOLDER)
 
     def temp_files(self):
         """Return the hidden temp files in the storage folder (an upload or resize in progress)."""
@@ -1292,17 +1298,24 @@ class TestList(HTTPTestCase):
         server = start_server(self, storage)
         self.assertFalse(os.path.exists(leftover))
         self.assertFalse(os.path.exists(leftover_jpg))
-        self.assertEqual(sorted(os.listdir(storage)), ["kept.jpg"])
+        self.assertEqual(folder_files(storage), ["kept.jpg"])
         reply = self.request("GET", "/", connection=self.connect(server.server_address))
         self.assertEqual(reply.json, ["kept.jpg"])
 
     def test_temp_file_of_a_live_writer_is_kept_at_start_up_but_not_listed(self):
         storage = os.path.join(self.tempdir.name, "shared")
         os.mkdir(storage)
-        # Another IMS process serving the same folder is writing this upload right now.
-        in_progress = self.put_file(f"{ims.TEMP_PREFIX}{os.getppid()}-z.jpg", b"half", storage)
+        # Another IMS instance serving the same folder is writing this upload right now, and holds
+        # its lock; its PID says nothing here (another host, another PID namespace).
+        in_progress = ims.TempFile(os.path.join(storage, f"{ims.TEMP_PREFIX}{dead_pid()}-z.jpg"))
+        self.addCleanup(in_progress.remove)
+        in_progress.write(b"half")
         server = start_server(self, storage)
-        self.assertTrue(os.path.exists(in_progress))
+        self.assertTrue(os.path.exists(in_progress.path))
+        in_progress.write(b" and the rest")
+        in_progress.finish()
+        with open(in_progress.path, "rb") as file:
+            self.assertEqual(file.read(), b"half and the rest")
         self.assertEqual(self.request("GET", "/", connection=self.connect(server.server_address)).json, [])
 
 
@@ -3126,7 +3139,7 @@ class TestSignals(unittest.TestCase):
         process.send_signal(signal_number)
         self.assertEqual(process.wait(timeout=DEADLINE_SECONDS), 0)
         connection.close()
-        self.assertEqual(os.listdir(self.storage), ["kept.png"])
+        self.assertEqual(folder_files(self.storage), ["kept.png"])
 
     def test_sigterm_stops_cleanly_with_status_0(self):
         self.check_clean_stop(signal.SIGTERM)
@@ -3140,7 +3153,7 @@ class TestSignals(unittest.TestCase):
         with open(leftover, "wb") as file:
             file.write(b"half an upload")
         start_ims(self, "--storage", self.storage)
-        self.assertEqual(os.listdir(self.storage), [])
+        self.assertEqual(folder_files(self.storage), [])
 
 
 @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
@@ -3882,15 +3895,27 @@ class TestDiskFull(HTTPTestCase):
         self.assertNoTempFiles()
         self.assertEqual(self.request("GET", "/").json, [])
 
-    def test_resize_that_does_not_fit_fails_its_job_and_keeps_the_image(self):
+    def test_resize_on_a_full_disk_is_507_and_keeps_the_image(self):
+        # A 202 is a promise that the job is on disk; a full disk cannot hold its record.
         data = self.noise_png(SEED)
         self.assertEqual(self.upload("a.png", data).status, 201)
         self.fill_disk()
+        self.assertError(self.request("PATCH", "/a.png?width=400&height=400"), 507, os.strerror(errno.ENOSPC))
+        self.assertEqual(self.request("GET", "/a.png").body, data)
+        self.assertNoTempFiles()
+
+    def test_resize_that_does_not_fit_fails_its_job_and_keeps_the_image(self):
+        data = self.noise_png(SEED)
+        self.assertEqual(self.upload("a.png", data).status, 201)
+        hold = self.request("PATCH", "/a.png?width=4000&height=4000")
+        self.assertEqual(hold.status, 202, hold.body)
         reply = self.request("PATCH", "/a.png?width=400&height=400")
         self.assertEqual(reply.status, 202, reply.body)
-        job = self.wait_job(reply.headers["Location"])
-        self.assertEqual(job["state"], "failed")
-        self.assertTrue(job["error"])
+        self.fill_disk()
+        for location in (hold.headers["Location"], reply.headers["Location"]):
+            job = self.wait_job(location)
+            self.assertEqual(job["state"], "failed")
+            self.assertTrue(job["error"])
         self.assertEqual(self.request("GET", "/a.png").body, data)
         self.assertNoTempFiles()
 
@@ -3901,9 +3926,7 @@ class TestDiskFull(HTTPTestCase):
         self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", self.storage], capture_output=True)
         self.assertError(self.upload("new.png", self.noise_png(SEED + 1)), 507, os.strerror(errno.EROFS))
         self.assertError(self.request("DELETE", "/kept.png"), 507, os.strerror(errno.EROFS))
-        reply = self.request("PATCH", "/kept.png?width=10&height=10")
-        self.assertEqual(reply.status, 202, reply.body)
-        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "failed")
+        self.assertError(self.request("PATCH", "/kept.png?width=10&height=10"), 507, os.strerror(errno.EROFS))
         self.assertEqual(self.request("GET", "/").json, ["kept.png"])
         reply = self.request("GET", "/kept.png")
         self.assertEqual((reply.status, reply.body), (200, data))
@@ -4051,7 +4074,7 @@ class TestCrashRecovery(unittest.TestCase):
         process, _ = self.kill_mid_resize(SLOW_ENOUGH)
         wait_for(lambda: not session_processes(process.pid))
         self.assertEqual([name for name in os.listdir(self.storage) if name.startswith(ims.TEMP_PREFIX)], [])
-        self.assertEqual(os.listdir(self.storage), ["slow.png"])
+        self.assertEqual(folder_files(self.storage), ["slow.png"])
 
     @staticmethod
     def kill_session(session_id):
