@@ -2507,9 +2507,9 @@ class ResizeTestCase(ColourAssertions, ServerTestCase):
         self.assertEqual(reply.status, 202, reply.body)
         return reply.headers["Location"]
 
-    def job(self, location):
+    def job(self, location, connection=None):
         """GET the job now, without waiting."""
-        reply = self.request("GET", location)
+        reply = self.request("GET", location, connection=connection)
         self.assertEqual(reply.status, 200, reply.body)
         return reply.json
 
@@ -2754,6 +2754,9 @@ class TestResize(ResizeTestCase):
         self.assertEqual(self.wait_job(location)["state"], "cancelled")
         self.assertError(self.request("GET", "/slow.png"), 404, "slow.png")
         self.assertEqual(self.request("GET", "/").json, [])
+        # The job is recorded cancelled at once; its process is killed and its temp file removed
+        # a moment later.
+        wait_for(lambda: not self.temp_files())
         self.assertEqual(self.stored_files(), [])
 
     def test_delete_stops_the_running_resize_process(self):
@@ -2770,7 +2773,8 @@ class TestResize(ResizeTestCase):
         self.store("slow.png", replacement)
         self.assertEqual(self.wait_job(location)["state"], "cancelled")
         self.assertEqual(self.request("GET", "/slow.png").body, replacement)
-        self.assertNoTempFiles()
+        # Recorded cancelled at once by the DELETE; the temp file goes a moment later.
+        wait_for(lambda: not self.temp_files())
 
     def test_a_file_replaced_in_the_folder_during_a_resize_is_not_overwritten(self):
         # Someone else (a person, a backup restore, another IMS) replaces the file while it is
@@ -4148,6 +4152,10 @@ class TestCrashRecovery(unittest.TestCase):
 
     def check_store(self, port):
         """The invariants a restart must give, whatever moment the previous process died at."""
+        # Jobs are durable: the restarted process runs the ones the killed one accepted, each
+        # with a temp file of its own while it runs. Its leftovers are judged once they are done.
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        wait_for(lambda: not os.path.isdir(queue) or not os.listdir(queue))
         folder = os.listdir(self.storage)
         self.assertEqual([name for name in folder if name.startswith(ims.TEMP_PREFIX)], [])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
@@ -4224,25 +4232,27 @@ class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
     """Instance A (self.server, the default for every helper) and instance B on one folder.
 
     Either may be stopped by the test (stop_instance); a stopped instance is not stopped again
-    at cleanup. `other_options` are B's options; None gives B the same options as A.
+    at cleanup. `other_options` are B's, over those A has.
     """
 
-    other_options = None
+    other_options = {}
 
     def setUp(self):
         self.tempdir = tempfile.TemporaryDirectory()
         self.addCleanup(self.tempdir.cleanup)
         self.storage = os.path.join(self.tempdir.name, "storage")
         self.prepare_storage()
-        self.server = self.start_instance(**self.server_options)
+        self.server = self.start_instance()
         self.host, self.port = self.a = self.server.server_address[:2]
-        options = self.server_options if self.other_options is None else self.other_options
-        self.other = self.start_instance(**options)
+        self.other = self.start_instance(**(self.other_options or {}))
         self.b = self.other.server_address[:2]
 
     def start_instance(self, **options):
-        """Return another in-process server on the folder, serving; stopped at cleanup unless stopped before."""
-        server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **options)
+        """Return another in-process server on the folder, serving; stopped at cleanup unless stopped before.
+
+        Its options are the class's server_options, updated with `options`.
+        """
+        server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **{**self.server_options, **options})
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         thread.start()
         server.ims_test_is_running = True
@@ -4262,9 +4272,7 @@ class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
 
     def job_on(self, address, location):
         """GET the job from the instance at `address` now, without waiting."""
-        reply = self.request("GET", location, connection=self.connect(address))
-        self.assertEqual(reply.status, 200, reply.body)
-        return reply.json
+        return self.job(location, self.connect(address))
 
     def wait_job_on(self, address, location):
         """Return the job's JSON from the instance at `address` once it has ended, waiting with ?wait=."""
@@ -4284,9 +4292,13 @@ class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
         self.assertEqual(reply.status, 200, reply.body)
         return Image.open(io.BytesIO(reply.body)).size
 
-    def images_in_folder(self):
-        """Return the visible files of the folder: what a person listing it would call the images."""
-        return sorted(name for name in os.listdir(self.storage) if not name.startswith("."))
+    def wait_for_no_temp_files(self):
+        """Wait for the temp file of a cancelled resize to go.
+
+        A DELETE records the image's jobs cancelled at once; the instance running one kills its
+        process and removes its temp file a moment later (spec: within about 0.5 s).
+        """
+        wait_for(lambda: not self.temp_files())
 
 
 class TestSharedFolder(SharedFolderTestCase):
@@ -4313,7 +4325,7 @@ class TestSharedFolder(SharedFolderTestCase):
                 self.assertNotIn(name, self.listing_on(reader))
                 self.assertError(self.request("GET", f"/{name}", connection=self.connect(reader)), 404, name)
                 self.assertError(self.request("DELETE", f"/{name}", connection=self.connect(reader)), 404, name)
-        self.assertEqual(self.images_in_folder(), [])
+        self.assertEqual(self.stored_files(), [])
 
     def test_both_instances_give_one_file_one_etag(self):
         self.store("a.png", make_image("PNG"))
@@ -4370,7 +4382,7 @@ class TestSharedFolder(SharedFolderTestCase):
                     for method in ("GET", "HEAD", "DELETE", "PATCH"):
                         reply = self.request(method, path + ("?width=5&height=5" if method == "PATCH" else ""),
                                              connection=self.connect(address))
-                        self.assertIn(reply.status, (400, 404), f"{method} {path}: {reply.status} {reply.body[:200]!r}")
+                        self.assertIn(reply.status, (400, 404, 405), f"{method} {path}: {reply.status} {reply.body[:200]!r}")
                         self.assertNotIn(b'"state"', reply.body, f"{method} {path} served a job record")
         with open(record, "rb") as file:
             self.assertEqual(file.read(), record_bytes)
@@ -4514,8 +4526,8 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         for address in (self.a, self.b):
             self.assertError(self.request("GET", "/slow.png", connection=self.connect(address)), 404, "slow.png")
             self.assertEqual(self.listing_on(address), [])
-        self.assertEqual(self.images_in_folder(), [])
-        self.assertNoTempFiles()
+        self.wait_for_no_temp_files()
+        self.assertEqual(self.stored_files(), [])
 
     def test_an_upload_after_a_delete_on_the_other_instance_survives_the_cancelled_resize(self):
         running = self.start_slow_resize(query=SLOW_ENOUGH)
@@ -4526,7 +4538,7 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         wait_for(lambda: not multiprocessing.active_children())
         for address in (self.a, self.b):
             self.assertEqual(self.request("GET", "/slow.png", connection=self.connect(address)).body, replacement)
-        self.assertNoTempFiles()
+        self.wait_for_no_temp_files()
 
 
 class TestSharedFolderQueue(SharedFolderTestCase):
@@ -4628,26 +4640,29 @@ class TestDurableJobs(SharedFolderTestCase):
 
     def test_jobs_of_an_instance_killed_with_sigkill_are_run_by_the_other(self):
         # A is the real process, so that it can die the way a crashed host does: SIGKILL to it
-        # and to its resize process at once, no clean-up of any kind. B is in this process.
+        # and to its resize process at once, no clean-up of any kind. B, in this process, starts
+        # once A's jobs are running and queued, so that A alone can have taken them.
         if not os.path.isdir("/proc/self"):
             self.skipTest("telling a server's resize process needs /proc")
         self.stop_instance(self.server)
+        self.stop_instance(self.other)
         process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "1")
         self.addCleanup(TestCrashRecovery.kill_session, process.pid)
-        a = ("127.0.0.1", port)
-        self.store_slow_and_small(self.on_b())
-        running = self.submit("slow.png", SLOW_ENOUGH, connection=self.connect(a))
-        wait_for(lambda: len(session_processes(process.pid)) > 1 or self.job_on(a, running)["state"] in ENDED_STATES)
+        a = self.connect(("127.0.0.1", port))
+        self.store_slow_and_small(a)
+        running = self.submit("slow.png", SLOW_ENOUGH, a)
+        wait_for(lambda: len(session_processes(process.pid)) > 1 or self.job(running, a)["state"] in ENDED_STATES)
         resize_pids = set(session_processes(process.pid)) - {process.pid}
         self.assertEqual(len(resize_pids), 1, "not one resize process")
         os.kill(resize_pids.pop(), signal.SIGSTOP)
-        queued = self.submit("a.png", "width=32&height=24", connection=self.connect(a))
-        self.assertEqual(self.job_on(self.b, running)["state"], "running")
-        self.assertEqual(self.job_on(self.b, queued)["state"], "queued")
+        queued = self.submit("a.png", "width=32&height=24", a)
+        b = self.start_instance().server_address[:2]
+        self.assertEqual(self.job_on(b, running)["state"], "running")
+        self.assertEqual(self.job_on(b, queued)["state"], "queued")
         TestCrashRecovery.kill_session(process.pid)
         process.wait()
         wait_for(lambda: not session_processes(process.pid))
-        self.assertBothDone(self.b, running, queued)
+        self.assertBothDone(b, running, queued)
 
     def test_a_job_is_on_disk_before_its_202(self):
         # Nothing but the folder is left when an instance dies right after its answer.
@@ -4655,6 +4670,228 @@ class TestDurableJobs(SharedFolderTestCase):
         location = self.submit("a.png", "width=10&height=10")
         self.assertTrue(os.path.isfile(os.path.join(self.storage, ".ims", "jobs", f"{job_path(location)}.json")))
         self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
+
+
+
+class TestStoreLocks(unittest.TestCase):
+    """Two Stores on one folder, in this one process: their locks exclude each other as two hosts' would."""
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.folder = os.path.join(self.tempdir.name, "storage")
+        self.first, self.second = ims.Store(self.folder), ims.Store(self.folder)
+        for store in (self.first, self.second):
+            self.addCleanup(store.close)
+        self.path = os.path.join(self.folder, "a.png")
+        with open(self.path, "wb") as file:
+            file.write(make_image("PNG"))
+
+    def run_meanwhile(self, action):
+        """Start action() in a thread and give it half a second; return (thread, outcomes).
+
+        Called while the first Store holds its lock: a second Store that does not wait for that
+        lock has done its work by the time this returns.
+        """
+        outcomes = []
+
+        def run():
+            try:
+                outcomes.append(action())
+            except ims.HTTPError as error:
+                outcomes.append(error.status)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(0.5)
+        return thread, outcomes
+
+    def test_of_two_removes_of_one_image_from_two_stores_the_one_holding_the_lock_removes_it(self):
+        meanwhile = []
+        self.first.remove("a.png", precondition=lambda version: meanwhile.append(self.run_meanwhile(lambda: self.second.remove("a.png"))))
+        thread, outcomes = meanwhile[0]
+        thread.join(DEADLINE_SECONDS)
+        self.assertEqual(outcomes, [404], "the second Store removed the image while the first held the lock")
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_a_remove_if_unchanged_from_another_store_waits_for_a_replace_and_sees_its_version(self):
+        before = self.first.version("a.png")
+        temp_file = self.first.new_file(".png")
+        temp_file.write(make_image("PNG", (10, 10)))
+
+        def precondition(version):
+            if version != before:
+                raise ims.HTTPError(412, "the image changed")
+
+        meanwhile = []
+
+        def is_wanted(*arguments):
+            meanwhile.append(self.run_meanwhile(lambda: self.second.remove("a.png", precondition=precondition)))
+            return True
+
+        self.assertTrue(self.first.replace("a.png", temp_file, before, is_wanted))
+        thread, outcomes = meanwhile[0]
+        thread.join(DEADLINE_SECONDS)
+        self.assertEqual(outcomes, [412], "the second Store removed the image under the first one's replace")
+        with open(self.path, "rb") as file:
+            self.assertEqual(decode(file.read()).size, (10, 10))
+
+    def test_a_temp_file_being_written_survives_another_store_s_scan_and_a_leftover_does_not(self):
+        live = self.first.new_file(".png")
+        live.write(b"the first bytes")
+        leftover = os.path.join(self.folder, f"{ims.TEMP_PREFIX}{os.getpid()}-leftover.png")
+        with open(leftover, "wb") as file:
+            file.write(b"half an upload")
+        self.second.scan()
+        self.assertTrue(os.path.exists(live.path))
+        self.assertFalse(os.path.exists(leftover))
+        live.remove()
+        self.assertFalse(os.path.exists(live.path))
+
+
+# Odd JSON values for the fields of a damaged job record.
+ODD_VALUES = (None, True, -1, 0, 10 ** 30, 1e308, "", "x", "../../etc/passwd", "/a.png", [], {}, [1, 2],
+              {"id": "x"}, "2024-01-01T00:00:00Z", "queued", "done", "\u0000")
+
+
+def garbage_records(rng, record, count=300):
+    """Yield seeded random damage to a job record (a dict): broken bytes, odd values, fields missing or added."""
+    valid = json.dumps(record).encode()
+    for _ in range(count):
+        yield mutate(rng, valid)
+    for _ in range(count):
+        damaged = dict(record)
+        for key in rng.sample(sorted(damaged), rng.randint(1, 3)):
+            if rng.random() < 0.2:
+                del damaged[key]
+            else:
+                damaged[key] = rng.choice(ODD_VALUES)
+        if rng.random() < 0.1:
+            damaged[rng.choice(("extra", "owner"))] = rng.choice(ODD_VALUES)
+        yield json.dumps(damaged).encode()
+    yield from (b"", b"null", b"[]", b"\xff\xfe", b"{" * 10000, b'"' + b"a" * 100000 + b'"', valid[:-1])
+
+
+class TestJobRecordReader(unittest.TestCase):
+    """Store.load_record() on seeded random garbage: a record or None, never an exception."""
+
+    RECORD = {"id": "0123456789abcdef", "image": "a.png", "width": 40, "height": 30, "fit": "fill", "state": "done",
+              "error": None, "submitted": 1700000000.0, "finished": 1700000001.5, "expected_version": None,
+              "result_inode": None}
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.store = ims.Store(os.path.join(self.tempdir.name, "storage"))
+        self.addCleanup(self.store.close)
+        self.record_path = os.path.join(self.store.folder, ims.STATE_FOLDER, "jobs", self.RECORD["id"] + ".json")
+
+    def test_garbage_reads_as_none_or_as_a_record(self):
+        for index, data in enumerate(garbage_records(random.Random(SEED), self.RECORD)):
+            with open(self.record_path, "wb") as file:
+                file.write(data)
+            with self.subTest(index=index, data=data[:200]):
+                record = self.store.load_record(self.RECORD["id"])
+                self.assertTrue(record is None or isinstance(record, dict), record)
+        with open(self.record_path, "wb") as file:
+            file.write(json.dumps(self.RECORD).encode())
+        self.assertEqual(self.store.load_record(self.RECORD["id"]), self.RECORD)
+
+    def test_ids_that_are_not_job_ids_name_no_file(self):
+        outside = os.path.join(self.tempdir.name, "outside.json")
+        with open(outside, "w") as file:
+            json.dump(dict(self.RECORD, id="../../outside"), file)
+        for job_id in ("../../../outside", "../../outside", "", ".", "0123456789ABCDEF", "0123456789abcdef/"):
+            with self.subTest(job_id=job_id):
+                self.assertIsNone(self.store.load_record(job_id))
+
+
+class TestDamagedJobRecords(ResizeTestCase):
+    """A job record damaged on disk (a bad sector, a person's edit) is a 404 or a whole job, never a 500."""
+
+    server_options = {"resize_workers": 1}
+
+    def real_record(self):
+        """Run one resize of a.png; return its location and its record as the server wrote it."""
+        self.store("a.png", make_image("PNG", (64, 48)))
+        location = self.submit("a.png", "width=32&height=24")
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        path = os.path.join(self.storage, ims.STATE_FOLDER, "jobs", f"{job_path(location)}.json")
+        with open(path, "rb") as file:
+            return location, path, json.loads(file.read())
+
+    def test_get_of_a_damaged_record_is_404_or_a_whole_job(self):
+        location, path, record = self.real_record()
+        connection = self.connect()
+        for index, data in enumerate(garbage_records(random.Random(SEED), record, count=100)):
+            with open(path, "wb") as file:
+                file.write(data)
+            with self.subTest(index=index, data=data[:200]):
+                reply = self.request("GET", location, connection=connection)
+                self.assertIn(reply.status, (200, 404), reply.body)
+                if reply.status == 200:
+                    self.assertEqual(set(reply.json), JOB_FIELDS)
+                    self.assertEqual(reply.json["id"], job_path(location))
+                else:
+                    self.assertError(reply, 404, job_path(location))
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+    def test_damaged_records_in_the_queue_never_stop_the_jobs_behind_them(self):
+        # Each damaged record waits in the queue ahead of a real resize of the same image: the
+        # real one must still run, and the server answer every job without a 500.
+        _, _, record = self.real_record()
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        rng = random.Random(SEED)
+        damaged = list(garbage_records(rng, dict(record, state="queued", error=None, finished=None), count=15))
+        for round_index in range(0, len(damaged), 10):
+            ids = []
+            for data in damaged[round_index:round_index + 10]:
+                job_id = f"{rng.getrandbits(64):016x}"
+                data = data.replace(record["id"].encode(), job_id.encode())
+                ids.append(job_id)
+                with open(os.path.join(jobs, f"{job_id}.json"), "wb") as file:
+                    file.write(data)
+                entries = sorted(os.listdir(queue))
+                sequence = int(entries[-1].partition("-")[0]) + 1 if entries else round_index * 100
+                os.link(os.path.join(jobs, f"{job_id}.json"), os.path.join(queue, f"{sequence:012d}-{job_id}"))
+            with self.subTest(round=round_index // 10):
+                job = self.wait_job(self.submit("a.png", f"width={20 + round_index // 10}&height=20"))
+                self.assertEqual(job["state"], "done", job)
+                for job_id in ids:
+                    reply = self.request("GET", f"/jobs/{job_id}")
+                    self.assertIn(reply.status, (200, 404), reply.body)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+    def test_a_queued_record_naming_a_file_outside_the_folder_never_touches_it(self):
+        # Only IMS writes records, but whatever a damaged one names, the contract's "never touches
+        # a file outside the storage folder" holds.
+        _, _, record = self.real_record()
+        outside = os.path.join(self.tempdir.name, "outside.png")
+        original = make_image("PNG", (64, 48))
+        with open(outside, "wb") as file:
+            file.write(original)
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        sequence = int(sorted(os.listdir(queue) or ["000000000000-x"])[-1].partition("-")[0]) + 1
+        ids = []
+        for index, image in enumerate(("../outside.png", outside, "a.png/../../outside.png")):
+            job_id = f"{index:016x}"
+            ids.append(job_id)
+            damaged = dict(record, id=job_id, image=image, state="queued", error=None, finished=None)
+            with open(os.path.join(jobs, f"{job_id}.json"), "w") as file:
+                json.dump(damaged, file)
+            os.link(os.path.join(jobs, f"{job_id}.json"), os.path.join(queue, f"{sequence + index:012d}-{job_id}"))
+        # A real job queued behind them has run when they have.
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=10&height=10"))["state"], "done")
+        with open(outside, "rb") as file:
+            self.assertEqual(file.read(), original, "a resize wrote a file outside the storage folder")
+        for job_id in ids:
+            reply = self.request("GET", f"/jobs/{job_id}")
+            self.assertIn(reply.status, (200, 404), reply.body)
+            if reply.status == 200:
+                self.assertNotEqual(reply.json["state"], "done", reply.json)
+        self.assertEqual(sorted(os.listdir(self.tempdir.name)), ["outside.png", "storage"])
 
 
 if __name__ == "__main__":
