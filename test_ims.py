@@ -4664,6 +4664,40 @@ class TestDurableJobs(SharedFolderTestCase):
         wait_for(lambda: not session_processes(process.pid))
         self.assertBothDone(b, running, queued)
 
+    def check_retention(self, ages, kept):
+        """Make ended jobs' records by hand from a real one, ended `ages` seconds ago; start an instance.
+
+        It must keep the records of the first `kept` ages (the newest) and remove the others.
+        """
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        with open(os.path.join(jobs, f"{job_path(location)}.json")) as file:
+            record = json.load(file)
+        now = time.time()
+        ids = [f"{index:016x}" for index in range(len(ages))]
+        for job_id, age in zip(ids, ages):
+            path = os.path.join(jobs, f"{job_id}.json")
+            with open(path, "w") as file:
+                json.dump(dict(record, id=job_id, submitted=now - age - 1, finished=now - age), file)
+            os.utime(path, (now - age, now - age))
+        address = self.start_instance().server_address[:2]
+        wait_for(lambda: self.request("GET", f"/jobs/{ids[-1]}", connection=self.connect(address)).status == 404)
+        self.assertEqual([os.path.exists(os.path.join(jobs, f"{job_id}.json")) for job_id in ids],
+                         [True] * kept + [False] * (len(ids) - kept))
+        for job_id in (ids[0], ids[kept - 1], job_path(location)):
+            self.assertEqual(self.job_on(self.b, f"/jobs/{job_id}")["state"], "done")
+        self.assertError(self.request("GET", f"/jobs/{ids[kept]}", connection=self.on_b()), 404, ids[kept])
+
+    def test_jobs_ended_within_the_hour_are_kept_past_1000_and_older_ones_are_cleaned_by_any_instance(self):
+        # With the real job's record, 1,004 ended within the hour: all kept; the 5 older go.
+        self.check_retention([60 + index for index in range(1003)] + [7200 + index for index in range(5)], kept=1003)
+
+    def test_the_last_1000_ended_jobs_are_kept_past_the_hour_and_older_ones_are_cleaned_by_any_instance(self):
+        # With the real job's record, the newest 1,000 are it, 990 recent ones and 9 of the old.
+        self.check_retention([60 + index for index in range(990)] + [7200 + index for index in range(15)], kept=999)
+
     def test_a_job_is_on_disk_before_its_202(self):
         # Nothing but the folder is left when an instance dies right after its answer.
         self.store("a.png", make_image("PNG"))
