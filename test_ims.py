@@ -4508,6 +4508,34 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         self.assertIn("If-Match", late["error"])
         self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
 
+    def test_a_conditional_delete_racing_a_resize_on_the_other_instance_is_all_or_nothing(self):
+        # B deletes with the ETag from before a resize that A runs meanwhile. Either the DELETE
+        # comes first (204: the resize never ends done and never brings the file back), or the
+        # resize does (412: the file is resized). Which, the race decides, round by round.
+        rng, connection = random.Random(SEED), self.on_b()
+        for index in range(20):
+            name = f"race{index}.png"
+            self.store(name, encode(noise((300, 300), SEED + index), "PNG"))
+            etag = self.request("HEAD", f"/{name}").headers["ETag"]
+            location = self.submit(name, "width=32&height=24")
+            # The DELETE is sent at a seeded point of the resize: once it runs, after a number of
+            # requests to B, each taking about as long as a small part of the resize.
+            wait_for(lambda: self.job_on(self.b, location)["state"] != "queued")
+            for _ in range(rng.randrange(40)):
+                self.request("HEAD", f"/{name}", connection=connection)
+            reply = self.request("DELETE", f"/{name}", headers={"If-Match": etag}, connection=self.on_b())
+            job = self.wait_job_on(self.b, location)
+            with self.subTest(name=name, delete=reply.status, job=job["state"]):
+                if reply.status == 204:
+                    self.assertIn(job["state"], ("cancelled", "failed"))
+                    for address in (self.a, self.b):
+                        self.assertEqual(self.request("HEAD", f"/{name}", connection=self.connect(address)).status, 404)
+                else:
+                    self.assertError(reply, 412, name)
+                    self.assertEqual(job["state"], "done")
+                    self.assertEqual(self.image_size_on(self.b, name), (32, 24))
+        self.wait_for_no_temp_files()
+
     def test_delete_on_one_instance_cancels_the_image_s_queued_and_running_resizes_on_the_other(self):
         running = self.start_slow_resize()
         queued = [self.submit("slow.png", "width=10&height=10"), self.submit("slow.png", "width=20&height=20"),
