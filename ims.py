@@ -204,6 +204,8 @@ TEMP_PREFIX = ".ims-tmp-"
 STATE_FOLDER = ".ims"
 # A job id: 16 hex digits (secrets.token_hex(8)); anything else names no job and no file.
 _JOB_ID = re.compile(r"[0-9a-f]{16}")
+# Resize slots are lock files named after their host in STATE_FOLDER/locks.
+SLOT_PREFIX = "slot-"
 # A queue entry: the job's sequence number across every instance, and its id.
 _QUEUE_ENTRY = re.compile(r"\d{12}-[0-9a-f]{16}")
 
@@ -540,15 +542,15 @@ class Store:
         state = os.path.join(folder, STATE_FOLDER)
         self._jobs_folder = os.path.join(state, "jobs")
         self._queue_folder = os.path.join(state, "queue")
-        locks_folder = os.path.join(state, "locks")
-        for path in (self._jobs_folder, self._queue_folder, locks_folder):
+        self._locks_folder = os.path.join(state, "locks")
+        for path in (self._jobs_folder, self._queue_folder, self._locks_folder):
             os.makedirs(path, exist_ok=True)
         # Resize slots are per host: one lock file per slot, named after the host.
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-        self._slot_prefix = os.path.join(locks_folder, f"slot-{host}-")
+        self._slot_prefix = os.path.join(self._locks_folder, f"{SLOT_PREFIX}{host}-")
         # Held while an image is replaced, removed, or its jobs queued or ended, so each happens
         # only if what was checked first is still true.
-        self._lock = FolderLock(os.path.join(locks_folder, "folder"))
+        self._lock = FolderLock(os.path.join(self._locks_folder, "folder"))
         self._listing_lock = threading.Lock()
         self._names = frozenset()
         self._listing = b"[]\n"
@@ -730,23 +732,34 @@ class Store:
         """
         temp_path = os.path.join(self._jobs_folder, f".{record['id']}.json")
         try:
+            # A full queue is answered before anything is written; the lock makes the answer exact.
+            self._check_queue_room(max_queue, slot_count)
             self._write_file(temp_path, json.dumps(record).encode(), durable=True)
             with self._lock:
-                entries = self._entry_names()
-                if len(entries) >= max_queue:
-                    running = sum(self._is_locked(os.path.join(self._queue_folder, entry)) for entry in entries)
-                    free_slots = sum(not self._is_locked(f"{self._slot_prefix}{slot}") for slot in range(slot_count))
-                    if len(entries) - running >= max_queue + free_slots:
-                        raise HTTPError(503, f"the queue of {max_queue} waiting resizes is full; try again later", {"Retry-After": "1"})
+                entries = self._check_queue_room(max_queue, slot_count)
                 sequence = int(entries[-1].partition("-")[0]) + 1 if entries else 0
                 os.link(temp_path, os.path.join(self._queue_folder, f"{sequence:012d}-{record['id']}"))
                 os.rename(temp_path, os.path.join(self._jobs_folder, record["id"] + ".json"))
+            # The entry is the job as accepted: once it is on disk, so is the promise. The record's
+            # name may be lost by a crash; claim() then reads the entry instead.
             _fsync_path(self._queue_folder)
-            _fsync_path(self._jobs_folder)
         except OSError as error:
             raise storage_error(error) from None
         finally:
             _remove_if_present(temp_path)
+
+    def _check_queue_room(self, max_queue, slot_count):
+        # Returns the queue's entries, or raises HTTPError(503).
+        entries = self._entry_names()
+        if len(entries) >= max_queue:
+            # A job runs while it holds a slot, on any host: a few lock files to look at rather
+            # than every entry of a long queue.
+            slots = [name for name in os.listdir(self._locks_folder) if name.startswith(SLOT_PREFIX)]
+            running = sum(self._is_locked(os.path.join(self._locks_folder, name)) for name in slots)
+            free_slots = sum(not self._is_locked(f"{self._slot_prefix}{slot}") for slot in range(slot_count))
+            if len(entries) - running >= max_queue + free_slots:
+                raise HTTPError(503, f"the queue of {max_queue} waiting resizes is full; try again later", {"Retry-After": "1"})
+        return entries
 
     def queued_records(self):
         """Return (entry, record as accepted) for every job not ended, in the order they were accepted."""
@@ -783,7 +796,7 @@ class Store:
             if not is_queued:
                 _close_locked(descriptor)
                 return None
-            record = self.load_record(entry.partition("-")[2])
+            record = self.load_record(entry.partition("-")[2]) or self._read_record(path)
         except BaseException:
             _close_locked(descriptor)
             raise
@@ -2038,7 +2051,11 @@ class Resizer:
             slot = self._store.take_slot(self._workers)
             if slot is None:
                 return
-            claim = self._claim_next(queued)
+            try:
+                claim = self._claim_next(queued)
+            except BaseException:
+                self._store.release_slot(slot)
+                raise
             job = None
             if claim is not None:
                 try:
@@ -2534,7 +2551,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         Answers 202 with the job's Location; 400 for a missing or invalid parameter or a result
         over --max-pixels, 404 for an unknown name, 412 when If-Match names another version, 413
-        for a body over MAX_PARAMETERS_BYTES, 503 with Retry-After when the queue is full.
+        for a body over MAX_PARAMETERS_BYTES, 503 with Retry-After when the queue is full, 507
+        when the job cannot be recorded in the folder.
         """
         settings = self.server.settings
         with self.server.store.open(name) as stored:
@@ -2712,8 +2730,9 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, settings, quiet=False, listener=None):
+    def __init__(self, settings, quiet=False, listener=None, supervisor_pid=None):
         self.settings = settings
+        self.supervisor_pid = supervisor_pid
         self.quiet = quiet
         self.store = Store(settings.storage)
         self.store.scan()
@@ -2826,6 +2845,12 @@ class Server(http.server.ThreadingHTTPServer):
                     except OSError:
                         pass
 
+    def service_actions(self):
+        # A worker whose supervisor was killed stops, rather than serve on unsupervised.
+        if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
+            self.supervisor_pid = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def handle_error(self, request, client_address):
         sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
 
@@ -2935,7 +2960,7 @@ def _reserve_port(settings):
 def _run_worker(settings, listener, ready_descriptor):
     # In a forked worker: serve until told to stop; the exit status of the worker process.
     try:
-        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener)
+        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener, supervisor_pid=os.getppid())
     except OSError as error:
         sys.stderr.write(f"ims.py: worker {os.getpid()} cannot serve on {settings.host}:{settings.port}: {error}\n")
         return 1
