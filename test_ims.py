@@ -4300,6 +4300,32 @@ class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
         """
         wait_for(lambda: not self.temp_files())
 
+    def before_saving(self, state, action, *servers):
+        """Make action() run once, just before the first job record in `state` is saved by one of `servers`.
+
+        It forces a moment that a race would hit only now and then. Returns what action() returned,
+        in a list filled once it has run.
+        """
+        results = []
+
+        def hook(save_record):
+            def save(record, *arguments, **keywords):
+                if record.get("state") == state and not results:
+                    results.append(action())
+                return save_record(record, *arguments, **keywords)
+            return save
+
+        for server in servers:
+            patcher = mock.patch.object(server.store, "save_record", hook(server.store.save_record))
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        return results
+
+    def delete_and_upload_on_b(self, name, data):
+        """DELETE `name` on B and upload `data` as `name` on B; return the two statuses."""
+        return (self.request("DELETE", f"/{name}", connection=self.on_b()).status,
+                self.upload(name, data, self.on_b()).status)
+
 
 class TestSharedFolder(SharedFolderTestCase):
     def test_an_upload_acknowledged_by_one_instance_is_listed_and_served_by_the_other_at_once(self):
@@ -4557,6 +4583,23 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         self.wait_for_no_temp_files()
         self.assertEqual(self.stored_files(), [])
 
+    def test_a_delete_and_upload_on_b_just_as_a_starts_the_job_cancel_it_and_keep_the_upload(self):
+        # The moment forced: A has claimed the job and is about to record it running when B
+        # deletes the image and a new one is uploaded under its name. The job must end cancelled
+        # and the new upload stay as it was: a resize never overwrites a new upload.
+        self.store("a.png", make_image("PNG", (64, 48)))
+        replacement = make_image("PNG", (30, 20), color=GREEN)
+        # Either instance may be the one that runs the job: both get the hook.
+        injected = self.before_saving("running", lambda: self.delete_and_upload_on_b("a.png", replacement), self.server, self.other)
+        location = self.submit("a.png", "width=32&height=24")
+        job = self.wait_job_on(self.b, location)
+        self.assertEqual(injected, [(204, 201)])
+        for address in (self.a, self.b):
+            self.assertEqual(self.request("GET", "/a.png", connection=self.connect(address)).body, replacement,
+                             "the resize overwrote the new upload")
+        self.assertEqual(job["state"], "cancelled", job)
+        self.assertIn("deleted", job["error"])
+
     def test_an_upload_after_a_delete_on_the_other_instance_survives_the_cancelled_resize(self):
         running = self.start_slow_resize(query=SLOW_ENOUGH)
         self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
@@ -4658,6 +4701,21 @@ class TestDurableJobs(SharedFolderTestCase):
         self.stop_instance(self.server)
         self.assertBothDone(self.b, running, queued)
         self.assertNoTempFiles()
+
+    def test_a_delete_and_upload_on_b_while_a_stops_mid_resize_cancel_the_job_and_keep_the_upload(self):
+        # The moment forced: A, stopping, has killed its resize and is about to put the job back
+        # in the queue when B deletes the image and a new one is uploaded under its name. The job
+        # must end cancelled, not be run again by B on the new upload.
+        running, queued = self.hold_one_on_a_and_queue_one()
+        replacement = make_image("PNG", (30, 20), color=GREEN)
+        injected = self.before_saving("queued", lambda: self.delete_and_upload_on_b("slow.png", replacement), self.server)
+        self.stop_instance(self.server)
+        self.assertEqual(injected, [(204, 201)])
+        job = self.wait_job_on(self.b, running)
+        self.assertEqual(self.request("GET", "/slow.png", connection=self.on_b()).body, replacement,
+                         "the job was run again on the new upload")
+        self.assertEqual(job["state"], "cancelled", job)
+        self.assertEqual(self.wait_job_on(self.b, queued)["state"], "done")
 
     def test_jobs_left_when_every_instance_stopped_run_when_one_starts_again(self):
         running, queued = self.hold_one_on_a_and_queue_one(self.on_b())
