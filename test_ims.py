@@ -4717,6 +4717,28 @@ class TestDurableJobs(SharedFolderTestCase):
         self.assertEqual(job["state"], "cancelled", job)
         self.assertEqual(self.wait_job_on(self.b, queued)["state"], "done")
 
+    def test_a_job_whose_instance_died_after_putting_the_result_in_place_ends_done_without_running_again(self):
+        # The moment forced: A has replaced the image with the result and dies before it records
+        # the end; only its lock on the job goes, as the kernel lets go of a dead process's locks.
+        # Whoever runs the job next must see that it is done, not resize the result once more.
+        self.store("a.jpg", make_image("JPEG", (64, 48)))
+        end, died = self.server.store.end, []
+
+        def die_once(claim, record):
+            if died:
+                return end(claim, record)
+            died.append(self.request("HEAD", "/a.jpg", connection=self.on_b()).headers["ETag"])
+            self.server.store.release(claim)
+
+        with mock.patch.object(self.server.store, "end", die_once):
+            location = self.submit("a.jpg", "width=40&height=30")
+            job = self.wait_job_on(self.b, location)
+        self.assertEqual(job["state"], "done", job)
+        self.assertEqual(len(died), 1, "the job did not run on A")
+        reply = self.request("HEAD", "/a.jpg", connection=self.on_b())
+        self.assertEqual(reply.headers["ETag"], died[0], "the result was resized again")
+        self.assertEqual(self.image_size_on(self.b, "a.jpg"), (40, 30))
+
     def test_jobs_left_when_every_instance_stopped_run_when_one_starts_again(self):
         running, queued = self.hold_one_on_a_and_queue_one(self.on_b())
         self.stop_instance(self.other)
@@ -4828,7 +4850,10 @@ class TestStoreLocks(unittest.TestCase):
 
     def test_of_two_removes_of_one_image_from_two_stores_the_one_holding_the_lock_removes_it(self):
         meanwhile = []
-        self.first.remove("a.png", precondition=lambda version: meanwhile.append(self.run_meanwhile(lambda: self.second.remove("a.png"))))
+        try:
+            self.first.remove("a.png", precondition=lambda version: meanwhile.append(self.run_meanwhile(lambda: self.second.remove("a.png"))))
+        except ims.HTTPError as error:
+            self.fail(f"the first Store, holding the lock, could not remove the image: {error.status} {error.message}")
         thread, outcomes = meanwhile[0]
         thread.join(DEADLINE_SECONDS)
         self.assertEqual(outcomes, [404], "the second Store removed the image while the first held the lock")
