@@ -724,6 +724,15 @@ class Store:
         """Write a job's record in place of its last one, atomically; `durable` waits until it is on disk."""
         self._write_record(record, os.path.join(self._jobs_folder, record["id"] + ".json"), durable)
 
+    def update_record(self, record):
+        """Write a job's record unless the job has ended meanwhile (a DELETE cancelled it); True if written."""
+        with self._lock:
+            current = self.load_record(record["id"])
+            if current is not None and current["state"] in ENDED_STATES:
+                return False
+            self.save_record(record)
+            return True
+
     def enqueue(self, record, max_queue, slot_count):
         """Record a new job, durably, and put it at the end of the folder's queue.
 
@@ -1886,16 +1895,37 @@ class Job:
 
     @classmethod
     def from_record(cls, record):
-        """Return the Job a record describes; ValueError for a record that is not one."""
+        """Return the Job a record describes; ValueError for a record that is not one (damaged, or made by hand)."""
         try:
             job = cls(**record)
-            if job.expected_version is not None:
-                job.expected_version = Version(*job.expected_version)
         except TypeError:
             raise ValueError("not a job record") from None
-        if not (isinstance(job.image, str) and isinstance(job.width, int) and isinstance(job.height, int)):
+        if not (
+            isinstance(job.id, str) and _JOB_ID.fullmatch(job.id)
+            and isinstance(job.image, str) and is_image_name(job.image)
+            and all(_is_integer(value, 1, MAX_DIMENSION) for value in (job.width, job.height))
+            and job.fit in FITS
+            and job.state in (QUEUED, RUNNING, *ENDED_STATES)
+            and (job.error is None or isinstance(job.error, str))
+            and _is_timestamp(job.submitted)
+            and (job.finished is None or _is_timestamp(job.finished))
+            and (job.result_inode is None or _is_integer(job.result_inode, 0, 2**64))
+            and (job.expected_version is None or isinstance(job.expected_version, list)
+                 and len(job.expected_version) == 3 and all(_is_integer(value, 0, 2**64) for value in job.expected_version))
+        ):
             raise ValueError("not a job record")
+        if job.expected_version is not None:
+            job.expected_version = Version(*job.expected_version)
         return job
+
+
+def _is_integer(value, lowest, highest):
+    return type(value) is int and lowest <= value <= highest
+
+
+def _is_timestamp(value):
+    # From 1970 to 9999, where ISO 8601 times end.
+    return type(value) in (int, float) and 0 <= value < 253402300800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2013,9 +2043,10 @@ class Resizer:
     def _load(self, job_id):
         record = self._store.load_record(job_id)
         try:
-            return None if record is None else Job.from_record(record)
+            job = None if record is None else Job.from_record(record)
         except ValueError:
             return None
+        return job if job is not None and job.id == job_id else None
 
     def _wake(self):
         with self._condition:
@@ -2077,7 +2108,8 @@ class Resizer:
     def _claim_next(self, queued):
         images_seen = set()
         for entry, accepted in queued:
-            image = accepted.get("image")
+            # A damaged entry names no image: it is claimed alone, and fails.
+            image = accepted.get("image") if isinstance(accepted.get("image"), str) else entry
             # Only the first job of an image not ended may run: the others follow it in order.
             if image in images_seen:
                 continue
@@ -2101,9 +2133,11 @@ class Resizer:
         target = None
         try:
             job.state = RUNNING
-            self._store.save_record(job.to_record())
-            target = self._store.new_file(extension_of(job.image))
-            outcome = self._resize(run, target)
+            if self._store.update_record(job.to_record()):
+                target = self._store.new_file(extension_of(job.image))
+                outcome = self._resize(run, target)
+            else:
+                outcome = Outcome(CANCELLED, "the image was deleted")
         except HTTPError as failure:
             outcome = Outcome(FAILED, failure.message)
         except Exception:
@@ -2115,7 +2149,7 @@ class Resizer:
                 self._free_slot(run)
                 if outcome is None:
                     job.state = QUEUED
-                    self._store.save_record(job.to_record())
+                    self._store.update_record(job.to_record())
                     self._store.release(run.claim)
                 else:
                     job.state, job.error, job.finished = outcome.state, outcome.error, time.time()
