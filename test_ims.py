@@ -4300,26 +4300,15 @@ class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
         """
         wait_for(lambda: not self.temp_files())
 
-    def before_saving(self, state, action, *servers):
-        """Make action() run once, just before the first job record in `state` is saved by one of `servers`.
+    def wrap_store(self, method, wrapper, *servers):
+        """Make the Stores of `servers` call wrapper(original method, *arguments) for `method` until the test ends.
 
-        It forces a moment that a race would hit only now and then. Returns what action() returned,
-        in a list filled once it has run.
+        Tests use it to force a moment that a race or a crash hits only now and then.
         """
-        results = []
-
-        def hook(save_record):
-            def save(record, *arguments, **keywords):
-                if record.get("state") == state and not results:
-                    results.append(action())
-                return save_record(record, *arguments, **keywords)
-            return save
-
         for server in servers:
-            patcher = mock.patch.object(server.store, "save_record", hook(server.store.save_record))
+            patcher = mock.patch.object(server.store, method, functools.partial(wrapper, getattr(server.store, method)))
             patcher.start()
             self.addCleanup(patcher.stop)
-        return results
 
     def delete_and_upload_on_b(self, name, data):
         """DELETE `name` on B and upload `data` as `name` on B; return the two statuses."""
@@ -4589,8 +4578,16 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         # and the new upload stay as it was: a resize never overwrites a new upload.
         self.store("a.png", make_image("PNG", (64, 48)))
         replacement = make_image("PNG", (30, 20), color=GREEN)
+        injected = []
+
+        def claim_then_delete_and_upload_on_b(claim, entry):
+            claimed = claim(entry)
+            if claimed is not None and not injected:
+                injected.append(self.delete_and_upload_on_b("a.png", replacement))
+            return claimed
+
         # Either instance may be the one that runs the job: both get the hook.
-        injected = self.before_saving("running", lambda: self.delete_and_upload_on_b("a.png", replacement), self.server, self.other)
+        self.wrap_store("claim", claim_then_delete_and_upload_on_b, self.server, self.other)
         location = self.submit("a.png", "width=32&height=24")
         job = self.wait_job_on(self.b, location)
         self.assertEqual(injected, [(204, 201)])
@@ -4708,7 +4705,14 @@ class TestDurableJobs(SharedFolderTestCase):
         # must end cancelled, not be run again by B on the new upload.
         running, queued = self.hold_one_on_a_and_queue_one()
         replacement = make_image("PNG", (30, 20), color=GREEN)
-        injected = self.before_saving("queued", lambda: self.delete_and_upload_on_b("slow.png", replacement), self.server)
+        injected = []
+
+        def delete_and_upload_on_b_then_requeue(update_record, record):
+            if record.get("state") == "queued" and not injected:
+                injected.append(self.delete_and_upload_on_b("slow.png", replacement))
+            return update_record(record)
+
+        self.wrap_store("update_record", delete_and_upload_on_b_then_requeue, self.server)
         self.stop_instance(self.server)
         self.assertEqual(injected, [(204, 201)])
         job = self.wait_job_on(self.b, running)
@@ -4722,17 +4726,17 @@ class TestDurableJobs(SharedFolderTestCase):
         # the end; only its lock on the job goes, as the kernel lets go of a dead process's locks.
         # Whoever runs the job next must see that it is done, not resize the result once more.
         self.store("a.jpg", make_image("JPEG", (64, 48)))
-        end, died = self.server.store.end, []
+        died = []
 
-        def die_once(claim, record):
+        def die_once(end, claim, record):
             if died:
                 return end(claim, record)
             died.append(self.request("HEAD", "/a.jpg", connection=self.on_b()).headers["ETag"])
             self.server.store.release(claim)
 
-        with mock.patch.object(self.server.store, "end", die_once):
-            location = self.submit("a.jpg", "width=40&height=30")
-            job = self.wait_job_on(self.b, location)
+        self.wrap_store("end", die_once, self.server)
+        location = self.submit("a.jpg", "width=40&height=30")
+        job = self.wait_job_on(self.b, location)
         self.assertEqual(job["state"], "done", job)
         self.assertEqual(len(died), 1, "the job did not run on A")
         reply = self.request("HEAD", "/a.jpg", connection=self.on_b())
