@@ -4743,6 +4743,19 @@ class TestDurableJobs(SharedFolderTestCase):
         self.assertEqual(reply.headers["ETag"], died[0], "the result was resized again")
         self.assertEqual(self.image_size_on(self.b, "a.jpg"), (40, 30))
 
+    def test_a_job_put_back_by_a_stopping_instance_still_runs_before_the_later_ones_of_its_image(self):
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        first = self.submit("slow.png", SLOW_ENOUGH)
+        self.hold(first, children)
+        later = [self.submit("slow.png", "width=10&height=10", self.on_b()), self.submit("slow.png", "width=20&height=20")]
+        self.stop_instance(self.server)
+        jobs = [self.wait_job_on(self.b, location) for location in [first] + later]
+        self.assertEqual([job["state"] for job in jobs], ["done"] * 3, jobs)
+        finished = [epoch_of(job["finished"]) for job in jobs]
+        self.assertEqual(finished, sorted(finished), "the jobs of slow.png did not end in the order they were accepted")
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (20, 20))
+
     def test_jobs_left_when_every_instance_stopped_run_when_one_starts_again(self):
         running, queued = self.hold_one_on_a_and_queue_one(self.on_b())
         self.stop_instance(self.other)
