@@ -4223,7 +4223,7 @@ class TestCrashRecovery(unittest.TestCase):
 # What one instance accepts, every other must see, answer and, when it stops, carry on.
 
 
-def job_path(location):
+def job_id_of(location):
     """Return the job id of a Location header (/jobs/<id>)."""
     return location.rpartition("/")[2]
 
@@ -4231,11 +4231,9 @@ def job_path(location):
 class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
     """Instance A (self.server, the default for every helper) and instance B on one folder.
 
-    Either may be stopped by the test (stop_instance); a stopped instance is not stopped again
-    at cleanup. `other_options` are B's, over those A has.
+    Both have the class's server_options. Either may be stopped by the test (stop_instance); a
+    stopped instance is not stopped again at cleanup.
     """
-
-    other_options = {}
 
     def setUp(self):
         self.tempdir = tempfile.TemporaryDirectory()
@@ -4244,7 +4242,7 @@ class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
         self.prepare_storage()
         self.server = self.start_instance()
         self.host, self.port = self.a = self.server.server_address[:2]
-        self.other = self.start_instance(**(self.other_options or {}))
+        self.other = self.start_instance()
         self.b = self.other.server_address[:2]
 
     def start_instance(self, **options):
@@ -4381,7 +4379,7 @@ class TestSharedFolder(SharedFolderTestCase):
     def test_job_records_are_never_listed_or_served(self):
         self.store("a.png", make_image("PNG"))
         location = self.submit("a.png", "width=10&height=10")
-        job_id = job_path(location)
+        job_id = job_id_of(location)
         self.assertEqual(self.wait_job(location)["state"], "done")
         # The record is where the spec keeps it, so the requests below aim at a real file.
         record = os.path.join(self.storage, ".ims", "jobs", f"{job_id}.json")
@@ -4448,7 +4446,7 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         location = reply.headers["Location"]
         job = self.job_on(self.b, location)
         self.assertEqual(set(job), JOB_FIELDS)
-        expected = {"id": job_path(location), "image": "a.png", "width": 40, "height": 30, "fit": "cover"}
+        expected = {"id": job_id_of(location), "image": "a.png", "width": 40, "height": 30, "fit": "cover"}
         self.assertEqual({key: job[key] for key in expected}, expected)
         self.assertIn(job["state"], ("queued", "running", "done"))
         ended = self.wait_job_on(self.b, location)
@@ -4798,7 +4796,7 @@ class TestDurableJobs(SharedFolderTestCase):
         location = self.submit("a.png", "width=10&height=10")
         self.assertEqual(self.wait_job(location)["state"], "done")
         jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
-        with open(os.path.join(jobs, f"{job_path(location)}.json")) as file:
+        with open(os.path.join(jobs, f"{job_id_of(location)}.json")) as file:
             record = json.load(file)
         now = time.time()
         ids = [f"{index:016x}" for index in range(len(ages))]
@@ -4811,7 +4809,7 @@ class TestDurableJobs(SharedFolderTestCase):
         wait_for(lambda: self.request("GET", f"/jobs/{ids[-1]}", connection=self.connect(address)).status == 404)
         self.assertEqual([os.path.exists(os.path.join(jobs, f"{job_id}.json")) for job_id in ids],
                          [True] * kept + [False] * (len(ids) - kept))
-        for job_id in (ids[0], ids[kept - 1], job_path(location)):
+        for job_id in (ids[0], ids[kept - 1], job_id_of(location)):
             self.assertEqual(self.job_on(self.b, f"/jobs/{job_id}")["state"], "done")
         self.assertError(self.request("GET", f"/jobs/{ids[kept]}", connection=self.on_b()), 404, ids[kept])
 
@@ -4827,7 +4825,7 @@ class TestDurableJobs(SharedFolderTestCase):
         # Nothing but the folder is left when an instance dies right after its answer.
         self.store("a.png", make_image("PNG"))
         location = self.submit("a.png", "width=10&height=10")
-        self.assertTrue(os.path.isfile(os.path.join(self.storage, ".ims", "jobs", f"{job_path(location)}.json")))
+        self.assertTrue(os.path.isfile(os.path.join(self.storage, ".ims", "jobs", f"{job_id_of(location)}.json")))
         self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
 
 
@@ -4978,7 +4976,7 @@ class TestDamagedJobRecords(ResizeTestCase):
         self.store("a.png", make_image("PNG", (64, 48)))
         location = self.submit("a.png", "width=32&height=24")
         self.assertEqual(self.wait_job(location)["state"], "done")
-        path = os.path.join(self.storage, ims.STATE_FOLDER, "jobs", f"{job_path(location)}.json")
+        path = os.path.join(self.storage, ims.STATE_FOLDER, "jobs", f"{job_id_of(location)}.json")
         with open(path, "rb") as file:
             return location, path, json.loads(file.read())
 
@@ -4997,9 +4995,9 @@ class TestDamagedJobRecords(ResizeTestCase):
                 self.assertIn(reply.status, (200, 404), reply.body)
                 if reply.status == 200:
                     self.assertEqual(set(reply.json), JOB_FIELDS)
-                    self.assertEqual(reply.json["id"], job_path(location))
+                    self.assertEqual(reply.json["id"], job_id_of(location))
                 else:
-                    self.assertError(reply, 404, job_path(location))
+                    self.assertError(reply, 404, job_id_of(location))
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
 
     def test_damaged_records_in_the_queue_never_stop_the_jobs_behind_them(self):
