@@ -4896,6 +4896,45 @@ class TestStoreLocks(unittest.TestCase):
         with open(self.path, "rb") as file:
             self.assertEqual(decode(file.read()).size, (10, 10))
 
+    def test_a_queued_job_is_claimed_by_one_store_at_a_time_and_by_none_once_ended(self):
+        job = ims.Job("0123456789abcdef", "a.png", 10, 10, "fill")
+        self.first.enqueue(job.to_record(), max_queue=10, slot_count=1)
+        [(entry, record)] = self.second.queued_records()
+        self.assertEqual(record["id"], job.id)
+        claim = self.first.claim(entry)
+        self.assertIsNotNone(claim)
+        self.assertIsNone(self.second.claim(entry), "two Stores hold one job")
+        self.assertIsNone(self.first.claim(entry), "one Store holds one job twice")
+        self.first.release(claim)
+        claim = self.second.claim(entry)
+        self.assertIsNotNone(claim, "a released job cannot be claimed again")
+        self.second.end(claim, dict(claim.record, state="done", finished=time.time()))
+        self.assertIsNone(self.first.claim(entry))
+        self.assertEqual(self.first.queued_records(), [])
+        self.assertEqual(self.first.load_record(job.id)["state"], "done")
+
+    def test_the_claim_of_a_process_killed_with_sigkill_is_free_at_once(self):
+        # The kernel lets go of a dead process's locks: no lease, no clock.
+        job = ims.Job("0123456789abcdef", "a.png", 10, 10, "fill")
+        self.first.enqueue(job.to_record(), max_queue=10, slot_count=1)
+        [(entry, _)] = self.first.queued_records()
+        context = multiprocessing.get_context("fork")
+        reader, writer = context.Pipe(duplex=False)
+
+        def claim_and_wait_forever():
+            writer.send(ims.Store(self.folder).claim(entry) is not None)
+            threading.Event().wait()
+
+        holder = context.Process(target=claim_and_wait_forever, daemon=True)
+        holder.start()
+        self.addCleanup(holder.join)
+        self.addCleanup(holder.kill)
+        self.assertTrue(reader.poll(DEADLINE_SECONDS) and reader.recv(), "the other process could not claim the job")
+        self.assertIsNone(self.first.claim(entry))
+        holder.kill()
+        holder.join()
+        self.assertIsNotNone(self.first.claim(entry))
+
     def test_a_temp_file_being_written_survives_another_store_s_scan_and_a_leftover_does_not(self):
         live = self.first.new_file(".png")
         live.write(b"the first bytes")
