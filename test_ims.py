@@ -4761,10 +4761,12 @@ class TestDurableJobs(SharedFolderTestCase):
         self.assertEqual(multiprocessing.active_children(), [])
         self.assertBothDone(self.start_instance().server_address[:2], running, queued)
 
-    def test_jobs_of_an_instance_killed_with_sigkill_are_run_by_the_other(self):
-        # A is the real process, so that it can die the way a crashed host does: SIGKILL to it
-        # and to its resize process at once, no clean-up of any kind. B, in this process, starts
-        # once A's jobs are running and queued, so that A alone can have taken them.
+    def kill_a_mid_resize(self, kill):
+        """Run A as the real process, one job of it running (its process stopped) and one queued; kill(A).
+
+        Start B in this process once A's jobs are running and queued, so that A alone can have
+        taken them; return B's address and the two jobs' locations.
+        """
         if not os.path.isdir("/proc/self"):
             self.skipTest("telling a server's resize process needs /proc")
         self.stop_instance(self.server)
@@ -4782,10 +4784,27 @@ class TestDurableJobs(SharedFolderTestCase):
         b = self.start_instance().server_address[:2]
         self.assertEqual(self.job_on(b, running)["state"], "running")
         self.assertEqual(self.job_on(b, queued)["state"], "queued")
-        TestCrashRecovery.kill_session(process.pid)
-        process.wait()
-        wait_for(lambda: not session_processes(process.pid))
-        self.assertBothDone(b, running, queued)
+        kill(process)
+        return b, running, queued
+
+    def test_jobs_of_an_instance_killed_with_sigkill_are_run_by_the_other(self):
+        # A dies the way a crashed host does: SIGKILL to it and to its resize process at once,
+        # no clean-up of any kind.
+        def kill_all(process):
+            TestCrashRecovery.kill_session(process.pid)
+            process.wait()
+            wait_for(lambda: not session_processes(process.pid))
+
+        self.assertBothDone(*self.kill_a_mid_resize(kill_all))
+
+    def test_jobs_of_a_server_killed_with_sigkill_are_run_by_the_other_while_its_resize_process_lives_on(self):
+        # Only the server dies; its resize process, stopped, outlives it and must hold nothing
+        # that keeps the job from B.
+        def kill_server(process):
+            process.kill()
+            process.wait()
+
+        self.assertBothDone(*self.kill_a_mid_resize(kill_server))
 
     def check_retention(self, ages, kept):
         """Make ended jobs' records by hand from a real one, ended `ages` seconds ago; start an instance.
