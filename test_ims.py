@@ -4422,6 +4422,27 @@ class TestSharedFolder(SharedFolderTestCase):
             self.assertEqual(self.request("GET", "/live.png", connection=self.connect(address)).body, data)
         self.assertNoTempFiles()
 
+    def test_a_start_up_scan_at_the_moment_an_upload_creates_its_temp_file_leaves_it_alone(self):
+        # The moment forced: A has just created the temp file of an upload and has not yet
+        # locked it when a new instance's start-up scan looks at the folder.
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("telling which file a descriptor is needs /proc")
+        lock_file, scanned = ims.lock_file, []
+
+        def scan_then_lock(descriptor, *arguments, **keywords):
+            path = os.readlink(f"/proc/self/fd/{descriptor}")
+            if os.path.basename(path).startswith(ims.TEMP_PREFIX) and not scanned:
+                scanned.append(path)
+                self.start_instance()
+            return lock_file(descriptor, *arguments, **keywords)
+
+        data = encode(noise((100, 100)), "PNG")
+        with mock.patch.object(ims, "lock_file", scan_then_lock):
+            reply = self.upload("new.png", data)
+        self.assertEqual(len(scanned), 1, "no temp file was locked")
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.request("GET", "/new.png", connection=self.on_b()).body, data)
+
     def test_a_start_up_scan_removes_leftover_temp_files_that_nobody_holds(self):
         # Named after processes that are alive (init, this test's parent) and after none: what a
         # writer in another PID namespace or on another host, since gone, would leave. Only the
