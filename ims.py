@@ -459,11 +459,22 @@ class TempFile:
 
     def __init__(self, path):
         self.path = path
-        try:
-            self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
-        except OSError as error:
-            raise storage_error(error) from None
-        lock_file(self._descriptor)
+        while True:
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            except OSError as error:
+                raise storage_error(error) from None
+            lock_file(descriptor)
+            # A scan may have taken the new file for a leftover between its creation and its lock,
+            # and removed it: then it is made again.
+            try:
+                is_in_place = os.path.samestat(os.stat(path), os.fstat(descriptor))
+            except FileNotFoundError:
+                is_in_place = False
+            if is_in_place:
+                self._descriptor = descriptor
+                return
+            _close_locked(descriptor)
 
     def write(self, data):
         """Append `data`; raises HTTPError(507) when the disk is full."""
@@ -516,8 +527,10 @@ class FolderLock:
             self._thread_lock.release()
 
     def close(self):
-        """Close the lock file."""
-        os.close(self._descriptor)
+        """Close the lock file; closing it again does nothing."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 @dataclasses.dataclass
@@ -1785,9 +1798,11 @@ def detach_from_server(kept_descriptor):
     copy of /dev/null rather than closed, so its number stays taken and the Python object that still
     owns it can never close a file this child opens later.
     """
-    # The server's handlers would stop the server, not this child.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # The server's handlers would stop the server, not this child. A stop signal sent to the whole
+    # process group (Ctrl-C, systemd) is the server's to act on: it kills its children, and a job
+    # it puts back runs again, rather than failing because its child died first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for listing in ("/proc/self/fd", "/dev/fd"):
         try:
             descriptors = [int(name) for name in os.listdir(listing)]
@@ -2788,6 +2803,7 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             super().__init__((settings.host, settings.port), Handler, bind_and_activate=listener is None)
         except BaseException:
+            # TCPServer has already called server_close() when binding failed; this covers the rest.
             self.resizer.stop()
             self.store.close()
             raise
@@ -2975,12 +2991,21 @@ def _reserve_port(settings):
     # Binds the port for the workers, so --port 0 picks one port for all of them. With SO_REUSEPORT
     # this socket never listens: it only keeps the port while workers come and go.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    port = settings.port
+    if REUSE_PORT_BALANCES:
+        # Bound first without SO_REUSEPORT, which fails while any socket holds the port: a second
+        # IMS started on it by mistake is refused rather than quietly given half the connections.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, port))
+            port = probe.getsockname()[1]
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if REUSE_PORT_BALANCES:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind((settings.host, settings.port))
+        else:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((settings.host, port))
         if not REUSE_PORT_BALANCES:
             listener.listen(LISTEN_BACKLOG)
             # Every worker waits on it; those that lose the race for a connection must not block.
