@@ -4509,6 +4509,20 @@ class TestSharedFolderJobs(SharedFolderTestCase):
             self.assertEqual(self.image_size_on(address, "a.jpg"), (109, 89))
         self.assertNoTempFiles()
 
+    def test_a_start_up_scan_leaves_the_temp_file_of_a_resize_running_on_another_instance_alone(self):
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(location, children)
+        running_temp_files = self.temp_files()
+        self.assertTrue(running_temp_files, "the running resize has no temp file")
+        self.start_instance()
+        self.assertEqual(self.temp_files(), running_temp_files)
+        os.kill(pid, signal.SIGCONT)
+        job = self.wait_job_on(self.b, location)
+        self.assertEqual(job["state"], "done", job)
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
+
     def test_if_match_on_one_instance_sees_the_version_a_resize_on_the_other_made(self):
         self.store("a.png", make_image("PNG", (64, 48)))
         before = self.request("HEAD", "/a.png").headers["ETag"]
