@@ -4228,6 +4228,21 @@ def job_id_of(location):
     return location.rpartition("/")[2]
 
 
+def open_files(pid):
+    """Return the paths of the files process `pid` has open (Linux's /proc); [] once it is gone."""
+    paths = []
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return paths
+    for descriptor in descriptors:
+        try:
+            paths.append(os.readlink(f"/proc/{pid}/fd/{descriptor}"))
+        except FileNotFoundError:
+            pass
+    return paths
+
+
 class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
     """Instance A (self.server, the default for every helper) and instance B on one folder.
 
@@ -4814,7 +4829,12 @@ class TestDurableJobs(SharedFolderTestCase):
         wait_for(lambda: len(session_processes(process.pid)) > 1 or self.job(running, a)["state"] in ENDED_STATES)
         resize_pids = set(session_processes(process.pid)) - {process.pid}
         self.assertEqual(len(resize_pids), 1, "not one resize process")
-        os.kill(resize_pids.pop(), signal.SIGSTOP)
+        resize_pid = resize_pids.pop()
+        # A resize process lets go of its server's descriptors as it starts: stopped before
+        # that, it would hold the server's locks as long as it lives.
+        state_folder = os.path.join(os.path.realpath(self.storage), ims.STATE_FOLDER)
+        wait_for(lambda: not any(path.startswith(state_folder) for path in open_files(resize_pid)))
+        os.kill(resize_pid, signal.SIGSTOP)
         queued = self.submit("a.png", "width=32&height=24", a)
         b = self.start_instance().server_address[:2]
         self.assertEqual(self.job_on(b, running)["state"], "running")
