@@ -5140,6 +5140,25 @@ class TestDamagedJobRecords(ResizeTestCase):
                     self.assertIn(reply.status, (200, 404), reply.body)
         self.assertEqual(self.request("GET", "/").json, ["a.png"])
 
+    def test_odd_files_in_the_queue_folder_never_stop_new_jobs(self):
+        # What a person or a tool might leave there: files and folders named almost like entries
+        # (folders stay: no instance can claim one and clear it away).
+        _, _, record = self.real_record()
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        files = {"notes.txt": b"x", ".hidden": b"x", "000000000001-0123456789ABCDEF": json.dumps(record).encode(),
+                 "000000000002-zzzzzzzzzzzzzzzz": json.dumps(record).encode(), "000000000003-0123456789abcdef": b"\xff"}
+        for name, data in files.items():
+            with open(os.path.join(queue, name), "wb") as file:
+                file.write(data)
+        # Twelve digits, but not 0 to 9: superscript twos.
+        for name in ("999999999999-0123456789abcdef", "\u00b2" * 12 + "-0123456789abcdef", "folder"):
+            os.mkdir(os.path.join(queue, name))
+        for size in (10, 20):
+            with self.subTest(size=size):
+                job = self.wait_job(self.submit("a.png", f"width={size}&height={size}"))
+                self.assertEqual(job["state"], "done", job)
+                self.assertEqual(self.download("a.png").size, (size, size))
+
     def test_a_queued_record_naming_a_file_outside_the_folder_never_touches_it(self):
         # Only IMS writes records, but whatever a damaged one names, the contract's "never touches
         # a file outside the storage folder" holds.
