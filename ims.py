@@ -357,7 +357,7 @@ def is_file_locked(descriptor):
 def _is_queue_entry(name):
     # <sequence>-<job id>: the job's sequence number across every instance, 12 digits, and its id
     # (checked where it is used). Tested for every entry of a long queue on every PATCH: kept cheap.
-    return len(name) == 29 and name[12] == "-" and name[:12].isdigit()
+    return len(name) == 29 and name[12] == "-" and name[:12].isascii() and name[:12].isdigit()
 
 
 def storage_error(error):
