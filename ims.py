@@ -764,8 +764,10 @@ class Store:
             with self._lock:
                 entries = self._check_queue_room(max_queue, slot_count)
                 sequence = int(entries[-1].partition("-")[0]) + 1 if entries else 0
-                os.link(temp_path, os.path.join(self._queue_folder, f"{sequence:012d}-{record['id']}"))
+                entry = f"{sequence:012d}-{record['id']}"
+                os.link(temp_path, os.path.join(self._queue_folder, entry))
                 os.rename(temp_path, os.path.join(self._jobs_folder, record["id"] + ".json"))
+            self._entries[entry] = record
             # The entry is the job as accepted: once it is on disk, so is the promise. The record's
             # name may be lost by a crash; claim() then reads the entry instead.
             _fsync_path(self._queue_folder)
@@ -832,14 +834,25 @@ class Store:
             return None
         return Claim(entry, descriptor, record)
 
-    def end(self, claim, record):
-        """Record how a claimed job ended, durably, unless a DELETE ended it first, and drop it from the queue."""
+    def end(self, claim, record, on_recorded=None):
+        """Record how a claimed job ended, unless a DELETE ended it first, and drop it from the queue.
+
+        on_recorded() runs as soon as the record says so, before it is flushed to disk; the queue
+        entry goes only after that, so no crash leaves a job neither queued nor ended.
+        """
         try:
             with self._lock:
                 current = self.load_record(record["id"])
                 if current is None or current["state"] not in ENDED_STATES:
-                    self.save_record(record, durable=True)
-                _remove_if_present(os.path.join(self._queue_folder, claim.entry))
+                    self.save_record(record)
+            if on_recorded is not None:
+                on_recorded()
+            try:
+                _fsync_path(os.path.join(self._jobs_folder, record["id"] + ".json"))
+                _fsync_path(self._jobs_folder)
+            except OSError as error:
+                raise storage_error(error) from None
+            _remove_if_present(os.path.join(self._queue_folder, claim.entry))
         finally:
             _close_locked(claim.descriptor)
 
@@ -2007,6 +2020,7 @@ class Resizer:
         self._threads = set()
         self._is_stopping = False
         self._is_woken = True
+        self._is_slot_wanted = False
         self._last_queue_error = None
         self._scheduler = threading.Thread(target=self._schedule, name="ims-scheduler", daemon=True)
         self._scheduler.start()
@@ -2073,6 +2087,10 @@ class Resizer:
             return None
         return job if job is not None and job.id == job_id else None
 
+    def _notify(self):
+        with self._condition:
+            self._condition.notify_all()
+
     def _wake(self):
         with self._condition:
             self._is_woken = True
@@ -2105,6 +2123,8 @@ class Resizer:
             if not queued:
                 return
             slot = self._store.take_slot(self._workers)
+            # Whether a slot set free should wake the scheduler: only while jobs wait for one.
+            self._is_slot_wanted = slot is None
             if slot is None:
                 return
             try:
@@ -2149,8 +2169,9 @@ class Resizer:
             if run.slot is not None:
                 self._store.release_slot(run.slot)
                 run.slot = None
-                self._is_woken = True
-                self._condition.notify_all()
+                if self._is_slot_wanted:
+                    self._is_woken = True
+                    self._condition.notify_all()
 
     def _run(self, run):
         job = run.job
@@ -2178,7 +2199,7 @@ class Resizer:
                     self._store.release(run.claim)
                 else:
                     job.state, job.error, job.finished = outcome.state, outcome.error, time.time()
-                    self._store.end(run.claim, job.to_record())
+                    self._store.end(run.claim, job.to_record(), self._notify)
             except Exception:
                 traceback.print_exc()
             finally:
