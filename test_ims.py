@@ -4628,8 +4628,8 @@ class TestSharedFolderJobs(SharedFolderTestCase):
         replacement = make_image("PNG", (30, 20), color=GREEN)
         injected = []
 
-        def claim_then_delete_and_upload_on_b(claim, entry):
-            claimed = claim(entry)
+        def claim_then_delete_and_upload_on_b(claim, *arguments, **keywords):
+            claimed = claim(*arguments, **keywords)
             if claimed is not None and not injected:
                 injected.append(self.delete_and_upload_on_b("a.png", replacement))
             return claimed
@@ -4755,10 +4755,10 @@ class TestDurableJobs(SharedFolderTestCase):
         replacement = make_image("PNG", (30, 20), color=GREEN)
         injected = []
 
-        def delete_and_upload_on_b_then_requeue(update_record, record):
+        def delete_and_upload_on_b_then_requeue(update_record, record, *arguments, **keywords):
             if record.get("state") == "queued" and not injected:
                 injected.append(self.delete_and_upload_on_b("slow.png", replacement))
-            return update_record(record)
+            return update_record(record, *arguments, **keywords)
 
         self.wrap_store("update_record", delete_and_upload_on_b_then_requeue, self.server)
         self.stop_instance(self.server)
@@ -4776,9 +4776,9 @@ class TestDurableJobs(SharedFolderTestCase):
         self.store("a.jpg", make_image("JPEG", (64, 48)))
         died = []
 
-        def die_once(end, claim, record):
+        def die_once(end, claim, record, *arguments, **keywords):
             if died:
-                return end(claim, record)
+                return end(claim, record, *arguments, **keywords)
             died.append(self.request("HEAD", "/a.jpg", connection=self.on_b()).headers["ETag"])
             self.server.store.release(claim)
 
