@@ -21,7 +21,8 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
     upload-4    4 such curl uploads at once, uploads/s, and the server's CPU time per upload (its
                 tree's user + system time, /proc/PID/stat), beside curl's own in the notes
     resize      a 12-megapixel photo resized to 300x300 end to end, ms, beside `vipsthumbnail`
-                as a command and Pillow's best in-process path, one run of each in turn (wall time)
+                as a command and Pillow's best in-process path, one run of each in turn (wall time);
+                with --baseline, the target is at most 1.1x the time before
     resize-8    8 photos resized at once, photos/s, beside 8 best Pillow resizes on all CPUs
     first-resize
                 the first resize after a fresh start (GET /, then wait until the tree uses no CPU)
@@ -35,22 +36,48 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 GET / latency over a new connection each, p50 and p99, while 200 sockets trickle
                 a request head a byte every 0.5 s for 10 s; beside the same without them
     patch-burst 1000 PATCHes as fast as 8 keep-alive clients send them, --resize-workers = CPUs and
-                --max-queue 256: how many are accepted and refused, and the peak count of the
-                server's live descendant processes, from /proc/*/stat sampled every ~2 ms
+                --max-queue 256: each answer's latency (p50, p99), how many are accepted and refused
+                (every answer must be 202 or 503), and the peak count of the server's live
+                descendant processes, from /proc/*/stat sampled every ~2 ms; medians of --repeat
+                bursts, each on a fresh server, and with --baseline the same of the IMS before
+    workers     `--workers 2` against `--workers 1`, each on a storage of its own: wrk -t2 -c16 on
+                GET / and on the 20 KB JPEG for 3 s, --repeat runs (at least 5) interleaved, req/s
+                and their ratio; the notes give the cores the server's tree and wrk kept busy and
+                the CPU split over the two workers (SO_REUSEPORT must spread the connections);
+                beside them, as a reference, --workers 1 pinned to one CPU (one process's threads
+                handing the GIL across two cores can be several times slower than on one)
+    nginx       3 instances on one folder behind nginx (round robin, keepalive 32, HTTP/1.1 to
+                them, proxy_request_buffering off), against one instance direct and against nginx
+                serving the folder itself (GET / as autoindex JSON): wrk -t2 -c16 on GET / and the
+                20 KB JPEG for 3 s, --repeat runs (at least 5) interleaved, req/s and ratios
+    nginx-resize
+                16 photos (../shared/photos/ in turn, uploaded first) PATCHed to 300x300 at once
+                through that nginx, against one instance direct: seconds until every job has
+                ended, each client waiting with GET /jobs/<id>?wait=60; median of --repeat runs
 
-The last three measure IMS only, each on a fresh server of its own (the other columns say n/a).
+soak, slow-clients, patch-burst and the scaling scenarios after them measure IMS only (patch-burst
+also the IMS before with --baseline), each on fresh servers of their own (the other columns say
+n/a). nginx's config, pid, error log and temporary files are in the scratch folder; it runs as
+root's user when the bench runs as root, so its workers can read the storage.
 
 --repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
-(largest growth), of resize-8 rounds (median) and of fresh starts for first-resize; upload, upload-4 and resize have their own
-series. "IMS vs seed" is a factor where above 1 means IMS is better, whatever the unit.
+(largest growth), of resize-8 rounds (median), of fresh starts for first-resize, of PATCH bursts
+and of nginx-resize rounds; upload, upload-4 and resize have their own series. "IMS vs seed" is
+a factor where above 1 means IMS is better, whatever the unit.
 
---baseline PATH also runs another ims.py (say a worktree of the last commit) as the column
-"before", on its own copy of the storage, for every scenario but the last three, so a change is
-measured against the code before it in one run; "IMS vs before" is a factor like the seed's.
+--baseline PATH also runs another ims.py (say `git show HEAD~1:ims.py` saved somewhere) as the
+column "before", on its own copy of the storage, for idle-rss through first-resize and for
+patch-burst, so a change is measured against the code before it in one run; "IMS vs before" is
+a factor like the seed's.
+
+Below the table, a line tells how many cores processes outside the bench kept busy during each
+scenario (the machine's busy time in /proc/stat less the bench's own tree): a test suite running
+meanwhile moves the wrk figures by 2x, so a figure taken beside one is not to be trusted.
 
 --vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
-(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl and vipsthumbnail; a
-scenario whose tool is missing is skipped with a message. Photos are read from ../shared/photos/.
+(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail and nginx
+(Debian: apt-get install -y nginx-light); a scenario whose tool is missing is skipped with a
+message. Photos are read from ../shared/photos/.
 Standard library only, plus Pillow imported where images are made or resized.
 """
 from __future__ import annotations
@@ -110,6 +137,8 @@ PARALLEL_UPLOADS = 4
 PARALLEL_UPLOAD_ROUNDS = 10
 RESIZE_RUNS = 10
 RESIZE_SIZE = (300, 300)
+# Issue 9: writing durable job records may slow one resize end to end by 10 % at most.
+RESIZE_MAX_VERSUS_BEFORE = 1.1
 PARALLEL_RESIZES = 8
 FIRST_RESIZE_LATER = 2  # later resizes on each fresh server, after its first
 # Robustness scenarios (issue 5), each on a fresh IMS.
@@ -132,6 +161,16 @@ BURST_IMAGES = 4
 BURST_MAX_QUEUE = 256
 BURST_SAMPLE_SECONDS = 0.002
 BURST_DRAIN_SECONDS = 30
+BURST_MAX_P99_MS = 50  # issue 9: durable job records must not slow the answer to a PATCH
+# Scaling scenarios (issue 9): enough connections that SO_REUSEPORT and nginx spread them.
+SCALE_WRK_ARGUMENTS = ["-t2", "-c16", "-d3s"]
+# One process's req/s under -c16 is bimodal on 2 CPUs (about 5,000 or 14,000 small GETs a run, as
+# its threads hand the GIL across cores or not): more, shorter runs make the median hold.
+SCALE_MIN_RUNS = 5
+WORKERS_MIN_FACTOR = 1.6
+CLUSTER_INSTANCES = 3
+SPREAD_PHOTOS = 16
+SPREAD_JOB_WAIT_SECONDS = 60  # the contract's longest ?wait=
 # Extra descendants allowed beside the resize workers: multiprocessing's forkserver and resource tracker.
 BURST_HELPER_PROCESSES = 2
 
@@ -224,15 +263,19 @@ def free_port() -> int:
 
 
 def start_ims(storage: Path, scratch: Path, options: list[str] = (), label: str = "ims",
-              script: Path = IMS_SCRIPT, kind: str = "ims") -> Server:
-    """Run `ims.py --port 0` (plus options) and read the port from its start-up line."""
+              script: Path = IMS_SCRIPT, kind: str = "ims", cpus: set[int] | None = None) -> Server:
+    """Run `ims.py --port 0` (plus options) and read the port from its start-up line.
+
+    cpus, when given, pins the server and everything it starts to those CPUs (as taskset does).
+    """
     if not script.exists():
         raise BenchError(f"{script} does not exist")
     stdout_path = scratch / f"{label}-stdout.txt"
     with open(stdout_path, "wb") as stdout:
         process = subprocess.Popen(
             [sys.executable, str(script), "--port", "0", "--storage", str(storage), *options],
-            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         match = STARTUP_LINE.search(stdout_path.read_text(errors="replace"))
@@ -274,6 +317,111 @@ def start_seed(storage: Path) -> Server:
         time.sleep(0.05)
     process.kill()
     raise BenchError(f"flask_seed.py did not accept connections within {STARTUP_TIMEOUT_SECONDS} s")
+
+
+# The load balancer of the README's "Behind nginx": round robin over the instances, keep-alive
+# connections to them, bodies streamed as they come (uploads are not spooled to disk first), the
+# contract's upload limit, and time for a ?wait= of 60 s. A second server block serves the storage
+# folder itself as static files, the fastest anyone could read it.
+NGINX_CONFIG = """\
+{user}worker_processes auto;
+pid {prefix}/nginx.pid;
+events {{
+    worker_connections 1024;
+}}
+http {{
+{mime_types}    access_log off;
+    client_body_temp_path {prefix}/client-body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream ims {{
+{upstream_servers}        keepalive {keepalive};
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        client_max_body_size 16000000;
+        location / {{
+            proxy_pass http://ims;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_read_timeout 90s;
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{static_port};
+        location / {{
+            root {storage};
+            autoindex on;
+            autoindex_format json;
+        }}
+    }}
+}}
+"""
+NGINX_KEEPALIVE = 32
+NGINX_MIME_TYPES = Path("/etc/nginx/mime.types")
+
+
+def tool_path(name: str) -> str | None:
+    """Return where a command is, looking in the sbin folders too (nginx is in /usr/sbin)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+@dataclasses.dataclass
+class NginxFront:
+    """One nginx: proxy balances over IMS instances, static serves their folder; both share a process."""
+
+    proxy: Server
+    static: Server
+
+    def stop(self) -> list[str]:
+        return self.proxy.stop()
+
+
+def start_nginx(prefix: Path, instances: list[Server], storage: Path) -> NginxFront:
+    """Write a config under prefix (temp files, pid, error log there too) and run nginx in the foreground.
+
+    Raises BenchError when nginx is missing, exits or does not listen within STARTUP_TIMEOUT_SECONDS.
+    """
+    nginx = tool_path("nginx")
+    if nginx is None:
+        raise BenchError("nginx is not installed (apt-get install -y nginx-light)")
+    prefix.mkdir()
+    proxy_port, static_port = free_port(), free_port()
+    while static_port == proxy_port:
+        static_port = free_port()
+    config = NGINX_CONFIG.format(
+        # As root, nginx's workers would run as nobody, who cannot read the private scratch folder.
+        user="user root;\n" if os.geteuid() == 0 else "",
+        prefix=prefix,
+        mime_types=f"    include {NGINX_MIME_TYPES};\n" if NGINX_MIME_TYPES.exists() else "",
+        upstream_servers="".join(f"        server {server.host}:{server.port};\n" for server in instances),
+        keepalive=NGINX_KEEPALIVE, proxy_port=proxy_port, static_port=static_port, storage=storage)
+    config_path = prefix / "nginx.conf"
+    config_path.write_text(config)
+    error_log = prefix / "error.log"
+    with open(prefix / "output.txt", "wb") as output:
+        process = subprocess.Popen(
+            [nginx, "-p", str(prefix), "-c", str(config_path), "-e", str(error_log), "-g", "daemon off;"],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    proxy = Server("nginx", process, "127.0.0.1", proxy_port, storage)
+    front = NginxFront(proxy, Server("nginx", process, "127.0.0.1", static_port, storage))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            said = " ".join(path.read_text(errors="replace") for path in (prefix / "output.txt", error_log)
+                            if path.exists()).strip()
+            front.stop()
+            raise BenchError(f"nginx exited with status {process.returncode}: {said[-300:]}")
+        with contextlib.suppress(OSError):
+            for port in (proxy_port, static_port):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return front
+        time.sleep(0.05)
+    front.stop()
+    raise BenchError(f"nginx did not listen within {STARTUP_TIMEOUT_SECONDS} s")
 
 
 def read_status_kib(pid: int, field: str) -> int:
@@ -418,6 +566,62 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def tree_cpu_ticks(pid: int) -> int:
+    """Return the CPU time a process and its descendants have used, reaped children's included, in ticks.
+
+    A reaped child's time is in its parent's cutime and cstime (fields 16 and 17 of /proc/PID/stat),
+    so resize processes that have ended still count.
+    """
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(field) for field in fields[11:15])
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    """Return the ids of a process's children (the workers of an IMS started with --workers)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found.extend(int(child) for child in children.read_text().split())
+    return found
+
+
+def own_cpu_seconds() -> float:
+    """Return the CPU time (user + system) of this process's reaped children, such as wrk, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy_ticks() -> int:
+    """Return the CPU time all CPUs have spent on anything but idling and waiting for I/O, in ticks (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(field) for field in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+class OtherLoad:
+    """How busy processes outside the bench kept the machine since this was made, in cores.
+
+    The machine's busy time less the bench's own: this process, the servers, wrk, curl and the
+    resize processes, live or reaped (tree_cpu_ticks of this process). A shared machine's other
+    work (a test suite, another bench) weighs on every figure; this says how much there was.
+    """
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.machine = machine_busy_ticks()
+        self.own = tree_cpu_ticks(os.getpid())
+
+    def cores(self) -> float:
+        other_ticks = (machine_busy_ticks() - self.machine) - (tree_cpu_ticks(os.getpid()) - self.own)
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        return max(other_ticks, 0) / os.sysconf("SC_CLK_TCK") / seconds
+
+
 def wait_until_idle(pid: int) -> bool:
     """Wait until a process and its descendants use no CPU for IDLE_QUIET_SECONDS; False on time-out.
 
@@ -557,9 +761,9 @@ def finished_size(path: Path) -> tuple[int, int] | None:
 # The requests the scenarios make: wrk, curl, and http.client for set-up and resizes.
 
 
-def run_wrk(server: Server, path: str) -> dict[str, float]:
-    """Run wrk on one path; return requests per second and the number of errors it counted."""
-    completed = subprocess.run(["wrk", *WRK_ARGUMENTS, server.url(path)], stdout=subprocess.PIPE,
+def run_wrk(url: str, arguments: list[str] = WRK_ARGUMENTS) -> dict[str, float]:
+    """Run wrk on one URL; return requests per second and the number of errors it counted."""
+    completed = subprocess.run(["wrk", *arguments, url], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, check=False)
     output = completed.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
@@ -623,17 +827,20 @@ def request_json(connection: http.client.HTTPConnection, method: str, path: str,
     return response.status, response.headers, decoded
 
 
-def resize_and_wait(server: Server, name: str) -> None:
+def resize_and_wait(server: Server, name: str, wait_seconds: int = JOB_WAIT_SECONDS) -> float:
     """PATCH an image to 300x300 and return once the resized image is stored.
 
-    IMS says when through GET /jobs/<id>?wait=; the seed tells nobody, so its file is read until
-    it is a whole 300x300 image. Raises BenchError when the resize is refused or fails.
+    IMS says when through GET /jobs/<id>?wait=wait_seconds; the seed tells nobody, so its file is
+    read until it is a whole 300x300 image. Returns the seconds the PATCH took to be answered
+    (connecting included). Raises BenchError when the resize is refused or fails.
     """
     width, height = RESIZE_SIZE
     deadline = time.monotonic() + RESIZE_DEADLINE_SECONDS
-    connection = server.connect()
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=wait_seconds + 30)
     try:
+        started = time.perf_counter()
         status, headers, _ = request_json(connection, "PATCH", "/" + name, {"width": width, "height": height})
+        answered = time.perf_counter() - started
         if status != 202:
             raise BenchError(f"PATCH answered {status}")
         if server.kind == "seed":
@@ -641,7 +848,7 @@ def resize_and_wait(server: Server, name: str) -> None:
                 if time.monotonic() > deadline:
                     raise BenchError(f"seed did not resize {name} within {RESIZE_DEADLINE_SECONDS} s")
                 time.sleep(0.002)
-            return
+            return answered
         location = headers.get("Location")
         if not location:
             raise BenchError("PATCH answered 202 without Location")
@@ -649,11 +856,12 @@ def resize_and_wait(server: Server, name: str) -> None:
         while job.get("state") not in ("done", "failed", "cancelled"):
             if time.monotonic() > deadline:
                 raise BenchError(f"job {location} not ended within {RESIZE_DEADLINE_SECONDS} s")
-            status, _, job = request_json(connection, "GET", f"{location}?wait={JOB_WAIT_SECONDS}")
+            status, _, job = request_json(connection, "GET", f"{location}?wait={wait_seconds}")
             if status != 200 or not isinstance(job, dict):
                 raise BenchError(f"GET {location} answered {status}")
         if job["state"] != "done":
             raise BenchError(f"job {job['state']}: {job.get('error')}")
+        return answered
     finally:
         connection.close()
 
@@ -668,13 +876,13 @@ def run_threads(threads: list[threading.Thread]) -> float:
     return time.perf_counter() - started
 
 
-def resize_all_at_once(server: Server, names: list[str]) -> float:
+def resize_all_at_once(server: Server, names: list[str], wait_seconds: int = JOB_WAIT_SECONDS) -> float:
     """Resize every image at once, one thread each; return the seconds until all are stored."""
     errors = []
 
     def resize(name: str) -> None:
         try:
-            resize_and_wait(server, name)
+            resize_and_wait(server, name, wait_seconds)
         except BenchError as error:
             errors.append(error)
 
@@ -725,6 +933,7 @@ class Row:
     higher_is_better: bool = True
     target: str = ""
     min_versus_seed: float | None = None  # a target as a factor over the seed,
+    min_versus_before: float | None = None  # or over the --baseline IMS,
     min_ims: float | None = None  # or as limits on IMS's own value
     max_ims: float | None = None
     note: str = ""
@@ -750,6 +959,8 @@ class Row:
         checks = []
         if self.min_versus_seed is not None and self.versus_seed is not None:
             checks.append(self.versus_seed >= self.min_versus_seed)
+        if self.min_versus_before is not None and self.versus_before is not None:
+            checks.append(self.versus_before >= self.min_versus_before)
         if self.min_ims is not None and self.ims is not None:
             checks.append(self.ims >= self.min_ims)
         if self.max_ims is not None and self.ims is not None:
@@ -768,6 +979,8 @@ class Bench:
     repeat: int
     problems: list[str] = dataclasses.field(default_factory=list)  # servers that stopped badly
     baseline: Path | None = None  # the ims.py of the "before" column
+    # Cores that processes outside the bench kept busy during each scenario, on average.
+    other_cores: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def columns(values: dict[str, float]) -> dict[str, float | None]:
@@ -793,7 +1006,7 @@ def wrk_scenario(bench: Bench, path: str):
     for _ in range(bench.repeat):
         for kind, server in bench.servers.items():
             server.check_alive()
-            result = run_wrk(server, path)
+            result = run_wrk(server.url(path))
             runs[kind].append(result["requests_per_second"])
             errors[kind] += result["errors"]
     medians = {kind: statistics.median(values) for kind, values in runs.items()}
@@ -929,11 +1142,13 @@ def scenario_upload_4(bench: Bench) -> list[Row]:
 
 
 def scenario_resize(bench: Bench) -> list[Row]:
+    answer_times = {kind: [] for kind in bench.servers}  # seconds until the PATCH was answered
+
     def end_to_end_seconds(server: Server) -> float:
         name = server.fresh_name("r")
         upload_file(server, BIG_PHOTO, name)
         started = time.perf_counter()
-        resize_and_wait(server, name)
+        answer_times[server.kind].append(resize_and_wait(server, name))
         elapsed = time.perf_counter() - started
         size = finished_size(server.storage / name)
         if size != RESIZE_SIZE:
@@ -963,7 +1178,9 @@ def scenario_resize(bench: Bench) -> list[Row]:
         pillow_wall.append(time.perf_counter() - started_wall)
         pillow_cpu.append(time.process_time() - started_cpu)
     values = {kind: statistics.median(runs) * 1000 for kind, runs in times.items() if kind not in failures}
-    note = "; ".join(failures.values())
+    note = "; ".join(["of which the PATCH's answer (202), median: "
+                      + ", ".join(f"{kind} {statistics.median(answer_times[kind]) * 1000:.1f} ms"
+                                  for kind in values), *failures.values()])
     vips_ms = statistics.median(vips) * 1000
     pillow_ms = statistics.median(pillow_wall) * 1000
     by_vips = {kind: value / vips_ms for kind, value in values.items()}
@@ -971,7 +1188,8 @@ def scenario_resize(bench: Bench) -> list[Row]:
     reference = "a reference, not a server"
     return [
         Row("resize", f"12 MP photo to 300x300, end to end (median of {RESIZE_RUNS})", "ms",
-            **columns(values), higher_is_better=False, note=note),
+            **columns(values), higher_is_better=False, target="<= 1.1x before",
+            min_versus_before=1 / RESIZE_MAX_VERSUS_BEFORE, note=note),
         Row("resize", f"vipsthumbnail -s 300x300, command wall (median of {RESIZE_RUNS})", "ms",
             vips_ms, note=reference),
         Row("resize", f"best in-process Pillow, wall (median of {RESIZE_RUNS})", "ms", pillow_ms,
@@ -1067,14 +1285,18 @@ def scenario_first_resize(bench: Bench) -> list[Row]:
 
 
 @contextlib.contextmanager
-def fresh_ims(bench: Bench, label: str, options: list[str] = ()):
-    """Start an IMS of its own on a storage folder with small.jpeg and 10 more names; stop it after."""
+def fresh_ims(bench: Bench, label: str, options: list[str] = (), kind: str = "ims"):
+    """Start an IMS of its own on a storage folder with small.jpeg and 10 more names; stop it after.
+
+    kind "before" runs the --baseline ims.py instead.
+    """
     storage = bench.scratch / f"{label}-storage"
     storage.mkdir()
     shutil.copyfile(bench.small_image, storage / "small.jpeg")
     for index in range(10):
         shutil.copyfile(bench.small_image, storage / f"list-{index:03d}.jpeg")
-    server = start_ims(storage, bench.scratch, list(options), label)
+    script = bench.baseline if kind == "before" else IMS_SCRIPT
+    server = start_ims(storage, bench.scratch, list(options), label, script=script, kind=kind)
     try:
         yield server
     finally:
@@ -1464,16 +1686,29 @@ def scenario_slow_clients(bench: Bench) -> list[Row]:
     ]
 
 
-def scenario_patch_burst(bench: Bench) -> list[Row]:
-    workers = os.cpu_count() or 1
-    options = ["--resize-workers", str(workers), "--max-queue", str(BURST_MAX_QUEUE)]
-    with fresh_ims(bench, "burst", options) as server:
+@dataclasses.dataclass
+class BurstResult:
+    """What one PATCH burst gave: answers by status, each answer's latency, the jobs' ends, the processes."""
+
+    statuses: collections.Counter
+    failures: collections.Counter
+    latencies: list[float]  # seconds from sending a PATCH to reading its whole answer
+    burst_seconds: float
+    drain_seconds: float
+    states: collections.Counter
+    sampler: DescendantSampler
+
+
+def run_patch_burst(bench: Bench, label: str, kind: str, options: list[str]) -> BurstResult:
+    """Send BURST_PATCHES PATCHes from BURST_CLIENTS keep-alive clients to a fresh server, then wait for the jobs."""
+    with fresh_ims(bench, label, options, kind=kind) as server:
         names = [server.fresh_name("burst") for _ in range(BURST_IMAGES)]
         for name in names:
             upload_file(server, bench.small_image, name)
         statuses = collections.Counter()
         locations: list[str] = []
         failures = collections.Counter()
+        latencies: list[float] = []
         lock = threading.Lock()
 
         def send(client: int) -> None:
@@ -1481,6 +1716,7 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
             try:
                 for number in range(client, BURST_PATCHES, BURST_CLIENTS):
                     side = 100 + 20 * (number % 2)
+                    started = time.perf_counter()
                     try:
                         status, headers, _ = request_json(connection, "PATCH", "/" + names[number % BURST_IMAGES],
                                                           {"width": side, "height": side})
@@ -1489,7 +1725,9 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
                         with lock:
                             failures[type(error).__name__] += 1
                         continue
+                    latency = time.perf_counter() - started
                     with lock:
+                        latencies.append(latency)
                         statuses[status] += 1
                         if status == 202:
                             locations.append(headers.get("Location"))
@@ -1501,13 +1739,9 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
         with DescendantSampler(server.process.pid, BURST_SAMPLE_SECONDS) as sampler:
             time.sleep(0.1)  # a few samples of the idle server
             clients = [threading.Thread(target=send, args=(client,)) for client in range(BURST_CLIENTS)]
-            started = time.perf_counter()
-            for thread in clients:
-                thread.start()
-            for thread in clients:
-                thread.join()
-            burst_seconds = time.perf_counter() - started
+            burst_seconds = run_threads(clients)
             # The accepted jobs run on after the burst: keep sampling until every one has ended.
+            drain_started = time.perf_counter()
             states = collections.Counter()
             deadline = time.monotonic() + BURST_DRAIN_SECONDS
             connection = server.connect()
@@ -1521,31 +1755,321 @@ def scenario_patch_burst(bench: Bench) -> list[Row]:
                     states[job.get("state") if status == 200 and isinstance(job, dict) else f"GET {status}"] += 1
             finally:
                 connection.close()
-            drain_seconds = time.perf_counter() - started - burst_seconds
+            drain_seconds = time.perf_counter() - drain_started
             time.sleep(0.1)
         server.check_alive()
+    return BurstResult(statuses, failures, latencies, burst_seconds, drain_seconds, states, sampler)
+
+
+def scenario_patch_burst(bench: Bench) -> list[Row]:
+    workers = os.cpu_count() or 1
+    options = ["--resize-workers", str(workers), "--max-queue", str(BURST_MAX_QUEUE)]
+    # IMS, and the --baseline IMS when there is one, so that what durable job records cost shows;
+    # --repeat bursts of each, interleaved, each on a fresh server.
+    kinds = ["ims", "before"] if bench.baseline else ["ims"]
+    results: dict[str, list[BurstResult]] = {kind: [] for kind in kinds}
+    failed = {}
+    for run in range(bench.repeat):
+        for kind in kinds:
+            if kind in failed:
+                continue
+            try:
+                results[kind].append(run_patch_burst(bench, f"burst-{kind}-{run}", kind, options))
+            except BenchError as error:
+                if kind == "ims":
+                    raise
+                failed[kind] = f"{kind}: {error}"
+    results = {kind: runs for kind, runs in results.items() if runs and kind not in failed}
+
+    def median_of_runs(measure: Callable[[BurstResult], float]) -> dict[str, float | None]:
+        return columns({kind: statistics.median(measure(each) for each in runs) for kind, runs in results.items()})
+
+    def worst_of_runs(measure: Callable[[BurstResult], float]) -> dict[str, float | None]:
+        return columns({kind: max(measure(each) for each in runs) for kind, runs in results.items()})
+
+    def wrong_answers(each: BurstResult) -> int:
+        return (sum(count for status, count in each.statuses.items() if status not in (202, 503))
+                + sum(each.failures.values()))
+
+    def latency_ms(fraction: float) -> Callable[[BurstResult], float]:
+        return lambda each: percentile(each.latencies, fraction) * 1000 if each.latencies else math.inf
 
     limit = workers + BURST_HELPER_PROCESSES
-    made = sum(statuses.values())
-    others = {status: count for status, count in statuses.items() if status not in (202, 503)}
-    notes = [f"burst took {burst_seconds:.2f} s, its jobs ended {drain_seconds:.1f} s later: "
-             + ", ".join(f"{state} x{count}" for state, count in states.most_common())]
-    if others:
-        notes.append("other answers: " + ", ".join(f"{status} x{count}" for status, count in sorted(others.items())))
-    if failures:
-        notes.append("failed: " + ", ".join(f"{what} x{count}" for what, count in failures.items()))
+    notes = []
+    for kind, runs in results.items():
+        for number, each in enumerate(runs, 1):
+            note = (f"{kind} run {number}: burst took {each.burst_seconds:.2f} s, answers "
+                    + ", ".join(f"{status} x{count}" for status, count in sorted(each.statuses.items()))
+                    + f", p99 {latency_ms(0.99)(each):.1f} ms, max {max(each.latencies, default=0) * 1000:.0f} ms"
+                    + f"; its jobs ended {each.drain_seconds:.1f} s later: "
+                    + ", ".join(f"{state} x{count}" for state, count in each.states.most_common()))
+            if each.failures:
+                note += "; failed: " + ", ".join(f"{what} x{count}" for what, count in each.failures.items())
+            notes.append(note)
+    notes.extend(failed.values())
+    peak = max(results["ims"], key=lambda each: each.sampler.peak).sampler
     depth_names = {1: "children", 2: "grandchildren"}
     makeup = ", ".join(f"{count} {depth_names.get(depth, f'at depth {depth}')}"
-                       for depth, count in sorted(sampler.peak_by_depth.items()))
-    process_note = (f"{sampler.samples:,} samples of /proc every ~{BURST_SAMPLE_SECONDS * 1000:.0f} ms; "
-                    f"at the peak: {makeup or 'none'}; at most {sampler.peak_zombies} unreaped zombie(s) at once")
+                       for depth, count in sorted(peak.peak_by_depth.items()))
+    process_note = (f"{peak.samples:,} samples of /proc every ~{BURST_SAMPLE_SECONDS * 1000:.0f} ms in IMS's "
+                    f"run with the highest peak; at that peak: {makeup or 'none'}; "
+                    f"at most {peak.peak_zombies} unreaped zombie(s) at once")
+    runs = f"median of {bench.repeat} bursts"
     return [
-        Row("patch-burst", f"{BURST_PATCHES} PATCHes, {BURST_CLIENTS} keep-alive clients", "req/s",
-            made / burst_seconds, note="; ".join(notes)),
-        Row("patch-burst", "accepted (202)", "count", statuses[202]),
-        Row("patch-burst", f"refused (503, --max-queue {BURST_MAX_QUEUE})", "count", statuses[503]),
-        Row("patch-burst", f"peak descendant processes ({workers} resize workers)", "count", sampler.peak,
-            higher_is_better=False, target=f"<= {limit} (workers + 2)", max_ims=limit, note=process_note),
+        Row("patch-burst", f"{BURST_PATCHES} PATCHes, {BURST_CLIENTS} keep-alive clients ({runs})", "req/s",
+            **median_of_runs(lambda each: sum(each.statuses.values()) / each.burst_seconds), note="; ".join(notes)),
+        Row("patch-burst", f"PATCH answer latency, p50 ({runs})", "ms", **median_of_runs(latency_ms(0.5)),
+            higher_is_better=False),
+        Row("patch-burst", f"PATCH answer latency, p99 ({runs})", "ms", **median_of_runs(latency_ms(0.99)),
+            higher_is_better=False, target=f"< {BURST_MAX_P99_MS} ms", max_ims=BURST_MAX_P99_MS),
+        Row("patch-burst", f"accepted (202, {runs})", "count", **median_of_runs(lambda each: each.statuses[202])),
+        Row("patch-burst", f"refused (503, --max-queue {BURST_MAX_QUEUE}, {runs})", "count",
+            **median_of_runs(lambda each: each.statuses[503])),
+        Row("patch-burst", "other answers and failed requests (worst burst)", "count",
+            **worst_of_runs(wrong_answers), higher_is_better=False, target="= 0 (202 or 503 only)", max_ims=0),
+        Row("patch-burst", f"peak descendant processes ({workers} resize workers, worst burst)", "count",
+            **worst_of_runs(lambda each: each.sampler.peak), higher_is_better=False,
+            target=f"<= {limit} (workers + 2)", max_ims=limit, note=process_note),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Scaling scenarios (issue 9): IMS only, on servers of their own: --workers, several instances
+# on one folder behind nginx, and resizes spread over them.
+# ------------------------------------------------------------------------------------------
+
+SCALE_PATHS = [("/", f"GET / ({LIST_NAMES} names)"), ("/small.jpeg", "GET 20 KB JPEG")]
+
+
+def stop_later(stack: contextlib.ExitStack, bench: Bench, label: str, server: Server | NginxFront) -> None:
+    """Stop a server when the stack closes, noting in bench.problems what went wrong."""
+    stack.callback(lambda: bench.problems.extend(f"{label}: {problem}" for problem in server.stop()))
+
+
+def start_cluster(stack: contextlib.ExitStack, bench: Bench, label: str, storage: Path) -> tuple[list[Server], NginxFront]:
+    """Start CLUSTER_INSTANCES IMS on one folder and nginx in front of them; all stop when the stack closes."""
+    instances = []
+    for index in range(CLUSTER_INSTANCES):
+        instance = start_ims(storage, bench.scratch, [], f"{label}-{index}")
+        stop_later(stack, bench, f"{label} instance {index}", instance)
+        instances.append(instance)
+    front = start_nginx(bench.scratch / f"{label}-nginx", instances, storage)
+    stop_later(stack, bench, f"{label} nginx", front)
+    return instances, front
+
+
+def check_answers(server: Server, paths: list[str]) -> None:
+    """GET each path once (a warm-up); raise BenchError unless every answer is 200."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=CLIENT_TIMEOUT_SECONDS)
+    try:
+        for path in paths:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise BenchError(f"GET {path} on port {server.port} answered {response.status}")
+    finally:
+        connection.close()
+
+
+def in_turn(servers: dict, run: int) -> list:
+    """Return the (key, server) pairs in order on even runs and reversed on odd ones (A B, B A, ...).
+
+    Whichever server goes first in a round meets the machine as the last round left it, so the
+    order alternates rather than favouring one.
+    """
+    pairs = list(servers.items())
+    return pairs if run % 2 == 0 else pairs[::-1]
+
+
+def shares(ticks: list[int]) -> str:
+    """Return each part's share of the total, as "50/30/20 %"."""
+    total = sum(ticks)
+    return "/".join(f"{100 * part / total:.0f}" for part in ticks) + " %" if total else "no CPU used"
+
+
+def scenario_workers(bench: Bench) -> list[Row]:
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    # "pinned" is --workers 1 held to one CPU: a reference for what one process can do when its
+    # threads do not hand the GIL from one core to the other.
+    setups = {"1": (["--workers", "1"], None), "2": (["--workers", "2"], None), "pinned": (["--workers", "1"], {0})}
+    rates = {(path, setup): [] for path, _ in SCALE_PATHS for setup in setups}
+    busy = {(path, setup): [] for path, _ in SCALE_PATHS for setup in setups}  # cores: server tree, wrk
+    worker_ticks = {path: collections.Counter() for path, _ in SCALE_PATHS}
+    errors = collections.Counter()
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for setup, (options, cpus) in setups.items():
+            storage = bench.scratch / f"workers-{setup}-storage"
+            prepare_storage(storage, bench.small_image)
+            servers[setup] = start_ims(storage, bench.scratch, options, f"workers-{setup}", cpus=cpus)
+            stop_later(stack, bench, f"workers {setup}", servers[setup])
+        for server in servers.values():
+            check_answers(server, [path for path, _ in SCALE_PATHS])
+        worker_pids = children_of(servers["2"].process.pid)
+        for path, _ in SCALE_PATHS:
+            for run in range(max(bench.repeat, SCALE_MIN_RUNS)):
+                for setup, server in in_turn(servers, run):
+                    server.check_alive()
+                    workers = children_of(server.process.pid) if setup == "2" else []
+                    ticks_before = tree_cpu_ticks(server.process.pid)
+                    workers_before = {pid: tree_cpu_ticks(pid) for pid in workers}
+                    wrk_before = own_cpu_seconds()
+                    started = time.perf_counter()
+                    result = run_wrk(server.url(path), SCALE_WRK_ARGUMENTS)
+                    elapsed = time.perf_counter() - started
+                    rates[path, setup].append(result["requests_per_second"])
+                    errors[setup] += result["errors"]
+                    server_cores = (tree_cpu_ticks(server.process.pid) - ticks_before) / clock_ticks / elapsed
+                    busy[path, setup].append((server_cores, (own_cpu_seconds() - wrk_before) / elapsed))
+                    for pid, before in workers_before.items():
+                        worker_ticks[path][pid] += tree_cpu_ticks(pid) - before
+        later_pids = children_of(servers["2"].process.pid)
+
+    command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+    names = {"1": "--workers 1", "2": "--workers 2", "pinned": "--workers 1 pinned to one CPU"}
+    rows = []
+    for path, label in SCALE_PATHS:
+        medians = {setup: statistics.median(rates[path, setup]) for setup in setups}
+        notes = {}
+        for setup in setups:
+            server_cores = statistics.median(cores for cores, _ in busy[path, setup])
+            wrk_cores = statistics.median(cores for _, cores in busy[path, setup])
+            notes[setup] = (f"runs {', '.join(f'{rate:,.0f}' for rate in rates[path, setup])}; "
+                            f"server tree busy {server_cores:.2f} cores, wrk {wrk_cores:.2f} cores (medians)")
+        notes["2"] += f"; CPU split over its workers {shares(list(worker_ticks[path].values()))}"
+        notes["pinned"] = "a reference (sched_setaffinity to CPU 0, as taskset -c 0 does); " + notes["pinned"]
+        pair_ratios = [two / one for one, two in zip(rates[path, "1"], rates[path, "2"])]
+        rows += [
+            *(Row("workers", f"{label}, {names[setup]}, wrk {command}", "req/s", medians[setup], note=notes[setup])
+              for setup in setups),
+            Row("workers", f"{label}, --workers 2 / --workers 1", "x", medians["2"] / medians["1"],
+                target=f">= {WORKERS_MIN_FACTOR}", min_ims=WORKERS_MIN_FACTOR,
+                note="ratio of each interleaved pair of runs: " + ", ".join(f"{ratio:.2f}" for ratio in pair_ratios)),
+            Row("workers", f"{label}, --workers 2 / --workers 1 pinned", "x", medians["2"] / medians["pinned"]),
+        ]
+    problems = [f"{names[setup]}: {count} socket errors or non-2xx answers" for setup, count in errors.items() if count]
+    if len(worker_pids) != 2:
+        problems.append(f"--workers 2 had {len(worker_pids)} child process(es), not 2: {worker_pids}")
+    if set(later_pids) != set(worker_pids):
+        problems.append(f"--workers 2's children changed during the runs: {worker_pids} then {later_pids}")
+    if problems:
+        rows[-1].note = "; ".join(problems)
+    return rows
+
+
+def scenario_nginx(bench: Bench) -> list[Row]:
+    storage = bench.scratch / "nginx-storage"
+    prepare_storage(storage, bench.small_image)
+    direct_storage = bench.scratch / "nginx-direct-storage"
+    prepare_storage(direct_storage, bench.small_image)
+    kinds = ("proxy", "direct", "static")
+    rates = {(path, kind): [] for path, _ in SCALE_PATHS for kind in kinds}
+    errors = collections.Counter()
+    instance_ticks = {path: [0] * CLUSTER_INSTANCES for path, _ in SCALE_PATHS}
+    busy = {(path, kind): [] for path, _ in SCALE_PATHS for kind in kinds}  # cores: IMS, nginx
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    with contextlib.ExitStack() as stack:
+        direct = start_ims(direct_storage, bench.scratch, [], "nginx-direct")
+        stop_later(stack, bench, "nginx direct", direct)
+        instances, front = start_cluster(stack, bench, "nginx", storage)
+        targets = {"proxy": front.proxy, "direct": direct, "static": front.static}
+        for target in targets.values():
+            check_answers(target, [path for path, _ in SCALE_PATHS])
+        for path, _ in SCALE_PATHS:
+            for run in range(max(bench.repeat, SCALE_MIN_RUNS)):
+                for kind, target in in_turn(targets, run):
+                    for instance in (*instances, direct):
+                        instance.check_alive()
+                    before = [tree_cpu_ticks(instance.process.pid) for instance in (*instances, direct)]
+                    nginx_before = tree_cpu_ticks(front.proxy.process.pid)
+                    started = time.perf_counter()
+                    result = run_wrk(target.url(path), SCALE_WRK_ARGUMENTS)
+                    elapsed = time.perf_counter() - started
+                    rates[path, kind].append(result["requests_per_second"])
+                    errors[kind] += result["errors"]
+                    used = [tree_cpu_ticks(instance.process.pid) - ticks
+                            for instance, ticks in zip((*instances, direct), before)]
+                    nginx_used = tree_cpu_ticks(front.proxy.process.pid) - nginx_before
+                    busy[path, kind].append((sum(used) / clock_ticks / elapsed, nginx_used / clock_ticks / elapsed))
+                    if kind == "proxy":
+                        for index in range(CLUSTER_INSTANCES):
+                            instance_ticks[path][index] += used[index]
+
+    command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+    rows = []
+    for path, label in SCALE_PATHS:
+        medians = {kind: statistics.median(rates[path, kind]) for kind in kinds}
+        runs = {kind: "runs " + ", ".join(f"{rate:,.0f}" for rate in rates[path, kind])
+                + f"; IMS busy {statistics.median(ims for ims, _ in busy[path, kind]):.2f} cores, "
+                f"nginx {statistics.median(nginx for _, nginx in busy[path, kind]):.2f} (medians)"
+                for kind in kinds}
+        static_what = "autoindex, JSON" if path == "/" else "a file"
+        rows += [
+            Row("nginx", f"{label} via nginx to {CLUSTER_INSTANCES} instances, wrk {command}", "req/s",
+                medians["proxy"], note=f"{runs['proxy']}; CPU split over the instances "
+                                       f"{shares(instance_ticks[path])}"),
+            Row("nginx", f"{label}, one instance direct", "req/s", medians["direct"], note=runs["direct"]),
+            Row("nginx", f"{label}, nginx serving the folder ({static_what})", "req/s", medians["static"],
+                note=f"a reference, not IMS; {runs['static']}"),
+            Row("nginx", f"{label}: via nginx to {CLUSTER_INSTANCES} / one direct", "x",
+                medians["proxy"] / medians["direct"]),
+            Row("nginx", f"{label}: via nginx to {CLUSTER_INSTANCES} / nginx static", "x",
+                medians["proxy"] / medians["static"]),
+        ]
+    config = (f"nginx worker_processes auto ({os.cpu_count()} CPUs), upstream round robin, keepalive "
+              f"{NGINX_KEEPALIVE}, proxy_http_version 1.1, Connection \"\", proxy_request_buffering off, access_log off")
+    problems = [f"{kind}: {count} socket errors or non-2xx answers" for kind, count in errors.items() if count]
+    rows[0].note += "; " + "; ".join([config, *problems])
+    return rows
+
+
+def scenario_nginx_resize(bench: Bench) -> list[Row]:
+    photos = sorted((SHARED / "photos").glob("*.jpeg"))
+    if not photos:
+        raise BenchError(f"no photos in {SHARED / 'photos'}")
+    storage = bench.scratch / "spread-storage"
+    storage.mkdir()
+    direct_storage = bench.scratch / "spread-direct-storage"
+    direct_storage.mkdir()
+    kinds = ("proxy", "direct")
+    times = {kind: [] for kind in kinds}
+    instance_ticks = [0] * CLUSTER_INSTANCES
+    with contextlib.ExitStack() as stack:
+        direct = start_ims(direct_storage, bench.scratch, [], "spread-direct")
+        stop_later(stack, bench, "nginx-resize direct", direct)
+        instances, front = start_cluster(stack, bench, "spread", storage)
+        targets = {"proxy": front.proxy, "direct": direct}
+        for run in range(bench.repeat):
+            for kind, target in in_turn(targets, run):
+                for instance in (*instances, direct):
+                    instance.check_alive()
+                names = [target.fresh_name("spread") for _ in range(SPREAD_PHOTOS)]
+                for index, name in enumerate(names):
+                    upload_file(target, photos[index % len(photos)], name)
+                before = [tree_cpu_ticks(instance.process.pid) for instance in instances]
+                times[kind].append(resize_all_at_once(target, names, SPREAD_JOB_WAIT_SECONDS))
+                if kind == "proxy":
+                    for index, instance in enumerate(instances):
+                        instance_ticks[index] += tree_cpu_ticks(instance.process.pid) - before[index]
+                for name in names:
+                    size = finished_size(target.storage / name)
+                    if size != RESIZE_SIZE:
+                        raise BenchError(f"{kind}: {name} is {size} once its job ended, not {RESIZE_SIZE}")
+
+    medians = {kind: statistics.median(runs) for kind, runs in times.items()}
+    runs = {kind: "runs " + ", ".join(f"{seconds:.2f}" for seconds in times[kind]) for kind in kinds}
+    return [
+        Row("nginx-resize", f"{SPREAD_PHOTOS} photos PATCHed at once via nginx to {CLUSTER_INSTANCES}, until all ended "
+            f"(median of {bench.repeat})", "s", medians["proxy"], higher_is_better=False,
+            note=f"{runs['proxy']}; photos {', '.join(photo.name for photo in photos)} in turn, to "
+                 f"{RESIZE_SIZE[0]}x{RESIZE_SIZE[1]}; CPU split over the instances (their resizes included) "
+                 f"{shares(instance_ticks)}; each client waits with GET /jobs/<id>?wait={SPREAD_JOB_WAIT_SECONDS}; "
+                 f"--resize-workers is the default, {os.cpu_count()} on this host however many instances"),
+        Row("nginx-resize", "same, one instance direct", "s", medians["direct"], higher_is_better=False,
+            note=runs["direct"]),
+        Row("nginx-resize", f"via nginx to {CLUSTER_INSTANCES} / one direct", "x",
+            medians["proxy"] / medians["direct"], higher_is_better=False),
     ]
 
 
@@ -1563,6 +2087,9 @@ SCENARIOS = {
     "soak": (scenario_soak, []),
     "slow-clients": (scenario_slow_clients, []),
     "patch-burst": (scenario_patch_burst, []),
+    "workers": (scenario_workers, ["wrk"]),
+    "nginx": (scenario_nginx, ["wrk", "nginx"]),
+    "nginx-resize": (scenario_nginx_resize, ["nginx"]),
 }
 
 
@@ -1589,11 +2116,13 @@ def format_factor(versus: float | None) -> str:
     return f"{versus:.2f}x" if versus else "-"
 
 
-def verdict(row: Row, with_seed: bool) -> str:
+def verdict(row: Row, with_seed: bool, with_before: bool) -> str:
     if not row.target:
         return ""
     if row.met is None:
-        return "needs --vs" if row.min_versus_seed and not with_seed else "n/a"
+        if row.min_versus_seed and not with_seed:
+            return "needs --vs"
+        return "needs --baseline" if row.min_versus_before and not with_before else "n/a"
     return "met" if row.met else "MISSED"
 
 
@@ -1611,7 +2140,7 @@ def print_table(rows: list[Row], with_seed: bool, with_before: bool) -> None:
             line += [format_value(row.before), format_factor(row.versus_before)]
         if with_seed:
             line += [format_value(row.seed), format_factor(row.versus_seed)]
-        line += [row.target, verdict(row, with_seed)]
+        line += [row.target, verdict(row, with_seed, with_before)]
         lines.append(line)
         if row.note:
             notes.append(f"  {row.scenario} / {row.measure}: {row.note}")
@@ -1627,12 +2156,14 @@ def print_table(rows: list[Row], with_seed: bool, with_before: bool) -> None:
         print("\n".join(notes))
 
 
-def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str]) -> None:
+def write_json(path: Path, rows: list[Row], arguments: argparse.Namespace, problems: list[str],
+               load_before: float, other_cores: dict[str, float]) -> None:
     results = [dict(dataclasses.asdict(row), versus_seed=row.versus_seed, versus_before=row.versus_before,
                     met=row.met) for row in rows]
     document = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
                 "repeat": arguments.repeat, "vs": arguments.vs,
-                "baseline": arguments.baseline and str(arguments.baseline), "results": results, "problems": problems}
+                "baseline": arguments.baseline and str(arguments.baseline), "results": results, "problems": problems,
+                "load_average_before": load_before, "other_cores_by_scenario": other_cores}
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -1651,13 +2182,14 @@ def run_scenarios(bench: Bench, names: list[str]) -> list[Row]:
     for name, (scenario, tools) in SCENARIOS.items():
         if name not in names:
             continue
-        missing = ", ".join(tool for tool in tools if shutil.which(tool) is None)
+        missing = ", ".join(tool for tool in tools if tool_path(tool) is None)
         if missing:
             progress(f"skipping {name}: {missing} not installed")
             rows.append(Row(name, "skipped", "", note=f"{missing} not installed"))
             continue
         progress(f"running {name}")
         started = time.monotonic()
+        others = OtherLoad()
         try:
             for server in bench.servers.values():
                 server.check_alive()
@@ -1666,7 +2198,9 @@ def run_scenarios(bench: Bench, names: list[str]) -> list[Row]:
         except Exception as error:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
             rows.append(Row(name, "failed", "", note=f"{type(error).__name__}: {error}"))
-        progress(f"{name} took {time.monotonic() - started:.0f} s")
+        bench.other_cores[name] = others.cores()
+        progress(f"{name} took {time.monotonic() - started:.0f} s; other processes kept "
+                 f"{bench.other_cores[name]:.2f} cores busy meanwhile")
     return rows
 
 
@@ -1684,7 +2218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
                         help=f"run only these scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each wrk scenario, 15 MB uploads and resize-8 rounds (default 3)")
+                        help="runs of each wrk scenario, 15 MB uploads, resize-8 rounds, first-resize starts, "
+                             "PATCH bursts and nginx-resize rounds (default 3)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE")
     arguments = parser.parse_args(argv)
     if arguments.repeat < 1:
@@ -1697,6 +2232,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     servers: dict[str, Server] = {}
     problems: list[str] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ims-bench-") as scratch_name:
         scratch = Path(scratch_name)
         try:
@@ -1718,6 +2254,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(servers, scratch, small_image, large_image, arguments.repeat, problems,
                           arguments.baseline and arguments.baseline.resolve())
             rows = run_scenarios(bench, arguments.only or list(SCENARIOS))
+            other_cores = bench.other_cores
         except BenchError as error:
             progress(f"cannot run: {error}")
             return 1
@@ -1725,10 +2262,13 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 problems.extend(server.stop())
     print_table(rows, arguments.vs, bool(arguments.baseline))
+    # Whatever else runs on the machine (a test suite, another bench) weighs on every figure.
+    print(f"Machine: {os.cpu_count()} CPUs, load average {load_before:.2f} before the run; other processes "
+          "kept busy, in cores on average: " + ", ".join(f"{name} {cores:.2f}" for name, cores in other_cores.items()))
     for problem in problems:
         print("Problem: " + problem)
     if arguments.json:
-        write_json(arguments.json, rows, arguments, problems)
+        write_json(arguments.json, rows, arguments, problems, load_before, other_cores)
     return 0
 
 
