@@ -355,9 +355,16 @@ def is_file_locked(descriptor):
 
 
 def _is_queue_entry(name):
-    # <sequence>-<job id>: the job's sequence number across every instance, 12 digits, and its id
-    # (checked where it is used). Tested for every entry of a long queue on every PATCH: kept cheap.
-    return len(name) == 29 and name[12] == "-" and name[:12].isascii() and name[:12].isdigit()
+    # <sequence>-<job id>: the job's sequence number across every instance, 12 digits or more, and
+    # its id (checked where it is used). Tested for every entry of a long queue on every PATCH:
+    # kept cheap.
+    sequence = name[:-17]
+    return len(name) >= 29 and name[-17] == "-" and sequence.isascii() and sequence.isdigit()
+
+
+def _queue_order(entry):
+    # Ids have one length, so a longer name has the larger sequence number.
+    return len(entry), entry
 
 
 def storage_error(error):
@@ -763,7 +770,7 @@ class Store:
             self._write_file(temp_path, json.dumps(record).encode(), durable=True)
             with self._lock:
                 entries = self._check_queue_room(max_queue, slot_count)
-                sequence = int(max(entries)[:12]) + 1 if entries else 0
+                sequence = int(max(entries, key=_queue_order)[:-17]) + 1 if entries else 0
                 entry = f"{sequence:012d}-{record['id']}"
                 os.link(temp_path, os.path.join(self._queue_folder, entry))
                 os.rename(temp_path, os.path.join(self._jobs_folder, record["id"] + ".json"))
@@ -791,7 +798,7 @@ class Store:
 
     def queued_records(self):
         """Return (entry, record as accepted) for every job not ended, in the order they were accepted."""
-        entries = sorted(self._entry_names())
+        entries = sorted(self._entry_names(), key=_queue_order)
         known = {}
         for entry in entries:
             record = self._entries.get(entry)

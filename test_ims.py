@@ -2517,9 +2517,9 @@ class ResizeTestCase(ColourAssertions, ServerTestCase):
         self.assertEqual(reply.status, 202, reply.body)
         return reply.headers["Location"]
 
-    def job(self, location):
+    def job(self, location, connection=None):
         """GET the job now, without waiting."""
-        reply = self.request("GET", location)
+        reply = self.request("GET", location, connection=connection)
         self.assertEqual(reply.status, 200, reply.body)
         return reply.json
 
@@ -2561,6 +2561,25 @@ class ResizeTestCase(ColourAssertions, ServerTestCase):
         self.assertTrue(is_stopped(pid), "the resize ended before it could be stopped")
         self.assertEqual(self.job(location)["state"], "running")
         return pid
+
+    def wait_in_background(self, location, seconds, connection=None):
+        """Send GET <location>?wait=<seconds> from a thread; return (thread, answers) once it is sent.
+
+        `answers` gets (status, job JSON) when the answer comes.
+        """
+        connection = connection or self.connect()
+        sent, answers = threading.Event(), []
+
+        def wait():
+            connection.request("GET", f"{location}?wait={seconds}")
+            sent.set()
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        self.assertTrue(sent.wait(DEADLINE_SECONDS), "the request could not be sent")
+        return waiter, answers
 
 
 class TestResize(ResizeTestCase):
@@ -2745,6 +2764,9 @@ class TestResize(ResizeTestCase):
         self.assertEqual(self.wait_job(location)["state"], "cancelled")
         self.assertError(self.request("GET", "/slow.png"), 404, "slow.png")
         self.assertEqual(self.request("GET", "/").json, [])
+        # The job is recorded cancelled at once; its process is killed and its temp file removed
+        # a moment later.
+        wait_for(lambda: not self.temp_files())
         self.assertEqual(self.stored_files(), [])
 
     def test_delete_stops_the_running_resize_process(self):
@@ -2761,7 +2783,8 @@ class TestResize(ResizeTestCase):
         self.store("slow.png", replacement)
         self.assertEqual(self.wait_job(location)["state"], "cancelled")
         self.assertEqual(self.request("GET", "/slow.png").body, replacement)
-        self.assertNoTempFiles()
+        # Recorded cancelled at once by the DELETE; the temp file goes a moment later.
+        wait_for(lambda: not self.temp_files())
 
     def test_a_file_replaced_in_the_folder_during_a_resize_is_not_overwritten(self):
         # Someone else (a person, a backup restore, another IMS) replaces the file while it is
@@ -2957,17 +2980,7 @@ class TestJobs(ResizeTestCase):
         self.store("a.png", make_image("PNG", (64, 48)))
         location = self.submit("a.png", "width=32&height=24")
         self.assertEqual(self.job(location)["state"], "queued")
-        connection, sent, answers = self.connect(), threading.Event(), []
-
-        def wait():
-            connection.request("GET", f"{location}?wait=60")
-            sent.set()
-            response = connection.getresponse()
-            answers.append((response.status, json.loads(response.read())))
-
-        waiter = threading.Thread(target=wait, daemon=True)
-        waiter.start()
-        self.assertTrue(sent.wait(DEADLINE_SECONDS), "the request could not be sent")
+        waiter, answers = self.wait_in_background(location, 60)
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
         waiter.join(DEADLINE_SECONDS)
         self.assertFalse(waiter.is_alive(), "the answer waited for the whole ?wait=")
@@ -4153,6 +4166,10 @@ class TestCrashRecovery(unittest.TestCase):
 
     def check_store(self, port):
         """The invariants a restart must give, whatever moment the previous process died at."""
+        # Jobs are durable: the restarted process runs the ones the killed one accepted, each
+        # with a temp file of its own while it runs. Its leftovers are judged once they are done.
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        wait_for(lambda: not os.path.isdir(queue) or not os.listdir(queue))
         folder = os.listdir(self.storage)
         self.assertEqual([name for name in folder if name.startswith(ims.TEMP_PREFIX)], [])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
@@ -4211,6 +4228,980 @@ class TestCrashRecovery(unittest.TestCase):
         self.assertGreater(len(self.acknowledged), self.ROUNDS)
         self.assertTrue(self.resized)
 
+
+# ====
+# Scaling out: several instances on one folder
+# ====
+# Two or three make_server() servers on one storage folder, in this one process, are separate
+# instances (spec: locks are per open file, so they exclude each other inside one process too).
+# What one instance accepts, every other must see, answer and, when it stops, carry on.
+
+
+def job_id_of(location):
+    """Return the job id of a Location header (/jobs/<id>)."""
+    return location.rpartition("/")[2]
+
+
+def open_files(pid):
+    """Return the paths of the files process `pid` has open (Linux's /proc); [] once it is gone."""
+    paths = []
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return paths
+    for descriptor in descriptors:
+        try:
+            paths.append(os.readlink(f"/proc/{pid}/fd/{descriptor}"))
+        except FileNotFoundError:
+            pass
+    return paths
+
+
+class SharedFolderTestCase(ResizeTestCase, HTTPTestCase):
+    """Instance A (self.server, the default for every helper) and instance B on one folder.
+
+    Both have the class's server_options. Either may be stopped by the test (stop_instance); a
+    stopped instance is not stopped again at cleanup.
+    """
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        self.prepare_storage()
+        self.server = self.start_instance()
+        self.host, self.port = self.a = self.server.server_address[:2]
+        self.other = self.start_instance()
+        self.b = self.other.server_address[:2]
+
+    def start_instance(self, **options):
+        """Return another in-process server on the folder, serving; stopped at cleanup unless stopped before.
+
+        Its options are the class's server_options, updated with `options`.
+        """
+        server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=True, **{**self.server_options, **options})
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        thread.start()
+        server.ims_test_is_running = True
+        self.addCleanup(self.stop_instance, server)
+        return server
+
+    def stop_instance(self, server):
+        """Stop `server` the way an embedding program does (shutdown, server_close): a graceful stop."""
+        if server.ims_test_is_running:
+            server.ims_test_is_running = False
+            server.shutdown()
+            server.server_close()
+
+    def on_b(self):
+        """Return a new connection to instance B."""
+        return self.connect(self.b)
+
+    def job_on(self, address, location):
+        """GET the job from the instance at `address` now, without waiting."""
+        return self.job(location, self.connect(address))
+
+    def wait_job_on(self, address, location):
+        """Return the job's JSON from the instance at `address` once it has ended, waiting with ?wait=."""
+        reply = self.request("GET", f"{location}?wait={DEADLINE_SECONDS}", connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertIn(reply.json["state"], ENDED_STATES, reply.json)
+        return reply.json
+
+    def listing_on(self, address):
+        reply = self.request("GET", "/", connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        return reply.json
+
+    def image_size_on(self, address, name):
+        """Return the (width, height) of the stored image `name` as the instance at `address` serves it."""
+        reply = self.request("GET", f"/{name}", connection=self.connect(address))
+        self.assertEqual(reply.status, 200, reply.body)
+        return Image.open(io.BytesIO(reply.body)).size
+
+    def wait_for_no_temp_files(self):
+        """Wait for the temp file of a cancelled resize to go.
+
+        A DELETE records the image's jobs cancelled at once; the instance running one kills its
+        process and removes its temp file a moment later (spec: within about 0.5 s).
+        """
+        wait_for(lambda: not self.temp_files())
+
+    def wrap_store(self, method, wrapper, *servers):
+        """Make the Stores of `servers` call wrapper(original method, *arguments) for `method` until the test ends.
+
+        Tests use it to force a moment that a race or a crash hits only now and then.
+        """
+        for server in servers:
+            patcher = mock.patch.object(server.store, method, functools.partial(wrapper, getattr(server.store, method)))
+            patcher.start()
+            self.addCleanup(patcher.stop)
+
+    def delete_and_upload_on_b(self, name, data):
+        """DELETE `name` on B and upload `data` as `name` on B; return the two statuses."""
+        return (self.request("DELETE", f"/{name}", connection=self.on_b()).status,
+                self.upload(name, data, self.on_b()).status)
+
+
+class TestSharedFolder(SharedFolderTestCase):
+    def test_an_upload_acknowledged_by_one_instance_is_listed_and_served_by_the_other_at_once(self):
+        for index in range(10):
+            name, data = f"a{index}.png", encode(noise((40 + index, 30), SEED + index), "PNG")
+            writer, reader = (self.a, self.b) if index % 2 == 0 else (self.b, self.a)
+            with self.subTest(name=name):
+                self.assertEqual(self.upload(name, data, self.connect(writer)).status, 201)
+                self.assertIn(name, self.listing_on(reader))
+                self.assertEqual(self.request("GET", f"/{name}", connection=self.connect(reader)).body, data)
+        self.assertEqual(self.listing_on(self.a), self.listing_on(self.b))
+
+    def test_a_delete_on_one_instance_is_seen_by_the_other_at_once(self):
+        for index in range(6):
+            name = f"d{index}.png"
+            deleter, reader = (self.b, self.a) if index % 2 == 0 else (self.a, self.b)
+            with self.subTest(name=name):
+                self.assertEqual(self.upload(name, make_image("PNG")).status, 201)
+                # The reader has listed and served the name before it goes.
+                self.assertIn(name, self.listing_on(reader))
+                self.assertEqual(self.request("HEAD", f"/{name}", connection=self.connect(reader)).status, 200)
+                self.assertEqual(self.request("DELETE", f"/{name}", connection=self.connect(deleter)).status, 204)
+                self.assertNotIn(name, self.listing_on(reader))
+                self.assertError(self.request("GET", f"/{name}", connection=self.connect(reader)), 404, name)
+                self.assertError(self.request("DELETE", f"/{name}", connection=self.connect(reader)), 404, name)
+        self.assertEqual(self.stored_files(), [])
+
+    def test_both_instances_give_one_file_one_etag(self):
+        self.store("a.png", make_image("PNG"))
+        from_a = self.request("HEAD", "/a.png")
+        from_b = self.request("HEAD", "/a.png", connection=self.on_b())
+        self.assertEqual(from_a.headers["ETag"], from_b.headers["ETag"])
+        self.assertEqual(from_a.headers["Last-Modified"], from_b.headers["Last-Modified"])
+        reply = self.request("GET", "/a.png", headers={"If-None-Match": from_a.headers["ETag"]}, connection=self.on_b())
+        self.assertEqual(reply.status, 304)
+
+    def test_concurrent_uploads_of_one_name_split_between_instances_give_exactly_one_201(self):
+        rounds, uploaders = 5, 6
+        for round_index in range(rounds):
+            name = f"same{round_index}.png"
+            # Big enough (about 120 KB each, not compressible) that the uploads overlap in time.
+            bodies = [encode(noise((200, 200), SEED + 100 * round_index + i), "PNG") for i in range(uploaders)]
+            connections = [self.connect(self.a if i % 2 == 0 else self.b) for i in range(uploaders)]
+            barrier = threading.Barrier(uploaders)
+            statuses = [None] * uploaders
+
+            def upload(index):
+                barrier.wait(DEADLINE_SECONDS)
+                statuses[index] = self.upload(name, bodies[index], connections[index]).status
+
+            threads = [threading.Thread(target=upload, args=(i,)) for i in range(uploaders)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(2 * DEADLINE_SECONDS)
+            with self.subTest(name=name):
+                self.assertEqual(sorted(statuses), [201] + [409] * (uploaders - 1), statuses)
+                winner = bodies[statuses.index(201)]
+                for address in (self.a, self.b):
+                    self.assertEqual(self.request("GET", f"/{name}", connection=self.connect(address)).body, winner)
+        self.assertEqual(self.listing_on(self.b), [f"same{i}.png" for i in range(rounds)])
+        self.assertNoTempFiles()
+
+    def test_job_records_are_never_listed_or_served(self):
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        job_id = job_id_of(location)
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        # The record is where the spec keeps it, so the requests below aim at a real file.
+        record = os.path.join(self.storage, ".ims", "jobs", f"{job_id}.json")
+        self.assertTrue(os.path.isfile(record), os.listdir(self.storage))
+        with open(record, "rb") as file:
+            record_bytes = file.read()
+        for address in (self.a, self.b):
+            with self.subTest(instance=address):
+                self.assertEqual(self.listing_on(address), ["a.png"])
+                paths = ["/.ims", "/.ims/", "/.ims/jobs", f"/.ims/jobs/{job_id}.json", f"/%2Eims%2Fjobs%2F{job_id}.json",
+                         "/%2eims", f"/jobs/../.ims/jobs/{job_id}.json", f"/jobs/%2E%2E%2F.ims%2Fjobs%2F{job_id}.json"]
+                for path in paths:
+                    for method in ("GET", "HEAD", "DELETE", "PATCH"):
+                        reply = self.request(method, path + ("?width=5&height=5" if method == "PATCH" else ""),
+                                             connection=self.connect(address))
+                        self.assertIn(reply.status, (400, 404, 405), f"{method} {path}: {reply.status} {reply.body[:200]!r}")
+                        self.assertNotIn(b'"state"', reply.body, f"{method} {path} served a job record")
+        with open(record, "rb") as file:
+            self.assertEqual(file.read(), record_bytes)
+        self.assertEqual(self.job_on(self.b, location)["state"], "done")
+
+    def test_a_start_up_scan_leaves_a_live_upload_of_another_instance_alone(self):
+        data = encode(noise((300, 300)), "PNG")
+        body, content_type = multipart_body(files=[("file", "live.png", data)])
+        sock = socket.create_connection(self.a, timeout=DEADLINE_SECONDS)
+        self.addCleanup(sock.close)
+        head = ("POST / HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        sock.sendall(head + body[:len(body) // 3])
+        wait_for(self.temp_files)
+        # A third instance starts on the folder while A writes; its start-up scan must not take
+        # A's temp file, whose writer lives though it is in this very process.
+        third = self.start_instance()
+        sock.sendall(body[len(body) // 3:2 * len(body) // 3])
+        self.assertTrue(self.temp_files(), "the live upload's temp file was removed")
+        sock.sendall(body[2 * len(body) // 3:])
+        reply = self.parse_reply(self.read_until_close(sock))
+        self.assertEqual(reply.status, 201, reply.body)
+        for address in (self.a, self.b, third.server_address[:2]):
+            self.assertEqual(self.request("GET", "/live.png", connection=self.connect(address)).body, data)
+        self.assertNoTempFiles()
+
+    def test_a_start_up_scan_at_the_moment_an_upload_creates_its_temp_file_leaves_it_alone(self):
+        # The moment forced: A has just created the temp file of an upload and has not yet
+        # locked it when a new instance's start-up scan looks at the folder.
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("telling which file a descriptor is needs /proc")
+        lock_file, scanned = ims.lock_file, []
+
+        def scan_then_lock(descriptor, *arguments, **keywords):
+            path = os.readlink(f"/proc/self/fd/{descriptor}")
+            if os.path.basename(path).startswith(ims.TEMP_PREFIX) and not scanned:
+                scanned.append(path)
+                self.start_instance()
+            return lock_file(descriptor, *arguments, **keywords)
+
+        data = encode(noise((100, 100)), "PNG")
+        with mock.patch.object(ims, "lock_file", scan_then_lock):
+            reply = self.upload("new.png", data)
+        self.assertEqual(len(scanned), 1, "no temp file was locked")
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.request("GET", "/new.png", connection=self.on_b()).body, data)
+
+    def test_a_start_up_scan_removes_leftover_temp_files_that_nobody_holds(self):
+        # Named after processes that are alive (init, this test's parent) and after none: what a
+        # writer in another PID namespace or on another host, since gone, would leave. Only the
+        # lock tells whether their writers still write.
+        leftovers = [f"{ims.TEMP_PREFIX}1-0123456789abcdef.png", f"{ims.TEMP_PREFIX}{os.getppid()}-abc.jpg",
+                     f"{ims.TEMP_PREFIX}{os.getpid()}-def.gif", f"{ims.TEMP_PREFIX}elsewhere"]
+        for name in leftovers:
+            with open(os.path.join(self.storage, name), "wb") as file:
+                file.write(b"half an upload")
+        self.start_instance()
+        self.assertEqual(self.temp_files(), [])
+        self.assertEqual(self.listing_on(self.a), [])
+
+
+class TestSharedFolderJobs(SharedFolderTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_a_job_accepted_by_one_instance_is_answered_by_the_other(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        reply = self.patch("a.png", "width=40&height=30&fit=cover")
+        self.assertEqual(reply.status, 202, reply.body)
+        location = reply.headers["Location"]
+        job = self.job_on(self.b, location)
+        self.assertEqual(set(job), JOB_FIELDS)
+        expected = {"id": job_id_of(location), "image": "a.png", "width": 40, "height": 30, "fit": "cover"}
+        self.assertEqual({key: job[key] for key in expected}, expected)
+        self.assertIn(job["state"], ("queued", "running", "done"))
+        ended = self.wait_job_on(self.b, location)
+        self.assertEqual(ended["state"], "done")
+        self.assertEqual(ended, self.job_on(self.a, location))
+        self.assertEqual(self.image_size_on(self.b, "a.png"), (40, 30))
+        self.assertError(self.request("GET", "/jobs/no-such-job", connection=self.on_b()), 404, "'no-such-job'")
+
+    def test_wait_on_one_instance_answers_when_the_job_ends_on_the_other(self):
+        # A runs the job, held stopped until B is waiting for it; then it is let go on and ends
+        # in about 1.5 s. B must answer then, with the job done, not when the 60 s of ?wait= are up.
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(location, children)
+        self.assertEqual(self.job_on(self.b, location)["state"], "running")
+        waiter, answers = self.wait_in_background(location, 60, self.on_b())
+        os.kill(pid, signal.SIGCONT)
+        waiter.join(DEADLINE_SECONDS)
+        self.assertFalse(waiter.is_alive(), "B's answer waited for the whole ?wait=")
+        self.assertEqual([(status, job["state"]) for status, job in answers], [(200, "done")], answers)
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
+
+    def test_resizes_of_one_image_accepted_by_both_instances_run_one_at_a_time_in_acceptance_order(self):
+        self.store("a.jpg", make_image("JPEG", (200, 150)))
+        connections = {self.a: self.connect(self.a), self.b: self.connect(self.b)}
+        locations = []
+        for index in range(10):
+            address = self.a if index % 2 == 0 else self.b
+            locations.append(self.submit("a.jpg", f"width={100 + index}&height={80 + index}", connections[address]))
+        jobs = [self.wait_job_on(self.b if index % 2 == 0 else self.a, location) for index, location in enumerate(locations)]
+        self.assertEqual([job["state"] for job in jobs], ["done"] * 10, jobs)
+        self.assertEqual([(job["width"], job["height"]) for job in jobs], [(100 + i, 80 + i) for i in range(10)])
+        submitted = [epoch_of(job["submitted"]) for job in jobs]
+        self.assertEqual(submitted, sorted(submitted))
+        finished = [epoch_of(job["finished"]) for job in jobs]
+        self.assertEqual(finished, sorted(finished), "the resizes did not end in the order they were accepted")
+        for address in (self.a, self.b):
+            self.assertEqual(self.image_size_on(address, "a.jpg"), (109, 89))
+        self.assertNoTempFiles()
+
+    def test_a_start_up_scan_leaves_the_temp_file_of_a_resize_running_on_another_instance_alone(self):
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        location = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(location, children)
+        running_temp_files = self.temp_files()
+        self.assertTrue(running_temp_files, "the running resize has no temp file")
+        self.start_instance()
+        self.assertEqual(self.temp_files(), running_temp_files)
+        os.kill(pid, signal.SIGCONT)
+        job = self.wait_job_on(self.b, location)
+        self.assertEqual(job["state"], "done", job)
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
+
+    def test_if_match_on_one_instance_sees_the_version_a_resize_on_the_other_made(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        before = self.request("HEAD", "/a.png").headers["ETag"]
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=32&height=24"))["state"], "done")
+        after = self.request("HEAD", "/a.png").headers["ETag"]
+        self.assertNotEqual(before, after)
+        self.assertError(self.request("DELETE", "/a.png", headers={"If-Match": before}, connection=self.on_b()), 412, "a.png")
+        self.assertError(self.patch("a.png", "width=10&height=10", headers={"If-Match": before}, connection=self.on_b()), 412, "a.png")
+        self.assertEqual(self.image_size_on(self.a, "a.png"), (32, 24))
+        reply = self.request("DELETE", "/a.png", headers={"If-Match": after}, connection=self.on_b())
+        self.assertEqual(reply.status, 204, reply.body)
+        self.assertError(self.request("GET", "/a.png"), 404, "a.png")
+
+    def test_if_match_accepted_by_one_instance_applies_only_to_the_version_before_the_others_running_resize(self):
+        # A runs a resize of slow.png (held stopped). B accepts a resize of it against its current
+        # ETag: B's job must wait for A's, which makes a new version, and then fail on If-Match.
+        self.store("slow.png", SLOW_SOURCE)
+        etag = self.request("HEAD", "/slow.png").headers["ETag"]
+        children = set(multiprocessing.active_children())
+        first = self.submit("slow.png", SLOW_ENOUGH)
+        pid = self.hold(first, children)
+        reply = self.patch("slow.png", "width=10&height=10", headers={"If-Match": etag}, connection=self.on_b())
+        self.assertEqual(reply.status, 202, reply.body)
+        second = reply.headers["Location"]
+        self.assertEqual(self.job_on(self.a, second)["state"], "queued")
+        self.assertEqual(self.job_on(self.b, second)["state"], "queued")
+        os.kill(pid, signal.SIGCONT)
+        self.assertEqual(self.wait_job_on(self.b, first)["state"], "done")
+        late = self.wait_job_on(self.a, second)
+        self.assertEqual(late["state"], "failed", late)
+        self.assertIn("If-Match", late["error"])
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (2000, 2000))
+
+    def test_a_conditional_delete_racing_a_resize_on_the_other_instance_is_all_or_nothing(self):
+        # B deletes with the ETag from before a resize that A runs meanwhile. Either the DELETE
+        # comes first (204: the resize never ends done and never brings the file back), or the
+        # resize does (412: the file is resized). Which, the race decides, round by round.
+        rng, connection = random.Random(SEED), self.on_b()
+        for index in range(20):
+            name = f"race{index}.png"
+            self.store(name, encode(noise((300, 300), SEED + index), "PNG"))
+            etag = self.request("HEAD", f"/{name}").headers["ETag"]
+            location = self.submit(name, "width=32&height=24")
+            # The DELETE is sent at a seeded point of the resize: once it runs, after a number of
+            # requests to B, each taking about as long as a small part of the resize.
+            wait_for(lambda: self.job_on(self.b, location)["state"] != "queued")
+            for _ in range(rng.randrange(40)):
+                self.request("HEAD", f"/{name}", connection=connection)
+            reply = self.request("DELETE", f"/{name}", headers={"If-Match": etag}, connection=self.on_b())
+            job = self.wait_job_on(self.b, location)
+            with self.subTest(name=name, delete=reply.status, job=job["state"]):
+                if reply.status == 204:
+                    self.assertIn(job["state"], ("cancelled", "failed"))
+                    for address in (self.a, self.b):
+                        self.assertEqual(self.request("HEAD", f"/{name}", connection=self.connect(address)).status, 404)
+                else:
+                    self.assertError(reply, 412, name)
+                    self.assertEqual(job["state"], "done")
+                    self.assertEqual(self.image_size_on(self.b, name), (32, 24))
+        self.wait_for_no_temp_files()
+
+    def test_delete_on_one_instance_cancels_the_image_s_queued_and_running_resizes_on_the_other(self):
+        running = self.start_slow_resize()
+        queued = [self.submit("slow.png", "width=10&height=10"), self.submit("slow.png", "width=20&height=20"),
+                  self.submit("slow.png", "width=30&height=30", connection=self.on_b())]
+        for location in queued:
+            self.assertEqual(self.job(location)["state"], "queued")
+        self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
+        for location in queued + [running]:
+            for address in (self.b, self.a):
+                job = self.wait_job_on(address, location)
+                self.assertEqual(job["state"], "cancelled", job)
+                self.assertIn("deleted", job["error"])
+                self.assertIsNotNone(job["finished"])
+        # A kills its stopped resize process (only a kill ends it), which never writes its result.
+        wait_for(lambda: not multiprocessing.active_children())
+        for address in (self.a, self.b):
+            self.assertError(self.request("GET", "/slow.png", connection=self.connect(address)), 404, "slow.png")
+            self.assertEqual(self.listing_on(address), [])
+        self.wait_for_no_temp_files()
+        self.assertEqual(self.stored_files(), [])
+
+    def test_a_delete_and_upload_on_b_just_as_a_starts_the_job_cancel_it_and_keep_the_upload(self):
+        # The moment forced: A has claimed the job and is about to record it running when B
+        # deletes the image and a new one is uploaded under its name. The job must end cancelled
+        # and the new upload stay as it was: a resize never overwrites a new upload.
+        self.store("a.png", make_image("PNG", (64, 48)))
+        replacement = make_image("PNG", (30, 20), color=GREEN)
+        injected = []
+
+        def claim_then_delete_and_upload_on_b(claim, *arguments, **keywords):
+            claimed = claim(*arguments, **keywords)
+            if claimed is not None and not injected:
+                injected.append(self.delete_and_upload_on_b("a.png", replacement))
+            return claimed
+
+        # Either instance may be the one that runs the job: both get the hook.
+        self.wrap_store("claim", claim_then_delete_and_upload_on_b, self.server, self.other)
+        location = self.submit("a.png", "width=32&height=24")
+        job = self.wait_job_on(self.b, location)
+        self.assertEqual(injected, [(204, 201)])
+        for address in (self.a, self.b):
+            self.assertEqual(self.request("GET", "/a.png", connection=self.connect(address)).body, replacement,
+                             "the resize overwrote the new upload")
+        self.assertEqual(job["state"], "cancelled", job)
+        self.assertIn("deleted", job["error"])
+
+    def test_an_upload_after_a_delete_on_the_other_instance_survives_the_cancelled_resize(self):
+        running = self.start_slow_resize(query=SLOW_ENOUGH)
+        self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
+        replacement = make_image("PNG", (30, 20))
+        self.assertEqual(self.upload("slow.png", replacement, self.on_b()).status, 201)
+        self.assertEqual(self.wait_job_on(self.b, running)["state"], "cancelled")
+        wait_for(lambda: not multiprocessing.active_children())
+        for address in (self.a, self.b):
+            self.assertEqual(self.request("GET", "/slow.png", connection=self.connect(address)).body, replacement)
+        self.wait_for_no_temp_files()
+
+
+class TestSharedFolderQueue(SharedFolderTestCase):
+    # One resize slot on this host, whichever instance holds it; two waiting jobs in the folder.
+    server_options = {"resize_workers": 1, "max_queue": 2}
+
+    def test_max_queue_counts_the_jobs_waiting_in_the_folder_not_in_one_instance(self):
+        running = self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        queued = [self.submit("a.png", "width=10&height=10"), self.submit("a.png", "width=20&height=20")]
+        for connection in (self.on_b(), self.connect()):
+            reply = self.patch("a.png", "width=30&height=30", connection=connection)
+            self.assertError(reply, 503, "try again later")
+            self.assertRegex(reply.headers.get("Retry-After", ""), r"^\d+$")
+            reply = self.patch("slow.png", "width=30&height=30", connection=connection)
+            self.assertError(reply, 503, "try again later")
+        for location in queued:
+            self.assertEqual(self.job_on(self.b, location)["state"], "queued")
+        # Freeing the slot lets the folder's queue run, and then B has room again.
+        self.assertEqual(self.request("DELETE", "/slow.png", connection=self.on_b()).status, 204)
+        self.assertEqual(self.wait_job_on(self.b, running)["state"], "cancelled")
+        self.assertEqual([self.wait_job_on(self.b, location)["state"] for location in queued], ["done", "done"])
+        location = self.submit("a.png", "width=30&height=30", connection=self.on_b())
+        self.assertEqual(self.wait_job_on(self.a, location)["state"], "done")
+        self.assertEqual(self.image_size_on(self.a, "a.png"), (30, 30))
+
+    def test_at_most_resize_workers_resizes_run_at_once_on_one_host(self):
+        # Each instance has one slot of its own in memory, but the host has one: with A's resize
+        # held, B's resize of another image waits.
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10", connection=self.on_b())
+        reply = self.request("GET", f"{location}?wait=1", connection=self.on_b())
+        self.assertEqual(reply.json["state"], "queued")
+        self.assertEqual(len(multiprocessing.active_children()), 1)
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
+
+
+class TestDurableJobs(SharedFolderTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_ended_jobs_are_answered_the_same_after_every_instance_restarts(self):
+        self.store("a.png", make_image("PNG", (64, 48)))
+        self.put_file("broken.png", make_image("PNG", (64, 48))[:60])
+        done = self.submit("a.png", "width=20&height=10")
+        failed = self.submit("broken.png", "width=5&height=5", connection=self.on_b())
+        ended = {location: self.wait_job(location) for location in (done, failed)}
+        self.assertEqual([job["state"] for job in ended.values()], ["done", "failed"])
+        self.stop_instance(self.server)
+        self.stop_instance(self.other)
+        restarted = self.start_instance()
+        address = restarted.server_address[:2]
+        for location, job in ended.items():
+            with self.subTest(state=job["state"]):
+                self.assertEqual(self.job_on(address, location), job)
+                reply = self.request("GET", f"{location}?wait=5", connection=self.connect(address))
+                self.assertEqual((reply.status, reply.json), (200, job))
+        self.assertEqual(self.image_size_on(address, "a.png"), (20, 10))
+
+    def store_slow_and_small(self, connection=None):
+        for name, data in (("slow.png", SLOW_SOURCE), ("a.png", make_image("PNG", (64, 48)))):
+            self.assertEqual(self.upload(name, data, connection).status, 201)
+
+    def hold_one_on_a_and_queue_one(self, queue_connection=None):
+        """A runs a resize of slow.png, held stopped, in the host's one slot; a.png's waits (via `queue_connection`).
+
+        Return the locations of the running job and of the queued one.
+        """
+        self.store_slow_and_small()
+        children = set(multiprocessing.active_children())
+        running = self.submit("slow.png", SLOW_ENOUGH)
+        self.hold(running, children)
+        queued = self.submit("a.png", "width=32&height=24", queue_connection)
+        self.assertEqual(self.job_on(self.b, queued)["state"], "queued")
+        return running, queued
+
+    def assertBothDone(self, address, running, queued):
+        """The held job and the queued one (see hold_one_on_a_and_queue_one) end done, as the instance at `address` says."""
+        for location, size, name in ((running, (2000, 2000), "slow.png"), (queued, (32, 24), "a.png")):
+            job = self.wait_job_on(address, location)
+            self.assertEqual(job["state"], "done", job)
+            self.assertEqual(self.image_size_on(address, name), size)
+
+    def test_queued_and_running_jobs_of_a_stopped_instance_are_run_by_the_other(self):
+        # A graceful stop of A leaves both of its jobs in the folder (spec: a graceful stop no
+        # longer cancels queued jobs, and a running one is run again), and B runs both.
+        running, queued = self.hold_one_on_a_and_queue_one()
+        self.stop_instance(self.server)
+        self.assertBothDone(self.b, running, queued)
+        self.assertNoTempFiles()
+
+    def test_a_delete_and_upload_on_b_while_a_stops_mid_resize_cancel_the_job_and_keep_the_upload(self):
+        # The moment forced: A, stopping, has killed its resize and is about to put the job back
+        # in the queue when B deletes the image and a new one is uploaded under its name. The job
+        # must end cancelled, not be run again by B on the new upload.
+        running, queued = self.hold_one_on_a_and_queue_one()
+        replacement = make_image("PNG", (30, 20), color=GREEN)
+        injected = []
+
+        def delete_and_upload_on_b_then_requeue(update_record, record, *arguments, **keywords):
+            if record.get("state") == "queued" and not injected:
+                injected.append(self.delete_and_upload_on_b("slow.png", replacement))
+            return update_record(record, *arguments, **keywords)
+
+        self.wrap_store("update_record", delete_and_upload_on_b_then_requeue, self.server)
+        self.stop_instance(self.server)
+        self.assertEqual(injected, [(204, 201)])
+        job = self.wait_job_on(self.b, running)
+        self.assertEqual(self.request("GET", "/slow.png", connection=self.on_b()).body, replacement,
+                         "the job was run again on the new upload")
+        self.assertEqual(job["state"], "cancelled", job)
+        self.assertEqual(self.wait_job_on(self.b, queued)["state"], "done")
+
+    def test_a_job_whose_instance_died_after_putting_the_result_in_place_ends_done_without_running_again(self):
+        # The moment forced: A has replaced the image with the result and dies before it records
+        # the end; only its lock on the job goes, as the kernel lets go of a dead process's locks.
+        # Whoever runs the job next must see that it is done, not resize the result once more.
+        self.store("a.jpg", make_image("JPEG", (64, 48)))
+        died = []
+
+        def die_once(end, claim, record, *arguments, **keywords):
+            if died:
+                return end(claim, record, *arguments, **keywords)
+            died.append(self.request("HEAD", "/a.jpg", connection=self.on_b()).headers["ETag"])
+            self.server.store.release(claim)
+
+        self.wrap_store("end", die_once, self.server)
+        location = self.submit("a.jpg", "width=40&height=30")
+        job = self.wait_job_on(self.b, location)
+        self.assertEqual(job["state"], "done", job)
+        self.assertEqual(len(died), 1, "the job did not run on A")
+        reply = self.request("HEAD", "/a.jpg", connection=self.on_b())
+        self.assertEqual(reply.headers["ETag"], died[0], "the result was resized again")
+        self.assertEqual(self.image_size_on(self.b, "a.jpg"), (40, 30))
+
+    def test_a_job_put_back_by_a_stopping_instance_still_runs_before_the_later_ones_of_its_image(self):
+        self.store("slow.png", SLOW_SOURCE)
+        children = set(multiprocessing.active_children())
+        first = self.submit("slow.png", SLOW_ENOUGH)
+        self.hold(first, children)
+        later = [self.submit("slow.png", "width=10&height=10", self.on_b()), self.submit("slow.png", "width=20&height=20")]
+        self.stop_instance(self.server)
+        jobs = [self.wait_job_on(self.b, location) for location in [first] + later]
+        self.assertEqual([job["state"] for job in jobs], ["done"] * 3, jobs)
+        finished = [epoch_of(job["finished"]) for job in jobs]
+        self.assertEqual(finished, sorted(finished), "the jobs of slow.png did not end in the order they were accepted")
+        self.assertEqual(self.image_size_on(self.b, "slow.png"), (20, 20))
+
+    def test_jobs_left_when_every_instance_stopped_run_when_one_starts_again(self):
+        running, queued = self.hold_one_on_a_and_queue_one(self.on_b())
+        self.stop_instance(self.other)
+        self.stop_instance(self.server)
+        self.assertEqual(multiprocessing.active_children(), [])
+        self.assertBothDone(self.start_instance().server_address[:2], running, queued)
+
+    def kill_a_mid_resize(self, kill):
+        """Run A as the real process, one job of it running (its process stopped) and one queued; kill(A).
+
+        Start B in this process once A's jobs are running and queued, so that A alone can have
+        taken them; return B's address and the two jobs' locations.
+        """
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("telling a server's resize process needs /proc")
+        self.stop_instance(self.server)
+        self.stop_instance(self.other)
+        process, port = start_ims(self, "--storage", self.storage, "--resize-workers", "1")
+        self.addCleanup(kill_session, process.pid)
+        a = self.connect(("127.0.0.1", port))
+        self.store_slow_and_small(a)
+        running = self.submit("slow.png", SLOW_ENOUGH, a)
+        wait_for(lambda: len(session_processes(process.pid)) > 1 or self.job(running, a)["state"] in ENDED_STATES)
+        resize_pids = set(session_processes(process.pid)) - {process.pid}
+        self.assertEqual(len(resize_pids), 1, "not one resize process")
+        resize_pid = resize_pids.pop()
+        # A resize process lets go of its server's descriptors as it starts: stopped before
+        # that, it would hold the server's locks as long as it lives.
+        state_folder = os.path.join(os.path.realpath(self.storage), ims.STATE_FOLDER)
+        wait_for(lambda: not any(path.startswith(state_folder) for path in open_files(resize_pid)))
+        os.kill(resize_pid, signal.SIGSTOP)
+        queued = self.submit("a.png", "width=32&height=24", a)
+        b = self.start_instance().server_address[:2]
+        self.assertEqual(self.job_on(b, running)["state"], "running")
+        self.assertEqual(self.job_on(b, queued)["state"], "queued")
+        kill(process)
+        return b, running, queued
+
+    def test_jobs_of_an_instance_killed_with_sigkill_are_run_by_the_other(self):
+        # A dies the way a crashed host does: SIGKILL to it and to its resize process at once,
+        # no clean-up of any kind.
+        def kill_all(process):
+            kill_session(process.pid)
+            process.wait()
+            wait_for(lambda: not session_processes(process.pid))
+
+        self.assertBothDone(*self.kill_a_mid_resize(kill_all))
+
+    def test_jobs_of_a_server_killed_with_sigkill_are_run_by_the_other_while_its_resize_process_lives_on(self):
+        # Only the server dies; its resize process, stopped, outlives it and must hold nothing
+        # that keeps the job from B.
+        def kill_server(process):
+            process.kill()
+            process.wait()
+
+        self.assertBothDone(*self.kill_a_mid_resize(kill_server))
+
+    def check_retention(self, ages, kept):
+        """Make ended jobs' records by hand from a real one, ended `ages` seconds ago; start an instance.
+
+        It must keep the records of the first `kept` ages (the newest) and remove the others.
+        """
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        with open(os.path.join(jobs, f"{job_id_of(location)}.json")) as file:
+            record = json.load(file)
+        now = time.time()
+        ids = [f"{index:016x}" for index in range(len(ages))]
+        for job_id, age in zip(ids, ages):
+            path = os.path.join(jobs, f"{job_id}.json")
+            with open(path, "w") as file:
+                json.dump(dict(record, id=job_id, submitted=now - age - 1, finished=now - age), file)
+            os.utime(path, (now - age, now - age))
+        address = self.start_instance().server_address[:2]
+        wait_for(lambda: self.request("GET", f"/jobs/{ids[-1]}", connection=self.connect(address)).status == 404)
+        self.assertEqual([os.path.exists(os.path.join(jobs, f"{job_id}.json")) for job_id in ids],
+                         [True] * kept + [False] * (len(ids) - kept))
+        for job_id in (ids[0], ids[kept - 1], job_id_of(location)):
+            self.assertEqual(self.job_on(self.b, f"/jobs/{job_id}")["state"], "done")
+        self.assertError(self.request("GET", f"/jobs/{ids[kept]}", connection=self.on_b()), 404, ids[kept])
+
+    def test_jobs_ended_within_the_hour_are_kept_past_1000_and_older_ones_are_cleaned_by_any_instance(self):
+        # With the real job's record, 1,004 ended within the hour: all kept; the 5 older go.
+        self.check_retention([60 + index for index in range(1003)] + [7200 + index for index in range(5)], kept=1003)
+
+    def test_the_last_1000_ended_jobs_are_kept_past_the_hour_and_older_ones_are_cleaned_by_any_instance(self):
+        # With the real job's record, the newest 1,000 are it, 990 recent ones and 9 of the old.
+        self.check_retention([60 + index for index in range(990)] + [7200 + index for index in range(15)], kept=999)
+
+    def test_a_job_is_on_disk_before_its_202(self):
+        # Nothing but the folder is left when an instance dies right after its answer.
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        self.assertTrue(os.path.isfile(os.path.join(self.storage, ".ims", "jobs", f"{job_id_of(location)}.json")))
+        self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
+
+
+
+class TestStoreLocks(unittest.TestCase):
+    """Two Stores on one folder, in this one process: their locks exclude each other as two hosts' would."""
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.folder = os.path.join(self.tempdir.name, "storage")
+        self.first, self.second = ims.Store(self.folder), ims.Store(self.folder)
+        for store in (self.first, self.second):
+            self.addCleanup(store.close)
+        self.path = os.path.join(self.folder, "a.png")
+        with open(self.path, "wb") as file:
+            file.write(make_image("PNG"))
+
+    def run_meanwhile(self, action):
+        """Start action() in a thread and give it half a second; return (thread, outcomes).
+
+        Called while the first Store holds its lock: a second Store that does not wait for that
+        lock has done its work by the time this returns.
+        """
+        outcomes = []
+
+        def run():
+            try:
+                outcomes.append(action())
+            except ims.HTTPError as error:
+                outcomes.append(error.status)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(0.5)
+        return thread, outcomes
+
+    def test_of_two_removes_of_one_image_from_two_stores_the_one_holding_the_lock_removes_it(self):
+        meanwhile = []
+        try:
+            self.first.remove("a.png", precondition=lambda version: meanwhile.append(self.run_meanwhile(lambda: self.second.remove("a.png"))))
+        except ims.HTTPError as error:
+            self.fail(f"the first Store, holding the lock, could not remove the image: {error.status} {error.message}")
+        thread, outcomes = meanwhile[0]
+        thread.join(DEADLINE_SECONDS)
+        self.assertEqual(outcomes, [404], "the second Store removed the image while the first held the lock")
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_a_remove_if_unchanged_from_another_store_waits_for_a_replace_and_sees_its_version(self):
+        before = self.first.version("a.png")
+        temp_file = self.first.new_file(".png")
+        temp_file.write(make_image("PNG", (10, 10)))
+
+        def precondition(version):
+            if version != before:
+                raise ims.HTTPError(412, "the image changed")
+
+        meanwhile = []
+
+        def is_wanted(*arguments):
+            meanwhile.append(self.run_meanwhile(lambda: self.second.remove("a.png", precondition=precondition)))
+            return True
+
+        self.assertTrue(self.first.replace("a.png", temp_file, before, is_wanted))
+        thread, outcomes = meanwhile[0]
+        thread.join(DEADLINE_SECONDS)
+        self.assertEqual(outcomes, [412], "the second Store removed the image under the first one's replace")
+        with open(self.path, "rb") as file:
+            self.assertEqual(decode(file.read()).size, (10, 10))
+
+    def test_a_queued_job_is_claimed_by_one_store_at_a_time_and_by_none_once_ended(self):
+        job = ims.Job("0123456789abcdef", "a.png", 10, 10, "fill")
+        self.first.enqueue(job.to_record(), max_queue=10, slot_count=1)
+        [(entry, record)] = self.second.queued_records()
+        self.assertEqual(record["id"], job.id)
+        claim = self.first.claim(entry)
+        self.assertIsNotNone(claim)
+        self.assertIsNone(self.second.claim(entry), "two Stores hold one job")
+        self.assertIsNone(self.first.claim(entry), "one Store holds one job twice")
+        self.first.release(claim)
+        claim = self.second.claim(entry)
+        self.assertIsNotNone(claim, "a released job cannot be claimed again")
+        self.second.end(claim, dict(claim.record, state="done", finished=time.time()))
+        self.assertIsNone(self.first.claim(entry))
+        self.assertEqual(self.first.queued_records(), [])
+        self.assertEqual(self.first.load_record(job.id)["state"], "done")
+
+    def test_the_claim_of_a_process_killed_with_sigkill_is_free_at_once(self):
+        # The kernel lets go of a dead process's locks: no lease, no clock.
+        job = ims.Job("0123456789abcdef", "a.png", 10, 10, "fill")
+        self.first.enqueue(job.to_record(), max_queue=10, slot_count=1)
+        [(entry, _)] = self.first.queued_records()
+        context = multiprocessing.get_context("fork")
+        reader, writer = context.Pipe(duplex=False)
+
+        def claim_and_wait_forever():
+            writer.send(ims.Store(self.folder).claim(entry) is not None)
+            threading.Event().wait()
+
+        holder = context.Process(target=claim_and_wait_forever, daemon=True)
+        holder.start()
+        self.addCleanup(holder.join)
+        self.addCleanup(holder.kill)
+        self.assertTrue(reader.poll(DEADLINE_SECONDS) and reader.recv(), "the other process could not claim the job")
+        self.assertIsNone(self.first.claim(entry))
+        holder.kill()
+        holder.join()
+        self.assertIsNotNone(self.first.claim(entry))
+
+    def test_a_temp_file_being_written_survives_another_store_s_scan_and_a_leftover_does_not(self):
+        live = self.first.new_file(".png")
+        live.write(b"the first bytes")
+        leftover = os.path.join(self.folder, f"{ims.TEMP_PREFIX}{os.getpid()}-leftover.png")
+        with open(leftover, "wb") as file:
+            file.write(b"half an upload")
+        self.second.scan()
+        self.assertTrue(os.path.exists(live.path))
+        self.assertFalse(os.path.exists(leftover))
+        live.remove()
+        self.assertFalse(os.path.exists(live.path))
+
+
+# Odd JSON values for the fields of a damaged job record.
+ODD_VALUES = (None, True, -1, 0, 10 ** 30, 1e308, "", "x", "../../etc/passwd", "/a.png", [], {}, [1, 2],
+              {"id": "x"}, "2024-01-01T00:00:00Z", "queued", "done", "\u0000")
+
+
+def garbage_records(rng, record, count=300):
+    """Yield seeded random damage to a job record (a dict): broken bytes, odd values, fields missing or added."""
+    valid = json.dumps(record).encode()
+    for _ in range(count):
+        yield mutate(rng, valid)
+    for _ in range(count):
+        damaged = dict(record)
+        for key in rng.sample(sorted(damaged), rng.randint(1, 3)):
+            if rng.random() < 0.2:
+                del damaged[key]
+            else:
+                damaged[key] = rng.choice(ODD_VALUES)
+        if rng.random() < 0.1:
+            damaged[rng.choice(("extra", "owner"))] = rng.choice(ODD_VALUES)
+        yield json.dumps(damaged).encode()
+    yield from (b"", b"null", b"[]", b"\xff\xfe", b"{" * 10000, b'"' + b"a" * 100000 + b'"', valid[:-1])
+
+
+class TestJobRecordReader(unittest.TestCase):
+    """Store.load_record() on seeded random garbage: a record or None, never an exception."""
+
+    RECORD = {"id": "0123456789abcdef", "image": "a.png", "width": 40, "height": 30, "fit": "fill", "state": "done",
+              "error": None, "submitted": 1700000000.0, "finished": 1700000001.5, "expected_version": None,
+              "result_inode": None}
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.store = ims.Store(os.path.join(self.tempdir.name, "storage"))
+        self.addCleanup(self.store.close)
+        self.record_path = os.path.join(self.store.folder, ims.STATE_FOLDER, "jobs", self.RECORD["id"] + ".json")
+
+    def test_garbage_reads_as_none_or_as_a_record(self):
+        for index, data in enumerate(garbage_records(random.Random(SEED), self.RECORD)):
+            with open(self.record_path, "wb") as file:
+                file.write(data)
+            with self.subTest(index=index, data=data[:200]):
+                record = self.store.load_record(self.RECORD["id"])
+                self.assertTrue(record is None or isinstance(record, dict), record)
+        with open(self.record_path, "wb") as file:
+            file.write(json.dumps(self.RECORD).encode())
+        self.assertEqual(self.store.load_record(self.RECORD["id"]), self.RECORD)
+
+    def test_ids_that_are_not_job_ids_name_no_file(self):
+        outside = os.path.join(self.tempdir.name, "outside.json")
+        with open(outside, "w") as file:
+            json.dump(dict(self.RECORD, id="../../outside"), file)
+        for job_id in ("../../../outside", "../../outside", "", ".", "0123456789ABCDEF", "0123456789abcdef/"):
+            with self.subTest(job_id=job_id):
+                self.assertIsNone(self.store.load_record(job_id))
+
+
+class TestDamagedJobRecords(ResizeTestCase):
+    """A job record damaged on disk (a bad sector, a person's edit) is a 404 or a whole job, never a 500."""
+
+    server_options = {"resize_workers": 1}
+
+    def real_record(self):
+        """Run one resize of a.png; return its location and its record as the server wrote it."""
+        self.store("a.png", make_image("PNG", (64, 48)))
+        location = self.submit("a.png", "width=32&height=24")
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        path = os.path.join(self.storage, ims.STATE_FOLDER, "jobs", f"{job_id_of(location)}.json")
+        with open(path, "rb") as file:
+            return location, path, json.loads(file.read())
+
+    def test_get_of_a_damaged_record_is_404_or_a_whole_job(self):
+        _, path, record = self.real_record()
+        # The real record's id and times change from run to run; the damage is the same when the
+        # record is, so it is copied under a fixed id with fixed times.
+        record.update(id="0123456789abcdef", submitted=1700000000.0, finished=1700000001.5, result_inode=None)
+        location, path = "/jobs/0123456789abcdef", os.path.join(os.path.dirname(path), "0123456789abcdef.json")
+        connection = self.connect()
+        for index, data in enumerate(garbage_records(random.Random(SEED), record, count=100)):
+            with open(path, "wb") as file:
+                file.write(data)
+            with self.subTest(index=index, data=data[:200]):
+                reply = self.request("GET", location, connection=connection)
+                self.assertIn(reply.status, (200, 404), reply.body)
+                if reply.status == 200:
+                    self.assertEqual(set(reply.json), JOB_FIELDS)
+                    self.assertEqual(reply.json["id"], job_id_of(location))
+                else:
+                    self.assertError(reply, 404, job_id_of(location))
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+    def test_damaged_records_in_the_queue_never_stop_the_jobs_behind_them(self):
+        # Each damaged record waits in the queue ahead of a real resize of the same image: the
+        # real one must still run, and the server answer every job without a 500.
+        _, _, record = self.real_record()
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        rng = random.Random(SEED)
+        damaged = list(garbage_records(rng, dict(record, state="queued", error=None, finished=None), count=15))
+        for round_index in range(0, len(damaged), 10):
+            ids = []
+            for data in damaged[round_index:round_index + 10]:
+                job_id = f"{rng.getrandbits(64):016x}"
+                data = data.replace(record["id"].encode(), job_id.encode())
+                ids.append(job_id)
+                with open(os.path.join(jobs, f"{job_id}.json"), "wb") as file:
+                    file.write(data)
+                entries = sorted(os.listdir(queue))
+                sequence = int(entries[-1].partition("-")[0]) + 1 if entries else round_index * 100
+                os.link(os.path.join(jobs, f"{job_id}.json"), os.path.join(queue, f"{sequence:012d}-{job_id}"))
+            with self.subTest(round=round_index // 10):
+                job = self.wait_job(self.submit("a.png", f"width={20 + round_index // 10}&height=20"))
+                self.assertEqual(job["state"], "done", job)
+                for job_id in ids:
+                    reply = self.request("GET", f"/jobs/{job_id}")
+                    self.assertIn(reply.status, (200, 404), reply.body)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+
+    def test_odd_files_in_the_queue_folder_never_stop_new_jobs(self):
+        # What a person or a tool might leave there: files and folders named almost like entries
+        # (folders stay: no instance can claim one and clear it away).
+        _, _, record = self.real_record()
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        files = {"notes.txt": b"x", ".hidden": b"x", "000000000001-0123456789ABCDEF": json.dumps(record).encode(),
+                 "000000000002-zzzzzzzzzzzzzzzz": json.dumps(record).encode(), "000000000003-0123456789abcdef": b"\xff"}
+        for name, data in files.items():
+            with open(os.path.join(queue, name), "wb") as file:
+                file.write(data)
+        # Twelve digits, but not 0 to 9: superscript twos.
+        for name in ("999999999999-0123456789abcdef", "\u00b2" * 12 + "-0123456789abcdef", "folder"):
+            os.mkdir(os.path.join(queue, name))
+        for size in (10, 20):
+            with self.subTest(size=size):
+                job = self.wait_job(self.submit("a.png", f"width={size}&height={size}"))
+                self.assertEqual(job["state"], "done", job)
+                self.assertEqual(self.download("a.png").size, (size, size))
+
+    def test_a_queued_record_naming_a_file_outside_the_folder_never_touches_it(self):
+        # Only IMS writes records, but whatever a damaged one names, the contract's "never touches
+        # a file outside the storage folder" holds.
+        _, _, record = self.real_record()
+        outside = os.path.join(self.tempdir.name, "outside.png")
+        original = make_image("PNG", (64, 48))
+        with open(outside, "wb") as file:
+            file.write(original)
+        queue = os.path.join(self.storage, ims.STATE_FOLDER, "queue")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        sequence = int(sorted(os.listdir(queue) or ["000000000000-x"])[-1].partition("-")[0]) + 1
+        ids = []
+        for index, image in enumerate(("../outside.png", outside, "a.png/../../outside.png")):
+            job_id = f"{index:016x}"
+            ids.append(job_id)
+            damaged = dict(record, id=job_id, image=image, state="queued", error=None, finished=None)
+            with open(os.path.join(jobs, f"{job_id}.json"), "w") as file:
+                json.dump(damaged, file)
+            os.link(os.path.join(jobs, f"{job_id}.json"), os.path.join(queue, f"{sequence + index:012d}-{job_id}"))
+        # A real job queued behind them has run when they have.
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=10&height=10"))["state"], "done")
+        with open(outside, "rb") as file:
+            self.assertEqual(file.read(), original, "a resize wrote a file outside the storage folder")
+        for job_id in ids:
+            reply = self.request("GET", f"/jobs/{job_id}")
+            self.assertIn(reply.status, (200, 404), reply.body)
+            if reply.status == 200:
+                self.assertNotEqual(reply.json["state"], "done", reply.json)
+        self.assertEqual(sorted(os.listdir(self.tempdir.name)), ["outside.png", "storage"])
 
 
 # ====
