@@ -5352,6 +5352,10 @@ class RealProcessTestCase(ResizeTestCase, HTTPTestCase):
         found = running()
         self.assertEqual(len(found), 1, f"not one resize process: {found}")
         instance, pid = found[0]
+        # Stopped while it still held its worker's listening socket (a fork copies it, and the
+        # child lets go of it first thing), it would keep that socket in the port's SO_REUSEPORT
+        # group after the worker died, and connections sent there would be reset.
+        wait_for(lambda: not any(path.startswith("socket:") for path in open_files(pid)))
         os.kill(pid, signal.SIGSTOP)
         wait_for(lambda: is_stopped(pid) or self.job(location)["state"] in ENDED_STATES)
         self.assertTrue(is_stopped(pid), "the resize ended before it could be stopped")
