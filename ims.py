@@ -514,34 +514,41 @@ class TempFile:
 class FolderLock:
     """The folder's exclusive lock: held by one thread of one instance at a time, on any host.
 
-    A context manager. A thread lock in front keeps this instance's threads apart, since they share
-    the one open file that holds the fcntl lock.
+    A context manager; HTTPError(507) when the lock file cannot be opened (a read-only folder). A
+    thread lock in front keeps this instance's threads apart. The lock file is open only while the
+    lock is held: a file kept open for writing would stop the folder from being remounted
+    read-only.
     """
 
     def __init__(self, path):
+        self._path = path
         self._thread_lock = threading.Lock()
-        self._descriptor = os.open(path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+        self._descriptor = None
 
     def __enter__(self):
         self._thread_lock.acquire()
         try:
-            lock_file(self._descriptor)
+            try:
+                descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            except OSError as error:
+                raise storage_error(error) from None
+            try:
+                lock_file(descriptor)
+            except BaseException:
+                os.close(descriptor)
+                raise
         except BaseException:
             self._thread_lock.release()
             raise
+        self._descriptor = descriptor
         return self
 
     def __exit__(self, *exc_info):
         try:
-            unlock_file(self._descriptor)
+            _close_locked(self._descriptor)
         finally:
-            self._thread_lock.release()
-
-    def close(self):
-        """Close the lock file; closing it again does nothing."""
-        if self._descriptor is not None:
-            os.close(self._descriptor)
             self._descriptor = None
+            self._thread_lock.release()
 
 
 @dataclasses.dataclass
@@ -602,10 +609,6 @@ class Store:
                 for entry in entries:
                     if entry.name.startswith(".") and entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         _remove_if_present(entry.path)
-
-    def close(self):
-        """Let go of the folder's lock file."""
-        self._lock.close()
 
     # Reading
 
@@ -2844,7 +2847,6 @@ class Server(http.server.ThreadingHTTPServer):
         except BaseException:
             # TCPServer has already called server_close() when binding failed; this covers the rest.
             self.resizer.stop()
-            self.store.close()
             raise
         if listener is not None:
             self.socket.close()
@@ -2922,7 +2924,6 @@ class Server(http.server.ThreadingHTTPServer):
         for thread in threads:
             thread.join()
         self.store.remove_leftovers()
-        self.store.close()
 
     def _cut_connections(self, only_idle):
         # Shutting a socket down wakes the thread blocked reading it.

@@ -4926,8 +4926,6 @@ class TestStoreLocks(unittest.TestCase):
         self.addCleanup(self.tempdir.cleanup)
         self.folder = os.path.join(self.tempdir.name, "storage")
         self.first, self.second = ims.Store(self.folder), ims.Store(self.folder)
-        for store in (self.first, self.second):
-            self.addCleanup(store.close)
         self.path = os.path.join(self.folder, "a.png")
         with open(self.path, "wb") as file:
             file.write(make_image("PNG"))
@@ -5070,7 +5068,6 @@ class TestJobRecordReader(unittest.TestCase):
         self.tempdir = tempfile.TemporaryDirectory()
         self.addCleanup(self.tempdir.cleanup)
         self.store = ims.Store(os.path.join(self.tempdir.name, "storage"))
-        self.addCleanup(self.store.close)
         self.record_path = os.path.join(self.store.folder, ims.STATE_FOLDER, "jobs", self.RECORD["id"] + ".json")
 
     def test_garbage_reads_as_none_or_as_a_record(self):
