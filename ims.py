@@ -839,7 +839,7 @@ class Store:
             _close_locked(descriptor)
             raise
         if record is None or record["state"] in ENDED_STATES:
-            _remove_if_present(os.path.join(self._queue_folder, entry))
+            _remove_if_present(path)
             _close_locked(descriptor)
             return None
         return Claim(entry, descriptor, record)
@@ -1021,12 +1021,11 @@ class Store:
             descriptor = os.open(path, os.O_RDWR | OPEN_FLAGS_NO_FOLLOW)
         except OSError:
             return
-        try:
-            if lock_file(descriptor, blocking=False):
-                _remove_if_present(path)
-                unlock_file(descriptor)
-        finally:
+        if not lock_file(descriptor, blocking=False):
             os.close(descriptor)
+            return
+        _remove_if_present(path)
+        _close_locked(descriptor)
 
 
 # ====
