@@ -294,13 +294,126 @@ def sniff_format(head):
 # it, its shared state (job records, the queue, lock files) and the locks that make changes exact
 # across processes and hosts. The folder is the truth; the listing is a cache of it. Never parses HTTP.
 
+# Errors that mean another host removed or replaced a file under us: its name is looked up again,
+# once, and then the answer is what that finds (404, a fresh listing).
+STALE_ERRNOS = {errno.ESTALE, errno.ENOENT}
+
+# Filesystems whose clients cache names and attributes, so that one host sees another's changes
+# only as its caches let it: IMS re-reads the folder for every listing on them, and checks the
+# mount options it knows at start-up. Every FUSE filesystem counts, being usually a network one.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "ceph", "cifs", "smb3", "9p", "lustre", "gpfs", "beegfs", "glusterfs"}
+# Filesystems whose clients are coherent without options (CephFS hands out capabilities).
+COHERENT_FILESYSTEMS = {"ceph", "fuse.ceph-fuse"}
+# The FUSE options of a GlusterFS client that IMS needs at 0, with GlusterFS's defaults.
+GLUSTERFS_CACHE_OPTIONS = {"attribute-timeout": "1", "entry-timeout": "1", "negative-timeout": "0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """The mount that holds a folder: where it is mounted, its filesystem type and its options."""
+
+    point: str
+    filesystem: str
+    options: dict
+
+    @property
+    def is_network(self):
+        """Whether other hosts may change files under this one's caches."""
+        return self.filesystem in NETWORK_FILESYSTEMS or self.filesystem.startswith("fuse.")
+
+
+def _mountinfo_text(text):
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), text)
+
+
+def parse_mountinfo(text):
+    """Return the Mounts that the text of /proc/self/mountinfo lists, in its order."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        separator = fields.index("-", 6)
+        if len(fields) < separator + 3:
+            continue
+        options = {}
+        # The mount's own options, then the filesystem's (where NFS puts its cache settings).
+        for option in (fields[5] + "," + fields[separator + 3] if len(fields) > separator + 3 else fields[5]).split(","):
+            key, _, value = option.partition("=")
+            options[key] = value
+        mounts.append(Mount(_mountinfo_text(fields[4]), _mountinfo_text(fields[separator + 1]), options))
+    return mounts
+
+
+def mount_of(folder, mountinfo_path="/proc/self/mountinfo"):
+    """Return the Mount that holds `folder`, or None where mounts cannot be read (not Linux)."""
+    try:
+        with open(mountinfo_path, encoding="utf-8", errors="surrogateescape") as file:
+            mounts = parse_mountinfo(file.read())
+    except OSError:
+        return None
+    folder = os.path.realpath(folder)
+    found = None
+    # The last of the longest matches: a later mount on the same point hides the earlier one.
+    for mount in mounts:
+        point = mount.point.rstrip("/") + "/"
+        if (folder + "/").startswith(point) and (found is None or len(mount.point) >= len(found.point)):
+            found = mount
+    return found
+
+
+def _glusterfs_client_options(mount_point):
+    """Return the FUSE options of the GlusterFS client process serving `mount_point`, or None if none is found."""
+    try:
+        process_ids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return None
+    for process_id in process_ids:
+        try:
+            with open(f"/proc/{process_id}/cmdline", "rb") as file:
+                arguments = file.read().decode("utf-8", "surrogateescape").split("\0")
+        except OSError:
+            continue
+        if not arguments or os.path.basename(arguments[0]) not in ("glusterfs", "glusterfsd"):
+            continue
+        if mount_point not in arguments:
+            continue
+        options = dict(GLUSTERFS_CACHE_OPTIONS)
+        for argument in arguments:
+            key, _, value = argument[2:].partition("=")
+            if argument.startswith("--") and key in options:
+                options[key] = value
+        return options
+    return None
+
+
+def mount_warnings(mount):
+    """Return what the mount holding the storage folder lacks for several hosts to share it (README, "Several hosts")."""
+    if mount is None or not mount.is_network or mount.filesystem in COHERENT_FILESYSTEMS:
+        return []
+    consequence = "another host's uploads, replacements and deletes show here only when its cache expires (stale listings, downloads and 304s)"
+    if mount.filesystem in ("nfs", "nfs4"):
+        options = mount.options
+        caches_attributes = "noac" not in options and any(options.get(key) != "0" for key in ("acregmin", "acregmax", "acdirmin", "acdirmax"))
+        caches_lookups = options.get("lookupcache") != "none"
+        if caches_attributes or caches_lookups:
+            return [f"{mount.point} is an NFS mount without actimeo=0 and lookupcache=none: {consequence}"]
+        return []
+    if mount.filesystem == "fuse.glusterfs":
+        options = _glusterfs_client_options(mount.point)
+        if options is None:
+            return [f"{mount.point} is a GlusterFS mount whose client process IMS cannot see, to check its options: mount it with -o attribute-timeout=0,entry-timeout=0,negative-timeout=0"]
+        wrong = [f"{key}={value}" for key, value in options.items() if value not in ("0", "0.0")]
+        if wrong:
+            return [f"{mount.point} is a GlusterFS mount with {', '.join(wrong)}: {consequence}; mount it with -o attribute-timeout=0,entry-timeout=0,negative-timeout=0"]
+        return []
+    return [f"{mount.point} is a {mount.filesystem} mount, whose cache options IMS does not know: if several hosts share it, make sure each sees the others' changes at once"]
+
+
 # Errors that mean "the disk is full or we may not write here", answered 507.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
 # Opening never follows a symbolic link, and never blocks on a FIFO someone placed in the folder.
 OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-# Content types sniffed from files' first bytes, one per version; a folder rarely holds more
-# images than this is worth caching, and past it the cache starts again.
-MAX_SNIFFED_VERSIONS = 4096
 # Job states, spelt as the contract's JSON spells them.
 QUEUED = "queued"
 RUNNING = "running"
@@ -394,6 +507,15 @@ def _remove_if_present(path):
         pass
 
 
+def _close_quietly(descriptor):
+    # Closing a file only read can fail only where another host removed it meanwhile (ESTALE):
+    # nothing is lost.
+    try:
+        os.close(descriptor)
+    except OSError:
+        pass
+
+
 def _close_locked(descriptor):
     try:
         unlock_file(descriptor)
@@ -452,7 +574,7 @@ class StoredFile:
 
     def close(self):
         """Close the descriptor."""
-        os.close(self.descriptor)
+        _close_quietly(self.descriptor)
 
     def __enter__(self):
         return self
@@ -582,12 +704,15 @@ class Store:
         # Held while an image is replaced, removed, or its jobs queued or ended, so each happens
         # only if what was checked first is still true.
         self._lock = FolderLock(os.path.join(self._locks_folder, "folder"))
+        self.mount = mount_of(folder)
+        # A folder's modification time tells when to list it again only where no other host's
+        # change can hide behind a cached one.
+        self._trusts_folder_mtime = self.mount is None or not self.mount.is_network
         self._listing_lock = threading.Lock()
         self._names = frozenset()
         self._listing = b"[]\n"
         self._mtime_ns = None
         self._is_settled = False
-        self._content_types = {}
         # Queue entries never change once written: their records as queued, by entry name.
         self._entries = {}
 
@@ -651,19 +776,42 @@ class Store:
         return Version.of(file_status)
 
     def open(self, name):
-        """Open the stored image `name` for reading: a StoredFile; HTTPError(404) when there is none."""
+        """Open the stored image `name` for reading: a StoredFile; HTTPError(404) when there is none.
+
+        A network filesystem's client may open a file another host has just removed or replaced,
+        and fail only at its first use: the name is then looked up again, once.
+        """
+        try:
+            return self._open_stored(name)
+        except OSError as error:
+            if error.errno not in STALE_ERRNOS:
+                raise
+        try:
+            return self._open_stored(name)
+        except OSError as error:
+            if error.errno not in STALE_ERRNOS:
+                raise
+            raise HTTPError(404, f"no image named {name!r} is stored") from None
+
+    def _open_stored(self, name):
         try:
             descriptor = os.open(self.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
-        except OSError:
+        except FileNotFoundError:
+            raise HTTPError(404, f"no image named {name!r} is stored") from None
+        except OSError as error:
+            if error.errno in STALE_ERRNOS:
+                raise
             raise HTTPError(404, f"no image named {name!r} is stored") from None
         try:
             file_status = os.fstat(descriptor)
             if not stat.S_ISREG(file_status.st_mode):
                 raise HTTPError(404, f"no image named {name!r} is stored")
-            version = Version.of(file_status)
-            return StoredFile(descriptor, version, self._content_type(descriptor, version))
+            # Reading the first bytes also makes a lazy network client really open the file, so
+            # that it stays readable whatever another host does to its name from here on.
+            content_type = CONTENT_TYPE_BY_FORMAT.get(sniff_format(os.pread(descriptor, SNIFF_BYTES, 0)), UNKNOWN_CONTENT_TYPE)
+            return StoredFile(descriptor, Version.of(file_status), content_type)
         except BaseException:
-            os.close(descriptor)
+            _close_quietly(descriptor)
             raise
 
     def path_of(self, name):
@@ -935,11 +1083,18 @@ class Store:
 
     @staticmethod
     def _read_record(path):
-        try:
-            with open(os.open(path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW), "rb") as file:
-                record = json.loads(file.read(MAX_PARAMETERS_BYTES))
-        except (OSError, ValueError):
-            return None
+        # A record is replaced by a rename; a network client may fail to read the one it opened,
+        # replaced by another host meanwhile, and then reads the name again, once.
+        for attempt in (1, 2):
+            try:
+                with open(os.open(path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW), "rb") as file:
+                    record = json.loads(file.read(MAX_PARAMETERS_BYTES))
+                break
+            except OSError as error:
+                if error.errno not in STALE_ERRNOS or attempt == 2:
+                    return None
+            except ValueError:
+                return None
         if not isinstance(record, dict) or not isinstance(record.get("id"), str) or record.get("state") not in (QUEUED, RUNNING, *ENDED_STATES):
             return None
         return record
@@ -987,22 +1142,12 @@ class Store:
 
     # Caches
 
-    def _content_type(self, descriptor, version):
-        content_type = self._content_types.get(version)
-        if content_type is None:
-            image_format = sniff_format(os.pread(descriptor, SNIFF_BYTES, 0))
-            content_type = CONTENT_TYPE_BY_FORMAT.get(image_format, UNKNOWN_CONTENT_TYPE)
-            if len(self._content_types) >= MAX_SNIFFED_VERSIONS:
-                self._content_types.clear()
-            self._content_types[version] = content_type
-        return content_type
-
     def _refresh(self, force=False):
         try:
             mtime_ns = os.stat(self.folder).st_mtime_ns
         except FileNotFoundError:
             raise HTTPError(507, f"the storage folder {self.folder} no longer exists") from None
-        if mtime_ns == self._mtime_ns and self._is_settled and not force:
+        if mtime_ns == self._mtime_ns and self._is_settled and self._trusts_folder_mtime and not force:
             return
         now_ns = time.time_ns()
         with os.scandir(self.folder) as entries:
@@ -2774,15 +2919,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         A small file goes out with the headers in one write; a larger one with sendfile(), which
         spares copying it through Python.
         """
-        if length <= READ_CHUNK_SIZE:
-            data = stored.read(start, length)
-            self.wfile.write(data)
-            sent = len(data)
-        else:
-            self.wfile.flush()
-            sent = stored.send(self.connection, start, length)
+        try:
+            if length <= READ_CHUNK_SIZE:
+                data = stored.read(start, length)
+                self.wfile.write(data)
+                sent = len(data)
+            else:
+                self.wfile.flush()
+                sent = stored.send(self.connection, start, length)
+        except OSError as error:
+            # A network filesystem's client that lost the file to another host's delete.
+            if error.errno not in STALE_ERRNOS:
+                raise
+            sent = None
         if sent != length:
-            # The file shrank under us (truncated in place by someone else): the framing is broken.
+            # The file shrank or went under us (truncated in place, or lost): the framing is broken.
             self.close_connection = True
 
     def linger(self):
@@ -3159,6 +3310,8 @@ def serve_workers(settings):
 def main(argv=None):
     """Run IMS until SIGINT or SIGTERM; return the exit status."""
     settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    for warning in mount_warnings(mount_of(settings.storage)):
+        sys.stderr.write(f"ims.py: warning: {warning}\n")
     if settings.workers > 1:
         return serve_workers(settings)
     try:
