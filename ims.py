@@ -148,7 +148,7 @@ JOB_POLL_SECONDS = 0.05
 # instance that died, or waiting while their own instance's slots are busy. A job running here
 # also re-reads its record this often, to hear that a DELETE elsewhere cancelled it.
 QUEUE_SCAN_SECONDS = 0.5
-# How often an instance removes ended jobs past their retention.
+# How often an instance removes ended jobs past their retention, and the temp files of writers gone.
 JOB_CLEANUP_SECONDS = 60
 # A job record's temp file older than this was left by a writer that died: writing one takes
 # microseconds.
@@ -723,7 +723,7 @@ class Store:
             self._refresh(force=True)
 
     def remove_leftovers(self):
-        """Remove the temp files no writer holds, here or in any other instance; called at start and stop."""
+        """Remove the temp files no writer holds, here or in any other instance; called at start, every minute and at stop."""
         with os.scandir(self.folder) as entries:
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
@@ -2263,6 +2263,9 @@ class Resizer:
                 self._start_ready_jobs()
                 if time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + JOB_CLEANUP_SECONDS
+                    # And what instances killed here or on other hosts left, which would else
+                    # wait for some instance's next start or stop.
+                    self._store.remove_leftovers()
                     self._store.remove_old_records()
                 self._last_queue_error = None
             except (HTTPError, OSError) as error:

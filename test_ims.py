@@ -5319,11 +5319,16 @@ class RealProcessTestCase(ResizeTestCase, HTTPTestCase):
         log_path = os.path.join(self.tempdir.name, f"ims-{len(self.instances)}.log")
         log = open(log_path, "wb")
         self.addCleanup(log.close)
-        process, port = start_ims(self, "--storage", self.storage, *arguments, env=env, log=log, wrapper=wrapper)
+        storage = self.instance_storage(len(self.instances))
+        process, port = start_ims(self, "--storage", storage, *arguments, env=env, log=log, wrapper=wrapper)
         self.addCleanup(self.end_session, process.pid)
         instance = Instance(process, port, log_path, supervised="--workers" in arguments or "IMS_WORKERS" in env)
         self.instances.append(instance)
         return instance
+
+    def instance_storage(self, index):
+        """Return the folder the `index`th instance serves: self.storage, as the host it runs on sees it."""
+        return self.storage
 
     def end_session(self, session_id):
         """Kill every process of the session, again until none is left: a dying one may still fork."""
@@ -5955,6 +5960,405 @@ class TestPidNamespaces(RealProcessTestCase):
         self.assertEqual(self.request("GET", "/", connection=connection).json, ["streamed.png"])
         self.assertEqual(self.request("GET", "/streamed.png", connection=connection).body, data)
         self.assertNoTempFiles()
+
+
+class TestLeftoversWhileServing(ServerTestCase):
+    """A running instance removes the temp files no writer holds, every JOB_CLEANUP_SECONDS (shortened here)."""
+
+    def setUp(self):
+        patcher = mock.patch.object(ims, "JOB_CLEANUP_SECONDS", 0.05)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
+
+    def test_a_killed_writer_s_temp_file_goes_without_a_restart_and_a_live_one_stays(self):
+        leftover = os.path.join(self.storage, f"{ims.TEMP_PREFIX}0123456789abcdef.png")
+        with open(leftover, "wb") as file:
+            file.write(b"half an upload, its writer killed on another host")
+        writing = self.server.store.new_file(".png")
+        self.addCleanup(writing.remove)
+        wait_for(lambda: not os.path.exists(leftover))
+        self.assertTrue(os.path.exists(writing.path))
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:40 / /srv/ims rw,relatime shared:9 - nfs4 files:/export/ims rw,vers=4.2,hard,proto=tcp,sec=sys
+31 22 0:41 / /srv/fresh rw,relatime shared:10 - nfs4 files:/export/ims rw,vers=4.2,acregmin=0,acregmax=0,acdirmin=0,acdirmax=0,lookupcache=none
+32 22 0:42 / /srv/noac rw,sync,relatime shared:11 - nfs files:/export/ims rw,vers=3,noac,lookupcache=none
+33 22 0:43 / /srv/ceph rw,relatime shared:12 - ceph 10.0.0.1:/ rw,name=ims
+34 22 0:44 / /srv/with\\040space rw,relatime shared:13 - fuse.sshfs me@host:/ims rw,user_id=0
+35 30 0:45 / /srv/ims/inner rw,relatime shared:14 - tmpfs tmpfs rw
+36 22 0:46 / /srv/ims rw,relatime shared:15 - ext4 /dev/sdb1 rw
+"""
+
+
+class TestMounts(unittest.TestCase):
+    """Finding the mount of the storage folder in /proc/self/mountinfo, and what IMS warns about it."""
+
+    def mount(self, folder):
+        with tempfile.NamedTemporaryFile("w", suffix=".mountinfo", delete=False) as file:
+            file.write(MOUNTINFO)
+        self.addCleanup(os.unlink, file.name)
+        with mock.patch.object(os.path, "realpath", lambda path: path):
+            return ims.mount_of(folder, file.name)
+
+    def test_the_deepest_mount_holding_the_folder_is_found_and_a_later_one_on_the_same_point_hides_the_earlier(self):
+        self.assertEqual(self.mount("/var/lib/ims").filesystem, "ext4")
+        self.assertEqual(self.mount("/srv/fresh/storage").point, "/srv/fresh")
+        self.assertEqual((self.mount("/srv/ims/inner/x").point, self.mount("/srv/ims/inner/x").filesystem), ("/srv/ims/inner", "tmpfs"))
+        # Mounted again over /srv/ims: the NFS mount under it is hidden.
+        self.assertEqual(self.mount("/srv/ims").filesystem, "ext4")
+        self.assertEqual(self.mount("/srv/imsother").point, "/")
+        self.assertEqual(self.mount("/srv/with space/x").point, "/srv/with space")
+
+    def test_nfs_without_actimeo_0_and_lookupcache_none_is_warned_about(self):
+        mounts = {mount.point: mount for mount in ims.parse_mountinfo(MOUNTINFO)}
+        warnings = ims.mount_warnings(ims.parse_mountinfo(MOUNTINFO)[1])
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("actimeo=0 and lookupcache=none", warnings[0])
+        self.assertEqual(ims.mount_warnings(mounts["/srv/fresh"]), [])
+        self.assertEqual(ims.mount_warnings(mounts["/srv/noac"]), [])
+
+    def test_local_and_coherent_filesystems_are_not_warned_about_and_unknown_network_ones_are(self):
+        mounts = {mount.point: mount for mount in ims.parse_mountinfo(MOUNTINFO)}
+        self.assertEqual(ims.mount_warnings(mounts["/"]), [])
+        self.assertEqual(ims.mount_warnings(mounts["/srv/ceph"]), [])
+        self.assertEqual(ims.mount_warnings(None), [])
+        self.assertIn("fuse.sshfs", ims.mount_warnings(mounts["/srv/with space"])[0])
+        self.assertFalse(mounts["/"].is_network)
+        self.assertTrue(mounts["/srv/with space"].is_network)
+
+    def test_a_store_on_a_network_filesystem_lists_what_another_host_added_without_trusting_the_folder_time(self):
+        with tempfile.TemporaryDirectory() as folder:
+            nfs = ims.Mount(folder, "nfs4", {})
+            with mock.patch.object(ims, "mount_of", lambda path: nfs):
+                store = ims.Store(folder)
+            an_hour_ago = time.time() - 3600
+            os.utime(folder, (an_hour_ago, an_hour_ago))
+            store.scan()
+            listed = store.listing()
+            # Another host adds a file, and this host's cached attributes still show the folder's
+            # old modification time, as an NFS client's do for up to a minute.
+            with open(os.path.join(folder, "new.png"), "wb") as file:
+                file.write(make_image("PNG"))
+            os.utime(folder, (an_hour_ago, an_hour_ago))
+            self.assertEqual((listed, json.loads(store.listing())), (b"[]\n", ["new.png"]))
+
+
+# ====
+# Several hosts: a GlusterFS volume, mounted once per instance as each host would mount it
+# ====
+
+
+def system_tool(name):
+    """Return the path of the program `name`, looking in the system folders too, or None."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"]))
+
+
+# The mount options and volume options the README asks of a GlusterFS volume that IMS serves.
+GLUSTERFS_MOUNT_OPTIONS = "attribute-timeout=0,entry-timeout=0,negative-timeout=0"
+GLUSTERFS_VOLUME_OPTIONS = {"performance.stat-prefetch": "off", "performance.quick-read": "off"}
+
+
+def is_running(command_name):
+    """Tell whether a process named `command_name` runs (Linux's /proc)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/comm") as file:
+                if file.read().strip() == command_name:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+class GlusterVolume:
+    """A GlusterFS volume of one brick in a temporary folder, started; mount() adds a client of it.
+
+    Each mount is a FUSE client of its own, with its own caches, as another host's would be.
+    glusterd is started when none runs, and then stopped with the volume.
+    """
+
+    def __init__(self):
+        self.gluster = system_tool("gluster")
+        self.folder = tempfile.mkdtemp(prefix="ims-gluster-")
+        self.name = f"ims-test-{os.getpid()}"
+        self.mounts = []
+        self.mount_numbers = itertools.count(1)
+        self.started_glusterd = False
+        self.is_created = False
+
+    @staticmethod
+    def unavailable():
+        """Return why a volume cannot be had here, or None when it can."""
+        if not sys.platform.startswith("linux"):
+            return "GlusterFS runs on Linux"
+        if os.geteuid() != 0:
+            return "mounting a GlusterFS volume needs root"
+        if not os.path.exists("/dev/fuse"):
+            return "/dev/fuse is missing: FUSE mounts cannot be made here"
+        missing = [tool for tool in ("glusterd", "gluster", "mount.glusterfs") if not system_tool(tool)]
+        if missing:
+            return f"{', '.join(missing)} not installed (Debian: apt-get install glusterfs-server glusterfs-client, as .ci/run does)"
+        return None
+
+    def run(self, *arguments, check=True):
+        """Run the gluster command line with `arguments`; return its CompletedProcess."""
+        result = subprocess.run([self.gluster, "--mode=script", *arguments], capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"gluster {' '.join(arguments)}: {(result.stdout + result.stderr).strip()}")
+        return result
+
+    def start(self):
+        """Start glusterd if needed, then create and start the volume; raise RuntimeError when it cannot be."""
+        if not is_running("glusterd"):
+            subprocess.run([system_tool("glusterd")], check=True, timeout=60)
+            self.started_glusterd = True
+        brick = os.path.join(self.folder, "brick")
+        os.mkdir(brick)
+        host = socket.gethostname()
+        # glusterd answers the command line a moment after it starts.
+        deadline = time.monotonic() + 60
+        while True:
+            result = self.run("volume", "create", self.name, f"{host}:{brick}", "force", check=False)
+            if result.returncode == 0:
+                break
+            if time.monotonic() > deadline or "already exists" in result.stdout + result.stderr:
+                raise RuntimeError(f"gluster volume create: {(result.stdout + result.stderr).strip()}")
+            time.sleep(0.2)
+        self.is_created = True
+        for option, value in GLUSTERFS_VOLUME_OPTIONS.items():
+            self.run("volume", "set", self.name, option, value)
+        self.run("volume", "start", self.name)
+
+    def mount(self, options=GLUSTERFS_MOUNT_OPTIONS):
+        """Mount the volume once more, as another host would; return the mount point."""
+        point = os.path.join(self.folder, f"host-{next(self.mount_numbers)}")
+        os.mkdir(point)
+        command = ["mount", "-t", "glusterfs", *(["-o", options] if options else []), f"{socket.gethostname()}:/{self.name}", point]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)}: {(result.stdout + result.stderr).strip()}")
+        self.mounts.append(point)
+        return point
+
+    def unmount(self, point):
+        """Unmount the client at `point` (lazily if it is still in use)."""
+        if subprocess.run(["umount", point], capture_output=True, timeout=60).returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=60)
+        self.mounts.remove(point)
+
+    def stop(self):
+        """Unmount every client, stop and delete the volume, stop glusterd if it was started here."""
+        for point in reversed(self.mounts):
+            self.unmount(point)
+        if self.is_created:
+            self.run("volume", "stop", self.name, "force", check=False)
+            self.run("volume", "delete", self.name, check=False)
+        if self.started_glusterd:
+            subprocess.run(["pkill", "-x", "glusterd"], capture_output=True, timeout=60)
+            subprocess.run(["pkill", "-x", "glusterfsd"], capture_output=True, timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@unittest.skipUnless(NGINX, "nginx is not installed (Debian: apt-get install nginx-light, as .ci/run does)")
+class TestGlusterFS(TestNginx):
+    """Three instances as on three hosts: each serves the volume through a GlusterFS mount of its own.
+
+    Every test of TestNginx runs here too, through nginx; the tests below go at the hosts directly,
+    to catch one host's caches lying about what another did.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        reason = GlusterVolume.unavailable()
+        if reason:
+            raise unittest.SkipTest(reason)
+        cls.volume = GlusterVolume()
+        try:
+            cls.volume.start()
+            cls.host_mounts = [cls.volume.mount() for _ in range(3)]
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            cls.volume.stop()
+            raise unittest.SkipTest(f"a GlusterFS volume cannot be set up here: {error}")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.volume.stop()
+
+    def setUp(self):
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("telling real processes apart needs /proc (Linux)")
+        # The test's folder is on the volume, seen through the first host's mount; every path
+        # under it names the same file through another host's mount.
+        self.tempdir = tempfile.TemporaryDirectory(dir=self.host_mounts[0])
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        self.host, self.port = "127.0.0.1", None
+        self.instances = []
+        instances = [self.start_instance() for _ in range(3)]
+        self.port = self.start_nginx([instance.port for instance in instances])
+        self.probes = itertools.count()
+
+    def instance_storage(self, index, mounts=None):
+        mounts = mounts or self.host_mounts
+        relative = os.path.relpath(self.storage, self.host_mounts[0])
+        return os.path.join(mounts[index % len(mounts)], relative)
+
+    def hosts(self):
+        """Return a new direct connection to each instance, in the order they were started."""
+        return [self.direct(instance) for instance in self.instances]
+
+    def test_the_instances_serve_three_mounts_and_find_nothing_to_warn_about(self):
+        self.assertEqual(len({ims.mount_of(self.instance_storage(index)).point for index in range(3)}), 3)
+        for index, instance in enumerate(self.instances):
+            self.assertEqual(ims.mount_of(self.instance_storage(index)).filesystem, "fuse.glusterfs")
+            self.assertNotIn("warning", instance.log())
+
+    def test_an_upload_or_a_delete_on_one_host_shows_on_every_host_at_once(self):
+        hosts = self.hosts()
+        for round_number in range(12):
+            name, data = f"r{round_number}.png", make_image("PNG", color=(round_number, 40, 80))
+            self.assertEqual(self.upload(name, data, connection=hosts[round_number % 3]).status, 201)
+            for host in hosts:
+                self.assertIn(name, self.request("GET", "/", connection=host).json)
+                self.assertEqual(self.request("GET", f"/{name}", connection=host).body, data)
+            self.assertEqual(self.request("DELETE", f"/{name}", connection=hosts[(round_number + 1) % 3]).status, 204)
+            for host in hosts:
+                self.assertNotIn(name, self.request("GET", "/", connection=host).json)
+                self.assertEqual(self.request("GET", f"/{name}", connection=host).status, 404)
+                self.assertEqual(self.request("HEAD", f"/{name}", connection=host).status, 404)
+
+    def test_validators_never_vouch_for_bytes_another_host_replaced(self):
+        hosts = self.hosts()
+        for round_number in range(8):
+            name = f"v{round_number}.png"
+            old, new = make_image("PNG", (30, 20), color=(1, 2, round_number)), make_image("PNG", (31, 20), color=(9, 9, round_number))
+            self.assertEqual(self.upload(name, old, connection=hosts[0]).status, 201)
+            seen = self.request("GET", f"/{name}", connection=hosts[2])
+            self.assertEqual(seen.body, old)
+            etag = seen.headers["ETag"]
+            # Deleted on one host and uploaded again, other bytes, on another: the first and the
+            # third, which both served the old bytes, must not call them current.
+            self.assertEqual(self.request("DELETE", f"/{name}", connection=hosts[1]).status, 204)
+            self.assertEqual(self.upload(name, new, connection=hosts[1]).status, 201)
+            for host in (hosts[0], hosts[2]):
+                reply = self.request("GET", f"/{name}", headers={"If-None-Match": etag}, connection=host)
+                self.assertEqual((reply.status, reply.body), (200, new), f"round {round_number}")
+                self.assertNotEqual(reply.headers["ETag"], etag)
+                reply = self.request("GET", f"/{name}", headers={"Range": "bytes=0-3", "If-Range": etag}, connection=host)
+                self.assertEqual((reply.status, reply.body), (200, new), "If-Range with the old ETag must send the whole new file")
+                reply = self.request("DELETE", f"/{name}", headers={"If-Match": etag}, connection=host)
+                self.assertEqual(reply.status, 412, "If-Match with the old ETag must not delete the new bytes")
+        # Replaced by a resize that ran on one host: the others see the new size and a new ETag.
+        name = "resized.png"
+        self.assertEqual(self.upload(name, make_image("PNG", (40, 40)), connection=hosts[0]).status, 201)
+        etag = self.request("GET", f"/{name}", connection=hosts[2]).headers["ETag"]
+        location = self.submit(name, "width=10&height=12", connection=hosts[0])
+        self.assertEqual(self.wait_job(location)["state"], "done")
+        for host in hosts:
+            reply = self.request("GET", f"/{name}", headers={"If-None-Match": etag}, connection=host)
+            self.assertEqual(reply.status, 200)
+            self.assertEqual(decode(reply.body).size, (10, 12))
+
+    def test_racing_uploads_of_one_name_on_three_hosts_store_the_winners_bytes_every_time(self):
+        for round_number in range(50):
+            name = f"race-{round_number}.png"
+            images = [make_image("PNG", (20 + index, 20), color=(round_number, index * 60, 0)) for index in range(3)]
+            answers = [None] * 3
+            barrier = threading.Barrier(3)
+
+            def upload(index):
+                body, content_type = multipart_body(files=[("file", name, images[index])])
+                connection = http.client.HTTPConnection("127.0.0.1", self.instances[index].port, timeout=DEADLINE_SECONDS)
+                try:
+                    connection.putrequest("POST", "/")
+                    connection.putheader("Content-Type", content_type)
+                    connection.putheader("Content-Length", str(len(body)))
+                    connection.endheaders()
+                    barrier.wait()
+                    connection.send(body)
+                    answers[index] = connection.getresponse().status
+                finally:
+                    connection.close()
+
+            threads = [threading.Thread(target=upload, args=(index,)) for index in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            self.assertEqual(sorted(answers), [201, 409, 409], f"round {round_number}")
+            winner = images[answers.index(201)]
+            for host in self.hosts():
+                self.assertEqual(self.request("GET", f"/{name}", connection=host).body, winner, f"round {round_number}")
+
+    def test_an_instance_killed_during_an_upload_stores_nothing_and_the_name_stays_free(self):
+        streaming = self.instances[0]
+        data = encode(noise((400, 300), SEED), "PNG")
+        body, content_type = multipart_body(files=[("file", "cut.png", data)])
+        self.port = streaming.port
+        sock = self.open_socket()
+        sock.sendall(self.multipart_request_head(content_type, len(body)))
+        sock.sendall(body[:len(body) // 2])
+        wait_for(self.temp_files)
+        self.end_session(streaming.process.pid)
+        for host in self.hosts()[1:]:
+            self.assertEqual(self.request("GET", "/", connection=host).json, [])
+            self.assertEqual(self.request("GET", "/cut.png", connection=host).status, 404)
+        self.assertEqual(self.upload("cut.png", data, connection=self.direct(self.instances[1])).status, 201)
+        self.assertEqual(self.request("GET", "/cut.png", connection=self.direct(self.instances[2])).body, data)
+        # The killed writer's lock goes with it, once its client has told the volume: an instance
+        # started again on its host then removes the half-written file it left.
+        wait_for(lambda: not any(self.is_locked(name) for name in self.temp_files()))
+        self.start_instance()
+        wait_for(lambda: not self.temp_files())
+        self.assertEqual(folder_files(self.storage), ["cut.png"])
+
+    def start_on_caching_mounts(self, count):
+        """Start `count` instances more, each on a mount of its own with GlusterFS's default caches; return them."""
+        caching = [self.volume.mount(options="") for _ in range(count)]
+        for point in caching:
+            self.addCleanup(self.volume.unmount, point)
+        self.instances = []
+        original = self.instance_storage
+        self.instance_storage = lambda index: original(index, caching)
+        return [self.start_instance() for _ in range(count)]
+
+    def test_a_mount_that_caches_is_warned_about_at_start(self):
+        for instance in self.start_on_caching_mounts(1):
+            warning = self.wait_for_log(instance, "warning")
+            self.assertIn("attribute-timeout=1, entry-timeout=1", warning)
+            self.assertIn("attribute-timeout=0,entry-timeout=0,negative-timeout=0", warning)
+
+    def test_on_mounts_that_cache_what_another_host_did_is_never_a_500(self):
+        instances = self.start_on_caching_mounts(2)
+        hosts = [self.direct(instance) for instance in instances]
+        # A host's caches may show it another host's change up to a second late (README), but
+        # a file that went under it is looked up again: the answer is never a 500.
+        for round_number in range(10):
+            name = f"c{round_number}.png"
+            self.assertEqual(self.upload(name, make_image("PNG", color=(round_number, 0, 0)), connection=hosts[0]).status, 201)
+            self.assertIn(self.request("GET", f"/{name}", connection=hosts[1]).status, (200, 404))
+            self.assertEqual(self.request("DELETE", f"/{name}", connection=hosts[0]).status, 204)
+            self.assertIn(self.request("GET", f"/{name}", connection=hosts[1]).status, (200, 404))
+            self.assertEqual(self.upload(name, make_image("PNG", (9, 9)), connection=hosts[0]).status, 201)
+            for _ in range(3):
+                self.assertIn(self.request("GET", f"/{name}", connection=hosts[1]).status, (200, 404))
+                self.assertEqual(self.request("GET", "/", connection=hosts[1]).status, 200)
+        for instance in instances:
+            self.assertNotIn("unexpected error", instance.log())
+
+    def is_locked(self, name):
+        """Tell whether a process holds the lock of the file `name` in the storage folder."""
+        try:
+            descriptor = os.open(os.path.join(self.storage, name), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return ims.is_file_locked(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 if __name__ == "__main__":
