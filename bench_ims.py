@@ -54,6 +54,17 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 16 photos (../shared/photos/ in turn, uploaded first) PATCHed to 300x300 at once
                 through that nginx, against one instance direct: seconds until every job has
                 ended, each client waiting with GET /jobs/<id>?wait=60; median of --repeat runs
+    gluster     that nginx's 3 instances on one local folder against 3 instances each on its own
+                FUSE mount of one GlusterFS volume (as on 3 hosts; one brick, made, mounted, then
+                unmounted and deleted by the bench), both seeded with the same 100 names: GET / and
+                the 20 KB JPEG as nginx does them, req/s, and 4 curl uploads of a 3 MB photo at once
+                (as upload-4), uploads/s, median of 10 rounds, interleaved, with ratios and the CPU
+                per request of IMS and of the volume's brick and clients; then, in this process,
+                what revalidation costs one request: Store.listing() of 100 and 1000 names on local
+                disk with the folder's mtime trusted and re-read (as on a network filesystem), and
+                on the volume; Store.open + close (its 12-byte read included) against os.open +
+                fstat + close, on local disk and on the volume (timeit, µs). Needs root and /dev/fuse;
+                starts glusterd only when none runs, and then stops that one
 
 soak, slow-clients, patch-burst and the scaling scenarios after them measure IMS only (patch-burst
 also the IMS before with --baseline), each on fresh servers of their own (the other columns say
@@ -75,8 +86,9 @@ scenario (the machine's busy time in /proc/stat less the bench's own tree): a te
 meanwhile moves the wrk figures by 2x, so a figure taken beside one is not to be trusted.
 
 --vs also runs ../shared/peers/flask_seed.py, with a private virtualenv in ~/.cache/ims-bench-venv
-(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail and nginx
-(Debian: apt-get install -y nginx-light); a scenario whose tool is missing is skipped with a
+(Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail, nginx
+(Debian: apt-get install -y nginx-light) and for gluster glusterd, gluster and mount.glusterfs
+(glusterfs-server, glusterfs-client); a scenario whose tool is missing is skipped with a
 message. Photos are read from ../shared/photos/.
 Standard library only, plus Pillow imported where images are made or resized.
 """
@@ -87,6 +99,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import importlib.util
 import io
 import json
 import math
@@ -104,7 +117,9 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -173,6 +188,15 @@ SPREAD_PHOTOS = 16
 SPREAD_JOB_WAIT_SECONDS = 60  # the contract's longest ?wait=
 # Extra descendants allowed beside the resize workers: multiprocessing's forkserver and resource tracker.
 BURST_HELPER_PROCESSES = 2
+# The gluster scenario. The mount options the README's "Several hosts" and ims.py's start-up check
+# ask for; md-cache (stat-prefetch) and quick-read would cache attributes and small files in each
+# client past what those turn off.
+GLUSTER_MOUNT_OPTIONS = "attribute-timeout=0,entry-timeout=0,negative-timeout=0"
+GLUSTER_VOLUME_OPTIONS = {"performance.stat-prefetch": "off", "performance.quick-read": "off"}
+GLUSTER_COMMAND_TIMEOUT_SECONDS = 60
+GLUSTERD_PORT = 24007  # its management port; the bench talks to it through the gluster command
+REVALIDATE_NAMES = (100, 1000)  # names in the local folders whose listing is timed in-process
+TIMEIT_BATCHES = 11
 
 
 class BenchError(Exception):
@@ -762,18 +786,19 @@ def finished_size(path: Path) -> tuple[int, int] | None:
 
 
 def run_wrk(url: str, arguments: list[str] = WRK_ARGUMENTS) -> dict[str, float]:
-    """Run wrk on one URL; return requests per second and the number of errors it counted."""
+    """Run wrk on one URL; return requests per second, the requests made and the errors it counted."""
     completed = subprocess.run(["wrk", *arguments, url], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, check=False)
     output = completed.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if completed.returncode != 0 or not rate:
+    requests = re.search(r"(\d+) requests in ", output)
+    if completed.returncode != 0 or not rate or not requests:
         raise BenchError(f"wrk failed: {output.strip()[-200:]}")
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non_success = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = sum(int(count) for count in socket_errors.groups()) if socket_errors else 0
     errors += int(non_success.group(1)) if non_success else 0
-    return {"requests_per_second": float(rate.group(1)), "errors": errors}
+    return {"requests_per_second": float(rate.group(1)), "requests": int(requests.group(1)), "errors": errors}
 
 
 def curl_upload_command(server: Server, photo: Path, name: str) -> list[str]:
@@ -788,6 +813,21 @@ def check_curl_upload(output: str) -> float:
     if status != "201":
         raise BenchError(f"upload answered {status or 'nothing'}")
     return float(seconds)
+
+
+def curl_uploads_at_once(server: Server, photo: Path, count: int) -> float:
+    """Run count curl uploads of photo at once, each under a fresh name; return uploads/s.
+
+    Raises BenchError unless every upload got 201.
+    """
+    commands = [curl_upload_command(server, photo, server.fresh_name("p")) for _ in range(count)]
+    started = time.perf_counter()
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for command in commands]
+    outputs = [process.communicate()[0] for process in processes]
+    rate = count / (time.perf_counter() - started)
+    for output in outputs:
+        check_curl_upload(output)
+    return rate
 
 
 def multipart_body(name: str, data: bytes) -> tuple[bytes, str]:
@@ -1115,14 +1155,7 @@ def scenario_upload_4(bench: Bench) -> list[Row]:
         ticks_before = cpu_ticks([server.process.pid, *descendants(server.process.pid)])
         curl_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         for _ in range(PARALLEL_UPLOAD_ROUNDS):
-            commands = [curl_upload_command(server, BIG_PHOTO, server.fresh_name("p"))
-                        for _ in range(PARALLEL_UPLOADS)]
-            started = time.perf_counter()
-            processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for command in commands]
-            outputs = [process.communicate()[0] for process in processes]
-            rates.append(PARALLEL_UPLOADS / (time.perf_counter() - started))
-            for output in outputs:
-                check_curl_upload(output)
+            rates.append(curl_uploads_at_once(server, BIG_PHOTO, PARALLEL_UPLOADS))
         uploads = PARALLEL_UPLOADS * PARALLEL_UPLOAD_ROUNDS
         ticks = cpu_ticks([server.process.pid, *descendants(server.process.pid)]) - ticks_before
         server_cpu_ms[server.kind] = ticks * 1000 / os.sysconf("SC_CLK_TCK") / uploads
@@ -1846,11 +1879,16 @@ def stop_later(stack: contextlib.ExitStack, bench: Bench, label: str, server: Se
     stack.callback(lambda: bench.problems.extend(f"{label}: {problem}" for problem in server.stop()))
 
 
-def start_cluster(stack: contextlib.ExitStack, bench: Bench, label: str, storage: Path) -> tuple[list[Server], NginxFront]:
-    """Start CLUSTER_INSTANCES IMS on one folder and nginx in front of them; all stop when the stack closes."""
+def start_cluster(stack: contextlib.ExitStack, bench: Bench, label: str, storage: Path,
+                  instance_storages: list[Path] | None = None) -> tuple[list[Server], NginxFront]:
+    """Start CLUSTER_INSTANCES IMS on one folder and nginx in front of them; all stop when the stack closes.
+
+    instance_storages, when given, are each instance's own path to the folder (mounts of one volume,
+    as on several hosts); nginx's static server serves storage.
+    """
     instances = []
-    for index in range(CLUSTER_INSTANCES):
-        instance = start_ims(storage, bench.scratch, [], f"{label}-{index}")
+    for index, folder in enumerate(instance_storages or [storage] * CLUSTER_INSTANCES):
+        instance = start_ims(folder, bench.scratch, [], f"{label}-{index}")
         stop_later(stack, bench, f"{label} instance {index}", instance)
         instances.append(instance)
     front = start_nginx(bench.scratch / f"{label}-nginx", instances, storage)
@@ -2073,6 +2111,359 @@ def scenario_nginx_resize(bench: Bench) -> list[Row]:
     ]
 
 
+# ------------------------------------------------------------------------------------------
+# GlusterFS (IMS only): the nginx scenario's three instances, each on its own FUSE mount of one
+# volume as on three hosts, against the same on one local folder; and, in this process, what
+# ims.py's revalidation on a network filesystem costs one request.
+# ------------------------------------------------------------------------------------------
+
+
+def mounts_under(folder: Path) -> list[str]:
+    """Return the mount points at or under folder, from /proc/self/mounts.
+
+    os.path.ismount misses a FUSE mount whose client has died (its lstat fails), which must be
+    unmounted all the same before its folder is removed.
+    """
+    points = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split(" ")[1])
+        if point == str(folder) or point.startswith(f"{folder}/"):
+            points.append(point)
+    return points
+
+
+def run_checked(command: list[str]) -> None:
+    """Run a set-up command; raise BenchError with its output when it fails or takes too long."""
+    try:
+        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   timeout=GLUSTER_COMMAND_TIMEOUT_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(command)} took over {GLUSTER_COMMAND_TIMEOUT_SECONDS} s") from None
+    if completed.returncode != 0:
+        raise BenchError(f"{' '.join(command)}: {completed.stdout.strip()[-300:]}")
+
+
+def gluster(*arguments: str) -> None:
+    """Run one command of the gluster command line, never asking for confirmation."""
+    run_checked([tool_path("gluster"), "--mode=script", *arguments])
+
+
+def undo_later(stack: contextlib.ExitStack, bench: Bench, label: str, undo: Callable[[], list[str] | None]) -> None:
+    """Call undo when the stack closes; the problems it returns, or the error it raises, go into bench.problems.
+
+    A step of a teardown that fails must not keep the later ones (unmount, stop, delete) from running.
+    """
+    def run() -> None:
+        try:
+            problems = undo() or []
+        except (BenchError, OSError) as error:
+            problems = [str(error)]
+        bench.problems.extend(f"{label}: {problem}" for problem in problems)
+
+    stack.callback(run)
+
+
+def is_running(command_name: str) -> bool:
+    """Tell whether a process of that command name runs, as `pgrep -x` does."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == command_name:
+                    return True
+    return False
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Return the ids of the processes with text in their command line (a brick's or a client's folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+def unmount(point: Path) -> list[str]:
+    """Unmount point if it is mounted; lazily (umount -l) when busy, which is returned as a problem."""
+    if not mounts_under(point):
+        return []
+    busy = subprocess.run(["umount", str(point)], capture_output=True, text=True,
+                          timeout=GLUSTER_COMMAND_TIMEOUT_SECONDS, check=False)
+    if busy.returncode == 0:
+        return []
+    run_checked(["umount", "-l", str(point)])
+    return [f"busy ({busy.stderr.strip()}); unmounted lazily"]
+
+
+def remove_unless_mounted(folder: Path) -> list[str]:
+    """Remove folder, unless a mount is left in it: removing it then would delete files on the volume."""
+    left = mounts_under(folder)
+    if left:
+        return [f"{folder} left in place, {', '.join(left)} still mounted"]
+    shutil.rmtree(folder)
+    return []
+
+
+def start_glusterd(stack: contextlib.ExitStack, bench: Bench, folder: Path) -> None:
+    """Start glusterd when none runs, and stop that one (by its id) when the stack closes.
+
+    A glusterd already running is someone else's: it is used and left alone. This one runs in the
+    foreground (-N) so that it is a child of the bench, stopped as the servers are.
+    """
+    if is_running("glusterd"):
+        return
+    with open(folder / "glusterd-output.txt", "wb") as output:
+        process = subprocess.Popen([tool_path("glusterd"), "-N"], stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    stop_later(stack, bench, "gluster glusterd", Server("glusterd", process, "127.0.0.1", GLUSTERD_PORT, folder))
+
+    # It answers the command line a moment after it starts; one that has exited ends the wait too.
+    def answers() -> bool:
+        with contextlib.suppress(BenchError):
+            gluster("volume", "list")
+            return True
+        return process.poll() is not None
+
+    if not wait_for(answers, GLUSTER_COMMAND_TIMEOUT_SECONDS, 0.2) or process.poll() is not None:
+        raise BenchError(f"glusterd did not answer within {GLUSTER_COMMAND_TIMEOUT_SECONDS} s "
+                         f"(exit status {process.poll()})")
+
+
+def start_gluster(stack: contextlib.ExitStack, bench: Bench) -> tuple[list[Path], list[int]]:
+    """Create and start a volume of one brick, and mount it CLUSTER_INSTANCES times, as many hosts would.
+
+    Returns the mount points and the ids of the volume's processes (its brick and FUSE clients).
+    When the stack closes, the mounts are unmounted, the volume stopped and deleted, and its
+    folder removed. The brick and mount points are in a folder of their own, outside the scratch
+    one, which is removed only when nothing is mounted in it.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="ims-bench-gluster-")).resolve()
+    undo_later(stack, bench, "gluster folder", lambda: remove_unless_mounted(folder))
+    start_glusterd(stack, bench, folder)
+    volume = f"ims-bench-{os.getpid()}"
+    host = socket.gethostname()
+    brick = folder / "brick"
+    brick.mkdir()
+    # force: glusterd refuses a brick on the root filesystem otherwise.
+    gluster("volume", "create", volume, f"{host}:{brick}", "force")
+    undo_later(stack, bench, f"gluster volume {volume}", lambda: gluster("volume", "delete", volume))
+    for option, value in GLUSTER_VOLUME_OPTIONS.items():
+        gluster("volume", "set", volume, option, value)
+    gluster("volume", "start", volume)
+    undo_later(stack, bench, f"gluster volume {volume}", lambda: gluster("volume", "stop", volume, "force"))
+    mounts = []
+    for index in range(CLUSTER_INSTANCES):
+        point = folder / f"mount{index}"
+        point.mkdir()
+        undo_later(stack, bench, f"gluster mount {index}", lambda point=point: unmount(point))
+        run_checked(["mount", "-t", "glusterfs", "-o", GLUSTER_MOUNT_OPTIONS, f"{host}:/{volume}", str(point)])
+        mounts.append(point)
+    return mounts, processes_mentioning(str(folder))
+
+
+def gluster_unavailable() -> str | None:
+    """Return why no GlusterFS volume can be mounted here, or None when one can (its tools are checked apart)."""
+    if os.geteuid() != 0:
+        return "mounting a GlusterFS volume needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing: FUSE mounts cannot be made here"
+    return None
+
+
+def load_ims() -> types.ModuleType:
+    """Import the ims.py the bench runs (IMS_SCRIPT), to time its Store in this process."""
+    if "ims" in sys.modules:
+        return sys.modules["ims"]
+    spec = importlib.util.spec_from_file_location("ims", IMS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module of a class up in sys.modules while they make it.
+    sys.modules["ims"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def per_call_microseconds(*functions: Callable[[], object]) -> list[float]:
+    """Return one call's time of each function in µs: the median of TIMEIT_BATCHES batches of ~0.2 s each.
+
+    The functions' batches are taken in turn, so that a busy spell of this shared machine (or of
+    the volume) weighs on all of them alike and their difference holds.
+    """
+    timers = [timeit.Timer(function) for function in functions]
+    numbers = [timer.autorange()[0] for timer in timers]
+    batches = [[] for _ in functions]
+    for _ in range(TIMEIT_BATCHES):
+        for timer, number, seconds in zip(timers, numbers, batches):
+            seconds.append(timer.timeit(number) / number)
+    return [statistics.median(each) * 1e6 for each in batches]
+
+
+def scanned_stores(ims: types.ModuleType, folder: Path, count: int) -> list:
+    """Return count ims.Stores on folder, scanned, with the folder's mtime a minute back.
+
+    ims.py reads a folder changed within the last second again whatever it trusts; a folder
+    served for a while is older than that.
+    """
+    stores = [ims.Store(str(folder)) for _ in range(count)]
+    past = time.time_ns() - 60 * 1_000_000_000
+    os.utime(folder, ns=(past, past))
+    for store in stores:
+        store.scan()
+    return stores
+
+
+def open_microseconds(ims: types.ModuleType, store, name: str) -> tuple[float, float]:
+    """Return the µs of Store.open(name) + close, and of the same open without its first-bytes read.
+
+    The second is os.open + fstat + close, what a download's open cost before d6d68d8 (the content
+    type was then cached per version).
+    """
+    path = store.path_of(name)
+
+    def open_and_close() -> None:
+        store.open(name).close()
+
+    def open_without_reading() -> None:
+        descriptor = os.open(path, os.O_RDONLY | ims.OPEN_FLAGS_NO_FOLLOW)
+        os.fstat(descriptor)
+        os.close(descriptor)
+
+    with_read, without_read = per_call_microseconds(open_and_close, open_without_reading)
+    return with_read, without_read
+
+
+def scenario_gluster(bench: Bench) -> list[Row]:
+    unavailable = gluster_unavailable()
+    if unavailable:
+        progress(f"skipping gluster: {unavailable}")
+        return [Row("gluster", "skipped", "", note=unavailable)]
+    ims = load_ims()
+    # In this process, on local disk: a listing with the folder's mtime trusted (local disk) or not
+    # (a network filesystem), by two Stores on one folder, and one download's open.
+    listing, opens = {}, {}
+    for count in REVALIDATE_NAMES:
+        folder = bench.scratch / f"revalidate-{count}"
+        folder.mkdir()
+        for index in range(count):
+            shutil.copyfile(bench.small_image, folder / f"list-{index:04d}.jpeg")
+        trusting, rereading = scanned_stores(ims, folder, 2)
+        trusting._trusts_folder_mtime, rereading._trusts_folder_mtime = True, False
+        listing[count, True], listing[count, False] = per_call_microseconds(trusting.listing, rereading.listing)
+        if count == REVALIDATE_NAMES[0]:
+            opens["local"] = open_microseconds(ims, trusting, "list-0000.jpeg")
+
+    kinds = ("local", "gluster")
+    megabytes = BIG_PHOTO.stat().st_size / 1e6
+    operations = [*SCALE_PATHS, ("upload", f"{PARALLEL_UPLOADS} curl -F {megabytes:.0f} MB photos at once")]
+    rates = {(operation, kind): [] for operation, _ in operations for kind in kinds}
+    # Totals over the runs, to give CPU per request: requests, and the clock ticks of the IMS
+    # instances and of the volume's processes (brick and FUSE clients), which share the CPUs.
+    totals = {(operation, kind): [0, 0, 0] for operation, _ in operations for kind in kinds}
+    errors = collections.Counter()
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    with contextlib.ExitStack() as stack:
+        mounts, gluster_pids = start_gluster(stack, bench)
+        local_storage = bench.scratch / "gluster-local-storage"
+        prepare_storage(local_storage, bench.small_image)
+        prepare_storage(mounts[0] / "storage", bench.small_image)
+        instances, fronts = {}, {}
+        instances["local"], fronts["local"] = start_cluster(stack, bench, "gluster-local", local_storage)
+        instances["gluster"], fronts["gluster"] = start_cluster(
+            stack, bench, "gluster-volume", mounts[0] / "storage", [mount / "storage" for mount in mounts])
+        for front in fronts.values():
+            check_answers(front.proxy, [path for path, _ in SCALE_PATHS])
+        # The same in-process measures on the volume, before any upload adds names to its folder.
+        [gluster_store] = scanned_stores(ims, mounts[0] / "storage", 1)
+        [gluster_listing] = per_call_microseconds(gluster_store.listing)
+        opens["gluster"] = open_microseconds(ims, gluster_store, "small.jpeg")
+        gluster_trusts = gluster_store._trusts_folder_mtime
+        for operation, _ in operations:
+            is_upload = operation == "upload"
+            for run in range(PARALLEL_UPLOAD_ROUNDS if is_upload else max(bench.repeat, SCALE_MIN_RUNS)):
+                for kind, front in in_turn(fronts, run):
+                    for instance in instances[kind]:
+                        instance.check_alive()
+                    ims_before = sum(tree_cpu_ticks(instance.process.pid) for instance in instances[kind])
+                    gluster_before = cpu_ticks(gluster_pids)
+                    if is_upload:
+                        rates[operation, kind].append(curl_uploads_at_once(front.proxy, BIG_PHOTO, PARALLEL_UPLOADS))
+                        requests = PARALLEL_UPLOADS
+                    else:
+                        result = run_wrk(front.proxy.url(operation), SCALE_WRK_ARGUMENTS)
+                        rates[operation, kind].append(result["requests_per_second"])
+                        requests = result["requests"]
+                        errors[kind] += result["errors"]
+                    total = totals[operation, kind]
+                    total[0] += requests
+                    total[1] += sum(tree_cpu_ticks(instance.process.pid) for instance in instances[kind]) - ims_before
+                    total[2] += cpu_ticks(gluster_pids) - gluster_before
+
+    def cpu_microseconds(operation: str, kind: str) -> tuple[float, float]:
+        """Return the µs of CPU per request of the IMS instances and of the volume's processes."""
+        requests, ims_ticks, gluster_ticks = totals[operation, kind]
+        return (ims_ticks / clock_ticks / requests * 1e6, gluster_ticks / clock_ticks / requests * 1e6)
+
+    command = " ".join(SCALE_WRK_ARGUMENTS[:2])
+    names = {"local": "one local folder", "gluster": f"{CLUSTER_INSTANCES} GlusterFS mounts of one volume"}
+    rows = []
+    for operation, label in operations:
+        is_upload = operation == "upload"
+        medians = {kind: statistics.median(rates[operation, kind]) for kind in kinds}
+        notes = {}
+        for kind in kinds:
+            ims_cpu, gluster_cpu = cpu_microseconds(operation, kind)
+            notes[kind] = (f"runs {', '.join(f'{rate:,.0f}' for rate in rates[operation, kind])}; CPU per request: "
+                           f"IMS {ims_cpu:,.0f} µs" + (f", the volume's brick and clients {gluster_cpu:,.0f} µs"
+                                                       if kind == "gluster" else ""))
+        how = f"median of {PARALLEL_UPLOAD_ROUNDS} rounds" if is_upload else f"wrk {command}"
+        unit = "uploads/s" if is_upload else "req/s"
+        rows += [
+            *(Row("gluster", f"{label} via nginx to {CLUSTER_INSTANCES} on {names[kind]}, {how}", unit, medians[kind],
+                  note=notes[kind]) for kind in kinds),
+            Row("gluster", f"{label}: GlusterFS / local", "x", medians["gluster"] / medians["local"],
+                note="ratio of each interleaved pair of runs: " + ", ".join(
+                    f"{gluster_rate / local_rate:.2f}"
+                    for local_rate, gluster_rate in zip(rates[operation, "local"], rates[operation, "gluster"]))),
+        ]
+    list_cpu = {kind: cpu_microseconds("/", kind)[0] for kind in kinds}
+    get_cpu = {kind: cpu_microseconds("/small.jpeg", kind)[0] for kind in kinds}
+    for count in REVALIDATE_NAMES:
+        added = listing[count, False] - listing[count, True]
+        beside = (f", against {list_cpu['local']:,.0f} µs of IMS CPU per GET / ({LIST_NAMES} names) via nginx on "
+                  "local disk above" if count == LIST_NAMES else "")
+        rows += [
+            Row("gluster", f"Store.listing(), {count} names, local disk, folder mtime trusted", "µs",
+                listing[count, True], higher_is_better=False,
+                note=f"in this process, median of {TIMEIT_BATCHES} timeit batches, in turn with the re-reading "
+                     "Store's; the folder's os.stat only"),
+            Row("gluster", f"Store.listing(), {count} names, local disk, re-read (as on a network filesystem)", "µs",
+                listing[count, False], higher_is_better=False,
+                note=f"os.scandir every call: {added:,.0f} µs more per GET /{beside}"),
+        ]
+    rows.append(Row("gluster", f"Store.listing(), {LIST_NAMES} names, GlusterFS mount", "µs", gluster_listing,
+                    higher_is_better=False,
+                    note=f"the Store's own choice there (folder mtime trusted: {gluster_trusts}); wall time, mostly "
+                         f"waiting on the volume; IMS CPU per GET / via nginx on the mounts above: "
+                         f"{list_cpu['gluster']:,.0f} µs"))
+    for kind, where in (("local", "local disk"), ("gluster", "GlusterFS mount")):
+        with_read, without_read = opens[kind]
+        rows += [
+            Row("gluster", f"Store.open + close of a 20 KB JPEG, {where}", "µs", with_read, higher_is_better=False,
+                note=f"{with_read - without_read:,.0f} µs more than a bare open + fstat: its 12-byte pread and the "
+                     f"sniffing of it, paid by every download; IMS CPU per 20 KB GET via nginx on {where} above: "
+                     f"{get_cpu[kind]:,.0f} µs"),
+            Row("gluster", f"os.open + fstat + close, same file, {where} (no first-bytes read)", "µs", without_read,
+                higher_is_better=False, note="a reference: a download's open before d6d68d8, which cached the "
+                                             "content type per version"),
+        ]
+    config = (f"volume of one brick, {', '.join(f'{option} {value}' for option, value in GLUSTER_VOLUME_OPTIONS.items())}; "
+              f"mounted with -o {GLUSTER_MOUNT_OPTIONS}; {LIST_NAMES} names seeded in each folder; "
+              f"nginx as in the nginx scenario; runs interleaved")
+    problems = [f"{kind}: {count} socket errors or non-2xx answers" for kind, count in errors.items() if count]
+    rows[0].note += "; " + "; ".join([config, *problems])
+    return rows
+
+
 SCENARIOS = {
     "idle-rss": (scenario_idle_rss, []),
     "list": (scenario_list, ["wrk"]),
@@ -2090,6 +2481,7 @@ SCENARIOS = {
     "workers": (scenario_workers, ["wrk"]),
     "nginx": (scenario_nginx, ["wrk", "nginx"]),
     "nginx-resize": (scenario_nginx_resize, ["nginx"]),
+    "gluster": (scenario_gluster, ["wrk", "curl", "nginx", "gluster", "glusterd", "mount.glusterfs"]),
 }
 
 
