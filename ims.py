@@ -334,13 +334,15 @@ def parse_mountinfo(text):
         if "-" not in fields[6:]:
             continue
         separator = fields.index("-", 6)
-        if len(fields) < separator + 3:
+        if len(fields) < separator + 2:
             continue
+        filesystem_options = fields[separator + 3] if len(fields) > separator + 3 else ""
         options = {}
         # The mount's own options, then the filesystem's (where NFS puts its cache settings).
-        for option in (fields[5] + "," + fields[separator + 3] if len(fields) > separator + 3 else fields[5]).split(","):
+        for option in f"{fields[5]},{filesystem_options}".split(","):
             key, _, value = option.partition("=")
-            options[key] = value
+            if key:
+                options[key] = value
         mounts.append(Mount(_mountinfo_text(fields[4]), _mountinfo_text(fields[separator + 1]), options))
     return mounts
 

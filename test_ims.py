@@ -6029,6 +6029,15 @@ class TestMounts(unittest.TestCase):
         self.assertFalse(mounts["/"].is_network)
         self.assertTrue(mounts["/srv/with space"].is_network)
 
+    def test_garbage_in_mountinfo_is_skipped_line_by_line(self):
+        rng = random.Random(SEED)
+        pieces = ["-", "0:1", "/", "/srv", "rw,a=1,,=", "nfs4", "\\\\040", "\\\\777", "", "x" * 300, "\udcff"]
+        for _ in range(3000):
+            line = " ".join(rng.choice(pieces) for _ in range(rng.randrange(14)))
+            for mount in ims.parse_mountinfo(f"{line}\n{MOUNTINFO}\n{line}"):
+                self.assertIsInstance(mount.point, str)
+        self.assertEqual(len(ims.parse_mountinfo("\n".join([MOUNTINFO, "garbage", "1 2 3 - -"]))), 8)
+
     def test_a_store_on_a_network_filesystem_lists_what_another_host_added_without_trusting_the_folder_time(self):
         with tempfile.TemporaryDirectory() as folder:
             nfs = ims.Mount(folder, "nfs4", {})
@@ -6292,6 +6301,39 @@ class TestGlusterFS(TestNginx):
             winner = images[answers.index(201)]
             for host in self.hosts():
                 self.assertEqual(self.request("GET", f"/{name}", connection=host).body, winner, f"round {round_number}")
+
+    def test_a_large_file_from_another_host_is_sent_whole_and_by_range(self):
+        data = encode(noise((900, 700), SEED), "PNG")
+        self.assertGreater(len(data), 4 * ims.READ_CHUNK_SIZE, "the file must go out with sendfile()")
+        hosts = self.hosts()
+        self.assertEqual(self.upload("large.png", data, connection=hosts[0]).status, 201)
+        for host in hosts[1:]:
+            self.assertEqual(self.request("GET", "/large.png", connection=host).body, data)
+            reply = self.request("GET", "/large.png", headers={"Range": "bytes=100000-"}, connection=host)
+            self.assertEqual((reply.status, reply.body), (206, data[100000:]))
+
+    def test_deletes_of_one_name_on_three_hosts_at_once_remove_it_once(self):
+        for round_number in range(15):
+            name = f"d{round_number}.png"
+            self.assertEqual(self.upload(name, make_image("PNG"), connection=self.direct(self.instances[0])).status, 201)
+            answers = [None] * 3
+            barrier = threading.Barrier(3)
+
+            def delete(index):
+                connection = http.client.HTTPConnection("127.0.0.1", self.instances[index].port, timeout=DEADLINE_SECONDS)
+                try:
+                    barrier.wait()
+                    connection.request("DELETE", f"/{name}")
+                    answers[index] = connection.getresponse().status
+                finally:
+                    connection.close()
+
+            threads = [threading.Thread(target=delete, args=(index,)) for index in range(3)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            self.assertEqual(sorted(answers), [204, 404, 404], f"round {round_number}")
 
     def test_an_instance_killed_during_an_upload_stores_nothing_and_the_name_stays_free(self):
         streaming = self.instances[0]
