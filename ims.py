@@ -711,6 +711,10 @@ class Store:
         # change can hide behind a cached one.
         self._trusts_folder_mtime = self.mount is None or not self.mount.is_network
         self._listing_lock = threading.Lock()
+        # Reads of a folder whose time is not trusted: counted, so that requests can share one.
+        self._read_done = threading.Condition()
+        self._reads_started = self._reads_finished = 0
+        self._is_reading = False
         self._names = frozenset()
         self._listing = b"[]\n"
         self._mtime_ns = None
@@ -740,10 +744,37 @@ class Store:
     # Reading
 
     def listing(self):
-        """Return the sorted JSON list of names, encoded; HTTPError(507) when the folder is gone."""
-        with self._listing_lock:
-            self._refresh()
-            return self._listing
+        """Return the sorted JSON list of names, encoded; HTTPError(507) when the folder is gone.
+
+        Every change acknowledged before the call is in the answer. On a network filesystem that
+        takes a read of the folder begun after the call: requests that come during one read wait
+        for the next, and share it, so a crowd of listings costs two reads, not one each.
+        """
+        if self._trusts_folder_mtime:
+            with self._listing_lock:
+                self._refresh()
+                return self._listing
+        with self._read_done:
+            wanted = self._reads_started + 1
+            while self._is_reading and self._reads_finished < wanted:
+                self._read_done.wait()
+            if self._reads_finished >= wanted:
+                return self._listing
+            self._is_reading = True
+            self._reads_started += 1
+        is_read = False
+        try:
+            with self._listing_lock:
+                self._refresh(force=True)
+                listing = self._listing
+            is_read = True
+        finally:
+            with self._read_done:
+                self._is_reading = False
+                if is_read:
+                    self._reads_finished = self._reads_started
+                self._read_done.notify_all()
+        return listing
 
     def __contains__(self, name):
         """Tell whether `name` is stored now (a file in the folder, not a cached listing)."""

@@ -6038,6 +6038,43 @@ class TestMounts(unittest.TestCase):
                 self.assertIsInstance(mount.point, str)
         self.assertEqual(len(ims.parse_mountinfo("\n".join([MOUNTINFO, "garbage", "1 2 3 - -"]))), 8)
 
+    def test_listings_asked_during_a_read_of_a_network_folder_share_the_next_read_and_see_what_came_before(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with mock.patch.object(ims, "mount_of", lambda path: ims.Mount(folder, "fuse.glusterfs", {})):
+            store = ims.Store(folder)
+        store.scan()
+        reads = []
+        first_read = threading.Event()
+        release = threading.Event()
+        scandir = os.scandir
+
+        def slow_scandir(path):
+            if path == folder:
+                reads.append(path)
+                if len(reads) == 1:
+                    first_read.set()
+                    release.wait(DEADLINE_SECONDS)
+            return scandir(path)
+
+        answers = []
+        with mock.patch.object(ims.os, "scandir", slow_scandir):
+            first = threading.Thread(target=store.listing)
+            first.start()
+            first_read.wait(DEADLINE_SECONDS)
+            # Stored while the first read is under way: the listings asked after it must show it.
+            with open(os.path.join(folder, "new.png"), "wb") as file:
+                file.write(make_image("PNG"))
+            crowd = [threading.Thread(target=lambda: answers.append(json.loads(store.listing()))) for _ in range(20)]
+            for thread in crowd:
+                thread.start()
+            wait_for(lambda: len(store._read_done._waiters) == 20)
+            release.set()
+            for thread in [first, *crowd]:
+                thread.join()
+        self.assertEqual(answers, [["new.png"]] * 20)
+        self.assertEqual(len(reads), 2, "twenty listings asked during one read share the next one")
+
     def test_a_store_on_a_network_filesystem_lists_what_another_host_added_without_trusting_the_folder_time(self):
         with tempfile.TemporaryDirectory() as folder:
             nfs = ims.Mount(folder, "nfs4", {})
