@@ -6256,6 +6256,32 @@ class TestGlusterFS(TestNginx):
         """Return a new direct connection to each instance, in the order they were started."""
         return [self.direct(instance) for instance in self.instances]
 
+    def on_every_host_at_once(self, request_for):
+        """Send each instance the request request_for(its index) gives, (method, target, body, headers), all at one moment.
+
+        Return the statuses, in the order of the instances.
+        """
+        statuses = [None] * len(self.instances)
+        barrier = threading.Barrier(len(self.instances))
+
+        def send(index):
+            method, target, body, headers = request_for(index)
+            connection = http.client.HTTPConnection("127.0.0.1", self.instances[index].port, timeout=DEADLINE_SECONDS)
+            try:
+                connection.connect()
+                barrier.wait()
+                connection.request(method, target, body, headers)
+                statuses[index] = connection.getresponse().status
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(len(self.instances))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return statuses
+
     def test_the_instances_serve_three_mounts_and_find_nothing_to_warn_about(self):
         self.assertEqual(len({ims.mount_of(self.instance_storage(index)).point for index in range(3)}), 3)
         for index, instance in enumerate(self.instances):
@@ -6312,28 +6338,8 @@ class TestGlusterFS(TestNginx):
         for round_number in range(50):
             name = f"race-{round_number}.png"
             images = [make_image("PNG", (20 + index, 20), color=(round_number, index * 60, 0)) for index in range(3)]
-            answers = [None] * 3
-            barrier = threading.Barrier(3)
-
-            def upload(index):
-                body, content_type = multipart_body(files=[("file", name, images[index])])
-                connection = http.client.HTTPConnection("127.0.0.1", self.instances[index].port, timeout=DEADLINE_SECONDS)
-                try:
-                    connection.putrequest("POST", "/")
-                    connection.putheader("Content-Type", content_type)
-                    connection.putheader("Content-Length", str(len(body)))
-                    connection.endheaders()
-                    barrier.wait()
-                    connection.send(body)
-                    answers[index] = connection.getresponse().status
-                finally:
-                    connection.close()
-
-            threads = [threading.Thread(target=upload, args=(index,)) for index in range(3)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            forms = [multipart_body(files=[("file", name, image)]) for image in images]
+            answers = self.on_every_host_at_once(lambda index: ("POST", "/", forms[index][0], {"Content-Type": forms[index][1]}))
             self.assertEqual(sorted(answers), [201, 409, 409], f"round {round_number}")
             winner = images[answers.index(201)]
             for host in self.hosts():
@@ -6353,23 +6359,7 @@ class TestGlusterFS(TestNginx):
         for round_number in range(15):
             name = f"d{round_number}.png"
             self.assertEqual(self.upload(name, make_image("PNG"), connection=self.direct(self.instances[0])).status, 201)
-            answers = [None] * 3
-            barrier = threading.Barrier(3)
-
-            def delete(index):
-                connection = http.client.HTTPConnection("127.0.0.1", self.instances[index].port, timeout=DEADLINE_SECONDS)
-                try:
-                    barrier.wait()
-                    connection.request("DELETE", f"/{name}")
-                    answers[index] = connection.getresponse().status
-                finally:
-                    connection.close()
-
-            threads = [threading.Thread(target=delete, args=(index,)) for index in range(3)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            answers = self.on_every_host_at_once(lambda index: ("DELETE", f"/{name}", None, {}))
             self.assertEqual(sorted(answers), [204, 404, 404], f"round {round_number}")
 
     def test_an_instance_killed_during_an_upload_stores_nothing_and_the_name_stays_free(self):
