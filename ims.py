@@ -306,6 +306,14 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "ceph", "cifs", "smb3", "9p", "lustre", "g
 COHERENT_FILESYSTEMS = {"ceph", "fuse.ceph-fuse"}
 # The FUSE options of a GlusterFS client that IMS needs at 0, with GlusterFS's defaults.
 GLUSTERFS_CACHE_OPTIONS = {"attribute-timeout": "1", "entry-timeout": "1", "negative-timeout": "0"}
+# A GlusterFS client's own caches of names, attributes and small files, which another client's
+# change does not clear, with the volume options that turn them off.
+GLUSTERFS_CACHES = {
+    "md-cache": "performance.stat-prefetch",
+    "quick-read": "performance.quick-read",
+    "io-cache": "performance.io-cache",
+    "nl-cache": "performance.nl-cache",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +323,10 @@ class Mount:
     point: str
     filesystem: str
     options: dict
+    device: str = ""
+    root: str = "/"
+    # Where this filesystem is mounted whole: a bind mount's client process names those points.
+    whole_points: tuple = ()
 
     @property
     def is_network(self):
@@ -343,7 +355,7 @@ def parse_mountinfo(text):
             key, _, value = option.partition("=")
             if key:
                 options[key] = value
-        mounts.append(Mount(_mountinfo_text(fields[4]), _mountinfo_text(fields[separator + 1]), options))
+        mounts.append(Mount(_mountinfo_text(fields[4]), _mountinfo_text(fields[separator + 1]), options, fields[2], _mountinfo_text(fields[3])))
     return mounts
 
 
@@ -361,11 +373,14 @@ def mount_of(folder, mountinfo_path="/proc/self/mountinfo"):
         point = mount.point.rstrip("/") + "/"
         if (folder + "/").startswith(point) and (found is None or len(mount.point) >= len(found.point)):
             found = mount
-    return found
+    if found is None:
+        return None
+    whole_points = tuple(mount.point for mount in mounts if mount.device == found.device and mount.root == "/")
+    return dataclasses.replace(found, whole_points=whole_points or (found.point,))
 
 
-def _glusterfs_client_options(mount_point):
-    """Return the FUSE options of the GlusterFS client process serving `mount_point`, or None if none is found."""
+def _glusterfs_client_options(mount_points):
+    """Return the FUSE options of the GlusterFS client process serving one of `mount_points`, or None if none is found."""
     try:
         process_ids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
@@ -378,7 +393,7 @@ def _glusterfs_client_options(mount_point):
             continue
         if not arguments or os.path.basename(arguments[0]) not in ("glusterfs", "glusterfsd"):
             continue
-        if mount_point not in arguments:
+        if not set(mount_points) & set(arguments):
             continue
         options = dict(GLUSTERFS_CACHE_OPTIONS)
         for argument in arguments:
@@ -389,26 +404,54 @@ def _glusterfs_client_options(mount_point):
     return None
 
 
+def _glusterfs_caches(mount_points):
+    """Return the caching translators a GlusterFS client has loaded, from its .meta folder; None if unseen."""
+    for point in mount_points:
+        try:
+            translators = os.listdir(os.path.join(point, ".meta", "graphs", "active"))
+        except OSError:
+            continue
+        return sorted(cache for cache in GLUSTERFS_CACHES if any(name.endswith("-" + cache) for name in translators))
+    return None
+
+
 def mount_warnings(mount):
     """Return what the mount holding the storage folder lacks for several hosts to share it (README, "Several hosts")."""
     if mount is None or not mount.is_network or mount.filesystem in COHERENT_FILESYSTEMS:
         return []
-    consequence = "another host's uploads, replacements and deletes show here only when its cache expires (stale listings, downloads and 304s)"
+    consequence = (
+        "this host sees other hosts' uploads, replacements and deletes late (stale downloads, 304s and 404s), and "
+        "a PATCH or a DELETE with If-Match here can then overwrite or remove another host's newer upload"
+    )
     if mount.filesystem in ("nfs", "nfs4"):
         options = mount.options
         caches_attributes = "noac" not in options and any(options.get(key) != "0" for key in ("acregmin", "acregmax", "acdirmin", "acdirmax"))
-        caches_lookups = options.get("lookupcache") != "none"
-        if caches_attributes or caches_lookups:
-            return [f"{mount.point} is an NFS mount without actimeo=0 and lookupcache=none: {consequence}"]
-        return []
+        warnings = []
+        if caches_attributes or options.get("lookupcache") != "none":
+            warnings.append(f"{mount.point} is an NFS mount without actimeo=0 (or noac) and lookupcache=none: {consequence}; mount it with actimeo=0,lookupcache=none")
+        local = [option for option in ("nolock", "nocto") if option in options]
+        if options.get("local_lock", "none") != "none":
+            local.append(f"local_lock={options['local_lock']}")
+        if local:
+            warnings.append(f"{mount.point} is an NFS mount with {','.join(local)}: locks or writes are not shared with other hosts, so two hosts can each win one name, run one job, or read a file half written")
+        return warnings
     if mount.filesystem == "fuse.glusterfs":
-        options = _glusterfs_client_options(mount.point)
+        warnings = []
+        options = _glusterfs_client_options(mount.whole_points)
+        fix = "mount it with -o attribute-timeout=0,entry-timeout=0,negative-timeout=0"
         if options is None:
-            return [f"{mount.point} is a GlusterFS mount whose client process IMS cannot see, to check its options: mount it with -o attribute-timeout=0,entry-timeout=0,negative-timeout=0"]
-        wrong = [f"{key}={value}" for key, value in options.items() if value not in ("0", "0.0")]
-        if wrong:
-            return [f"{mount.point} is a GlusterFS mount with {', '.join(wrong)}: {consequence}; mount it with -o attribute-timeout=0,entry-timeout=0,negative-timeout=0"]
-        return []
+            warnings.append(f"{mount.point} is a GlusterFS mount whose client process IMS cannot see, to check its options: {fix}")
+        else:
+            wrong = [f"{key}={value}" for key, value in options.items() if value not in ("0", "0.0")]
+            if wrong:
+                warnings.append(f"{mount.point} is a GlusterFS mount with {', '.join(wrong)}: {consequence}; {fix}")
+        caches = _glusterfs_caches(mount.whole_points)
+        if caches is None:
+            warnings.append(f"{mount.point} is a GlusterFS mount whose translators IMS cannot see (.meta), to check its caches: set {' and '.join(GLUSTERFS_CACHES[cache] + ' off' for cache in GLUSTERFS_CACHES)} on the volume")
+        elif caches:
+            settings = " and ".join(f"{GLUSTERFS_CACHES[cache]} off" for cache in caches)
+            warnings.append(f"{mount.point} is a GlusterFS mount whose client caches with {', '.join(caches)}: {consequence}; set {settings} on the volume (gluster volume set VOLUME OPTION off)")
+        return warnings
     return [f"{mount.point} is a {mount.filesystem} mount, whose cache options IMS does not know: if several hosts share it, make sure each sees the others' changes at once"]
 
 
@@ -519,10 +562,25 @@ def _close_quietly(descriptor):
 
 
 def _close_locked(descriptor):
+    # Closing lets go of the lock too, but not while a forked child still shares the file: hence
+    # the unlock first. A file another host removed meanwhile fails both, and holds no lock.
     try:
         unlock_file(descriptor)
+    except OSError as error:
+        if error.errno not in STALE_ERRNOS:
+            raise
     finally:
-        os.close(descriptor)
+        _close_quietly(descriptor)
+
+
+def _try_lock(descriptor):
+    # lock_file(blocking=False) for a file that another host may just have removed: False then.
+    try:
+        return lock_file(descriptor, blocking=False)
+    except OSError as error:
+        if error.errno not in STALE_ERRNOS:
+            raise
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1003,14 +1061,16 @@ class Store:
             descriptor = os.open(path, os.O_RDWR | OPEN_FLAGS_NO_FOLLOW)
         except OSError:
             return None
-        if not lock_file(descriptor, blocking=False):
-            os.close(descriptor)
+        if not _try_lock(descriptor):
+            _close_quietly(descriptor)
             return None
         try:
             # Locked only after its last runner removed it: it has ended.
             try:
                 is_queued = os.path.samestat(os.stat(path), os.fstat(descriptor))
-            except FileNotFoundError:
+            except OSError as error:
+                if error.errno not in STALE_ERRNOS:
+                    raise
                 is_queued = False
             if not is_queued:
                 _close_locked(descriptor)
@@ -1111,8 +1171,13 @@ class Store:
             return False
         try:
             return is_file_locked(descriptor)
+        except OSError as error:
+            # Removed by another host since it was opened: nobody holds it any more.
+            if error.errno not in STALE_ERRNOS:
+                raise
+            return False
         finally:
-            os.close(descriptor)
+            _close_quietly(descriptor)
 
     @staticmethod
     def _read_record(path):
@@ -1199,8 +1264,8 @@ class Store:
             descriptor = os.open(path, os.O_RDWR | OPEN_FLAGS_NO_FOLLOW)
         except OSError:
             return
-        if not lock_file(descriptor, blocking=False):
-            os.close(descriptor)
+        if not _try_lock(descriptor):
+            _close_quietly(descriptor)
             return
         _remove_if_present(path)
         _close_locked(descriptor)

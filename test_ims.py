@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import random
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -5990,6 +5991,8 @@ MOUNTINFO = """\
 34 22 0:44 / /srv/with\\040space rw,relatime shared:13 - fuse.sshfs me@host:/ims rw,user_id=0
 35 30 0:45 / /srv/ims/inner rw,relatime shared:14 - tmpfs tmpfs rw
 36 22 0:46 / /srv/ims rw,relatime shared:15 - ext4 /dev/sdb1 rw
+37 22 0:47 / /srv/nolock rw,relatime shared:16 - nfs files:/x rw,vers=3,acregmin=0,acregmax=0,acdirmin=0,acdirmax=0,lookupcache=none,nolock,nocto,local_lock=all
+38 22 0:41 /storage /data rw,relatime shared:17 - nfs4 files:/export/ims rw,vers=4.2,acregmin=0,acregmax=0,acdirmin=0,acdirmax=0,lookupcache=none,local_lock=none
 """
 
 
@@ -6012,13 +6015,28 @@ class TestMounts(unittest.TestCase):
         self.assertEqual(self.mount("/srv/imsother").point, "/")
         self.assertEqual(self.mount("/srv/with space/x").point, "/srv/with space")
 
+    def test_a_bind_mount_knows_where_its_filesystem_is_mounted_whole(self):
+        bound = self.mount("/data/x")
+        self.assertEqual((bound.point, bound.root, bound.whole_points), ("/data", "/storage", ("/srv/fresh",)))
+        self.assertEqual(self.mount("/srv/fresh").whole_points, ("/srv/fresh",))
+
     def test_nfs_without_actimeo_0_and_lookupcache_none_is_warned_about(self):
         mounts = {mount.point: mount for mount in ims.parse_mountinfo(MOUNTINFO)}
         warnings = ims.mount_warnings(ims.parse_mountinfo(MOUNTINFO)[1])
         self.assertEqual(len(warnings), 1)
-        self.assertIn("actimeo=0 and lookupcache=none", warnings[0])
+        self.assertIn("overwrite or remove another host's newer upload", warnings[0])
+        self.assertIn("mount it with actimeo=0,lookupcache=none", warnings[0])
         self.assertEqual(ims.mount_warnings(mounts["/srv/fresh"]), [])
         self.assertEqual(ims.mount_warnings(mounts["/srv/noac"]), [])
+        self.assertEqual(ims.mount_warnings(mounts["/data"]), [], "local_lock=none is NFSv4's own")
+        noac_alone = ims.Mount("/srv/noac", "nfs", {"noac": ""})
+        self.assertIn("lookupcache=none", ims.mount_warnings(noac_alone)[0])
+
+    def test_nfs_with_locks_or_writes_kept_on_one_host_is_warned_about(self):
+        mounts = {mount.point: mount for mount in ims.parse_mountinfo(MOUNTINFO)}
+        warnings = ims.mount_warnings(mounts["/srv/nolock"])
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("nolock,nocto,local_lock=all", warnings[0])
 
     def test_local_and_coherent_filesystems_are_not_warned_about_and_unknown_network_ones_are(self):
         mounts = {mount.point: mount for mount in ims.parse_mountinfo(MOUNTINFO)}
@@ -6036,7 +6054,7 @@ class TestMounts(unittest.TestCase):
             line = " ".join(rng.choice(pieces) for _ in range(rng.randrange(14)))
             for mount in ims.parse_mountinfo(f"{line}\n{MOUNTINFO}\n{line}"):
                 self.assertIsInstance(mount.point, str)
-        self.assertEqual(len(ims.parse_mountinfo("\n".join([MOUNTINFO, "garbage", "1 2 3 - -"]))), 8)
+        self.assertEqual(len(ims.parse_mountinfo("\n".join([MOUNTINFO, "garbage", "1 2 3 - -"]))), 10)
 
     def test_listings_asked_during_a_read_of_a_network_folder_share_the_next_read_and_see_what_came_before(self):
         folder = tempfile.mkdtemp()
@@ -6090,6 +6108,59 @@ class TestMounts(unittest.TestCase):
                 file.write(make_image("PNG"))
             os.utime(folder, (an_hour_ago, an_hour_ago))
             self.assertEqual((listed, json.loads(store.listing())), (b"[]\n", ["new.png"]))
+
+
+class TestStaleFiles(unittest.TestCase):
+    """Files another host removes between this host's open and its next use (ESTALE on a network filesystem)."""
+
+    def setUp(self):
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.folder = os.path.join(self.tempdir.name, "storage")
+        self.store = ims.Store(self.folder)
+        with open(os.path.join(self.folder, "a.png"), "wb") as file:
+            file.write(make_image("PNG"))
+
+    def queue_job(self):
+        record = ims.Job(secrets.token_hex(8), "a.png", 10, 10, "fill").to_record()
+        self.store.enqueue(record, max_queue=10, slot_count=1)
+        return record
+
+    def stale(self, *arguments, **keywords):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    def test_a_delete_whose_job_entry_goes_stale_under_its_lock_check_still_deletes(self):
+        self.queue_job()
+        with mock.patch.object(ims, "is_file_locked", self.stale):
+            self.store.remove("a.png")
+        self.assertFalse(os.path.exists(os.path.join(self.folder, "a.png")))
+
+    def test_a_job_entry_that_goes_stale_before_its_lock_is_not_claimed_and_stays_queued(self):
+        self.queue_job()
+        (entry, _), = self.store.queued_records()
+        with mock.patch.object(ims, "lock_file", self.stale):
+            self.assertIsNone(self.store.claim(entry))
+        claim = self.store.claim(entry)
+        self.assertIsNotNone(claim, "the job can no longer be run")
+        self.store.release(claim)
+
+    def test_a_lock_that_goes_stale_is_let_go_of_quietly_and_its_file_closed(self):
+        self.queue_job()
+        (entry, _), = self.store.queued_records()
+        claim = self.store.claim(entry)
+        with mock.patch.object(ims, "unlock_file", self.stale):
+            self.store.release(claim)
+        with self.assertRaises(OSError):
+            os.fstat(claim.descriptor)
+
+    def test_a_leftover_that_goes_stale_under_a_scan_is_left_to_the_host_that_removed_it(self):
+        leftover = os.path.join(self.folder, f"{ims.TEMP_PREFIX}0123456789abcdef.png")
+        with open(leftover, "wb") as file:
+            file.write(b"half")
+        with mock.patch.object(ims, "lock_file", self.stale):
+            self.store.remove_leftovers()
+        self.store.remove_leftovers()
+        self.assertFalse(os.path.exists(leftover))
 
 
 # ====
@@ -6399,6 +6470,33 @@ class TestGlusterFS(TestNginx):
             warning = self.wait_for_log(instance, "warning")
             self.assertIn("attribute-timeout=1, entry-timeout=1", warning)
             self.assertIn("attribute-timeout=0,entry-timeout=0,negative-timeout=0", warning)
+
+    def test_a_volume_whose_clients_cache_is_warned_about_at_start(self):
+        translators = os.path.join(self.host_mounts[0], ".meta", "graphs", "active")
+
+        def has_quick_read():
+            return any(name.endswith("-quick-read") for name in os.listdir(translators))
+
+        self.volume.run("volume", "set", self.volume.name, "performance.quick-read", "on")
+        self.addCleanup(wait_for, lambda: not has_quick_read())
+        self.addCleanup(self.volume.run, "volume", "set", self.volume.name, "performance.quick-read", "off")
+        # The clients load the new translator a moment after the volume's option changes.
+        wait_for(has_quick_read)
+        self.instances = []
+        warning = self.wait_for_log(self.start_instance(), "warning")
+        self.assertIn("caches with quick-read", warning)
+        self.assertIn("set performance.quick-read off on the volume", warning)
+
+    def test_a_bind_mount_of_a_folder_of_the_volume_is_checked_as_its_whole_mount(self):
+        bound = tempfile.mkdtemp(prefix="ims-bound-")
+        self.addCleanup(os.rmdir, bound)
+        subprocess.run(["mount", "--bind", self.storage, bound], check=True, timeout=60)
+        self.addCleanup(subprocess.run, ["umount", "-l", bound], timeout=60)
+        self.instances = []
+        self.instance_storage = lambda index: bound
+        instance = self.start_instance()
+        self.assertEqual(self.request("GET", "/", connection=self.direct(instance)).status, 200)
+        self.assertNotIn("warning", instance.log())
 
     def test_on_mounts_that_cache_what_another_host_did_is_never_a_500(self):
         instances = self.start_on_caching_mounts(2)
