@@ -459,6 +459,9 @@ def mount_warnings(mount):
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT}
 # Opening never follows a symbolic link, and never blocks on a FIFO someone placed in the folder.
 OPEN_FLAGS_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+# Content types sniffed from files' first bytes, one per version; a folder rarely holds more
+# images than this is worth caching, and past it the cache starts again.
+MAX_SNIFFED_VERSIONS = 4096
 # Job states, spelt as the contract's JSON spells them.
 QUEUED = "queued"
 RUNNING = "running"
@@ -765,9 +768,9 @@ class Store:
         # only if what was checked first is still true.
         self._lock = FolderLock(os.path.join(self._locks_folder, "folder"))
         self.mount = mount_of(folder)
-        # A folder's modification time tells when to list it again only where no other host's
-        # change can hide behind a cached one.
-        self._trusts_folder_mtime = self.mount is None or not self.mount.is_network
+        # Where other hosts change files under this one's caches, the folder's modification time
+        # cannot tell when to list it again, and a download's first read must reach the file.
+        self._is_network = self.mount is not None and self.mount.is_network
         self._listing_lock = threading.Lock()
         # Reads of a folder whose time is not trusted: counted, so that requests can share one.
         self._read_done = threading.Condition()
@@ -777,6 +780,7 @@ class Store:
         self._listing = b"[]\n"
         self._mtime_ns = None
         self._is_settled = False
+        self._content_types = {}
         # Queue entries never change once written: their records as queued, by entry name.
         self._entries = {}
 
@@ -796,7 +800,14 @@ class Store:
         for folder in (self._jobs_folder, self._queue_folder):
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.name.startswith(".") and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    if not entry.name.startswith("."):
+                        continue
+                    try:
+                        is_old = entry.stat(follow_symlinks=False).st_mtime < cutoff
+                    except OSError:
+                        # Renamed into place by its writer meanwhile: not a leftover.
+                        continue
+                    if is_old:
                         _remove_if_present(entry.path)
 
     # Reading
@@ -808,7 +819,7 @@ class Store:
         takes a read of the folder begun after the call: requests that come during one read wait
         for the next, and share it, so a crowd of listings costs two reads, not one each.
         """
-        if self._trusts_folder_mtime:
+        if not self._is_network:
             with self._listing_lock:
                 self._refresh()
                 return self._listing
@@ -897,10 +908,13 @@ class Store:
             file_status = os.fstat(descriptor)
             if not stat.S_ISREG(file_status.st_mode):
                 raise HTTPError(404, f"no image named {name!r} is stored")
-            # Reading the first bytes also makes a lazy network client really open the file, so
-            # that it stays readable whatever another host does to its name from here on.
-            content_type = CONTENT_TYPE_BY_FORMAT.get(sniff_format(os.pread(descriptor, SNIFF_BYTES, 0)), UNKNOWN_CONTENT_TYPE)
-            return StoredFile(descriptor, Version.of(file_status), content_type)
+            version = Version.of(file_status)
+            content_type = self._content_types.get(version)
+            # On a network filesystem the first read also makes a lazy client really open the
+            # file, so that it stays readable whatever another host does to its name from here on.
+            if content_type is None or self._is_network:
+                content_type = self._sniff(descriptor, version)
+            return StoredFile(descriptor, version, content_type)
         except BaseException:
             _close_quietly(descriptor)
             raise
@@ -1240,12 +1254,20 @@ class Store:
 
     # Caches
 
+    def _sniff(self, descriptor, version):
+        image_format = sniff_format(os.pread(descriptor, SNIFF_BYTES, 0))
+        content_type = CONTENT_TYPE_BY_FORMAT.get(image_format, UNKNOWN_CONTENT_TYPE)
+        if len(self._content_types) >= MAX_SNIFFED_VERSIONS:
+            self._content_types.clear()
+        self._content_types[version] = content_type
+        return content_type
+
     def _refresh(self, force=False):
         try:
             mtime_ns = os.stat(self.folder).st_mtime_ns
         except FileNotFoundError:
             raise HTTPError(507, f"the storage folder {self.folder} no longer exists") from None
-        if mtime_ns == self._mtime_ns and self._is_settled and self._trusts_folder_mtime and not force:
+        if mtime_ns == self._mtime_ns and self._is_settled and not self._is_network and not force:
             return
         now_ns = time.time_ns()
         with os.scandir(self.folder) as entries:

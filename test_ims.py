@@ -6,6 +6,7 @@ then the real `python3 ims.py` process. Every fixture image is made here with Pi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -5599,8 +5600,9 @@ class TestWorkers(RealProcessTestCase):
         worker = parent_of(pid)
         os.kill(worker, signal.SIGKILL)
         # Connections waiting on the worker's own socket when it died are reset (SO_REUSEPORT):
-        # a client asks again once the worker is gone.
-        wait_for(lambda: worker not in session_processes(instance.process.pid))
+        # a client asks again once the worker is gone. Gone means reaped: its main thread is a
+        # zombie while other threads still exit, holding the socket.
+        wait_for(lambda: not os.path.exists(f"/proc/{worker}"))
         # Its resize process, orphaned, runs on to its end, as after the OOM killer took the worker.
         os.kill(pid, signal.SIGCONT)
         job = self.wait_job(location)
@@ -6153,6 +6155,24 @@ class TestStaleFiles(unittest.TestCase):
         with self.assertRaises(OSError):
             os.fstat(claim.descriptor)
 
+    def test_a_record_renamed_into_place_during_a_scan_is_not_an_error(self):
+        scandir = os.scandir
+
+        class Renamed:
+            name = ".0123456789abcdef-00000000.json"
+            path = "/nowhere/" + name
+
+            def stat(self, follow_symlinks=True):
+                raise FileNotFoundError(errno.ENOENT, "renamed by its writer")
+
+        @contextlib.contextmanager
+        def scandir_with_a_renamed_record(path):
+            with scandir(path) as entries:
+                yield [*entries, Renamed()] if path == self.store._jobs_folder else list(entries)
+
+        with mock.patch.object(ims.os, "scandir", scandir_with_a_renamed_record):
+            self.store.remove_leftovers()
+
     def test_a_leftover_that_goes_stale_under_a_scan_is_left_to_the_host_that_removed_it(self):
         leftover = os.path.join(self.folder, f"{ims.TEMP_PREFIX}0123456789abcdef.png")
         with open(leftover, "wb") as file:
@@ -6475,10 +6495,14 @@ class TestGlusterFS(TestNginx):
         translators = os.path.join(self.host_mounts[0], ".meta", "graphs", "active")
 
         def has_quick_read():
-            return any(name.endswith("-quick-read") for name in os.listdir(translators))
+            # None while the client switches to its new translators.
+            try:
+                return any(name.endswith("-quick-read") for name in os.listdir(translators))
+            except OSError:
+                return None
 
         self.volume.run("volume", "set", self.volume.name, "performance.quick-read", "on")
-        self.addCleanup(wait_for, lambda: not has_quick_read())
+        self.addCleanup(wait_for, lambda: has_quick_read() is False)
         self.addCleanup(self.volume.run, "volume", "set", self.volume.name, "performance.quick-read", "off")
         # The clients load the new translator a moment after the volume's option changes.
         wait_for(has_quick_read)
