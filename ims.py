@@ -883,25 +883,19 @@ class Store:
         A network filesystem's client may open a file another host has just removed or replaced,
         and fail only at its first use: the name is then looked up again, once.
         """
-        try:
-            return self._open_stored(name)
-        except OSError as error:
-            if error.errno not in STALE_ERRNOS:
-                raise
-        try:
-            return self._open_stored(name)
-        except OSError as error:
-            if error.errno not in STALE_ERRNOS:
-                raise
-            raise HTTPError(404, f"no image named {name!r} is stored") from None
+        for _ in range(2):
+            try:
+                return self._open_stored(name)
+            except OSError as error:
+                if error.errno not in STALE_ERRNOS:
+                    raise
+        raise HTTPError(404, f"no image named {name!r} is stored")
 
     def _open_stored(self, name):
         try:
             descriptor = os.open(self.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
-        except FileNotFoundError:
-            raise HTTPError(404, f"no image named {name!r} is stored") from None
         except OSError as error:
-            if error.errno in STALE_ERRNOS:
+            if error.errno == errno.ESTALE:
                 raise
             raise HTTPError(404, f"no image named {name!r} is stored") from None
         try:

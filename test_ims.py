@@ -6255,15 +6255,19 @@ class GlusterVolume:
         brick = os.path.join(self.folder, "brick")
         os.mkdir(brick)
         host = socket.gethostname()
+        answers = []
+
+        def created():
+            answers.append(self.run("volume", "create", self.name, f"{host}:{brick}", "force", check=False))
+            return answers[-1].returncode == 0 or "already exists" in answers[-1].stdout + answers[-1].stderr
+
         # glusterd answers the command line a moment after it starts.
-        deadline = time.monotonic() + 60
-        while True:
-            result = self.run("volume", "create", self.name, f"{host}:{brick}", "force", check=False)
-            if result.returncode == 0:
-                break
-            if time.monotonic() > deadline or "already exists" in result.stdout + result.stderr:
-                raise RuntimeError(f"gluster volume create: {(result.stdout + result.stderr).strip()}")
-            time.sleep(0.2)
+        try:
+            wait_for(created, 60)
+        except AssertionError:
+            pass  # the last answer says why
+        if answers[-1].returncode != 0:
+            raise RuntimeError(f"gluster volume create: {(answers[-1].stdout + answers[-1].stderr).strip()}")
         self.is_created = True
         for option, value in GLUSTERFS_VOLUME_OPTIONS.items():
             self.run("volume", "set", self.name, option, value)
