@@ -45,6 +45,7 @@ import unicodedata
 import urllib.parse
 
 from PIL import BmpImagePlugin  # noqa: F401  (registers the format)
+from PIL import features
 from PIL import GifImagePlugin  # noqa: F401
 from PIL import Image
 from PIL import JpegImagePlugin
@@ -52,6 +53,11 @@ from PIL import MpoImagePlugin  # noqa: F401  (phones' JPEGs with further images
 from PIL import PngImagePlugin  # noqa: F401
 from PIL import TiffImagePlugin  # noqa: F401
 from PIL import WebPImagePlugin  # noqa: F401
+
+try:
+    from PIL import AvifImagePlugin  # noqa: F401  (Pillow 11.2 and later)
+except ImportError:
+    AvifImagePlugin = None
 
 try:
     import resource
@@ -87,6 +93,10 @@ class Settings:
     timeout: float = 30.0
     max_connections: int = 256
     workers: int = 1
+    cache_size: int = 1_000_000_000
+    # ((width, height), ...) with 0 for a side left to the aspect ratio; None allows any size. A
+    # string such as "200x200,1200x0" is parsed.
+    rendition_sizes: tuple | None = None
 
     def __post_init__(self):
         """Raise ValueError for a value out of its range."""
@@ -98,6 +108,7 @@ class Settings:
             "max_queue": (0, None),
             "max_connections": (1, None),
             "workers": (1, None),
+            "cache_size": (0, None),
             "resize_timeout": (0.001, MAX_SECONDS),
             "timeout": (0.001, MAX_SECONDS),
         }
@@ -106,6 +117,8 @@ class Settings:
             if not lowest <= value <= (highest or value) or value != value:
                 bounds = f"from {lowest} to {highest}" if highest else f"at least {lowest}"
                 raise ValueError(f"invalid {field}: it must be {bounds}, not {value!r}")
+        if isinstance(self.rendition_sizes, str):
+            object.__setattr__(self, "rendition_sizes", parse_rendition_sizes(self.rendition_sizes))
 
 
 # A socket read hands over at most what the kernel has buffered; 64 KiB reads keep system calls
@@ -153,6 +166,12 @@ JOB_CLEANUP_SECONDS = 60
 # A job record's temp file older than this was left by a writer that died: writing one takes
 # microseconds.
 RECORD_TEMP_SECONDS = 60
+# A cached rendition's modification time is its last use, for evicting the least recently used;
+# refreshed at most this often, so that a hit costs no write.
+CACHE_TOUCH_SECONDS = 60
+# A full cache is emptied down to this share of --cache-size, so that the scan that picks what to
+# evict runs once per tenth of the cache rendered, not once per rendition.
+CACHE_LOW_WATER = 0.9
 
 
 # ====
@@ -180,6 +199,20 @@ CONTENT_TYPE_BY_FORMAT = {
     "TIFF": "image/tiff",
 }
 ALLOWED_FORMATS = tuple(CONTENT_TYPE_BY_FORMAT)
+FORMAT_BY_CONTENT_TYPE = {content_type: image_format for image_format, content_type in CONTENT_TYPE_BY_FORMAT.items()}
+# Formats a rendition may be asked for (?format=); AVIF only where the installed Pillow writes it.
+AVIF_IS_WRITABLE = AvifImagePlugin is not None and "avif" in features.modules and bool(features.check_module("avif"))
+RENDITION_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
+OUTPUT_CONTENT_TYPES = dict(CONTENT_TYPE_BY_FORMAT, AVIF="image/avif")
+EXTENSION_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "AVIF": ".avif"}
+# Formats with a quality setting; the others are lossless, and ?quality= does not change them.
+LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF")
+# Formats whose files keep every frame of an animation (or page of a TIFF).
+MULTI_FRAME_FORMATS = ("GIF", "WEBP", "PNG", "TIFF", "AVIF")
+RENDITION_PARAMETERS = ("width", "height", "fit", "format", "quality")
+# Query parameters that pages add to bust caches; a rendition ignores them. Any other unknown
+# parameter is refused, so that ?widht=300 cannot send a phone the 12-megapixel original.
+CACHE_BUSTING_PARAMETERS = ("v", "_", "t", "ts", "cb", "version")
 # Pillow names a JPEG that carries further images after its own (a depth map, a preview: the
 # Multi-Picture Format that phones and cameras write) MPO; it is a JPEG, stored and served as one.
 FORMAT_ALIASES = {"MPO": "JPEG"}
@@ -483,14 +516,19 @@ _OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
 _FLOCK = struct.Struct("hhqqi")
 
 
-def lock_file(descriptor, blocking=True):
-    """Take the exclusive lock of the open file `descriptor`; False when another holds it and not `blocking`."""
+def lock_file(descriptor, blocking=True, shared=False):
+    """Take the lock of the open file `descriptor`; False when another holds it and not `blocking`.
+
+    The lock is exclusive, or `shared` with other shared ones.
+    """
     try:
         if _HAS_OFD_LOCKS:
             command = _OFD_SETLKW if blocking else _OFD_SETLK
-            fcntl.fcntl(descriptor, command, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+            lock_type = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+            fcntl.fcntl(descriptor, command, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
         else:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            fcntl.flock(descriptor, mode | (0 if blocking else fcntl.LOCK_NB))
     except (BlockingIOError, PermissionError):
         return False
     return True
@@ -555,6 +593,20 @@ def _remove_if_present(path):
         pass
 
 
+# The cache's byte count, in its lock file: decimal, padded to one width, so that rewriting it
+# never needs a new block of a full disk.
+_COUNT_WIDTH = 20
+
+
+def _read_count(descriptor):
+    text = os.pread(descriptor, _COUNT_WIDTH, 0)
+    return int(text) if text.strip().isdigit() else 0
+
+
+def _write_count(descriptor, count):
+    os.pwrite(descriptor, b"%*d" % (_COUNT_WIDTH, count), 0)
+
+
 def _close_quietly(descriptor):
     # Closing a file only read can fail only where another host removed it meanwhile (ESTALE):
     # nothing is lost.
@@ -600,9 +652,14 @@ class Version:
         return cls(file_status.st_ino, file_status.st_mtime_ns, file_status.st_size)
 
     @property
+    def tag(self):
+        """This version in a word: its ETag unquoted, and the start of its renditions' names."""
+        return f"{self.inode:x}-{self.mtime_ns:x}-{self.size:x}"
+
+    @property
     def etag(self):
         """The strong ETag of this version."""
-        return f'"{self.inode:x}-{self.mtime_ns:x}-{self.size:x}"'
+        return f'"{self.tag}"'
 
     @property
     def mtime_seconds(self):
@@ -708,7 +765,8 @@ class FolderLock:
     def __init__(self, path):
         self._path = path
         self._thread_lock = threading.Lock()
-        self._descriptor = None
+        # The lock file's descriptor while the lock is held, to read or write what it records.
+        self.descriptor = None
 
     def __enter__(self):
         self._thread_lock.acquire()
@@ -725,15 +783,58 @@ class FolderLock:
         except BaseException:
             self._thread_lock.release()
             raise
-        self._descriptor = descriptor
+        self.descriptor = descriptor
         return self
 
     def __exit__(self, *exc_info):
         try:
-            _close_locked(self._descriptor)
+            _close_locked(self.descriptor)
         finally:
-            self._descriptor = None
+            self.descriptor = None
             self._thread_lock.release()
+
+
+class EntryLock:
+    """An exclusive lock on one name, held by one thread of one instance at a time, on any host.
+
+    A context manager. The lock file is removed by its holder as it lets go, so none are left
+    behind; a waiter that then holds the lock of a file no longer in place takes the new one.
+    Where the lock file cannot be made (a full disk) the lock is not taken, and nothing waits.
+    """
+
+    def __init__(self, path):
+        self._path = path
+        self._descriptor = None
+
+    def __enter__(self):
+        while True:
+            try:
+                descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(self._path), exist_ok=True)
+                continue
+            except OSError as error:
+                if error.errno not in STORAGE_ERRNOS:
+                    raise
+                return self
+            try:
+                lock_file(descriptor)
+                is_in_place = os.path.samestat(os.stat(self._path), os.fstat(descriptor))
+            except FileNotFoundError:
+                is_in_place = False
+            except BaseException:
+                _close_quietly(descriptor)
+                raise
+            if is_in_place:
+                self._descriptor = descriptor
+                return self
+            _close_locked(descriptor)
+
+    def __exit__(self, *exc_info):
+        if self._descriptor is not None:
+            _remove_if_present(self._path)
+            _close_locked(self._descriptor)
+            self._descriptor = None
 
 
 @dataclasses.dataclass
@@ -753,13 +854,15 @@ class Store:
     folder: every change that depends on what is stored happens under the folder's lock.
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, cache_size=Settings.cache_size):
         self.folder = folder
+        self.cache_size = cache_size
         state = os.path.join(folder, STATE_FOLDER)
         self._jobs_folder = os.path.join(state, "jobs")
         self._queue_folder = os.path.join(state, "queue")
         self._locks_folder = os.path.join(state, "locks")
-        for path in (self._jobs_folder, self._queue_folder, self._locks_folder):
+        self._renditions_folder = os.path.join(state, "renditions")
+        for path in (self._jobs_folder, self._queue_folder, self._locks_folder, self._renditions_folder):
             os.makedirs(path, exist_ok=True)
         # Resize slots are per host: one lock file per slot, named after the host.
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
@@ -767,6 +870,15 @@ class Store:
         # Held while an image is replaced, removed, or its jobs queued or ended, so each happens
         # only if what was checked first is still true.
         self._lock = FolderLock(os.path.join(self._locks_folder, "folder"))
+        # Held while renditions are added to the cache or evicted; its file records the bytes the
+        # cache holds, for every instance.
+        self._cache_lock = FolderLock(os.path.join(self._locks_folder, "renditions"))
+        # Renders waiting for a slot hold a shared lock on this file, so that no instance on this
+        # host starts a queued job in the slot they wait for.
+        self._renders_waiting_path = os.path.join(self._locks_folder, f"renders-{host}")
+        self._renders_waiting_descriptor = None
+        self._renders_waiting = 0
+        self._renders_waiting_lock = threading.Lock()
         self.mount = mount_of(folder)
         # Where other hosts change files under this one's caches, the folder's modification time
         # cannot tell when to list it again, and a download's first read must reach the file.
@@ -796,6 +908,15 @@ class Store:
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
                     self._remove_if_unlocked(entry.path)
+        for folder in self._rendition_folders():
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.name.startswith(TEMP_PREFIX):
+                            self._remove_if_unlocked(entry.path)
+            except OSError:
+                # Its image was deleted meanwhile, and its renditions with it.
+                continue
         cutoff = time.time() - RECORD_TEMP_SECONDS
         for folder in (self._jobs_folder, self._queue_folder):
             with os.scandir(folder) as entries:
@@ -960,6 +1081,7 @@ class Store:
                 _fsync_path(self.folder)
             except OSError as error:
                 raise storage_error(error) from None
+        self._remove_renditions(name)
         return True
 
     def remove(self, name, precondition=None, on_removing=None):
@@ -983,6 +1105,197 @@ class Store:
                 raise HTTPError(404, f"no image named {name!r} is stored") from None
             except OSError as error:
                 raise storage_error(error) from None
+        self._remove_renditions(name)
+
+    # Renditions: .ims/renditions/<image name>/<entry>, where the entry names the version of the
+    # image it was rendered from and the parameters, so a replaced image's renditions are never
+    # found again. Removed with their image, and least recently used first past cache_size.
+
+    def open_rendition(self, name, entry, content_type):
+        """Return the cached rendition `entry` of `name` as a StoredFile, or None when it is not cached."""
+        try:
+            descriptor = os.open(self._rendition_path(name, entry), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            return None
+        try:
+            file_status = os.fstat(descriptor)
+            if not stat.S_ISREG(file_status.st_mode):
+                _close_quietly(descriptor)
+                return None
+            if time.time() - file_status.st_mtime > CACHE_TOUCH_SECONDS:
+                try:
+                    os.utime(descriptor)
+                except OSError:
+                    # A read-only folder: the rendition is served all the same.
+                    pass
+        except OSError:
+            _close_quietly(descriptor)
+            return None
+        return StoredFile(descriptor, Version.of(file_status), content_type)
+
+    def rendition_lock(self, name, entry):
+        """Return the EntryLock that one renderer of `entry`, on any host, holds at a time."""
+        return EntryLock(os.path.join(self._renditions_folder, name, f"{TEMP_PREFIX}lock-{entry}"))
+
+    def new_rendition_file(self, name, suffix):
+        """Return a locked TempFile beside the renditions of `name`; HTTPError(507) when not writable."""
+        folder = os.path.join(self._renditions_folder, name)
+        for attempt in range(2):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                raise storage_error(error) from None
+            try:
+                return TempFile(os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"))
+            except HTTPError:
+                # The image's renditions were removed, folder and all, between the two steps.
+                if attempt or os.path.isdir(folder):
+                    raise
+        raise AssertionError("unreachable")
+
+    def keep_rendition(self, temp_file, name, entry, size):
+        """Put the finished `temp_file` in the cache as `entry` of `name`; False when it cannot be kept.
+
+        It is not kept when it is larger than the whole cache or the disk is full. Entries least
+        recently used are evicted first, down to CACHE_LOW_WATER of the cache, when it would
+        grow past cache_size.
+        """
+        if size > self.cache_size:
+            return False
+        try:
+            temp_file.finish()
+            with self._cache_lock as lock:
+                total = _read_count(lock.descriptor)
+                try:
+                    os.link(temp_file.path, self._rendition_path(name, entry))
+                except FileExistsError:
+                    return True
+                total += size
+                if total > self.cache_size:
+                    total = self._evict_renditions(int(self.cache_size * CACHE_LOW_WATER))
+                _write_count(lock.descriptor, total)
+        except HTTPError as error:
+            if error.status != 507:
+                raise
+            return False
+        except OSError as error:
+            if error.errno not in STORAGE_ERRNOS:
+                raise
+            return False
+        return True
+
+    def check_renditions(self):
+        """Count the cache's bytes again, and evict if they are past cache_size.
+
+        Called every JOB_CLEANUP_SECONDS: it corrects the count of an instance killed between
+        adding a rendition and counting it.
+        """
+        with self._cache_lock as lock:
+            total = self._evict_renditions(None)
+            if total > self.cache_size:
+                total = self._evict_renditions(int(self.cache_size * CACHE_LOW_WATER))
+            _write_count(lock.descriptor, total)
+
+    def cached_bytes(self):
+        """Return the bytes of renditions the cache holds, as counted."""
+        with self._cache_lock as lock:
+            return _read_count(lock.descriptor)
+
+    def announce_render(self, is_waiting):
+        """Count a render of this instance that starts (True) or stops (False) waiting for a slot."""
+        with self._renders_waiting_lock:
+            self._renders_waiting += 1 if is_waiting else -1
+            try:
+                if is_waiting and self._renders_waiting == 1:
+                    descriptor = os.open(self._renders_waiting_path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+                    lock_file(descriptor, shared=True)
+                    self._renders_waiting_descriptor = descriptor
+                elif not is_waiting and self._renders_waiting == 0 and self._renders_waiting_descriptor is not None:
+                    _close_locked(self._renders_waiting_descriptor)
+                    self._renders_waiting_descriptor = None
+            except OSError:
+                # A full or read-only disk: this instance's own jobs still wait for its renders.
+                pass
+
+    def are_renders_waiting(self):
+        """Tell whether renders of any instance on this host wait for a slot, which jobs must leave them."""
+        with self._renders_waiting_lock:
+            if self._renders_waiting:
+                return True
+        try:
+            descriptor = os.open(self._renders_waiting_path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
+        except OSError:
+            return False
+        try:
+            return is_file_locked(descriptor)
+        except OSError:
+            return False
+        finally:
+            _close_quietly(descriptor)
+
+    def _rendition_path(self, name, entry):
+        return os.path.join(self._renditions_folder, name, entry)
+
+    def _rendition_folders(self):
+        try:
+            with os.scandir(self._renditions_folder) as entries:
+                return [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+
+    def _evict_renditions(self, keep_bytes):
+        # Under the cache lock: remove the least recently used renditions until at most
+        # `keep_bytes` remain (None removes nothing); return the bytes left. A reader that has
+        # one open keeps reading it whole.
+        renditions = []
+        for folder in self._rendition_folders():
+            try:
+                with os.scandir(folder) as entries:
+                    names = [entry.name for entry in entries if not entry.name.startswith(".")]
+            except OSError:
+                continue
+            for entry_name in names:
+                path = os.path.join(folder, entry_name)
+                try:
+                    file_status = os.stat(path, follow_symlinks=False)
+                except OSError:
+                    continue
+                renditions.append((file_status.st_mtime_ns, file_status.st_size, path))
+        total = sum(size for _, size, _ in renditions)
+        if keep_bytes is not None:
+            renditions.sort()
+            for _, size, path in renditions:
+                if total <= keep_bytes:
+                    break
+                _remove_if_present(path)
+                total -= size
+        return total
+
+    def _remove_renditions(self, name):
+        # Every rendition of `name` (none can be of the version now stored, which is new), and
+        # its folder when no render into it is under way. Never raises: what is left is counted,
+        # and evicted in time, by check_renditions().
+        folder = os.path.join(self._renditions_folder, name)
+        if not os.path.isdir(folder):
+            return
+        try:
+            with self._cache_lock as lock:
+                removed = 0
+                with os.scandir(folder) as entries:
+                    names = [entry.name for entry in entries if not entry.name.startswith(".")]
+                for entry_name in names:
+                    path = os.path.join(folder, entry_name)
+                    try:
+                        size = os.stat(path, follow_symlinks=False).st_size
+                        os.unlink(path)
+                    except OSError:
+                        continue
+                    removed += size
+                if removed:
+                    _write_count(lock.descriptor, max(0, _read_count(lock.descriptor) - removed))
+            os.rmdir(folder)
+        except (HTTPError, OSError):
+            pass
 
     # Jobs: a record per job in .ims/jobs/<id>.json, and, until it ends, an entry in .ims/queue
     # named <sequence>-<id>, a hard link to its record as accepted. Sequence numbers order the
@@ -1778,6 +2091,103 @@ def check_result_pixels(width, height, max_pixels):
         raise HTTPError(400, f"{width}x{height} is more than the {max_pixels} pixels an image may have")
 
 
+@dataclasses.dataclass(frozen=True)
+class Rendition:
+    """What a GET's query asks of a stored image: a size, a fit, an output format and a quality.
+
+    A side left out (None) follows the aspect ratio, and fit matters only when both are given; a
+    format left out is the original's, and a quality left out is the format's default (for a
+    JPEG kept a JPEG, the original's own quantisation).
+    """
+
+    width: int | None = None
+    height: int | None = None
+    fit: str = "fill"
+    format: str | None = None
+    quality: int | None = None
+
+    def entry(self, version, source_format):
+        """Return this rendition's name for `version` of an image in `source_format`: its cache entry, and its ETag unquoted.
+
+        Parameters that give the same picture give the same name: ?format=jpeg of a JPEG is its
+        ?quality= of a lossless format is ignored, and so is fit with one side.
+        """
+        output_format = self.format or source_format
+        quality = self.quality if output_format in LOSSY_FORMATS else None
+        fit = self.fit if self.width and self.height else "auto"
+        size = f"{self.width or 0}x{self.height or 0}"
+        return f"{version.tag}-{size}-{fit}-q{quality or 0}{EXTENSION_BY_FORMAT[output_format]}"
+
+
+def parse_rendition_sizes(text):
+    """Return the allow-list of rendition sizes "200x200,1200x0" as ((200, 200), (1200, 0)); None for "any".
+
+    0 leaves a side to the aspect ratio; 0x0 allows renditions at the original's size. Raises
+    ValueError for anything else.
+    """
+    if text.strip().lower() in ("", "any"):
+        return None
+    sizes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*([0-9]{1,9})x([0-9]{1,9})\s*", item)
+        if match is None:
+            raise ValueError(f"invalid rendition_sizes: {item.strip()!r} is not WIDTHxHEIGHT (like 200x200 or 1200x0)")
+        sizes.append((int(match.group(1)), int(match.group(2))))
+    return tuple(sizes)
+
+
+def parse_rendition_query(query, max_pixels, allowed_sizes=None):
+    """Return the Rendition a GET's query string asks for, or None when it asks for the original.
+
+    Cache-busting parameters (CACHE_BUSTING_PARAMETERS) are ignored. Raises HTTPError(400) naming
+    an unknown, repeated or invalid parameter, an AVIF this Pillow cannot write, a result of more
+    than `max_pixels` (known here for fill and cover; the caller checks the others against the
+    image), or a size outside `allowed_sizes`.
+    """
+    if not query:
+        return None
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the query string is not valid UTF-8") from None
+    parameters = {}
+    for key, value in pairs:
+        if key in CACHE_BUSTING_PARAMETERS:
+            continue
+        if key not in RENDITION_PARAMETERS:
+            known = ", ".join(RENDITION_PARAMETERS)
+            raise HTTPError(400, f"unknown parameter {key[:100]!r}: a rendition takes {known} (and v, ignored, to bust caches)")
+        if key in parameters:
+            raise HTTPError(400, f"{key} is given twice")
+        parameters[key] = value
+    if not parameters:
+        return None
+    width = _dimension(parameters, "width") if "width" in parameters else None
+    height = _dimension(parameters, "height") if "height" in parameters else None
+    fit = parameters.get("fit", "fill")
+    if fit not in FITS:
+        raise HTTPError(400, f"fit must be one of fill, contain, cover, not {fit[:100]!r}")
+    image_format = None
+    if "format" in parameters:
+        image_format = RENDITION_FORMATS.get(parameters["format"].lower())
+        if image_format is None:
+            raise HTTPError(400, f"format must be one of jpeg, png, webp, gif, avif, not {parameters['format'][:100]!r}")
+        if image_format == "AVIF" and not AVIF_IS_WRITABLE:
+            raise HTTPError(400, "format avif is not available: this server's Pillow cannot write AVIF; ask for webp")
+    quality = None
+    if "quality" in parameters:
+        text = parameters["quality"]
+        quality = int(text) if _DIGITS.fullmatch(text) else 0
+        if not 1 <= quality <= 100:
+            raise HTTPError(400, f"quality must be a whole number from 1 to 100, not {text[:100]!r}")
+    if width is not None and height is not None and fit != "contain":
+        check_result_pixels(width, height, max_pixels)
+    if allowed_sizes is not None and (width or 0, height or 0) not in allowed_sizes:
+        sizes = ", ".join(f"{w}x{h}" for w, h in allowed_sizes)
+        raise HTTPError(400, f"this server renders only the sizes {sizes} (width x height, 0 for a side that follows the aspect ratio), not {width or 0}x{height or 0}")
+    return Rendition(width, height, fit, image_format, quality)
+
+
 def parse_range(header, size):
     """Return the (start, end) byte range, end inclusive, that a Range header asks of `size` bytes.
 
@@ -1949,14 +2359,33 @@ def upright_size(file):
     """
     try:
         with Image.open(file, formats=ALLOWED_FORMATS) as image:
-            width, height = image.size
-            is_turned = header_orientation(image) in (5, 6, 7, 8)
-            if image.format == "TIFF":
-                # Pillow turns a TIFF upright itself; newer versions report the upright size already.
-                is_turned = is_turned and (width, height) == (image.tag_v2.get(256), image.tag_v2.get(257))
-            return (height, width) if is_turned else (width, height)
+            return _upright_size(image)
     except Exception:
         return None
+
+
+def _upright_size(image):
+    width, height = image.size
+    is_turned = header_orientation(image) in (5, 6, 7, 8)
+    if image.format == "TIFF":
+        # Pillow turns a TIFF upright itself; newer versions report the upright size already.
+        is_turned = is_turned and (width, height) == (image.tag_v2.get(256), image.tag_v2.get(257))
+    return (height, width) if is_turned else (width, height)
+
+
+def rendition_box(size, width, height, fit):
+    """Return the (width, height, fit) that a rendition of an image of upright `size` is resized to.
+
+    A side left out (None) follows the aspect ratio; with neither, the image keeps its size.
+    """
+    source_width, source_height = size
+    if width is None and height is None:
+        return source_width, source_height, "fill"
+    if width is None:
+        return max(1, round(source_width * height / source_height)), height, "fill"
+    if height is None:
+        return width, max(1, round(source_height * width / source_width)), "fill"
+    return width, height, fit
 
 
 def resize_frame(frame, width, height, fit):
@@ -1983,13 +2412,13 @@ def _resizable(frame, has_transparency):
     return frame
 
 
-def upright_frames(image, width, height, fit):
-    """Return every frame of `image` made upright by its EXIF orientation, resized, and their durations.
+def upright_frames(image, width, height, fit, all_frames=True):
+    """Return every frame of `image` (the first only unless `all_frames`) made upright by its EXIF orientation, resized, and their durations.
 
     Of an MPO only the main picture is kept: the result is a plain JPEG.
     """
     is_jpeg = FORMAT_ALIASES.get(image.format, image.format) == "JPEG"
-    n_frames = 1 if is_jpeg else getattr(image, "n_frames", 1)
+    n_frames = 1 if is_jpeg or not all_frames else getattr(image, "n_frames", 1)
     if is_jpeg:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost, never below the size
         # needed (in the stored orientation); its DCT scaling is itself a good low-pass filter.
@@ -2010,34 +2439,68 @@ def upright_frames(image, width, height, fit):
     return frames, durations
 
 
-def save_like(original, frames, durations, path):
-    """Save `frames` to `path` in the format of `original`, keeping its profile, EXIF and animation.
+def _flattened(frame):
+    # JPEG has no alpha: transparent pixels show white, as on a page.
+    if frame.mode not in ("RGBA", "LA"):
+        return frame
+    background = Image.new("RGB", frame.size, "white")
+    background.paste(frame.convert("RGB"), mask=frame.getchannel("A"))
+    return background
 
-    The ICC profile is kept, EXIF is kept without its Orientation (the pixels are upright now),
-    JPEG keeps the original's quantisation tables and subsampling so quality does not drop, and
-    animations keep every frame, their durations and the loop count.
+
+def _encodable(frame, image_format):
+    # A frame in a mode that `image_format` stores, where that is not the frame's own format.
+    if frame.mode in ("I", "F") and image_format != "PNG":
+        # 16-bit grey (resized as 32-bit) to 8 bits: of the formats here only PNG has more.
+        frame = frame.point(lambda value: value * (1 / 257)).convert("L")
+    if frame.mode == "CMYK" and image_format != "JPEG":
+        frame = frame.convert("RGB")
+    if image_format == "JPEG":
+        return _flattened(frame)
+    if image_format in ("WEBP", "AVIF") and frame.mode not in ("RGB", "RGBA"):
+        return frame.convert("RGBA" if "A" in frame.mode else "RGB")
+    return frame
+
+
+def save_like(original, frames, durations, path, image_format=None, quality=None, keep_exif=True):
+    """Save `frames` to `path` in the format of `original`, or `image_format`, keeping its profile, EXIF and animation.
+
+    The ICC profile is kept, EXIF is kept without its Orientation (the pixels are upright now)
+    unless not `keep_exif`, JPEG kept a JPEG keeps the original's quantisation tables and
+    subsampling so quality does not drop, unless a `quality` is given, and animations keep every
+    frame, their durations and the loop count where the format has them. In another format, alpha
+    is flattened on white for JPEG, and a CMYK image loses its profile as it becomes RGB.
     """
-    image_format = FORMAT_ALIASES.get(original.format, original.format)
+    source_format = FORMAT_ALIASES.get(original.format, original.format)
+    image_format = image_format or source_format
     options = {}
+    if image_format != source_format:
+        frames = [_encodable(frame, image_format) for frame in frames]
     icc_profile = original.info.get("icc_profile")
-    if icc_profile and image_format != "GIF":
+    if icc_profile and image_format != "GIF" and not (original.mode == "CMYK" and frames[0].mode != "CMYK"):
         options["icc_profile"] = icc_profile
     exif = original.getexif()
     # A TIFF's first directory is also its layout (size, strips, samples): only its other tags move.
     dropped = {EXIF_ORIENTATION} | (TIFF_LAYOUT_TAGS if image_format == "TIFF" else set())
     for tag in dropped & set(exif):
         del exif[tag]
-    if len(exif) and image_format in ("JPEG", "PNG", "WEBP", "TIFF"):
+    if not keep_exif:
+        # Nothing of the original's metadata, not even what Pillow would carry over by itself.
+        options.update(exif=b"", xmp=b"")
+    elif len(exif) and image_format in ("JPEG", "PNG", "WEBP", "TIFF"):
         options["exif"] = exif.tobytes()
+    if quality is not None and image_format in LOSSY_FORMATS:
+        options["quality"] = quality
     first = frames[0]
     if image_format == "JPEG":
         if first.mode not in ("L", "RGB", "CMYK"):
             first = first.convert("RGB")
-        options["qtables"] = original.quantization
-        subsampling = JpegImagePlugin.get_sampling(original)
-        if subsampling != -1:
-            options["subsampling"] = subsampling
-    elif image_format == "PNG" and original.mode in ("P", "PA"):
+        if quality is None and source_format == "JPEG":
+            options["qtables"] = original.quantization
+            subsampling = JpegImagePlugin.get_sampling(original)
+            if subsampling != -1:
+                options["subsampling"] = subsampling
+    elif image_format == source_format == "PNG" and original.mode in ("P", "PA"):
         first = first.quantize(256, method=Image.Quantize.FASTOCTREE)
     elif original.mode.startswith("I;16") and first.mode == "I":
         first = first.convert("I;16")
@@ -2049,7 +2512,7 @@ def save_like(original, frames, durations, path):
             options["loop"] = original.info["loop"]
     elif image_format == "GIF" and "duration" in original.info:
         options["duration"] = durations[0]
-    if image_format == "WEBP" and original.info.get("lossless"):
+    if image_format == source_format == "WEBP" and original.info.get("lossless") and quality is None:
         options["lossless"] = True
     first.save(path, format=image_format, **options)
 
@@ -2068,6 +2531,32 @@ def resize_file(source_path, target_path, width, height, fit):
         save_like(original, frames, durations, target_path)
 
 
+class SourceChanged(Exception):
+    """The image to render was replaced or removed after its version was read."""
+
+
+def render_file(source_path, target_path, rendition, version):
+    """Write to `target_path` the `rendition` of the image at `source_path`, which must still be `version`.
+
+    Upright, sized, in the asked format and quality, with its ICC profile and, where the format has
+    them, its alpha and frames; without EXIF. Runs in a child process; raises SourceChanged when
+    the file is another version or gone, and whatever Pillow raises for an image it cannot handle.
+    """
+    try:
+        descriptor = os.open(source_path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
+    except FileNotFoundError:
+        raise SourceChanged("the image was deleted while it was being rendered") from None
+    with open(descriptor, "rb") as file:
+        if Version.of(os.fstat(descriptor)) != version:
+            raise SourceChanged("the image was replaced while it was being rendered")
+        with Image.open(file, formats=ALLOWED_FORMATS) as original:
+            image_format = rendition.format or FORMAT_ALIASES.get(original.format, original.format)
+            width, height, fit = rendition_box(_upright_size(original), rendition.width, rendition.height, rendition.fit)
+            frames, durations = upright_frames(original, width, height, fit, image_format in MULTI_FRAME_FORMATS)
+            original.seek(0)
+            save_like(original, frames, durations, target_path, image_format, rendition.quality, keep_exif=False)
+
+
 # nice(1)'s default increment.
 RESIZE_NICENESS = 10
 
@@ -2080,8 +2569,8 @@ def limit_cpu_seconds(seconds):
     resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
-def detach_from_server(kept_descriptor):
-    """In a child forked from the server, let go of every descriptor but stdio and `kept_descriptor`.
+def detach_from_server(*kept_descriptors):
+    """In a child forked from the server, let go of every descriptor but stdio and `kept_descriptors`.
 
     A fork copies the server's listening socket, its clients' connections and other jobs' pipes:
     held on, they would keep a killed server's port busy and other jobs' pipes open. Each is made a
@@ -2104,7 +2593,7 @@ def detach_from_server(kept_descriptor):
     null = os.open(os.devnull, os.O_RDWR)
     try:
         for descriptor in descriptors:
-            if descriptor > 2 and descriptor not in (kept_descriptor, null):
+            if descriptor > 2 and descriptor != null and descriptor not in kept_descriptors:
                 try:
                     os.dup2(null, descriptor)
                 except OSError:
@@ -2113,29 +2602,41 @@ def detach_from_server(kept_descriptor):
         os.close(null)
 
 
-def run_resize(connection, source_path, target_path, width, height, fit, timeout_seconds, max_pixels):
-    """Child process entry point: resize, then send None or the reason it failed through `connection`.
+# What a resize process answers, with the reason, when it did not write its result.
+FAILED_ANSWER = "failed"
+NO_SPACE_ANSWER = "no space"
+CHANGED_ANSWER = "changed"
 
-    The parent kills a child past `timeout_seconds`; the CPU limit also stops one whose parent was
-    killed first, so no orphan runs on, and an orphan's result is removed. The reason names no
-    server path. The child always leaves with os._exit(): flushing stdio on the way out could wait
-    forever on a lock that another server thread held at the moment of the fork.
+
+def run_resize(connection, work, arguments, timeout_seconds, max_pixels, kept_descriptor=None):
+    """Child process entry point: work(*arguments), then send None, or (kind, reason) when it failed, through `connection`.
+
+    `arguments` open with the source and target paths; `kept_descriptor` is one the target path
+    may name (/proc/self/fd/N), which the child keeps open. The parent kills a child past
+    `timeout_seconds`; the CPU limit also stops one whose parent was killed first, so no orphan
+    runs on, and an orphan's result is removed. The reason names no server path. The child always
+    leaves with os._exit(): flushing stdio on the way out could wait forever on a lock that
+    another server thread held at the moment of the fork.
     """
+    source_path, target_path = arguments[:2]
     try:
-        detach_from_server(connection.fileno())
+        detach_from_server(connection.fileno(), kept_descriptor)
         try:
-            # A resize is background work: on a busy host, answering requests comes first.
+            # Resizing and rendering yield to serving: on a busy host, answering requests comes first.
             os.nice(RESIZE_NICENESS)
             limit_cpu_seconds(timeout_seconds)
             allow_pixels(max_pixels)
-            resize_file(source_path, target_path, width, height, fit)
+            work(*arguments)
             answer = None
+        except SourceChanged as error:
+            answer = (CHANGED_ANSWER, str(error))
         except Image.UnidentifiedImageError:
-            answer = "the image could not be resized: it is not a readable image of an allowed format"
+            answer = (FAILED_ANSWER, "it is not a readable image of an allowed format")
         except Exception as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             reason = reason.replace(source_path, os.path.basename(source_path)).replace(target_path, "the result")
-            answer = f"the image could not be resized: {reason}"
+            is_full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            answer = (NO_SPACE_ANSWER if is_full else FAILED_ANSWER, reason)
         try:
             connection.send(answer)
         except OSError:
@@ -2287,6 +2788,8 @@ class Resizer:
         self._condition = threading.Condition()
         self._runs = {}
         self._threads = set()
+        self._renders = set()
+        self._renders_waiting = 0
         self._is_stopping = False
         self._is_woken = True
         self._is_slot_wanted = False
@@ -2341,6 +2844,8 @@ class Resizer:
             for run in self._runs.values():
                 if run.process is not None:
                     run.process.kill()
+            for process in self._renders:
+                process.kill()
             self._condition.notify_all()
         self._scheduler.join()
         with self._condition:
@@ -2381,6 +2886,7 @@ class Resizer:
                     # wait for some instance's next start or stop.
                     self._store.remove_leftovers()
                     self._store.remove_old_records()
+                    self._store.check_renditions()
                 self._last_queue_error = None
             except (HTTPError, OSError) as error:
                 # The folder may be gone or read-only for a while: said once, not twice a second.
@@ -2391,6 +2897,9 @@ class Resizer:
 
     def _start_ready_jobs(self):
         while True:
+            # Renders wait for a slot with a client waiting for them: they go first.
+            if self._store.are_renders_waiting():
+                return
             queued = self._store.queued_records()
             if not queued:
                 return
@@ -2441,9 +2950,85 @@ class Resizer:
             if run.slot is not None:
                 self._store.release_slot(run.slot)
                 run.slot = None
-                if self._is_slot_wanted:
+                if self._is_slot_wanted or self._renders_waiting:
                     self._is_woken = True
                     self._condition.notify_all()
+
+    def render(self, source_path, target_path, rendition, version, kept_descriptor=None):
+        """Render `rendition` of the image at `source_path`, which must be `version`, into `target_path`.
+
+        `kept_descriptor` stays open in the resize process, for a target path that names it.
+        Runs in a resize process under the host's bound, ahead of queued jobs. Returns None when
+        done, or the process's (kind, reason) when it did not write its result. Raises
+        HTTPError(503) with Retry-After when --max-queue renders already wait for a slot, when no
+        slot frees within the time limit, when the render runs past it, or when the server stops.
+        """
+        slot = self._take_render_slot(time.monotonic() + self._timeout_seconds)
+        process = None
+        try:
+            reader, writer = self._context.Pipe(duplex=False)
+            arguments = (source_path, target_path, rendition, version)
+            process = self._context.Process(
+                target=run_resize,
+                args=(writer, render_file, arguments, self._timeout_seconds, self._max_pixels, kept_descriptor),
+                name="ims-render",
+                daemon=True,
+            )
+            with self._condition:
+                is_startable = not self._is_stopping
+                if is_startable:
+                    self._renders.add(process)
+                    process.start()
+            writer.close()
+            try:
+                if not is_startable:
+                    raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
+                if not reader.poll(self._timeout_seconds):
+                    raise HTTPError(503, f"the rendition took longer than {self._timeout_seconds:g} seconds and was stopped", {"Retry-After": "1"})
+                return reader.recv()
+            except EOFError:
+                if self._is_stopping:
+                    raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"}) from None
+                raise HTTPError(503, f"the render process died (exit code {process.exitcode})", {"Retry-After": "1"}) from None
+            finally:
+                reader.close()
+                if is_startable:
+                    process.kill()
+                    process.join()
+        finally:
+            with self._condition:
+                self._renders.discard(process)
+                self._store.release_slot(slot)
+                # The slot goes to a waiting render, else to a queued job.
+                self._is_woken = True
+                self._condition.notify_all()
+
+    def _take_render_slot(self, deadline):
+        slot = self._store.take_slot(self._workers)
+        if slot is not None:
+            return slot
+        busy = HTTPError(503, "every resize process is busy; try again shortly", {"Retry-After": "1"})
+        with self._condition:
+            if self._renders_waiting >= self._max_queue or self._is_stopping:
+                raise busy
+            self._renders_waiting += 1
+        self._store.announce_render(True)
+        try:
+            while True:
+                slot = self._store.take_slot(self._workers)
+                if slot is not None:
+                    return slot
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._is_stopping:
+                    raise busy
+                # Slots set free here wake this at once; those of other instances on the host are
+                # seen within JOB_POLL_SECONDS.
+                with self._condition:
+                    self._condition.wait(min(JOB_POLL_SECONDS, remaining))
+        finally:
+            self._store.announce_render(False)
+            with self._condition:
+                self._renders_waiting -= 1
 
     def _run(self, run):
         job = run.job
@@ -2526,7 +3111,7 @@ class Resizer:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_resize,
-            args=(writer, *arguments, self._timeout_seconds, self._max_pixels),
+            args=(writer, resize_file, arguments, self._timeout_seconds, self._max_pixels),
             name=f"ims-resize-{run.job.id}",
             daemon=True,
         )
@@ -2574,8 +3159,146 @@ class Resizer:
         if message is False:
             return Outcome(FAILED, f"the resize process died (exit code {process.exitcode})")
         if message is not None:
-            return Outcome(FAILED, message)
+            return Outcome(FAILED, f"the image could not be resized: {message[1]}")
         return Outcome(DONE_STATE)
+
+
+class Flight:
+    """A render under way in this instance, shared by every request for the same rendition."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+        self.users = 1
+
+
+class Renditions:
+    """Serves renditions from the folder's cache, rendering each missing one once.
+
+    Of the requests for one uncached rendition that come together, in this instance or in others
+    on the folder, one renders it and the others wait for it and share it. It is kept in the
+    Store's cache unless cache_size is 0, it is larger than the cache, or the disk is full; then
+    it is served from a file of its own that goes with the last reader.
+    """
+
+    def __init__(self, store, resizer, max_pixels):
+        self._store = store
+        self._resizer = resizer
+        self._max_pixels = max_pixels
+        self._lock = threading.Lock()
+        self._flights = {}
+        # Counted for tests and benchmarks: renders this instance ran.
+        self.renders = 0
+
+    def open(self, name, original, rendition, entry, content_type):
+        """Return rendition `entry` of the open StoredFile `original` of `name` as a StoredFile.
+
+        Raises HTTPError: 400 for a result over --max-pixels, 422 for an image that cannot be
+        rendered, 503 (with Retry-After) when the resize processes are busy, the render takes too
+        long or the image is replaced meanwhile, 507 for a folder that cannot be written.
+        """
+        cached = self._store.open_rendition(name, entry, content_type)
+        if cached is not None:
+            return cached
+        key = (name, entry)
+        with self._lock:
+            flight = self._flights.get(key)
+            is_leader = flight is None
+            if is_leader:
+                flight = self._flights[key] = Flight()
+            else:
+                flight.users += 1
+        try:
+            if is_leader:
+                try:
+                    flight.result = self._render(name, original, rendition, entry, content_type)
+                except HTTPError as error:
+                    flight.error = error
+                except BaseException:
+                    flight.error = HTTPError(500, "the rendition failed unexpectedly; the server log has the details")
+                    raise
+                finally:
+                    with self._lock:
+                        del self._flights[key]
+                    flight.done.set()
+            else:
+                flight.done.wait()
+            if flight.error is not None:
+                raise HTTPError(flight.error.status, flight.error.message, flight.error.headers)
+            result = flight.result
+            return StoredFile(os.dup(result.descriptor), result.version, content_type)
+        finally:
+            with self._lock:
+                flight.users -= 1
+                if flight.users == 0 and flight.result is not None:
+                    flight.result.close()
+
+    def _render(self, name, original, rendition, entry, content_type):
+        with original.reader() as file:
+            size = upright_size(file)
+        if size is None:
+            raise HTTPError(422, f"{name!r} cannot be rendered: it is not a readable image of an allowed format")
+        width, height, fit = rendition_box(size, rendition.width, rendition.height, rendition.fit)
+        check_result_pixels(*fitted_size(size, width, height, fit), self._max_pixels)
+        with self._store.rendition_lock(name, entry):
+            # Rendered meanwhile by an instance that held the lock first.
+            cached = self._store.open_rendition(name, entry, content_type)
+            if cached is not None:
+                return cached
+            source_path = self._store.path_of(name)
+            suffix = os.path.splitext(entry)[1]
+            if self._store.cache_size > 0 or not hasattr(os, "memfd_create"):
+                try:
+                    target = self._store.new_rendition_file(name, suffix)
+                except HTTPError:
+                    target = None
+                if target is not None:
+                    try:
+                        answer = self._run(source_path, target.path, rendition, original.version)
+                        if answer is None:
+                            result = self._open_result(target.path, content_type)
+                            self._store.keep_rendition(target, name, entry, result.version.size)
+                            return result
+                        if answer[0] != NO_SPACE_ANSWER:
+                            self._fail(name, answer)
+                    finally:
+                        target.remove()
+            # Kept nowhere: rendered into memory, and gone with its last reader.
+            return self._render_in_memory(name, source_path, rendition, original.version, content_type)
+
+    def _render_in_memory(self, name, source_path, rendition, version, content_type):
+        if not hasattr(os, "memfd_create"):
+            raise HTTPError(507, "the storage folder is full or not writable, so the rendition cannot be made")
+        descriptor = os.memfd_create("ims-rendition")
+        try:
+            answer = self._run(source_path, f"/proc/self/fd/{descriptor}", rendition, version, descriptor)
+            if answer is not None:
+                self._fail(name, answer)
+            return StoredFile(descriptor, Version.of(os.fstat(descriptor)), content_type)
+        except BaseException:
+            os.close(descriptor)
+            raise
+
+    def _run(self, source_path, target_path, rendition, version, kept_descriptor=None):
+        answer = self._resizer.render(source_path, target_path, rendition, version, kept_descriptor)
+        with self._lock:
+            self.renders += 1
+        return answer
+
+    @staticmethod
+    def _open_result(path, content_type):
+        descriptor = os.open(path, os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
+        return StoredFile(descriptor, Version.of(os.fstat(descriptor)), content_type)
+
+    @staticmethod
+    def _fail(name, answer):
+        kind, reason = answer
+        if kind == CHANGED_ANSWER:
+            raise HTTPError(503, f"{reason}; ask again", {"Retry-After": "1"})
+        if kind == NO_SPACE_ANSWER:
+            raise HTTPError(507, f"the rendition cannot be made: {reason}")
+        raise HTTPError(422, f"{name!r} could not be rendered: {reason}")
 
 
 # ====
@@ -2847,40 +3570,69 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return name
 
     def download_image(self, name):
-        """GET and HEAD /<name>: the bytes, with validators, 304 and single ranges.
+        """GET and HEAD /<name>: the bytes, or a rendition, with validators, 304 and single ranges.
 
         Answers 200, 206 for a satisfiable single range, 304 when the client's copy is current;
-        404 for an unknown name, 416 for a range beyond the end.
+        400 for an invalid rendition parameter, 404 for an unknown name, 416 for a range beyond the
+        end; for a rendition also 422 for an image that cannot be rendered, 503 with Retry-After
+        when the resize processes are busy or the render takes too long.
         """
-        with self.server.store.open(name) as stored:
-            version = stored.version
-            etag = version.etag
-            last_modified = format_http_date(version.mtime_seconds)
-            headers = {
-                "ETag": etag,
-                "Last-Modified": last_modified,
-                "Cache-Control": "no-cache",
-                "Content-Disposition": content_disposition(name),
-                "Accept-Ranges": "bytes",
-            }
-            if is_not_modified(self.headers, etag, version.mtime_seconds):
-                self.send_head(304, headers)
+        settings = self.server.settings
+        rendition = parse_rendition_query(self.http_request.query, settings.max_pixels, settings.rendition_sizes)
+        with self.server.store.open(name) as original:
+            version = original.version
+            if rendition is None:
+                headers = self.file_headers(name, version.etag, version.mtime_seconds)
+                if headers is not None:
+                    self.send_file(original, headers)
                 return
-            size = version.size
-            byte_range = None
-            if_range = self.headers.get("If-Range")
-            if if_range is None or if_range.strip() in (etag, last_modified):
-                byte_range = parse_range(self.headers.get("Range"), size)
-            headers["Content-Type"] = stored.content_type
-            if byte_range is None:
-                start, length, status = 0, size, 200
+            source_format = FORMAT_BY_CONTENT_TYPE.get(original.content_type)
+            if source_format is None:
+                raise HTTPError(422, f"{name!r} cannot be rendered: it is not a readable image of an allowed format")
+            output_format = rendition.format or source_format
+            entry = rendition.entry(version, source_format)
+            if output_format != FORMAT_BY_EXTENSION[extension_of(name)]:
+                name_shown = name[: -len(extension_of(name))] + EXTENSION_BY_FORMAT[output_format]
             else:
-                start, length, status = byte_range[0], byte_range[1] - byte_range[0] + 1, 206
-                headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
-            headers["Content-Length"] = str(length)
-            self.send_head(status, headers)
-            if self.command != "HEAD":
-                self.send_file_range(stored, start, length)
+                name_shown = name
+            headers = self.file_headers(name_shown, f'"{entry}"', version.mtime_seconds)
+            if headers is None:
+                return
+            content_type = OUTPUT_CONTENT_TYPES[output_format]
+            with self.server.renditions.open(name, original, rendition, entry, content_type) as rendered:
+                self.send_file(rendered, headers)
+
+    def file_headers(self, name, etag, mtime_seconds):
+        """Return the headers of a file served as `name`; None when 304 has answered the request."""
+        headers = {
+            "ETag": etag,
+            "Last-Modified": format_http_date(mtime_seconds),
+            "Cache-Control": "no-cache",
+            "Content-Disposition": content_disposition(name),
+            "Accept-Ranges": "bytes",
+        }
+        if is_not_modified(self.headers, etag, mtime_seconds):
+            self.send_head(304, headers)
+            return None
+        return headers
+
+    def send_file(self, stored, headers):
+        """Send the StoredFile `stored` with `headers` from file_headers(): whole, or the single range asked for."""
+        size = stored.version.size
+        byte_range = None
+        if_range = self.headers.get("If-Range")
+        if if_range is None or if_range.strip() in (headers["ETag"], headers["Last-Modified"]):
+            byte_range = parse_range(self.headers.get("Range"), size)
+        headers["Content-Type"] = stored.content_type
+        if byte_range is None:
+            start, length, status = 0, size, 200
+        else:
+            start, length, status = byte_range[0], byte_range[1] - byte_range[0] + 1, 206
+            headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
+        headers["Content-Length"] = str(length)
+        self.send_head(status, headers)
+        if self.command != "HEAD":
+            self.send_file_range(stored, start, length)
 
     def delete_image(self, name):
         """DELETE /<name>: remove it, unless If-Match names another version; cancel its resizes.
@@ -3092,7 +3844,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.settings = settings
         self.supervisor_pid = supervisor_pid
         self.quiet = quiet
-        self.store = Store(settings.storage)
+        self.store = Store(settings.storage, settings.cache_size)
         self.store.scan()
         allow_pixels(settings.max_pixels)
         self.connection_slots = threading.BoundedSemaphore(settings.max_connections)
@@ -3109,6 +3861,7 @@ class Server(http.server.ThreadingHTTPServer):
             settings.resize_timeout,
             settings.max_pixels,
         )
+        self.renditions = Renditions(self.store, self.resizer, settings.max_pixels)
         try:
             super().__init__((settings.host, settings.port), Handler, bind_and_activate=listener is None)
         except BaseException:
@@ -3236,6 +3989,8 @@ OPTIONS = (
     ("--timeout", float, "seconds a client may take to send its request head, or stay silent"),
     ("--max-connections", int, "connections served at once; more wait in the listen backlog"),
     ("--workers", int, "serving processes on one port, restarted when they die"),
+    ("--cache-size", int, "bytes of rendered renditions kept on disk; 0 keeps none"),
+    ("--rendition-sizes", str, "the only rendition sizes served, like 200x200,1200x0 (0: follows the aspect ratio); any by default"),
 )
 
 
@@ -3252,9 +4007,10 @@ def parse_args(argv, environ):
         field = flag[2:].replace("-", "_")
         variable = "IMS_" + field.upper()
         default = environ.get(variable) or getattr(defaults, field)
+        shown_default = "any" if getattr(defaults, field) is None else getattr(defaults, field)
         parser.add_argument(
             flag, type=value_type, default=default, metavar=variable.replace("IMS_", ""),
-            help=f"{help_text} (env {variable}, default {getattr(defaults, field)})",
+            help=f"{help_text} (env {variable}, default {shown_default})",
         )
     values = vars(parser.parse_args(argv))
     values["storage"] = os.path.abspath(values["storage"])
