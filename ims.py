@@ -811,8 +811,14 @@ class EntryLock:
             try:
                 descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
             except FileNotFoundError:
-                os.makedirs(os.path.dirname(self._path), exist_ok=True)
-                continue
+                # Its folder was removed with the image's renditions, or is not made yet.
+                try:
+                    os.makedirs(os.path.dirname(self._path), exist_ok=True)
+                    continue
+                except OSError as error:
+                    if error.errno not in STORAGE_ERRNOS:
+                        raise
+                    return self
             except OSError as error:
                 if error.errno not in STORAGE_ERRNOS:
                     raise
@@ -879,6 +885,9 @@ class Store:
         self._renders_waiting_descriptor = None
         self._renders_waiting = 0
         self._renders_waiting_lock = threading.Lock()
+        # Slots taken in this instance where the folder cannot hold their lock files.
+        self._own_slots = set()
+        self._own_slots_lock = threading.Lock()
         self.mount = mount_of(folder)
         # Where other hosts change files under this one's caches, the folder's modification time
         # cannot tell when to list it again, and a download's first read must reach the file.
@@ -1433,9 +1442,18 @@ class Store:
         _close_locked(claim.descriptor)
 
     def take_slot(self, slot_count):
-        """Take one of this host's `slot_count` resize slots: its locked descriptor, or None when all are taken."""
+        """Take one of this host's `slot_count` resize slots: its locked descriptor, or None when all are taken.
+
+        Where the folder cannot hold the slots' lock files (read-only), the bound holds for this
+        instance alone: the slot is then a negative number.
+        """
         for slot in range(slot_count):
-            descriptor = os.open(f"{self._slot_prefix}{slot}", os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            try:
+                descriptor = os.open(f"{self._slot_prefix}{slot}", os.O_RDWR | os.O_CREAT | OPEN_FLAGS_NO_FOLLOW, 0o644)
+            except OSError as error:
+                if error.errno not in STORAGE_ERRNOS:
+                    raise
+                return self._take_own_slot(slot_count)
             if lock_file(descriptor, blocking=False):
                 return descriptor
             os.close(descriptor)
@@ -1443,7 +1461,19 @@ class Store:
 
     def release_slot(self, descriptor):
         """Give back a resize slot."""
-        _close_locked(descriptor)
+        if descriptor < 0:
+            with self._own_slots_lock:
+                self._own_slots.discard(descriptor)
+        else:
+            _close_locked(descriptor)
+
+    def _take_own_slot(self, slot_count):
+        with self._own_slots_lock:
+            for slot in range(-1, -slot_count - 1, -1):
+                if slot not in self._own_slots:
+                    self._own_slots.add(slot)
+                    return slot
+        return None
 
     def remove_old_records(self):
         """Remove the records of jobs that ended over JOB_RETENTION_SECONDS ago, keeping the last JOB_RETENTION_COUNT."""

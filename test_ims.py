@@ -12,6 +12,7 @@ import datetime
 import email.utils
 import errno
 import functools
+import html
 import http.client
 import io
 import itertools
@@ -3145,6 +3146,35 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(settings.host, "127.0.0.1")
         self.assertEqual(settings.storage, ims.DEFAULT_STORAGE)
 
+    def test_cache_size_and_rendition_sizes(self):
+        settings = ims.parse_args(["--cache-size", "0", "--rendition-sizes", "200x200, 1200x0"], {})
+        self.assertEqual((settings.cache_size, settings.rendition_sizes), (0, ((200, 200), (1200, 0))))
+        settings = ims.parse_args([], {"IMS_CACHE_SIZE": "5000", "IMS_RENDITION_SIZES": "0x0"})
+        self.assertEqual((settings.cache_size, settings.rendition_sizes), (5000, ((0, 0),)))
+        self.assertEqual(ims.parse_args(["--rendition-sizes", "any"], {}).rendition_sizes, None)
+        self.assertEqual(ims.parse_args([], {}).rendition_sizes, None)
+        for argv in (["--cache-size", "-1"], ["--rendition-sizes", "200"], ["--rendition-sizes", "200x200,x3"]):
+            with self.subTest(argv=argv), mock.patch("sys.stderr", io.StringIO()) as stderr:
+                with self.assertRaises(SystemExit) as raised:
+                    ims.parse_args(argv, {})
+                self.assertEqual(raised.exception.code, 2)
+                self.assertIn("invalid", stderr.getvalue())
+
+    def test_a_server_with_an_allow_list_and_no_cache_renders_only_those_sizes(self):
+        os.makedirs(self.storage)
+        with open(os.path.join(self.storage, "a.png"), "wb") as file:
+            file.write(make_image("PNG", (400, 300)))
+        _, port = start_ims(self, "--storage", self.storage, "--rendition-sizes", "100x0", "--cache-size", "0")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
+        self.addCleanup(connection.close)
+        for query, status in (("width=100", 200), ("width=100&format=webp", 200), ("width=50", 400), ("height=75", 400)):
+            connection.request("GET", "/a.png?" + query)
+            response = connection.getresponse()
+            self.assertEqual(response.status, status, response.read())
+            response.read()
+        cache = os.path.join(self.storage, ims.STATE_FOLDER, "renditions")
+        self.assertEqual([name for _, _, files in os.walk(cache) for name in files], [])
+
     def test_parse_args_prefers_flags_to_environment_to_defaults(self):
         settings = ims.parse_args(["--port", "7"], {"IMS_PORT": "8", "IMS_TIMEOUT": "2.5"})
         self.assertEqual((settings.port, settings.timeout, settings.max_queue), (7, 2.5, 256))
@@ -3190,13 +3220,15 @@ class TestReadmeExamples(unittest.TestCase):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
             readme = file.read()
         blocks = [block.split("```", 1)[0] for block in readme.split("```sh\n")[1:]]
-        self.assertGreaterEqual(len(blocks), 6)
+        self.assertGreaterEqual(len(blocks), 7)
         tempdir = tempfile.TemporaryDirectory()
         self.addCleanup(tempdir.cleanup)
         process, port = start_ims(self, "--storage", os.path.join(tempdir.name, "storage"))
         outputs = []
         for block in blocks:
-            script = block.replace("127.0.0.1:5000", f"127.0.0.1:{port}").replace("downloaded.jpeg", os.path.join(tempdir.name, "downloaded.jpeg"))
+            script = block.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+            for file_name in ("downloaded.jpeg", "thumbnail.webp"):
+                script = script.replace(file_name, os.path.join(tempdir.name, file_name))
             result = subprocess.run(["bash", "-e", "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
             self.assertEqual(result.returncode, 0, (block, result.stderr))
             outputs.append(result.stdout)
@@ -3204,10 +3236,37 @@ class TestReadmeExamples(unittest.TestCase):
         self.assertEqual(outputs[1], '"Image successfully uploaded"\n')
         with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as original, open(os.path.join(tempdir.name, "downloaded.jpeg"), "rb") as copy:
             self.assertEqual(original.read(), copy.read())
-        self.assertEqual(outputs[3], '"Image resize command received"\n')
-        job = json.loads(outputs[4])
+        with open(os.path.join(tempdir.name, "thumbnail.webp"), "rb") as file:
+            thumbnail = decode(file.read())
+        self.assertEqual((thumbnail.format, thumbnail.size), ("WEBP", (300, 400)))
+        self.assertIn("HTTP/1.1 200 OK", outputs[3])
+        self.assertIn("Content-Type: image/jpeg", outputs[3])
+        self.assertIn("-200x200-cover-", outputs[3])
+        self.assertEqual(outputs[4], '"Image resize command received"\n')
+        job = json.loads(outputs[5])
         self.assertEqual((job["state"], job["width"], job["height"], job["fit"]), ("done", 200, 200, "cover"))
-        self.assertIn("HTTP/1.1 204", outputs[5])
+        self.assertIn("HTTP/1.1 204", outputs[6])
+
+    def test_the_srcset_example_in_the_readme_gets_every_width_it_names(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            html_block = file.read().split("```html\n", 1)[1].split("```", 1)[0]
+        srcset = html.unescape(re.search(r'srcset="([^"]+)"', html_block).group(1))
+        candidates = [candidate.split() for candidate in srcset.split(",")]
+        self.assertEqual(len(candidates), 3)
+        tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(tempdir.cleanup)
+        storage = os.path.join(tempdir.name, "storage")
+        os.makedirs(storage)
+        shutil.copy(os.path.join(HERE, "IMG_X.jpeg"), storage)
+        _, port = start_ims(self, "--storage", storage)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
+        self.addCleanup(connection.close)
+        for url, width in [*candidates, [html.unescape(re.search(r' src="([^"]+)"', html_block).group(1)), "400w"]]:
+            connection.request("GET", url)
+            response = connection.getresponse()
+            image = decode(response.read())
+            self.assertEqual((response.status, response.getheader("Content-Type")), (200, "image/webp"))
+            self.assertEqual(f"{image.width}w", width)
 
 
 class TestSampleImage(unittest.TestCase):
@@ -3947,6 +4006,17 @@ class TestDiskFull(HTTPTestCase):
         self.assertEqual(self.request("GET", "/a.png").body, data)
         self.assertNoTempFiles()
 
+    def test_a_rendition_on_a_full_disk_is_served_uncached(self):
+        self.assertEqual(self.upload("a.png", self.noise_png(SEED)).status, 201)
+        self.fill_disk()
+        for _ in range(2):
+            reply = self.request("GET", "/a.png?width=100&format=png")
+            self.assertEqual(reply.status, 200, reply.body)
+            self.assertEqual(decode(reply.body).size, (100, 100))
+        cache = os.path.join(self.storage, ims.STATE_FOLDER, "renditions")
+        self.assertEqual([name for _, _, files in os.walk(cache) for name in files], [])
+        self.assertNoTempFiles()
+
     def test_read_only_folder_refuses_writes_with_507_and_keeps_serving_downloads(self):
         data = self.noise_png(SEED)
         self.assertEqual(self.upload("kept.png", data).status, 201)
@@ -3958,6 +4028,8 @@ class TestDiskFull(HTTPTestCase):
         self.assertEqual(self.request("GET", "/").json, ["kept.png"])
         reply = self.request("GET", "/kept.png")
         self.assertEqual((reply.status, reply.body), (200, data))
+        rendition = self.request("GET", "/kept.png?width=20")
+        self.assertEqual((rendition.status, decode(rendition.body).size), (200, (20, 20)))
         self.assertEqual(self.stored_files(), ["kept.png"])
 
 
@@ -4097,6 +4169,37 @@ class TestCrashRecovery(unittest.TestCase):
         self.addCleanup(restarted.close)
         restarted.request("GET", "/")
         self.assertEqual(json.loads(restarted.getresponse().read()), ["slow.png"])
+
+    def test_a_render_killed_with_its_server_leaves_no_partial_rendition(self):
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("telling a server's render process needs /proc")
+        os.makedirs(self.storage)
+        with open(os.path.join(self.storage, "slow.png"), "wb") as file:
+            file.write(SLOW_SOURCE)
+        cache = os.path.join(self.storage, ims.STATE_FOLDER, "renditions")
+
+        def cache_files():
+            return sorted(name for _, _, files in os.walk(cache) for name in files)
+
+        process, port = start_ims(self, "--storage", self.storage, "--resize-timeout", "20")
+        self.addCleanup(kill_session, process.pid)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/slow.png?" + SLOW_ENOUGH)
+        wait_for(lambda: len(session_processes(process.pid)) > 1)
+        self.assertTrue(cache_files(), "the render writes into the cache folder")
+        process.kill()
+        process.wait()
+        # The render runs on alone, then finds its server gone and removes what it wrote.
+        wait_for(lambda: not session_processes(process.pid))
+        self.assertEqual([name for name in cache_files() if not name.startswith(ims.TEMP_PREFIX)], [])
+        _, port = start_ims(self, "--storage", self.storage)
+        self.assertEqual(cache_files(), [])
+        restarted = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
+        self.addCleanup(restarted.close)
+        restarted.request("GET", "/slow.png?width=300")
+        response = restarted.getresponse()
+        self.assertEqual((response.status, decode(response.read()).size), (200, (300, 300)))
 
     def test_a_resize_that_outlives_its_killed_server_leaves_no_file_behind(self):
         process, _ = self.kill_mid_resize(SLOW_ENOUGH)
@@ -4917,6 +5020,462 @@ class TestDurableJobs(SharedFolderTestCase):
         location = self.submit("a.png", "width=10&height=10")
         self.assertTrue(os.path.isfile(os.path.join(self.storage, ".ims", "jobs", f"{job_id_of(location)}.json")))
         self.assertEqual(self.wait_job_on(self.b, location)["state"], "done")
+
+
+
+# ====
+# Renditions
+# ====
+
+
+class RenditionTestCase(ResizeTestCase):
+    """ResizeTestCase plus renditions: GET /<name>?<query>, and the render processes behind them."""
+
+    def rendition(self, name, query, headers=None, connection=None, method="GET"):
+        """Return the Reply of GET (or `method`) /<name>?<query>."""
+        return self.request(method, f"/{name}?{query}", headers=headers, connection=connection)
+
+    def rendered(self, name, query, content_type=None):
+        """GET a rendition, expect 200 (and `content_type`), return it decoded."""
+        reply = self.rendition(name, query)
+        self.assertEqual(reply.status, 200, reply.body)
+        if content_type is not None:
+            self.assertEqual(reply.headers["Content-Type"], content_type)
+        return decode(reply.body)
+
+    def cache_entries(self, server=None):
+        """Return the cached renditions in the folder, as {path relative to the cache: size}."""
+        folder = os.path.join(self.storage, ims.STATE_FOLDER, "renditions")
+        entries = {}
+        for root, _, files in os.walk(folder):
+            for file_name in files:
+                if not file_name.startswith("."):
+                    path = os.path.join(root, file_name)
+                    entries[os.path.relpath(path, folder)] = os.path.getsize(path)
+        return entries
+
+    def cache_temp_files(self):
+        folder = os.path.join(self.storage, ims.STATE_FOLDER, "renditions")
+        return [name for _, _, files in os.walk(folder) for name in files if name.startswith(ims.TEMP_PREFIX)]
+
+    def in_background(self, function, *arguments):
+        """Run function(*arguments) in a thread; return (thread, results) where results gets its return value."""
+        results = []
+        thread = threading.Thread(target=lambda: results.append(function(*arguments)), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, DEADLINE_SECONDS)
+        return thread, results
+
+    def hold_new_process(self, children_before):
+        """SIGSTOP the one resize or render process started since `children_before`; return its pid."""
+        def new_children():
+            return set(multiprocessing.active_children()) - children_before
+
+        wait_for(new_children)
+        children = new_children()
+        self.assertEqual(len(children), 1, f"not one new process: {children}")
+        pid = children.pop().pid
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.resume, pid)
+        wait_for(lambda: is_stopped(pid))
+        return pid
+
+    @staticmethod
+    def resume(pid):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+class TestRenditions(RenditionTestCase):
+    def test_width_alone_keeps_the_aspect_ratio_and_the_original_is_untouched(self):
+        original = make_image("PNG", (400, 300))
+        self.store("a.png", original)
+        image = self.rendered("a.png", "width=200", "image/png")
+        self.assertEqual((image.format, image.size), ("PNG", (200, 150)))
+        self.assertLeftRedRightBlue(image)
+        self.assertEqual(self.request("GET", "/a.png").body, original)
+        self.assertEqual(self.request("GET", "/").json, ["a.png"])
+        self.assertEqual(self.stored_files(), ["a.png"])
+
+    def test_height_alone_keeps_the_aspect_ratio(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        self.assertEqual(self.rendered("a.png", "height=60").size, (80, 60))
+
+    def test_width_and_height_follow_fit(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        self.assertEqual(self.rendered("a.png", "width=100&height=100").size, (100, 100))
+        self.assertEqual(self.rendered("a.png", "width=100&height=100&fit=fill").size, (100, 100))
+        self.assertEqual(self.rendered("a.png", "width=100&height=100&fit=contain").size, (100, 75))
+        cover = self.rendered("a.png", "width=100&height=100&fit=cover")
+        self.assertEqual(cover.size, (100, 100))
+        self.assertLeftRedRightBlue(cover)
+
+    def test_format_alone_converts_at_the_original_size(self):
+        self.store("a.jpg", make_image("JPEG", (64, 48)))
+        expected = {"png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp"), "gif": ("GIF", "image/gif"), "jpeg": ("JPEG", "image/jpeg")}
+        if ims.AVIF_IS_WRITABLE:
+            expected["avif"] = ("AVIF", "image/avif")
+        for asked, (image_format, content_type) in expected.items():
+            with self.subTest(format=asked):
+                image = self.rendered("a.jpg", f"format={asked}", content_type)
+                self.assertEqual((image.format, image.size), (image_format, (64, 48)))
+                self.assertLeftRedRightBlue(image)
+
+    def test_a_converted_rendition_is_named_with_its_own_extension(self):
+        self.store("photo.jpg", make_image("JPEG"))
+        reply = self.rendition("photo.jpg", "width=32&format=webp")
+        self.assertEqual(reply.headers["Content-Disposition"], "inline; filename=photo.webp")
+        reply = self.rendition("photo.jpg", "width=32")
+        self.assertEqual(reply.headers["Content-Disposition"], "inline; filename=photo.jpg")
+
+    def test_quality_changes_lossy_output_and_the_original_quantisation_is_kept_without_it(self):
+        photo = encode(noise((300, 200)), "JPEG", quality=95)
+        self.store("a.jpg", photo)
+        low = self.rendition("a.jpg", "width=150&quality=10")
+        high = self.rendition("a.jpg", "width=150&quality=90")
+        self.assertLess(len(low.body), len(high.body) * 0.6)
+        kept = decode(self.rendition("a.jpg", "width=150").body)
+        self.assertEqual(kept.quantization, Image.open(io.BytesIO(photo)).quantization)
+        webp_low = self.rendition("a.jpg", "format=webp&quality=5")
+        webp_high = self.rendition("a.jpg", "format=webp&quality=95")
+        self.assertLess(len(webp_low.body), len(webp_high.body))
+
+    def test_a_photo_with_orientation_6_is_rendered_upright_without_exif(self):
+        self.store("a.jpg", make_image("JPEG", (400, 300), orientation=6))
+        for query in ("width=150", "width=150&format=webp", "width=150&format=png"):
+            with self.subTest(query=query):
+                image = self.rendered("a.jpg", query)
+                self.assertEqual(image.size, (150, 200))
+                self.assertEqual(image.getexif().get(EXIF_ORIENTATION, 1), 1)
+                rgb = image.convert("RGB")
+                self.assertColour(rgb.getpixel((75, 50)), RED)
+                self.assertColour(rgb.getpixel((75, 150)), BLUE)
+                self.assertColour(rgb.getpixel((rgb.width - 4, 4)), GREEN)
+
+    def test_img_x_is_rendered_upright_with_its_colour_profile(self):
+        with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as file:
+            photo = file.read()
+        self.store("IMG_X.jpeg", photo)
+        with Image.open(io.BytesIO(photo)) as original:
+            upright = ImageOps.exif_transpose(original).size
+            profile = original.info["icc_profile"]
+        for query in ("width=300", "width=300&format=webp"):
+            with self.subTest(query=query):
+                image = self.rendered("IMG_X.jpeg", query)
+                self.assertEqual(image.size, (300, round(upright[1] * 300 / upright[0])))
+                self.assertEqual(image.info.get("icc_profile"), profile)
+                self.assertEqual(len(image.getexif()), 0)
+
+    def test_the_colour_profile_is_kept_in_every_format_that_has_one(self):
+        self.store("a.png", make_image("PNG", (64, 48), icc=ICC_PROFILE))
+        for asked in ("png", "jpeg", "webp"):
+            with self.subTest(format=asked):
+                self.assertEqual(self.rendered("a.png", f"width=32&format={asked}").info.get("icc_profile"), ICC_PROFILE)
+
+    def test_alpha_is_kept_where_the_format_has_it_and_flattened_on_white_for_jpeg(self):
+        picture = Image.new("RGBA", (64, 48), (200, 30, 30, 255))
+        picture.paste((0, 0, 0, 0), (32, 0, 64, 48))
+        self.store("a.png", encode(picture, "PNG"))
+        for asked in ("png", "webp"):
+            with self.subTest(format=asked):
+                image = self.rendered("a.png", f"width=32&format={asked}").convert("RGBA")
+                self.assertEqual(image.getpixel((28, 12))[3], 0)
+                self.assertEqual(image.getpixel((4, 12))[3], 255)
+        jpeg = self.rendered("a.png", "width=32&format=jpeg", "image/jpeg").convert("RGB")
+        self.assertColour(jpeg.getpixel((28, 12)), (255, 255, 255), tolerance=10)
+        self.assertColour(jpeg.getpixel((4, 12)), RED)
+
+    def test_every_frame_is_kept_for_gif_and_webp_and_jpeg_takes_the_first(self):
+        self.store("a.gif", animation("GIF", size=(64, 48)))
+        for asked, image_format in (("gif", "GIF"), ("webp", "WEBP")):
+            with self.subTest(format=asked):
+                image = self.rendered("a.gif", f"width=32&format={asked}")
+                self.assertEqual(image.format, image_format)
+                frames = frames_of(image)
+                self.assertEqual([duration for duration, _ in frames], [100, 200, 300])
+                for (_, colour), expected in zip(frames, (RED, GREEN, BLUE)):
+                    self.assertColour(colour, expected)
+        first = self.rendered("a.gif", "width=32&format=jpeg")
+        self.assertEqual(getattr(first, "n_frames", 1), 1)
+        self.assertColour(first.convert("RGB").getpixel((16, 12)), RED)
+
+    def test_a_repeated_request_is_served_from_the_cache_by_the_same_bytes(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        first = self.rendition("a.png", "width=100")
+        second = self.rendition("a.png", "width=100")
+        self.assertEqual((first.status, second.status), (200, 200))
+        self.assertEqual(first.body, second.body)
+        self.assertEqual(first.headers["ETag"], second.headers["ETag"])
+        self.assertEqual(self.server.renditions.renders, 1)
+        self.assertEqual(len(self.cache_entries()), 1)
+        # Equivalent parameters are one rendition: fit does not matter with one side.
+        self.assertEqual(self.rendition("a.png", "width=100&fit=cover&v=2").body, first.body)
+        self.assertEqual(self.server.renditions.renders, 1)
+
+    def test_renditions_have_validators_of_their_own(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        original = self.request("GET", "/a.png")
+        small = self.rendition("a.png", "width=100")
+        other = self.rendition("a.png", "width=101")
+        etags = {original.headers["ETag"], small.headers["ETag"], other.headers["ETag"]}
+        self.assertEqual(len(etags), 3)
+        self.assertRegex(small.headers["ETag"], r'^"[!#-~]+"$')
+        self.assertEqual(small.headers["Last-Modified"], original.headers["Last-Modified"])
+        self.assertEqual(small.headers["Cache-Control"], "no-cache")
+        self.assertEqual(small.headers["Accept-Ranges"], "bytes")
+        self.assertEqual(small.headers["Content-Length"], str(len(small.body)))
+
+    def test_if_none_match_answers_304_without_rendering(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        etag = self.rendition("a.png", "width=100").headers["ETag"]
+        shutil.rmtree(os.path.join(self.storage, ims.STATE_FOLDER, "renditions", "a.png"))
+        reply = self.rendition("a.png", "width=100", {"If-None-Match": etag})
+        self.assertEqual((reply.status, reply.body), (304, b""))
+        self.assertEqual(reply.headers["ETag"], etag)
+        self.assertEqual(self.server.renditions.renders, 1)
+        self.assertEqual(self.cache_entries(), {})
+        # The original's ETag is not the rendition's.
+        original_etag = self.request("GET", "/a.png").headers["ETag"]
+        self.assertEqual(self.rendition("a.png", "width=100", {"If-None-Match": original_etag}).status, 200)
+
+    def test_range_and_head(self):
+        self.store("a.png", encode(noise((200, 150)), "PNG"))
+        whole = self.rendition("a.png", "width=100")
+        part = self.rendition("a.png", "width=100", {"Range": "bytes=10-49"})
+        self.assertEqual(part.status, 206)
+        self.assertEqual(part.body, whole.body[10:50])
+        self.assertEqual(part.headers["Content-Range"], f"bytes 10-49/{len(whole.body)}")
+        self.assertEqual(self.rendition("a.png", "width=100", {"Range": f"bytes={len(whole.body)}-"}).status, 416)
+        stale = self.rendition("a.png", "width=100", {"Range": "bytes=0-9", "If-Range": '"other"'})
+        self.assertEqual((stale.status, stale.body), (200, whole.body))
+        head = self.rendition("a.png", "width=100", method="HEAD")
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertEqual(head.headers["Content-Length"], str(len(whole.body)))
+        self.assertEqual(head.headers["ETag"], whole.headers["ETag"])
+        # HEAD of one not rendered yet renders it, to know its length.
+        head = self.rendition("a.png", "width=50", method="HEAD")
+        self.assertEqual(int(head.headers["Content-Length"]), len(self.rendition("a.png", "width=50").body))
+
+    def test_a_resize_replace_or_delete_of_the_original_retires_its_renditions(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        before = self.rendition("a.png", "format=png")
+        self.assertEqual(decode(before.body).size, (400, 300))
+        self.wait_job(self.submit("a.png", "width=200&height=100"))
+        after = self.rendition("a.png", "format=png")
+        self.assertNotEqual(after.headers["ETag"], before.headers["ETag"])
+        self.assertEqual(decode(after.body).size, (200, 100))
+        self.assertEqual(len(self.cache_entries()), 1)
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        self.assertError(self.rendition("a.png", "format=png"), 404, "a.png")
+        self.assertEqual(self.cache_entries(), {})
+        self.assertFalse(os.path.exists(os.path.join(self.storage, ims.STATE_FOLDER, "renditions", "a.png")))
+        self.store("a.png", make_image("PNG", (60, 40)))
+        again = self.rendition("a.png", "format=png")
+        self.assertEqual(decode(again.body).size, (60, 40))
+        self.assertNotIn(again.headers["ETag"], (before.headers["ETag"], after.headers["ETag"]))
+
+    def test_a_file_replaced_by_hand_is_rendered_anew(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        before = self.rendition("a.png", "width=100")
+        replacement = os.path.join(self.storage, "replacement.tmp")
+        with open(replacement, "wb") as file:
+            file.write(make_image("PNG", (100, 100)))
+        os.replace(replacement, os.path.join(self.storage, "a.png"))
+        after = self.rendition("a.png", "width=100")
+        self.assertEqual(decode(after.body).size, (100, 100))
+        self.assertNotEqual(after.headers["ETag"], before.headers["ETag"])
+
+    def test_fifty_requests_at_once_cause_one_render_and_get_the_same_bytes(self):
+        self.store("a.png", encode(noise((200, 150)), "PNG"))
+        children = set(multiprocessing.active_children())
+        connections = [self.connect() for _ in range(50)]
+        threads = [self.in_background(self.rendition, "a.png", "width=400&height=300", None, connections[0])]
+        pid = self.hold_new_process(children)
+        threads += [self.in_background(self.rendition, "a.png", "width=400&height=300", None, connection) for connection in connections[1:]]
+        # All 50 wait for the one render, held still until they do.
+        wait_for(lambda: sum(flight.users for flight in self.server.renditions._flights.values()) == 50)
+        self.resume(pid)
+        replies = []
+        for thread, results in threads:
+            thread.join(DEADLINE_SECONDS)
+            replies.extend(results)
+        self.assertEqual([reply.status for reply in replies], [200] * 50)
+        self.assertEqual({reply.body for reply in replies}, {replies[0].body})
+        self.assertEqual(decode(replies[0].body).size, (400, 300))
+        self.assertEqual(self.server.renditions.renders, 1)
+
+    def test_a_render_past_the_time_limit_is_503_with_a_message(self):
+        self.server.resizer._timeout_seconds = 0.2
+        self.store("slow.png", SLOW_SOURCE)
+        reply = self.rendition("slow.png", SLOW_FOREVER)
+        self.assertError(reply, 503, "longer than 0.2 seconds")
+        self.assertEqual(self.cache_entries(), {})
+        wait_for(lambda: not self.cache_temp_files())
+
+
+class TestRenditionsOnOneWorker(RenditionTestCase):
+    server_options = {"resize_workers": 1, "max_queue": 1}
+
+    def test_renders_go_ahead_of_queued_jobs(self):
+        self.start_slow_resize("slow.png")
+        self.store("queued.png", SLOW_SOURCE)
+        queued = self.submit("queued.png", SLOW_FOREVER)
+        self.store("a.png", make_image("PNG", (400, 300)))
+        thread, results = self.in_background(self.rendition, "a.png", "width=100")
+        wait_for(lambda: self.server.resizer._renders_waiting == 1)
+        # The running job goes; its slot must go to the render, not to the queued job, which
+        # would hold it for good.
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        thread.join(DEADLINE_SECONDS)
+        self.assertEqual(results[0].status, 200, results[0].body)
+        self.assertEqual(decode(results[0].body).size, (100, 75))
+        self.assertIn(self.job(queued)["state"], ("queued", "running"))
+        self.assertEqual(self.request("DELETE", "/queued.png").status, 204)
+
+    def test_past_the_queue_bound_a_rendition_is_503_with_retry_after(self):
+        self.start_slow_resize("slow.png")
+        self.store("a.png", make_image("PNG", (400, 300)))
+        thread, results = self.in_background(self.rendition, "a.png", "width=100")
+        wait_for(lambda: self.server.resizer._renders_waiting == 1)
+        reply = self.rendition("a.png", "width=101")
+        self.assertError(reply, 503, "busy")
+        self.assertEqual(reply.headers["Retry-After"], "1")
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        thread.join(DEADLINE_SECONDS)
+        self.assertEqual(results[0].status, 200, results[0].body)
+
+
+class TestManyRenditionsAtOnce(RenditionTestCase):
+    server_options = {"resize_workers": 2, "max_queue": 8}
+
+    def test_many_different_renditions_at_once_stay_within_the_bound_and_answer_200_or_503(self):
+        self.store("a.png", encode(noise((400, 300)), "PNG"))
+        stop, peak = threading.Event(), [0]
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], len(multiprocessing.active_children()))
+                stop.wait(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        requests = [self.in_background(self.rendition, "a.png", f"width={width}", None, self.connect()) for width in range(100, 140)]
+        replies = []
+        for thread, results in requests:
+            thread.join(2 * DEADLINE_SECONDS)
+            replies.extend(results)
+        stop.set()
+        sampler.join()
+        self.assertEqual(len(replies), 40)
+        statuses = collections.Counter(reply.status for reply in replies)
+        self.assertEqual(set(statuses) - {200, 503}, set(), statuses)
+        self.assertGreaterEqual(statuses[200], 2, statuses)
+        for reply in replies:
+            if reply.status == 503:
+                self.assertError(reply, 503, "busy")
+                self.assertEqual(reply.headers["Retry-After"], "1")
+            else:
+                self.assertEqual(decode(reply.body).width, int(reply.headers["ETag"].split("-")[3].split("x")[0]))
+        self.assertLessEqual(peak[0], 2)
+        self.assertEqual(self.server.renditions.renders, statuses[200])
+
+
+class TestRenditionCacheSize(RenditionTestCase):
+    # Room for about three of the renditions below (each about 30 KB of noise as PNG).
+    server_options = {"cache_size": 100_000}
+
+    def test_least_recently_used_renditions_go_first_and_readers_always_get_whole_files(self):
+        self.store("a.png", encode(noise((400, 300)), "PNG"))
+        queries = [f"width={width}" for width in range(100, 112)]
+        expected = {query: self.rendition("a.png", query).body for query in queries}
+        self.assertLessEqual(sum(self.cache_entries().values()), 100_000)
+        stop, failures, counts = threading.Event(), [], collections.Counter()
+
+        def read(seed):
+            rng, connection = random.Random(seed), self.connect()
+            while not stop.is_set():
+                query = rng.choice(queries)
+                reply = self.rendition("a.png", query, connection=connection)
+                counts[reply.status] += 1
+                if reply.status != 200 or reply.body != expected[query] or int(reply.headers["Content-Length"]) != len(reply.body):
+                    failures.append((query, reply.status, len(reply.body)))
+
+        readers = [threading.Thread(target=read, args=(SEED + index,)) for index in range(4)]
+        for reader in readers:
+            reader.start()
+        wait_for(lambda: self.server.renditions.renders >= 3 * len(queries) or failures)
+        stop.set()
+        for reader in readers:
+            reader.join(DEADLINE_SECONDS)
+        self.assertEqual(failures, [])
+        self.assertLessEqual(sum(self.cache_entries().values()), 100_000)
+        self.assertEqual(self.server.store.cached_bytes(), sum(self.cache_entries().values()))
+
+    def test_the_one_used_last_stays(self):
+        self.store("a.png", encode(noise((400, 300)), "PNG"))
+        self.rendition("a.png", "width=100")
+        for width in range(101, 108):
+            # Used between every other render: it is never the least recently used.
+            entry = next(path for path in self.cache_entries() if "-100x0-" in path)
+            os.utime(os.path.join(self.storage, ims.STATE_FOLDER, "renditions", entry))
+            self.rendition("a.png", f"width={width}")
+        self.assertTrue(any("-100x0-" in path for path in self.cache_entries()))
+        self.assertEqual(self.server.renditions.renders, 8)
+
+    def test_a_rendition_larger_than_the_cache_is_served_and_not_kept(self):
+        self.store("a.png", encode(noise((400, 300)), "PNG"))
+        reply = self.rendition("a.png", "format=png")
+        self.assertEqual(decode(reply.body).size, (400, 300))
+        self.assertEqual(self.cache_entries(), {})
+        self.assertEqual(self.cache_temp_files(), [])
+
+
+class TestRenditionsWithoutCache(RenditionTestCase):
+    server_options = {"cache_size": 0}
+
+    def test_cache_size_0_renders_every_time_and_keeps_nothing(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        first = self.rendition("a.png", "width=100")
+        second = self.rendition("a.png", "width=100")
+        self.assertEqual((first.status, second.status), (200, 200))
+        self.assertEqual(first.body, second.body)
+        self.assertEqual(self.server.renditions.renders, 2)
+        self.assertEqual(self.cache_entries(), {})
+        self.assertEqual(self.cache_temp_files(), [])
+
+
+class TestRenditionsOnSharedFolder(RenditionTestCase, SharedFolderTestCase):
+    def test_a_rendition_made_by_one_instance_is_served_by_the_other(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        made = self.rendition("a.png", "width=100")
+        served = self.rendition("a.png", "width=100", connection=self.on_b())
+        self.assertEqual((served.status, served.body, served.headers["ETag"]), (200, made.body, made.headers["ETag"]))
+        self.assertEqual((self.server.renditions.renders, self.other.renditions.renders), (1, 0))
+
+    def test_requests_at_both_instances_at_once_cause_one_render(self):
+        self.store("a.png", encode(noise((200, 150)), "PNG"))
+        children = set(multiprocessing.active_children())
+        first = self.in_background(self.rendition, "a.png", "width=400&height=300")
+        pid = self.hold_new_process(children)
+        on_b = [self.in_background(self.rendition, "a.png", "width=400&height=300", None, self.on_b()) for _ in range(5)]
+        wait_for(lambda: sum(flight.users for flight in self.other.renditions._flights.values()) == 5)
+        self.resume(pid)
+        replies = []
+        for thread, results in [first, *on_b]:
+            thread.join(DEADLINE_SECONDS)
+            replies.extend(results)
+        self.assertEqual([reply.status for reply in replies], [200] * 6)
+        self.assertEqual({reply.body for reply in replies}, {replies[0].body})
+        self.assertEqual((self.server.renditions.renders, self.other.renditions.renders), (1, 0))
+
+    def test_a_delete_on_one_instance_retires_the_renditions_the_other_made(self):
+        self.store("a.png", make_image("PNG", (400, 300)))
+        self.assertEqual(self.rendition("a.png", "width=100", connection=self.on_b()).status, 200)
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        self.assertEqual(self.rendition("a.png", "width=100", connection=self.on_b()).status, 404)
+        self.assertEqual(self.cache_entries(), {})
 
 
 
