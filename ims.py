@@ -55,7 +55,7 @@ from PIL import TiffImagePlugin  # noqa: F401
 from PIL import WebPImagePlugin  # noqa: F401
 
 try:
-    from PIL import AvifImagePlugin  # noqa: F401  (Pillow 11.2 and later)
+    from PIL import AvifImagePlugin  # Pillow 11.2 and later
 except ImportError:
     AvifImagePlugin = None
 
@@ -324,8 +324,9 @@ def sniff_format(head):
 # Store
 # ====
 # Owns the storage folder: the only code that opens, writes, links, replaces or removes anything in
-# it, its shared state (job records, the queue, lock files) and the locks that make changes exact
-# across processes and hosts. The folder is the truth; the listing is a cache of it. Never parses HTTP.
+# it, its shared state (job records, the queue, the rendition cache, lock files) and the locks that
+# make changes exact across processes and hosts. The folder is the truth; the listing is a cache of
+# it. Never parses HTTP.
 
 # Errors that mean another host removed or replaced a file under us: its name is looked up again,
 # once, and then the answer is what that finds (404, a fresh listing).
@@ -2139,8 +2140,8 @@ class Rendition:
     def entry(self, version, source_format):
         """Return this rendition's name for `version` of an image in `source_format`: its cache entry, and its ETag unquoted.
 
-        Parameters that give the same picture give the same name: ?format=jpeg of a JPEG is its
-        ?quality= of a lossless format is ignored, and so is fit with one side.
+        Parameters that give the same picture give the same name: ?format=jpeg of a JPEG is the
+        same as no format, ?quality= of a lossless format is ignored, and so is fit with one side.
         """
         output_format = self.format or source_format
         quality = self.quality if output_format in LOSSY_FORMATS else None
@@ -2294,8 +2295,8 @@ def is_not_modified(headers, etag, mtime):
 # ====
 # Image work
 # ====
-# Owns what is done to pixels: checking uploads and resizing. Top-level functions that take paths
-# and plain values, so they can run in a child process; never touch the store or a socket.
+# Owns what is done to pixels: checking uploads, resizing and rendering. Top-level functions that
+# take paths and plain values, so they can run in a child process; never touch the store or a socket.
 
 # EXIF Orientation → the transpose that makes the picture upright.
 TRANSPOSE_BY_ORIENTATION = {
@@ -2680,8 +2681,9 @@ def run_resize(connection, work, arguments, timeout_seconds, max_pixels, kept_de
 # Jobs
 # ====
 # Owns resize jobs: running the folder's queue, each job in a child process within its time limit,
-# bounded per host, in order per image, and waiting for an end. Never parses HTTP; reads and changes
-# files, records and the queue only through the Store.
+# bounded per host, in order per image, and waiting for an end; and renders of renditions, in the
+# same processes under the same bound, ahead of the queue, one per rendition. Never parses HTTP;
+# reads and changes files, records, the queue and the rendition cache only through the Store.
 
 
 def _iso_time(timestamp):

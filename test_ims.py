@@ -5088,6 +5088,71 @@ class RenditionTestCase(ResizeTestCase):
             pass
 
 
+class TestRenderFile(ColourAssertions, unittest.TestCase):
+    """render_file() on every kind of source and every output format, no server."""
+
+    def sources(self):
+        picture = Image.open(io.BytesIO(make_image("PNG", (64, 48))))
+        turned = picture.rotate(180)
+        animated = {"save_all": True, "append_images": [turned], "duration": [100, 200], "loop": 0}
+        return {
+            "rgb.jpg": encode(picture, "JPEG"),
+            "cmyk.jpg": encode(picture.convert("CMYK"), "JPEG"),
+            "grey.jpg": encode(picture.convert("L"), "JPEG"),
+            "rgba.png": encode(picture.convert("RGBA"), "PNG"),
+            "la.png": encode(picture.convert("LA"), "PNG"),
+            "palette.png": encode(picture.convert("P"), "PNG"),
+            "sixteen.png": encode(picture.convert("L").convert("I;16"), "PNG"),
+            "bilevel.png": encode(picture.convert("1"), "PNG"),
+            "animated.gif": encode(picture, "GIF", **animated),
+            "transparent.gif": encode(picture.convert("P"), "GIF", transparency=0),
+            "animated.webp": encode(picture, "WEBP", **animated),
+            "lossless.webp": encode(picture.convert("RGBA"), "WEBP", lossless=True),
+            "rgb.bmp": encode(picture, "BMP"),
+            "rgb.tif": encode(picture, "TIFF"),
+            "cmyk.tif": encode(picture.convert("CMYK"), "TIFF"),
+            "sixteen.tif": encode(picture.convert("L").convert("I;16"), "TIFF"),
+        }
+
+    def test_every_source_renders_in_every_format_and_quality(self):
+        tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(tempdir.cleanup)
+        formats = [None, "JPEG", "PNG", "WEBP", "GIF"] + (["AVIF"] if ims.AVIF_IS_WRITABLE else [])
+        target = os.path.join(tempdir.name, "rendition")
+        for name, data in self.sources().items():
+            source = os.path.join(tempdir.name, name)
+            with open(source, "wb") as file:
+                file.write(data)
+            version = ims.Version.of(os.stat(source))
+            source_format = ims.FORMAT_BY_EXTENSION[ims.extension_of(name)]
+            for image_format, quality in itertools.product(formats, (None, 50)):
+                with self.subTest(source=name, format=image_format, quality=quality):
+                    ims.render_file(source, target, ims.Rendition(32, None, "fill", image_format, quality), version)
+                    with open(target, "rb") as file:
+                        image = decode(file.read())
+                    self.assertEqual((image.format, image.size), (image_format or source_format, (32, 24)))
+                    if name.startswith(("rgb", "cmyk", "animated", "lossless", "palette", "rgba")):
+                        self.assertLeftRedRightBlue(image)
+                    is_animation = name.startswith("animated") and (image_format or source_format) in ims.MULTI_FRAME_FORMATS
+                    self.assertEqual(getattr(image, "n_frames", 1), 2 if is_animation else 1)
+
+    def test_a_source_that_is_another_version_or_gone_is_not_rendered(self):
+        tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(tempdir.cleanup)
+        source, target = os.path.join(tempdir.name, "a.png"), os.path.join(tempdir.name, "rendition")
+        with open(source, "wb") as file:
+            file.write(make_image("PNG"))
+        version = ims.Version.of(os.stat(source))
+        with open(source, "ab") as file:
+            file.write(b"\0")
+        with self.assertRaises(ims.SourceChanged):
+            ims.render_file(source, target, ims.Rendition(10), version)
+        os.unlink(source)
+        with self.assertRaises(ims.SourceChanged):
+            ims.render_file(source, target, ims.Rendition(10), version)
+        self.assertFalse(os.path.exists(target))
+
+
 class TestRenditions(RenditionTestCase):
     def test_width_alone_keeps_the_aspect_ratio_and_the_original_is_untouched(self):
         original = make_image("PNG", (400, 300))
@@ -5306,13 +5371,19 @@ class TestRenditions(RenditionTestCase):
         self.assertEqual(decode(replies[0].body).size, (400, 300))
         self.assertEqual(self.server.renditions.renders, 1)
 
+
+
+class TestRenditionTimeLimit(RenditionTestCase):
+    server_options = {"resize_timeout": 0.5}
+
     def test_a_render_past_the_time_limit_is_503_with_a_message(self):
-        self.server.resizer._timeout_seconds = 0.2
         self.store("slow.png", SLOW_SOURCE)
         reply = self.rendition("slow.png", SLOW_FOREVER)
-        self.assertError(reply, 503, "longer than 0.2 seconds")
+        self.assertError(reply, 503, "longer than 0.5 seconds")
+        self.assertEqual(reply.headers["Retry-After"], "1")
         self.assertEqual(self.cache_entries(), {})
-        wait_for(lambda: not self.cache_temp_files())
+        self.assertEqual(self.cache_temp_files(), [])
+        self.assertEqual(self.rendition("slow.png", "width=20").status, 200)
 
 
 class TestRenditionsOnOneWorker(RenditionTestCase):
@@ -5383,7 +5454,7 @@ class TestManyRenditionsAtOnce(RenditionTestCase):
 
 
 class TestRenditionCacheSize(RenditionTestCase):
-    # Room for about three of the renditions below (each about 30 KB of noise as PNG).
+    # Room for about four of the renditions below (each about 22 KB of noise as PNG).
     server_options = {"cache_size": 100_000}
 
     def test_least_recently_used_renditions_go_first_and_readers_always_get_whole_files(self):
