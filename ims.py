@@ -1022,6 +1022,17 @@ class Store:
                     raise
         raise HTTPError(404, f"no image named {name!r} is stored")
 
+    def content_type(self, name, version):
+        """Return the content type of `version` of the stored image `name`, read from its first bytes once per version.
+
+        HTTPError(404) when there is no image `name`.
+        """
+        content_type = self._content_types.get(version)
+        if content_type is None:
+            with self.open(name) as stored:
+                content_type = stored.content_type
+        return content_type
+
     def _open_stored(self, name):
         try:
             descriptor = os.open(self.path_of(name), os.O_RDONLY | OPEN_FLAGS_NO_FOLLOW)
@@ -2167,6 +2178,8 @@ def parse_rendition_sizes(text):
     return tuple(sizes)
 
 
+# A page asks for the same few renditions again and again: their parsing is kept.
+@functools.lru_cache(maxsize=1024)
 def parse_rendition_query(query, max_pixels, allowed_sizes=None):
     """Return the Rendition a GET's query string asks for, or None when it asks for the original.
 
@@ -3223,8 +3236,8 @@ class Renditions:
         # Counted for tests and benchmarks: renders this instance ran.
         self.renders = 0
 
-    def open(self, name, original, rendition, entry, content_type):
-        """Return rendition `entry` of the open StoredFile `original` of `name` as a StoredFile.
+    def open(self, name, version, rendition, entry, content_type):
+        """Return rendition `entry` of `version` of the stored image `name` as a StoredFile.
 
         Raises HTTPError: 400 for a result over --max-pixels, 422 for an image that cannot be
         rendered, 503 (with Retry-After) when the resize processes are busy, the render takes too
@@ -3244,7 +3257,7 @@ class Renditions:
         try:
             if is_leader:
                 try:
-                    flight.result = self._render(name, original, rendition, entry, content_type)
+                    flight.result = self._render(name, version, rendition, entry, content_type)
                 except HTTPError as error:
                     flight.error = error
                 except BaseException:
@@ -3266,8 +3279,10 @@ class Renditions:
                 if flight.users == 0 and flight.result is not None:
                     flight.result.close()
 
-    def _render(self, name, original, rendition, entry, content_type):
-        with original.reader() as file:
+    def _render(self, name, version, rendition, entry, content_type):
+        with self._store.open(name) as original, original.reader() as file:
+            if original.version != version:
+                raise HTTPError(503, "the image was replaced while it was being rendered; ask again", {"Retry-After": "1"})
             size = upright_size(file)
         if size is None:
             raise HTTPError(422, f"{name!r} cannot be rendered: it is not a readable image of an allowed format")
@@ -3287,7 +3302,7 @@ class Renditions:
                     target = None
                 if target is not None:
                     try:
-                        answer = self._run(source_path, target.path, rendition, original.version)
+                        answer = self._run(source_path, target.path, rendition, version)
                         if answer is None:
                             result = self._open_result(target.path, content_type)
                             self._store.keep_rendition(target, name, entry, result.version.size)
@@ -3297,7 +3312,7 @@ class Renditions:
                     finally:
                         target.remove()
             # Kept nowhere: rendered into memory, and gone with its last reader.
-            return self._render_in_memory(name, source_path, rendition, original.version, content_type)
+            return self._render_in_memory(name, source_path, rendition, version, content_type)
 
     def _render_in_memory(self, name, source_path, rendition, version, content_type):
         if not hasattr(os, "memfd_create"):
@@ -3610,28 +3625,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         when the resize processes are busy or the render takes too long.
         """
         settings = self.server.settings
+        store = self.server.store
         rendition = parse_rendition_query(self.http_request.query, settings.max_pixels, settings.rendition_sizes)
-        with self.server.store.open(name) as original:
-            version = original.version
-            if rendition is None:
+        if rendition is None:
+            with store.open(name) as original:
+                version = original.version
                 headers = self.file_headers(name, version.etag, version.mtime_seconds)
                 if headers is not None:
                     self.send_file(original, headers)
-                return
-            source_format = FORMAT_BY_CONTENT_TYPE.get(original.content_type)
-            if source_format is None:
-                raise HTTPError(422, f"{name!r} cannot be rendered: it is not a readable image of an allowed format")
-            output_format = rendition.format or source_format
-            entry = rendition.entry(version, source_format)
-            if output_format != FORMAT_BY_EXTENSION[extension_of(name)]:
-                name_shown = name[: -len(extension_of(name))] + EXTENSION_BY_FORMAT[output_format]
-            else:
-                name_shown = name
-            headers = self.file_headers(name_shown, f'"{entry}"', version.mtime_seconds)
-            if headers is None:
-                return
+            return
+        # A cached rendition is found by the original's version alone: the original is not opened.
+        version = store.version(name)
+        source_format = FORMAT_BY_CONTENT_TYPE.get(store.content_type(name, version))
+        if source_format is None:
+            raise HTTPError(422, f"{name!r} cannot be rendered: it is not a readable image of an allowed format")
+        output_format = rendition.format or source_format
+        entry = rendition.entry(version, source_format)
+        if output_format != FORMAT_BY_EXTENSION[extension_of(name)]:
+            name_shown = name[: -len(extension_of(name))] + EXTENSION_BY_FORMAT[output_format]
+        else:
+            name_shown = name
+        headers = self.file_headers(name_shown, f'"{entry}"', version.mtime_seconds)
+        if headers is not None:
             content_type = OUTPUT_CONTENT_TYPES[output_format]
-            with self.server.renditions.open(name, original, rendition, entry, content_type) as rendered:
+            with self.server.renditions.open(name, version, rendition, entry, content_type) as rendered:
                 self.send_file(rendered, headers)
 
     def file_headers(self, name, etag, mtime_seconds):
