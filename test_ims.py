@@ -3093,6 +3093,1102 @@ def kill_session(session_id):
             pass
 
 
+# ====
+# GET /<name>?width=… — renditions: bad input
+# ====
+# parse_rendition_query() and parse_rendition_sizes() on their own, then the same refusals over
+# HTTP: every invalid parameter is a 400 naming it (for GET and HEAD, on a connection that stays
+# open), cache-busting parameters are ignored, an unknown image is 404 once the parameters have
+# been read, a file that is not a readable image is 422, and nothing is ever a 500.
+
+
+# (query, words its 400 message holds): one row for every way a rendition query can be refused
+# whatever the image. MAX_PIXELS is the default --max-pixels that these rows assume.
+RENDITION_ERROR_ROWS = (
+    ("width=0", "width"),
+    ("width=-1", "width"),
+    ("width=abc", ("width", "'abc'")),
+    ("width=1.5", ("width", "1.5")),
+    ("width=1e3", "width"),
+    ("width=0x10", "width"),
+    ("width=", "width"),
+    ("width", "width"),
+    ("width=%2B5", ("width", "'+5'")),
+    ("width=+5", ("width", "' 5'")),
+    ("width=5+", ("width", "'5 '")),
+    ("width=%D9%A3", "width"),  # ARABIC-INDIC DIGIT THREE: a digit to str.isdigit(), not to IMS
+    ("width=%EF%BC%95", "width"),  # FULLWIDTH DIGIT FIVE
+    ("width=1" + "0" * 18, "width"),  # 19 digits: past MAX_DIMENSION
+    ("width=50%26height=20", ("width", "50&height=20")),  # an encoded & separates nothing
+    ("width=3;height=4", ("width", "3;height=4")),  # nor does a semicolon
+    ("width=5%23frag", "width"),
+    ("height=0", "height"),
+    ("height=-3", "height"),
+    ("height=x", ("height", "'x'")),
+    ("width=10&height=0", "height"),
+    ("width=10&height=10&fit=stretch", ("fit", "stretch")),
+    ("width=10&height=10&fit=FILL", ("fit", "FILL")),
+    ("width=10&height=10&fit=", "fit"),
+    ("width=10&height=10&fit=cover%20", "fit"),
+    ("width=10&height=10&fit=%00", "fit"),
+    ("width=10&fit=crop", ("fit", "crop")),  # refused even where a single side ignores fit
+    ("format=bmp", ("format", "bmp")),
+    ("format=tiff", ("format", "tiff")),
+    ("format=", "format"),
+    ("format=jpe", "format"),
+    ("format=png%00", "format"),
+    ("format=.png", "format"),
+    ("format=image%2Fpng", "format"),
+    ("format=%C4%B0", "format"),  # "İ", whose lower() is two characters
+    ("quality=0", "quality"),
+    ("quality=101", ("quality", "101")),
+    ("quality=-5", "quality"),
+    ("quality=50.5", "quality"),
+    ("quality=", "quality"),
+    ("quality=abc", ("quality", "abc")),
+    ("quality=" + "9" * 30, "quality"),
+    ("width=10&quality=0", "quality"),
+    ("widht=300", "widht"),
+    ("Width=300", "'Width'"),
+    ("w=300", "'w'"),
+    ("size=300x200", "'size'"),
+    ("=300", "unknown parameter"),
+    ("width=50&dpr=2", "'dpr'"),
+    ("V=3", "'V'"),  # the cache-busting names are case-sensitive
+    ("width=10&width=10", ("width", "twice")),
+    ("width=10&width=20", ("width", "twice")),
+    ("width=1&height=1&fit=cover&fit=cover", ("fit", "twice")),
+    ("format=png&format=png", ("format", "twice")),
+    ("quality=5&quality=5", ("quality", "twice")),
+    ("height=5&height=6", ("height", "twice")),
+    ("width=10&wid%74h=10", ("width", "twice")),  # the same name once decoded
+    ("width=%ff", "UTF-8"),
+    ("%ff=1", "UTF-8"),
+    ("v=%ff", "UTF-8"),  # the query is decoded before cache busters are set aside
+    ("width=10&format=%C0%AF", "UTF-8"),  # an overlong encoding of "/"
+    ("width=%ED%A0%80", "UTF-8"),  # an encoded surrogate
+    ("width=9001&height=10000", str(MAX_PIXELS)),
+    ("width=9001&height=10000&fit=cover", str(MAX_PIXELS)),
+    ("width=999999999999999999&height=999999999999999999", str(MAX_PIXELS)),
+)
+
+# Pieces the seeded garbage of query strings is made of: the names and values that matter, their
+# near misses, and the characters that a query parser treats specially.
+GARBAGE_KEYS = (
+    "width", "height", "fit", "format", "quality", "v", "_", "t", "ts", "cb", "version",
+    "widht", "Width", "w", "", "wid%74h", "%77idth", "width%00", "width ", "dpr", "%ff", "%", "+",
+)
+GARBAGE_VALUES = (
+    "", "0", "1", "7", "20", "050", "-1", "+3", "%2B3", " 3", "1.5", "1e3", "99999999999999999999",
+    "999999999999999999", "%ff", "%00", "%", "%e2%82", "%C0%AF", "cover", "contain", "fill", "FILL",
+    "png", "jpeg", "jpg", "JPEG", "webp", "gif", "avif", "bmp", "tiff", "%c3%a9", "50", "100", "101",
+    "%D9%A3", "&", "=", ";", "#",
+)
+GARBAGE_CHARACTERS = "&=%+;#?/.,-_~!$'()*:@[]0123456789abcdefxX"
+
+
+def garbage_query(rng, ascii_only=True):
+    """Return a random query string: parameters, near misses and stray characters.
+
+    `ascii_only` keeps to the printable ASCII that a request target can carry; otherwise any
+    character but a lone surrogate may appear as well (str.encode cannot encode those, and a
+    request target decoded from bytes never holds one).
+    """
+    parts = []
+    for _ in range(rng.randint(0, 6)):
+        roll = rng.random()
+        if roll < 0.6:
+            parts.append(f"{rng.choice(GARBAGE_KEYS)}={rng.choice(GARBAGE_VALUES)}")
+        elif roll < 0.75:
+            parts.append(rng.choice(GARBAGE_KEYS))
+        elif roll < 0.9 or ascii_only:
+            parts.append("".join(rng.choice(GARBAGE_CHARACTERS) for _ in range(rng.randint(0, 12))))
+        else:
+            characters = []
+            for _ in range(rng.randint(1, 6)):
+                code = rng.choice((rng.randint(0x80, 0xFF), rng.randint(0x100, 0xD7FF), rng.randint(0xE000, 0x10FFFF)))
+                characters.append(chr(code))
+            parts.append("".join(characters))
+    query = rng.choice(("&", "&", "&", "&&", ";")).join(parts)
+    # http.client sends no space in a target; a form encodes it as "+".
+    return query.replace(" ", "+") if ascii_only else query
+
+
+def garbage_sizes(rng):
+    """Return a random --rendition-sizes text: sizes, near misses and stray characters."""
+    items = []
+    for _ in range(rng.randint(0, 5)):
+        roll = rng.random()
+        if roll < 0.5:
+            width = rng.choice(("", " ", "0", "7", "200", "0012", "999999999", "1000000000", "-1", "+1", "1.5"))
+            cross = rng.choice(("x", "x", "X", "*", " x ", "xx", ""))
+            height = rng.choice(("", " ", "0", "9", "1200", "0x0", "12345678901", "\t", "\u0663"))
+            items.append(width + cross + height)
+        elif roll < 0.8:
+            items.append(rng.choice(("any", "ANY", "0x0", " ", "", "x", "auto", "200x200x200", "\n200x200\n")))
+        else:
+            items.append("".join(rng.choice("0123456789xX ,;\t\n-+.*\u0663\u00d7") for _ in range(rng.randint(0, 10))))
+    return rng.choice((",", ",", ", ", ";")).join(items)
+
+
+class TestParseRenditionQuery(unittest.TestCase):
+    """parse_rendition_query(): a Rendition, None for the original, or HTTPError(400) naming the parameter."""
+
+    def parse(self, query, max_pixels=MAX_PIXELS, allowed_sizes=None):
+        return ims.parse_rendition_query(query, max_pixels, allowed_sizes)
+
+    def assertRefused(self, query, *words, max_pixels=MAX_PIXELS, allowed_sizes=None):
+        """The query is refused with HTTPError(400) whose message holds every one of `words`."""
+        self.assertTrue(words, "name what the message must hold")
+        with self.assertRaises(ims.HTTPError, msg=query) as caught:
+            self.parse(query, max_pixels, allowed_sizes)
+        self.assertEqual(caught.exception.status, 400, query)
+        self.assertIsInstance(caught.exception.message, str)
+        for word in words:
+            self.assertIn(word, caught.exception.message, query)
+        return caught.exception.message
+
+    def test_every_error_row_is_400_naming_the_parameter(self):
+        for query, words in RENDITION_ERROR_ROWS:
+            with self.subTest(query=query):
+                self.assertRefused(query, *((words,) if isinstance(words, str) else words))
+
+    def test_no_query_or_only_separators_is_the_original(self):
+        for query in ("", "&", "&&&"):
+            with self.subTest(query=query):
+                self.assertIsNone(self.parse(query))
+
+    def test_cache_busting_parameters_alone_are_the_original(self):
+        for query in ("v=3", "_=1700000000000", "t=1", "ts=2", "cb=x", "version=7", "v=", "v",
+                      "v=1&v=2", "_=1&t=2&ts=3&cb=4&version=5&v=6", "v=%2F..%2F"):
+            with self.subTest(query=query):
+                self.assertIsNone(self.parse(query))
+
+    def test_cache_busting_parameters_beside_a_rendition_are_ignored(self):
+        expected = ims.Rendition(50, None, "fill", None, None)
+        for query in ("width=50&v=3", "v=3&width=50", "width=50&v=1&v=2", "_=9&width=50&cb=abc"):
+            with self.subTest(query=query):
+                self.assertEqual(self.parse(query), expected)
+
+    def test_each_parameter_alone_is_read(self):
+        self.assertEqual(self.parse("width=50"), ims.Rendition(50, None, "fill", None, None))
+        self.assertEqual(self.parse("height=40"), ims.Rendition(None, 40, "fill", None, None))
+        self.assertEqual(self.parse("width=5&height=4&fit=cover"), ims.Rendition(5, 4, "cover", None, None))
+        self.assertEqual(self.parse("format=webp"), ims.Rendition(None, None, "fill", "WEBP", None))
+        self.assertEqual(self.parse("quality=1"), ims.Rendition(None, None, "fill", None, 1))
+        self.assertEqual(self.parse("quality=100"), ims.Rendition(None, None, "fill", None, 100))
+
+    def test_fit_alone_is_accepted_as_a_rendition_at_the_original_size(self):
+        # As built: fit without a side is not refused; it asks for a re-encoding at the original size.
+        self.assertEqual(self.parse("fit=cover"), ims.Rendition(None, None, "cover", None, None))
+
+    def test_percent_encoded_names_and_values_are_decoded(self):
+        self.assertEqual(self.parse("wid%74h=50"), ims.Rendition(50))
+        self.assertEqual(self.parse("%77idth=%35%30&fit=%63over&height=%33"), ims.Rendition(50, 3, "cover"))
+        self.assertEqual(self.parse("format=%70%6E%67"), ims.Rendition(format="PNG"))
+
+    def test_leading_zeros_and_18_digits_are_read_as_numbers(self):
+        self.assertEqual(self.parse("width=050"), ims.Rendition(50))
+        self.assertEqual(self.parse("width=000000000000000050"), ims.Rendition(50))
+        self.assertEqual(self.parse("quality=007"), ims.Rendition(quality=7))
+        self.assertEqual(self.parse("quality=0100"), ims.Rendition(quality=100))
+        # One side alone is checked against the image, not here.
+        self.assertEqual(self.parse("width=999999999999999999"), ims.Rendition(10 ** 18 - 1))
+
+    def test_format_names_are_case_insensitive_and_jpg_is_jpeg(self):
+        for text, image_format in (("jpeg", "JPEG"), ("jpg", "JPEG"), ("JPG", "JPEG"), ("Jpeg", "JPEG"),
+                                   ("png", "PNG"), ("PNG", "PNG"), ("WebP", "WEBP"), ("gif", "GIF"), ("GIF", "GIF")):
+            with self.subTest(format=text):
+                self.assertEqual(self.parse(f"format={text}").format, image_format)
+
+    def test_avif_is_accepted_exactly_where_pillow_writes_it(self):
+        with mock.patch.object(ims, "AVIF_IS_WRITABLE", True):
+            self.assertEqual(self.parse("width=5&format=avif").format, "AVIF")
+            self.assertEqual(self.parse("format=AVIF").format, "AVIF")
+        with mock.patch.object(ims, "AVIF_IS_WRITABLE", False):
+            self.assertRefused("width=5&format=avif", "avif")
+            self.assertRefused("format=AVIF", "avif")
+            self.assertEqual(self.parse("width=5&format=webp").format, "WEBP")
+        if ims.AVIF_IS_WRITABLE:
+            self.assertEqual(self.parse("format=avif").format, "AVIF")
+        else:
+            self.assertRefused("format=avif", "avif")
+
+    def test_unknown_parameter_names_are_truncated_in_the_message(self):
+        message = self.assertRefused("x" * 5000 + "=1", "'" + "x" * 100)
+        self.assertLess(len(message), 1000)
+        message = self.assertRefused("format=" + "p" * 5000, "format", "p" * 100)
+        self.assertLess(len(message), 1000)
+        message = self.assertRefused("width=1&height=1&fit=" + "c" * 5000, "fit", "c" * 100)
+        self.assertLess(len(message), 1000)
+        message = self.assertRefused("quality=" + "1" * 5000, "quality")
+        self.assertLess(len(message), 1000)
+
+    def test_the_first_problem_in_the_query_is_the_one_named(self):
+        # Names in order of the query; a repeat is found before the values are read.
+        self.assertRefused("widht=1&width=0", "widht")
+        self.assertRefused("width=0&width=0", "twice")
+        self.assertRefused("width=1&fit=cover&fit=bad&height=1", "fit", "twice")
+
+    def test_result_of_exactly_max_pixels_is_accepted_and_one_more_is_not(self):
+        self.assertEqual(self.parse("width=3&height=3", max_pixels=9), ims.Rendition(3, 3))
+        self.assertEqual(self.parse("width=3&height=3&fit=cover", max_pixels=9), ims.Rendition(3, 3, "cover"))
+        self.assertRefused("width=3&height=3", "3x3", "8", max_pixels=8)
+        self.assertRefused("width=3&height=3&fit=cover", "3x3", "8", max_pixels=8)
+
+    def test_contain_and_a_single_side_are_left_to_the_image(self):
+        # Their result depends on the image's aspect ratio: download_image checks them on a miss.
+        self.assertEqual(self.parse("width=3&height=3&fit=contain", max_pixels=8), ims.Rendition(3, 3, "contain"))
+        self.assertEqual(self.parse("width=100", max_pixels=8), ims.Rendition(100))
+        self.assertEqual(self.parse("height=100", max_pixels=8), ims.Rendition(None, 100))
+        self.assertEqual(self.parse("width=100&fit=cover", max_pixels=8), ims.Rendition(100, None, "cover"))
+
+    def test_allowed_sizes_accept_their_sizes_with_any_fit_format_and_quality(self):
+        sizes = ((200, 200), (1200, 0))
+        self.assertEqual(self.parse("width=200&height=200", allowed_sizes=sizes), ims.Rendition(200, 200))
+        for fit in ("fill", "contain", "cover"):
+            self.assertEqual(self.parse(f"width=200&height=200&fit={fit}", allowed_sizes=sizes).fit, fit)
+        self.assertEqual(self.parse("width=1200", allowed_sizes=sizes), ims.Rendition(1200))
+        self.assertEqual(self.parse("width=1200&format=webp&quality=60&v=2", allowed_sizes=sizes),
+                         ims.Rendition(1200, None, "fill", "WEBP", 60))
+        self.assertIsNone(self.parse("v=3", allowed_sizes=sizes))
+        self.assertIsNone(self.parse("", allowed_sizes=sizes))
+
+    def test_allowed_sizes_refuse_other_sizes_naming_the_allowed_and_the_asked(self):
+        sizes = ((200, 200), (1200, 0))
+        for query, asked in (("width=200", "200x0"), ("height=200", "0x200"), ("height=1200", "0x1200"),
+                             ("width=1200&height=900", "1200x900"), ("width=201&height=200", "201x200"),
+                             ("format=png", "0x0"), ("quality=50", "0x0"), ("fit=cover", "0x0")):
+            with self.subTest(query=query):
+                self.assertRefused(query, "200x200", "1200x0", f"not {asked}", allowed_sizes=sizes)
+
+    def test_allowed_sizes_with_0x0_allow_a_rendition_at_the_original_size(self):
+        self.assertEqual(self.parse("format=png", allowed_sizes=((0, 0),)), ims.Rendition(format="PNG"))
+        self.assertRefused("width=5", "0x0", "not 5x0", allowed_sizes=((0, 0),))
+
+    def test_an_invalid_parameter_is_named_before_the_allow_list_is_consulted(self):
+        sizes = ((200, 200),)
+        self.assertRefused("width=0&height=200", "width", allowed_sizes=sizes)
+        self.assertRefused("width=200&height=200&fit=bad", "fit", allowed_sizes=sizes)
+        self.assertRefused("widht=200", "widht", allowed_sizes=sizes)
+
+    def check_outcome(self, query, max_pixels, allowed_sizes):
+        """Parse `query`: a valid Rendition or None, or HTTPError(400); anything else fails the test."""
+        try:
+            rendition = self.parse(query, max_pixels, allowed_sizes)
+        except ims.HTTPError as error:
+            self.assertEqual(error.status, 400, (query, error.message))
+            self.assertIsInstance(error.message, str)
+            self.assertTrue(error.message.strip())
+            json.dumps({"message": error.message})
+            return "refused"
+        except Exception as error:
+            self.fail(f"{query!r} raised {error!r}, not HTTPError(400)")
+        if rendition is None:
+            return "original"
+        self.assertIsInstance(rendition, ims.Rendition)
+        for side in (rendition.width, rendition.height):
+            self.assertTrue(side is None or (type(side) is int and 1 <= side <= ims.MAX_DIMENSION), (query, rendition))
+        self.assertIn(rendition.fit, ims.FITS, query)
+        self.assertTrue(rendition.format is None or rendition.format in ims.RENDITION_FORMATS.values(), query)
+        self.assertTrue(rendition.format != "AVIF" or ims.AVIF_IS_WRITABLE, query)
+        self.assertTrue(rendition.quality is None or (type(rendition.quality) is int and 1 <= rendition.quality <= 100), query)
+        if rendition.width and rendition.height and rendition.fit != "contain":
+            self.assertLessEqual(rendition.width * rendition.height, max_pixels, query)
+        if allowed_sizes is not None:
+            self.assertIn((rendition.width or 0, rendition.height or 0), allowed_sizes, query)
+        version = ims.Version(1, 2, 3)
+        for source_format in ims.ALLOWED_FORMATS:
+            entry = rendition.entry(version, source_format)
+            self.assertEqual(entry, os.path.basename(entry), query)
+            self.assertFalse(entry.startswith("."), query)
+        return "rendition"
+
+    def test_seeded_garbage_queries_are_parsed_or_refused_with_400(self):
+        rng = random.Random(SEED)
+        outcomes = collections.Counter()
+        for _ in range(3000):
+            query = garbage_query(rng, ascii_only=rng.random() < 0.7)
+            max_pixels = rng.choice((1, 100, 10000, MAX_PIXELS))
+            allowed_sizes = rng.choice((None, None, ((20, 20), (0, 20), (7, 0)), ((0, 0),)))
+            with self.subTest(query=query, max_pixels=max_pixels, allowed_sizes=allowed_sizes):
+                outcomes[self.check_outcome(query, max_pixels, allowed_sizes)] += 1
+        # The garbage reaches every outcome, so it tests more than the query parser's first refusal.
+        self.assertEqual(set(outcomes), {"refused", "original", "rendition"}, outcomes)
+
+    def test_seeded_mutations_of_valid_queries_are_parsed_or_refused_with_400(self):
+        rng = random.Random(SEED + 1)
+        valid = b"width=300&height=200&fit=cover&format=webp&quality=80&v=7"
+        for _ in range(2000):
+            query = mutate(rng, valid).decode("latin-1")
+            with self.subTest(query=query):
+                self.check_outcome(query, MAX_PIXELS, None)
+
+
+class TestParseRenditionSizes(unittest.TestCase):
+    """parse_rendition_sizes(): ((width, height), ...), None for any size, or ValueError naming the bad item."""
+
+    def assertInvalid(self, text, *words):
+        with self.assertRaises(ValueError, msg=text) as caught:
+            ims.parse_rendition_sizes(text)
+        self.assertIn("rendition_sizes", str(caught.exception), text)
+        for word in words:
+            self.assertIn(word, str(caught.exception), text)
+
+    def test_the_contracts_example(self):
+        self.assertEqual(ims.parse_rendition_sizes("200x200,1200x0"), ((200, 200), (1200, 0)))
+
+    def test_white_space_around_items_is_ignored(self):
+        self.assertEqual(ims.parse_rendition_sizes(" 200x200 , 1200x0\n"), ((200, 200), (1200, 0)))
+        self.assertEqual(ims.parse_rendition_sizes("\t5x6"), ((5, 6),))
+
+    def test_zero_sides_and_leading_zeros(self):
+        self.assertEqual(ims.parse_rendition_sizes("0x0"), ((0, 0),))
+        self.assertEqual(ims.parse_rendition_sizes("0x16,16x0"), ((0, 16), (16, 0)))
+        self.assertEqual(ims.parse_rendition_sizes("007x0008"), ((7, 8),))
+        self.assertEqual(ims.parse_rendition_sizes("999999999x1"), ((999999999, 1),))
+
+    def test_empty_or_any_is_every_size(self):
+        for text in ("", "   ", "any", "ANY", " Any\n"):
+            with self.subTest(text=text):
+                self.assertIsNone(ims.parse_rendition_sizes(text))
+
+    def test_malformed_items_are_value_errors_naming_the_item(self):
+        for text, item in (
+            ("200", "'200'"), ("200x", "'200x'"), ("x200", "'x200'"), ("200X200", "'200X200'"),
+            ("200*200", "'200*200'"), ("200\u00d7200", "200\u00d7200"), ("200 x 200", "'200 x 200'"),
+            ("-1x2", "'-1x2'"), ("+1x2", "'+1x2'"), ("1.5x2", "'1.5x2'"), ("1e3x2", "'1e3x2'"),
+            ("1000000000x1", "'1000000000x1'"), ("\u0663x3", "\u0663x3"), ("0x0x0", "'0x0x0'"),
+            ("auto", "'auto'"), ("none", "'none'"), ("200x200;1x1", "'200x200;1x1'"),
+            ("200x200,any", "'any'"), ("any,200x200", "'any'"), ("0x10,wide", "'wide'"),
+        ):
+            with self.subTest(text=text):
+                self.assertInvalid(text, item)
+
+    def test_empty_items_are_value_errors(self):
+        for text in ("200x200,", ",200x200", "200x200,,1x1", ",", " , "):
+            with self.subTest(text=text):
+                self.assertInvalid(text, "WIDTHxHEIGHT")
+
+    def test_settings_parse_the_text_and_refuse_a_bad_one(self):
+        self.assertEqual(ims.Settings(rendition_sizes="20x20,32x0").rendition_sizes, ((20, 20), (32, 0)))
+        self.assertIsNone(ims.Settings(rendition_sizes="any").rendition_sizes)
+        with self.assertRaises(ValueError) as caught:
+            ims.Settings(rendition_sizes="20x")
+        self.assertIn("rendition_sizes", str(caught.exception))
+
+    def test_seeded_garbage_is_parsed_or_a_value_error(self):
+        rng = random.Random(SEED)
+        outcomes = collections.Counter()
+        for _ in range(3000):
+            text = garbage_sizes(rng)
+            with self.subTest(text=text):
+                try:
+                    sizes = ims.parse_rendition_sizes(text)
+                except ValueError as error:
+                    self.assertIn("rendition_sizes", str(error))
+                    outcomes["invalid"] += 1
+                    continue
+                except Exception as error:
+                    self.fail(f"{text!r} raised {error!r}, not ValueError")
+                if sizes is None:
+                    outcomes["any"] += 1
+                    continue
+                self.assertIsInstance(sizes, tuple)
+                self.assertTrue(sizes)
+                for size in sizes:
+                    self.assertIsInstance(size, tuple)
+                    self.assertEqual(len(size), 2)
+                    for side in size:
+                        self.assertIs(type(side), int)
+                        self.assertTrue(0 <= side <= 999999999, text)
+                outcomes["sizes"] += 1
+        self.assertEqual(set(outcomes), {"invalid", "any", "sizes"}, outcomes)
+
+
+class TestRenditionEntry(unittest.TestCase):
+    """Rendition.entry(): parameters that give the same picture give the same cache entry and ETag."""
+
+    VERSION = ims.Version(0x1234, 0x5678, 0x9ABC)
+
+    def entry(self, query, source_format="JPEG", version=VERSION):
+        return ims.parse_rendition_query(query, MAX_PIXELS).entry(version, source_format)
+
+    def assertSameEntry(self, source_format, *queries):
+        entries = {query: self.entry(query, source_format) for query in queries}
+        self.assertEqual(len(set(entries.values())), 1, entries)
+
+    def assertDistinctEntries(self, source_format, *queries):
+        entries = {query: self.entry(query, source_format) for query in queries}
+        self.assertEqual(len(set(entries.values())), len(queries), entries)
+
+    def test_the_original_format_asked_for_is_no_format(self):
+        self.assertSameEntry("JPEG", "width=50", "width=50&format=jpeg", "width=50&format=jpg", "width=50&format=JPEG")
+        self.assertSameEntry("PNG", "width=50", "width=50&format=png", "width=50&format=PNG")
+        self.assertSameEntry("GIF", "width=50", "width=50&format=gif")
+        self.assertSameEntry("WEBP", "width=50", "width=50&format=webp")
+
+    def test_another_format_is_another_entry(self):
+        self.assertDistinctEntries("JPEG", "width=50", "width=50&format=png", "width=50&format=webp", "width=50&format=gif")
+
+    def test_quality_is_ignored_for_lossless_formats(self):
+        self.assertSameEntry("PNG", "width=50", "width=50&quality=80", "width=50&quality=1")
+        self.assertSameEntry("GIF", "width=50", "width=50&quality=80")
+        self.assertSameEntry("JPEG", "width=50&format=png", "width=50&format=png&quality=80")
+        self.assertSameEntry("JPEG", "width=50&format=gif", "width=50&format=gif&quality=5")
+        self.assertSameEntry("BMP", "width=50", "width=50&quality=5")
+        self.assertSameEntry("TIFF", "width=50", "width=50&quality=5")
+
+    def test_quality_counts_for_lossy_formats(self):
+        self.assertDistinctEntries("JPEG", "width=50", "width=50&quality=80", "width=50&quality=81")
+        self.assertDistinctEntries("PNG", "width=50&format=webp", "width=50&format=webp&quality=80")
+        self.assertDistinctEntries("WEBP", "width=50", "width=50&quality=80")
+
+    def test_quality_counts_for_avif(self):
+        with mock.patch.object(ims, "AVIF_IS_WRITABLE", True):
+            self.assertDistinctEntries("PNG", "width=50&format=avif", "width=50&format=avif&quality=80")
+
+    def test_fit_is_ignored_with_one_side_or_none(self):
+        self.assertSameEntry("JPEG", "width=50", "width=50&fit=fill", "width=50&fit=contain", "width=50&fit=cover")
+        self.assertSameEntry("JPEG", "height=50", "height=50&fit=fill", "height=50&fit=contain", "height=50&fit=cover")
+        self.assertSameEntry("JPEG", "format=png", "format=png&fit=cover", "format=png&fit=contain")
+
+    def test_fit_counts_with_both_sides_and_fill_is_the_default(self):
+        self.assertSameEntry("JPEG", "width=50&height=40", "width=50&height=40&fit=fill")
+        self.assertDistinctEntries("JPEG", "width=50&height=40", "width=50&height=40&fit=contain", "width=50&height=40&fit=cover")
+
+    def test_sizes_are_told_apart(self):
+        self.assertDistinctEntries("JPEG", "width=50", "height=50", "width=50&height=50", "width=5&height=50", "width=55", "format=jpeg&quality=50")
+
+    def test_cache_busters_and_spelling_do_not_change_the_entry(self):
+        self.assertSameEntry("JPEG", "width=50", "width=50&v=1", "v=2&width=50", "width=050", "wid%74h=%35%30", "width=50&_=9&cb=x")
+
+    def test_another_version_is_another_entry(self):
+        other = ims.Version(0x1234, 0x5679, 0x9ABC)
+        self.assertNotEqual(self.entry("width=50"), self.entry("width=50", version=other))
+
+    def test_the_entry_starts_with_the_version_and_ends_with_the_output_extension(self):
+        for query, source_format, extension in (
+            ("width=5", "JPEG", ".jpg"), ("width=5", "PNG", ".png"), ("width=5", "GIF", ".gif"),
+            ("width=5", "WEBP", ".webp"), ("width=5", "BMP", ".bmp"), ("width=5", "TIFF", ".tif"),
+            ("width=5&format=png", "JPEG", ".png"), ("width=5&format=jpg", "PNG", ".jpg"),
+        ):
+            with self.subTest(query=query, source_format=source_format):
+                entry = self.entry(query, source_format)
+                self.assertTrue(entry.startswith(self.VERSION.tag + "-"), entry)
+                self.assertTrue(entry.endswith(extension), entry)
+                self.assertEqual(entry, os.path.basename(entry))
+
+
+class RenditionInputTestCase(HTTPTestCase):
+    """HTTPTestCase plus renditions asked for on one connection that must stay open after every answer."""
+
+    def store(self, name, data):
+        """Upload `data` as `name` and check it was stored; return it."""
+        reply = self.upload(name, data)
+        self.assertEqual(reply.status, 201, reply.body)
+        return data
+
+    def kept_alive(self):
+        """Return a connection that has served one request; ask() checks that it stays this one."""
+        connection = self.connect()
+        self.assertEqual(self.request("GET", "/", connection=connection).status, 200)
+        self.assertIsNotNone(connection.sock)
+        connection.kept_address = connection.sock.getsockname()
+        return connection
+
+    def ask(self, connection, target, method="GET", headers=None):
+        """Send one request on the kept-alive `connection`; the server must keep it open after the answer."""
+        reply = self.request(method, target, headers=headers, connection=connection)
+        self.assertNotEqual(reply.status, 500, (method, target, reply.body))
+        self.assertIsNotNone(connection.sock, f"the server closed the connection after {method} {target} ({reply.status})")
+        self.assertEqual(connection.sock.getsockname(), connection.kept_address, f"a new connection after {method} {target}")
+        return reply
+
+    def assertRefusedGetAndHead(self, connection, target, status, words):
+        """GET `target` is the JSON error `status` holding `words`; HEAD the same head without a body."""
+        get = self.ask(connection, target)
+        self.assertError(get, status, words)
+        head = self.ask(connection, target, "HEAD")
+        self.assertEqual(head.status, status, target)
+        self.assertEqual(head.headers["Content-Type"], "application/json", target)
+        self.assertEqual(head.headers["Content-Length"], str(len(get.body)), target)
+        self.assertEqual(head.body, b"")
+        return get
+
+    def assertImage(self, reply, content_type, size):
+        """The reply is 200 with a whole image of `content_type` and `size`."""
+        self.assertEqual(reply.status, 200, reply.body[:300])
+        self.assertEqual(reply.headers["Content-Type"], content_type)
+        self.assertEqual(int(reply.headers["Content-Length"]), len(reply.body))
+        if content_type != "image/avif":
+            self.assertEqual(decode(reply.body).size, size)
+
+    def assertOriginal(self, reply, data, content_type):
+        """The reply is 200 with the stored bytes as they are, as their real content type."""
+        self.assertEqual(reply.status, 200, reply.body[:300])
+        self.assertEqual(reply.body, data)
+        self.assertEqual(reply.headers["Content-Type"], content_type)
+
+    def rendition_files(self, name):
+        """Return the renditions of `name` kept in the cache (temp and lock files not counted)."""
+        folder = os.path.join(self.storage, ims.STATE_FOLDER, "renditions", name)
+        if not os.path.isdir(folder):
+            return []
+        return sorted(entry for entry in os.listdir(folder) if not entry.startswith(ims.TEMP_PREFIX))
+
+
+class TestRenditionBadQueries(RenditionInputTestCase):
+    """Invalid rendition parameters over HTTP: 400 naming them, for GET and HEAD, and the connection stays open."""
+
+    def setUp(self):
+        super().setUp()
+        self.jpeg = self.store("a.jpg", make_image("JPEG", size=(64, 48)))
+        self.png = self.store("b.png", make_image("PNG", size=(64, 48)))
+
+    def test_every_error_row_is_400_json_naming_the_parameter_for_get_and_head(self):
+        connection = self.kept_alive()
+        for query, words in RENDITION_ERROR_ROWS:
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/a.jpg?{query}", 400, words)
+        self.assertConnectionStillServes(connection)
+        self.assertEqual(self.server.renditions.renders, 0)
+        self.assertEqual(self.rendition_files("a.jpg"), [])
+
+    def test_refusals_are_framed_exactly_one_after_another_on_one_connection(self):
+        requests = []
+        for query, _ in RENDITION_ERROR_ROWS[::4]:
+            requests += [("HEAD", f"/a.jpg?{query}", {}), ("GET", f"/a.jpg?{query}", {})]
+        replies = self.raw_requests(*requests, ("GET", "/a.jpg", {}))
+        for (method, target, _), reply in zip(requests, replies):
+            with self.subTest(method=method, target=target):
+                self.assertEqual(reply.status, 400, reply.body)
+                self.assertEqual(reply.body == b"", method == "HEAD")
+        self.assertOriginal(replies[-1], self.jpeg, "image/jpeg")
+
+    def test_a_misspelt_parameter_is_400_not_the_original(self):
+        connection = self.kept_alive()
+        reply = self.assertRefusedGetAndHead(connection, "/a.jpg?widht=300", 400, ("widht", "width"))
+        self.assertNotEqual(reply.body, self.jpeg)
+        self.assertNotIn("ETag", reply.headers)
+
+    def test_cache_busting_parameters_alone_serve_the_original(self):
+        connection = self.kept_alive()
+        original = self.ask(connection, "/a.jpg")
+        for query in ("v=3", "_=1700000000000", "t=1", "ts=2", "cb=x", "version=7", "v=", "v=1&v=2", "v=3&_=4"):
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/a.jpg?{query}")
+                self.assertOriginal(reply, self.jpeg, "image/jpeg")
+                self.assertEqual(reply.headers["ETag"], original.headers["ETag"])
+                head = self.ask(connection, f"/a.jpg?{query}", "HEAD")
+                self.assertEqual((head.status, head.body, head.headers["ETag"]), (200, b"", original.headers["ETag"]))
+        self.assertEqual(self.server.renditions.renders, 0)
+
+    def test_cache_busting_parameters_beside_a_rendition_serve_that_rendition(self):
+        connection = self.kept_alive()
+        plain = self.ask(connection, "/a.jpg?width=50")
+        self.assertImage(plain, "image/jpeg", (50, 38))
+        for query in ("width=50&v=3", "v=3&width=50", "width=50&_=1&cb=2"):
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/a.jpg?{query}")
+                self.assertImage(reply, "image/jpeg", (50, 38))
+                self.assertEqual(reply.headers["ETag"], plain.headers["ETag"])
+                self.assertEqual(reply.body, plain.body)
+        self.assertNotEqual(plain.headers["ETag"], self.ask(connection, "/a.jpg", "HEAD").headers["ETag"])
+
+    def test_an_empty_query_serves_the_original(self):
+        connection = self.kept_alive()
+        original = self.ask(connection, "/a.jpg")
+        for target in ("/a.jpg?", "/a.jpg?&", "/a.jpg?&&&"):
+            with self.subTest(target=target):
+                reply = self.ask(connection, target)
+                self.assertOriginal(reply, self.jpeg, "image/jpeg")
+                self.assertEqual(reply.headers["ETag"], original.headers["ETag"])
+
+    def test_percent_encoded_names_and_values_are_decoded(self):
+        connection = self.kept_alive()
+        plain = self.ask(connection, "/a.jpg?width=50")
+        for query in ("wid%74h=50", "%77idth=50", "width=%35%30", "width=050", "width=50&format=%6A%70%65%67"):
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/a.jpg?{query}")
+                self.assertImage(reply, "image/jpeg", (50, 38))
+                self.assertEqual(reply.headers["ETag"], plain.headers["ETag"])
+        reply = self.ask(connection, "/a.jpg?%77idth=40&fit=%63over&height=%33%30&format=%50NG")
+        self.assertImage(reply, "image/png", (40, 30))
+
+    def test_a_plus_is_a_space_and_an_encoded_plus_is_a_plus(self):
+        connection = self.kept_alive()
+        for query, words in (
+            ("width=+50", ("width", "' 50'")), ("width=50+", ("width", "'50 '")), ("width=%2B50", ("width", "'+50'")),
+            ("width=5+0", ("width", "'5 0'")), ("width=5&height=5&fit=+cover", ("fit", "' cover'")),
+            ("wi+dth=5", "'wi dth'"), ("width+=5", "'width '"), ("format=png+", ("format", "'png '")),
+            ("quality=+50", ("quality", "' 50'")),
+        ):
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/a.jpg?{query}", 400, words)
+
+    def test_an_unknown_name_is_404_once_its_parameters_are_valid(self):
+        connection = self.kept_alive()
+        for query in ("width=50", "v=3", "", "width=50&v=3", "width=5&height=5&fit=contain", "format=png"):
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/nope.png?{query}", 404, "'nope.png'")
+
+    def test_bad_parameters_on_an_unknown_name_are_400_as_they_are_read_first(self):
+        # As built: download_image() parses the query before it looks the name up.
+        connection = self.kept_alive()
+        for query, words in (("widht=50", "widht"), ("width=0", "width"), ("width=%ff", "UTF-8"),
+                             ("width=5&width=5", "twice"), ("width=9001&height=10000", str(MAX_PIXELS))):
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/nope.png?{query}", 400, words)
+
+    def test_a_path_that_names_no_image_is_404_whatever_the_query(self):
+        # Routing comes first: the query of a path that cannot be an image is never read.
+        connection = self.kept_alive()
+        for target in ("/nope.txt?widht=5", "/nope.txt?width=50", "/.hidden.png?width=5", "/%2e%2e%2fa.jpg?width=5",
+                       "/%ff.png?widht=5", "/a.jpg/?width=5"):
+            with self.subTest(target=target):
+                self.assertRefusedGetAndHead(connection, target, 404, None)
+
+    def test_quality_of_a_lossless_format_is_accepted_and_ignored(self):
+        connection = self.kept_alive()
+        plain = self.ask(connection, "/b.png?width=20")
+        self.assertImage(plain, "image/png", (20, 15))
+        for query in ("width=20&quality=50", "width=20&quality=1", "width=20&format=png&quality=100"):
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/b.png?{query}")
+                self.assertImage(reply, "image/png", (20, 15))
+                self.assertEqual(reply.headers["ETag"], plain.headers["ETag"])
+        self.assertImage(self.ask(connection, "/a.jpg?width=20&format=png&quality=5"), "image/png", (20, 15))
+        self.assertImage(self.ask(connection, "/a.jpg?width=20&format=gif&quality=100"), "image/gif", (20, 15))
+        # Still checked where it is ignored.
+        self.assertRefusedGetAndHead(connection, "/b.png?width=20&quality=0", 400, "quality")
+
+    def test_the_original_format_asked_for_is_the_rendition_without_format(self):
+        connection = self.kept_alive()
+        plain = self.ask(connection, "/a.jpg?width=20")
+        for query in ("width=20&format=jpeg", "width=20&format=jpg", "width=20&format=JPEG"):
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/a.jpg?{query}")
+                self.assertEqual(reply.headers["ETag"], plain.headers["ETag"])
+        self.assertNotEqual(self.ask(connection, "/a.jpg?width=20&quality=5").headers["ETag"], plain.headers["ETag"])
+
+    def test_fit_with_one_side_is_ignored(self):
+        connection = self.kept_alive()
+        plain = self.ask(connection, "/a.jpg?width=20")
+        for fit in ("fill", "contain", "cover"):
+            with self.subTest(fit=fit):
+                reply = self.ask(connection, f"/a.jpg?width=20&fit={fit}")
+                self.assertImage(reply, "image/jpeg", (20, 15))
+                self.assertEqual(reply.headers["ETag"], plain.headers["ETag"])
+
+    def test_avif_is_served_or_refused_as_this_pillow_can_write_it(self):
+        connection = self.kept_alive()
+        reply = self.ask(connection, "/a.jpg?width=20&format=avif")
+        if ims.AVIF_IS_WRITABLE:
+            self.assertImage(reply, "image/avif", (20, 15))
+            self.assertEqual(reply.body[4:8], b"ftyp")
+        else:
+            self.assertError(reply, 400, "avif")
+        with mock.patch.object(ims, "AVIF_IS_WRITABLE", False):
+            self.assertRefusedGetAndHead(connection, "/a.jpg?width=21&format=avif", 400, "avif")
+            self.assertImage(self.ask(connection, "/a.jpg?width=21&format=webp"), "image/webp", (21, 16))
+
+    def test_bad_parameters_win_over_conditional_and_range_headers(self):
+        connection = self.kept_alive()
+        etag = self.ask(connection, "/a.jpg", "HEAD").headers["ETag"]
+        for headers in ({"If-None-Match": etag}, {"If-None-Match": "*"}, {"Range": "bytes=0-9"},
+                        {"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}):
+            with self.subTest(headers=headers):
+                reply = self.ask(connection, "/a.jpg?widht=20", headers=headers)
+                self.assertError(reply, 400, "widht")
+
+    def test_a_range_beyond_a_renditions_end_is_416(self):
+        connection = self.kept_alive()
+        reply = self.ask(connection, "/a.jpg?width=20", headers={"Range": "bytes=999999-"})
+        self.assertError(reply, 416, None)
+        reply = self.ask(connection, "/a.jpg?width=20", headers={"Range": "bytes=0-9"})
+        self.assertEqual((reply.status, len(reply.body)), (206, 10))
+
+    def test_a_huge_single_side_is_400_for_its_pixels_before_any_render(self):
+        connection = self.kept_alive()
+        for query in ("width=999999999999999999", "height=999999999999999999", "width=100000",
+                      "width=99999&height=99999&fit=contain", "width=999999999999999999&fit=cover"):
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/a.jpg?{query}", 400, str(MAX_PIXELS))
+        self.assertEqual(self.server.renditions.renders, 0)
+
+    def test_a_parameter_name_of_thousands_of_characters_is_400_with_a_short_message(self):
+        connection = self.kept_alive()
+        reply = self.assertRefusedGetAndHead(connection, "/a.jpg?" + "x" * 7000 + "=1", 400, "x" * 100)
+        self.assertLess(len(reply.body), 1000)
+
+    def test_a_query_past_the_request_line_limit_is_414_json(self):
+        reply = self.parse_reply(self.raw_exchange(
+            b"GET /a.jpg?width=" + b"1" * ims.MAX_REQUEST_LINE_BYTES + b" HTTP/1.1\r\nHost: ims.test\r\n\r\n"))
+        self.assertError(reply, 414, None)
+
+    def test_a_fragment_sent_by_a_careless_client_is_part_of_the_query(self):
+        # As built: "#" has no meaning in a request target, so "#top" is a name or a value like another.
+        connection = self.kept_alive()
+        self.assertRefusedGetAndHead(connection, "/a.jpg?width=5#top", 400, ("width", "5#top"))
+        self.assertRefusedGetAndHead(connection, "/a.jpg?#top", 400, "'#top'")
+
+
+class TestRenditionPixelLimit(RenditionInputTestCase):
+    """--max-pixels 10000: fill and cover refused at once, contain and one side against the image."""
+
+    server_options = {"max_pixels": 10000}
+
+    def setUp(self):
+        super().setUp()
+        self.store("a.png", make_image("PNG", size=(64, 48)))
+
+    def test_fill_and_cover_over_the_limit_are_400_without_a_render(self):
+        connection = self.kept_alive()
+        for query in ("width=101&height=100", "width=101&height=100&fit=fill", "width=101&height=100&fit=cover",
+                      "width=10001&height=1"):
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/a.png?{query}", 400, "10000")
+        self.assertEqual(self.server.renditions.renders, 0)
+
+    def test_contain_and_one_side_over_the_limit_for_this_image_are_400_without_a_render(self):
+        connection = self.kept_alive()
+        # 64x48: contain in 200x200 is 200x150; width 200 is 200x150; height 150 is 200x150.
+        for query in ("width=200&height=200&fit=contain", "width=200", "height=150", "width=116",
+                      "width=200&fit=cover", "width=999999999999999999&height=999999999999999999&fit=contain"):
+            with self.subTest(query=query):
+                self.assertRefusedGetAndHead(connection, f"/a.png?{query}", 400, "10000")
+        self.assertEqual(self.server.renditions.renders, 0)
+
+    def test_results_at_or_under_the_limit_are_served(self):
+        connection = self.kept_alive()
+        for query, size in (("width=100&height=100", (100, 100)), ("width=50&height=50&fit=cover", (50, 50)),
+                            ("width=100&height=100&fit=contain", (100, 75)), ("width=115", (115, 86)),
+                            ("height=86", (115, 86)), ("width=10000&height=1&fit=contain", (1, 1))):
+            with self.subTest(query=query):
+                self.assertImage(self.ask(connection, f"/a.png?{query}"), "image/png", size)
+
+    def test_cover_at_the_limit_is_served_as_patch_accepts_it(self):
+        # cover crops while it resizes (resize_frame's box): it never makes the uncropped 133x100,
+        # and PATCH accepts the same 100x100 cover. Renditions.open() checks fitted_size(..., "cover"),
+        # the size before the crop, and refuses with a size nobody asked for.
+        connection = self.kept_alive()
+        for query, size in (("width=100&height=100&fit=cover", (100, 100)), ("width=20&height=400&fit=cover", (20, 400))):
+            with self.subTest(query=query):
+                self.assertImage(self.ask(connection, f"/a.png?{query}"), "image/png", size)
+        reply = self.request("PATCH", "/a.png?width=100&height=100&fit=cover")
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+
+    def test_on_an_unknown_name_fill_over_the_limit_is_400_and_contain_is_404(self):
+        connection = self.kept_alive()
+        self.assertRefusedGetAndHead(connection, "/nope.png?width=101&height=100", 400, "10000")
+        self.assertRefusedGetAndHead(connection, "/nope.png?width=200&height=200&fit=contain", 404, "'nope.png'")
+        self.assertRefusedGetAndHead(connection, "/nope.png?width=200", 404, "'nope.png'")
+
+    def test_an_original_over_the_limit_placed_by_hand_renders_smaller_but_not_at_its_size(self):
+        data = encode(noise((200, 200)), "PNG")
+        self.put_file("big.png", data)
+        connection = self.kept_alive()
+        self.assertOriginal(self.ask(connection, "/big.png"), data, "image/png")
+        self.assertImage(self.ask(connection, "/big.png?width=10"), "image/png", (10, 10))
+        self.assertRefusedGetAndHead(connection, "/big.png?format=png", 400, ("200x200", "10000"))
+        self.assertRefusedGetAndHead(connection, "/big.png?quality=50", 400, ("200x200", "10000"))
+
+
+class TestRenditionSizeAllowList(RenditionInputTestCase):
+    """--rendition-sizes 20x20,32x0,0x16: those sizes only; the original is still served."""
+
+    server_options = {"rendition_sizes": "20x20,32x0,0x16"}
+
+    def setUp(self):
+        super().setUp()
+        self.data = self.store("a.png", make_image("PNG", size=(64, 48)))
+
+    def test_listed_sizes_are_served_with_any_fit_format_and_quality(self):
+        connection = self.kept_alive()
+        for query, content_type, size in (
+            ("width=20&height=20", "image/png", (20, 20)),
+            ("width=20&height=20&fit=cover", "image/png", (20, 20)),
+            ("width=20&height=20&fit=contain", "image/png", (20, 15)),
+            ("width=32", "image/png", (32, 24)),
+            ("width=32&v=9", "image/png", (32, 24)),
+            ("height=16", "image/png", (21, 16)),
+            ("width=32&format=webp&quality=5", "image/webp", (32, 24)),
+            ("width=32&format=png&quality=5", "image/png", (32, 24)),
+        ):
+            with self.subTest(query=query):
+                self.assertImage(self.ask(connection, f"/a.png?{query}"), content_type, size)
+
+    def test_other_sizes_are_400_naming_the_allowed_and_the_asked(self):
+        connection = self.kept_alive()
+        for query, asked in (("width=20", "20x0"), ("height=20", "0x20"), ("width=32&height=24", "32x24"),
+                             ("width=21&height=20", "21x20"), ("width=16", "16x0"), ("height=32", "0x32"),
+                             ("format=png", "0x0"), ("quality=50", "0x0"), ("fit=cover", "0x0"),
+                             ("width=20&height=20&width=20", "twice")):
+            with self.subTest(query=query):
+                words = ("twice",) if asked == "twice" else ("20x20", "32x0", "0x16", f"not {asked}")
+                self.assertRefusedGetAndHead(connection, f"/a.png?{query}", 400, words)
+        self.assertEqual(self.server.renditions.renders, 0)
+
+    def test_the_original_is_served_without_rendition_parameters(self):
+        connection = self.kept_alive()
+        for target in ("/a.png", "/a.png?", "/a.png?v=3", "/a.png?_=1&cb=2"):
+            with self.subTest(target=target):
+                self.assertOriginal(self.ask(connection, target), self.data, "image/png")
+
+    def test_an_unknown_name_is_400_for_a_refused_size_and_404_for_a_listed_one(self):
+        connection = self.kept_alive()
+        self.assertRefusedGetAndHead(connection, "/nope.png?width=21", 400, "not 21x0")
+        self.assertRefusedGetAndHead(connection, "/nope.png?width=32", 404, "'nope.png'")
+
+
+class TestRenditionSizeAllowListOfTheOriginalSize(RenditionInputTestCase):
+    """--rendition-sizes 0x0: a rendition in another format at the original's size, and nothing else."""
+
+    server_options = {"rendition_sizes": "0x0"}
+
+    def test_only_the_original_size_is_rendered(self):
+        self.store("a.png", make_image("PNG", size=(64, 48)))
+        connection = self.kept_alive()
+        self.assertImage(self.ask(connection, "/a.png?format=webp"), "image/webp", (64, 48))
+        self.assertImage(self.ask(connection, "/a.png?format=jpeg&quality=40"), "image/jpeg", (64, 48))
+        self.assertRefusedGetAndHead(connection, "/a.png?width=64", 400, ("0x0", "not 64x0"))
+        self.assertRefusedGetAndHead(connection, "/a.png?width=64&height=48", 400, ("0x0", "not 64x48"))
+
+
+def png_without_pixels(width, height):
+    """Return a PNG of width x height that has its header chunk but no pixel data."""
+    import zlib  # only here: the rest of the tests need no checksums
+
+    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    end = b"IEND"
+    return (b"\x89PNG\r\n\x1a\n"
+            + struct.pack(">I", len(header) - 4) + header + struct.pack(">I", zlib.crc32(header))
+            + struct.pack(">I", 0) + end + struct.pack(">I", zlib.crc32(end)))
+
+
+class TestRenditionUnreadableFiles(RenditionInputTestCase):
+    """Files placed by hand that are not readable images: 422 for a rendition, the original still served."""
+
+    def setUp(self):
+        super().setUp()
+        self.good = self.store("good.png", make_image("PNG", size=(64, 48)))
+
+    RENDITION_QUERIES = ("width=10", "format=png", "width=10&height=10&fit=cover", "quality=50", "width=10&format=webp")
+
+    def assertUnrenderable(self, name, data, content_type, words=None):
+        """`data` placed as `name`: every rendition 422 naming it (twice: not cached), the original served as it is."""
+        self.put_file(name, data)
+        connection = self.kept_alive()
+        for query in self.RENDITION_QUERIES:
+            for attempt in (1, 2):
+                with self.subTest(name=name, query=query, attempt=attempt):
+                    self.assertRefusedGetAndHead(connection, f"/{name}?{query}", 422, (f"'{name}'",) + tuple(words or ()))
+        self.assertOriginal(self.ask(connection, f"/{name}"), data, content_type)
+        self.assertOriginal(self.ask(connection, f"/{name}?v=3"), data, content_type)
+        # Bad parameters are still 400: they are read before the file is.
+        self.assertRefusedGetAndHead(connection, f"/{name}?widht=10", 400, "widht")
+        self.assertEqual(self.rendition_files(name), [])
+        self.assertNoTempFiles()
+        self.assertImage(self.ask(connection, "/good.png?width=10"), "image/png", (10, 8))
+        self.assertConnectionStillServes(connection)
+
+    def test_text_named_png_is_422_while_the_original_downloads(self):
+        self.assertUnrenderable("bad.png", b"hello, I am not an image\n", "application/octet-stream", ("not a readable image",))
+
+    def test_an_empty_file_is_422(self):
+        self.assertUnrenderable("empty.png", b"", "application/octet-stream")
+
+    def test_a_truncated_jpeg_is_422(self):
+        data = encode(noise((90, 90)), "JPEG")
+        self.assertUnrenderable("truncated.jpg", data[: len(data) // 2], "image/jpeg", ("truncated",))
+
+    def test_a_jpeg_cut_inside_its_header_is_422(self):
+        self.assertUnrenderable("head.jpg", encode(noise((90, 90)), "JPEG")[:300], "image/jpeg")
+
+    def test_jpeg_magic_followed_by_garbage_is_422(self):
+        self.assertUnrenderable("magic.jpg", b"\xff\xd8\xff" + b"garbage" * 20, "image/jpeg")
+
+    def test_a_jpeg_with_garbage_in_its_scan_never_500s(self):
+        # A damaged scan may decode to something (Pillow fills what it cannot read) or be refused.
+        data = bytearray(encode(noise((90, 90)), "JPEG"))
+        rng = random.Random(SEED)
+        for index in rng.sample(range(len(data) // 2, len(data) - 2), 40):
+            data[index] = rng.randrange(256)
+        self.put_file("damaged.jpg", bytes(data))
+        connection = self.kept_alive()
+        for query in self.RENDITION_QUERIES:
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/damaged.jpg?{query}")
+                self.assertIn(reply.status, (200, 422), reply.body[:300])
+                if reply.status == 422:
+                    self.assertError(reply, 422, "'damaged.jpg'")
+
+    def test_a_truncated_png_is_422(self):
+        data = encode(noise((90, 90)), "PNG")
+        self.assertUnrenderable("truncated.png", data[: len(data) // 2], "image/png", ("truncated",))
+
+    def test_a_truncated_gif_is_422(self):
+        data = encode(noise((90, 90)), "GIF")
+        self.assertUnrenderable("truncated.gif", data[: len(data) // 2], "image/gif")
+
+    def test_a_truncated_webp_is_422(self):
+        data = encode(noise((90, 90)), "WEBP")
+        self.assertUnrenderable("truncated.webp", data[: len(data) // 2], "image/webp")
+
+    def test_a_png_header_of_a_pixel_bomb_is_422(self):
+        # 30000x30000 declared, no pixel data: Pillow refuses it as a decompression bomb.
+        self.assertUnrenderable("bomb.png", png_without_pixels(30000, 30000), "image/png")
+
+    def test_a_png_header_without_pixels_is_422(self):
+        self.assertUnrenderable("hollow.png", png_without_pixels(60, 40), "image/png")
+
+    def test_an_image_of_another_format_than_its_name_is_rendered_as_what_it_is(self):
+        data = encode(noise((40, 30)), "PNG")
+        self.put_file("lie.jpg", data)
+        connection = self.kept_alive()
+        reply = self.ask(connection, "/lie.jpg?width=20")
+        self.assertImage(reply, "image/png", (20, 15))
+        self.assertIn("lie.png", reply.headers["Content-Disposition"])
+        self.assertImage(self.ask(connection, "/lie.jpg?width=20&format=jpeg"), "image/jpeg", (20, 15))
+
+    def test_many_requests_at_once_for_an_unrenderable_rendition_are_all_422(self):
+        data = encode(noise((90, 90)), "JPEG")
+        self.put_file("truncated.jpg", data[: len(data) // 2])
+        count = 8
+        barrier = threading.Barrier(count)
+        answers = [None] * count
+
+        def ask(index):
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=DEADLINE_SECONDS)
+            try:
+                connection.connect()
+                barrier.wait(timeout=DEADLINE_SECONDS)
+                connection.request("GET", "/truncated.jpg?width=10")
+                response = connection.getresponse()
+                answers[index] = (response.status, response.read())
+            except Exception as error:  # reported in the main thread
+                answers[index] = (None, repr(error))
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=ask, args=(index,)) for index in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE_SECONDS)
+        for status, body in answers:
+            self.assertEqual(status, 422, body)
+            self.assertIn("'truncated.jpg'", json.loads(body)["message"])
+        self.assertEqual(self.rendition_files("truncated.jpg"), [])
+
+    def test_a_folder_with_an_image_name_is_404(self):
+        os.mkdir(os.path.join(self.storage, "folder.png"))
+        connection = self.kept_alive()
+        self.assertRefusedGetAndHead(connection, "/folder.png?width=10", 404, "'folder.png'")
+
+    def test_a_bad_file_replaced_by_an_image_renders(self):
+        self.put_file("later.png", b"not yet an image")
+        connection = self.kept_alive()
+        self.assertRefusedGetAndHead(connection, "/later.png?width=10", 422, "'later.png'")
+        temporary = self.put_file("later.tmp", make_image("PNG", size=(64, 48)), folder=self.tempdir.name)
+        os.replace(temporary, os.path.join(self.storage, "later.png"))
+        self.assertImage(self.ask(connection, "/later.png?width=10"), "image/png", (10, 8))
+
+
+class TestRenditionGarbageQueries(RenditionInputTestCase):
+    """Seeded random queries over HTTP: 200 or a JSON 400, never anything else, on one open connection."""
+
+    # Small enough that whatever the garbage asks for renders at once.
+    server_options = {"max_pixels": 4096}
+
+    def test_seeded_garbage_queries_are_served_or_refused_with_400(self):
+        data = self.store("a.png", make_image("PNG", size=(64, 48)))
+        connection = self.kept_alive()
+        rng = random.Random(SEED)
+        statuses = collections.Counter()
+        for index in range(300):
+            query = garbage_query(rng)
+            method = "HEAD" if index % 3 == 2 else "GET"
+            with self.subTest(query=query, method=method):
+                reply = self.ask(connection, f"/a.png?{query}", method)
+                statuses[reply.status] += 1
+                self.assertIn(reply.status, (200, 400), reply.body[:300])
+                if reply.status == 400 and method == "GET":
+                    self.assertError(reply, 400, None)
+                elif reply.status == 200:
+                    self.assertTrue(reply.headers["Content-Type"].startswith("image/"), reply.headers["Content-Type"])
+                    if method == "GET" and reply.body != data and reply.headers["Content-Type"] != "image/avif":
+                        width, height = decode(reply.body).size
+                        self.assertLessEqual(width * height, 4096)
+        self.assertEqual(set(statuses), {200, 400}, statuses)
+        self.assertConnectionStillServes(connection)
+
+    def test_seeded_garbage_queries_on_an_unknown_name_are_404_or_400(self):
+        connection = self.kept_alive()
+        rng = random.Random(SEED + 2)
+        for _ in range(300):
+            query = garbage_query(rng)
+            with self.subTest(query=query):
+                reply = self.ask(connection, f"/nope.png?{query}")
+                self.assertIn(reply.status, (400, 404), reply.body[:300])
+                self.assertError(reply, reply.status, None)
+
+
+class TestRenditionOfUnusualImages(RenditionInputTestCase):
+    """Every image that uploads accept renders in every format offered: never a 422, never a 500."""
+
+    FORMATS = ("jpeg", "png", "webp", "gif") + (("avif",) if ims.AVIF_IS_WRITABLE else ())
+    CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif", "avif": "image/avif"}
+    BASE = noise((40, 30))
+
+    def assertRendersIn(self, name, data, formats):
+        """`data` uploads as `name`, and renders 20 wide (20x15) in each of `formats`."""
+        self.store(name, data)
+        connection = self.kept_alive()
+        for image_format in formats:
+            with self.subTest(name=name, format=image_format):
+                reply = self.ask(connection, f"/{name}?width=20&format={image_format}")
+                self.assertImage(reply, self.CONTENT_TYPES[image_format], (20, 15))
+
+    def test_images_of_common_modes_and_animations_render_in_every_format(self):
+        transparent = self.BASE.convert("P")
+        transparent.info["transparency"] = 0
+        for name, data in (
+            ("rgba.png", encode(self.BASE.convert("RGBA"), "PNG")),
+            ("la.png", encode(self.BASE.convert("LA"), "PNG")),
+            ("p.png", encode(transparent, "PNG")),
+            ("bilevel.png", encode(self.BASE.convert("1"), "PNG")),
+            ("i16.png", encode(self.BASE.convert("L").convert("I;16"), "PNG")),
+            ("cmyk.jpg", encode(self.BASE.convert("CMYK"), "JPEG")),
+            ("cmyk.tif", encode(self.BASE.convert("CMYK"), "TIFF")),
+            ("animated.gif", animation("GIF", size=(40, 30))),
+            ("animated.webp", animation("WEBP", size=(40, 30))),
+            ("pages.tif", animation("TIFF", size=(40, 30))),
+        ):
+            self.assertRendersIn(name, data, self.FORMATS)
+        self.assertRendersIn("animated.png", animation("PNG", size=(40, 30)), ("jpeg", "png", "webp", "gif"))
+
+    def test_a_32_bit_integer_grey_tiff_renders_in_every_format(self):
+        # Bug: format=png is 422 "cannot write mode I as PNG".
+        self.assertRendersIn("i32.tif", encode(self.BASE.convert("L").convert("I"), "TIFF"), self.FORMATS)
+
+    def test_a_floating_point_grey_tiff_renders_in_every_format(self):
+        # Bug: format=png is 422 "cannot write mode F as PNG".
+        self.assertRendersIn("float.tif", encode(self.BASE.convert("L").convert("F"), "TIFF"), self.FORMATS)
+
+    def test_a_ycbcr_tiff_renders_in_every_format(self):
+        # Bug: format=png is 422 "cannot write mode YCbCr as PNG", format=gif 422 "image has wrong mode".
+        self.assertRendersIn("ycbcr.tif", encode(self.BASE.convert("YCbCr"), "TIFF"), self.FORMATS)
+
+    def test_an_animated_png_renders_as_avif(self):
+        # Bug: 422 "'float' object cannot be interpreted as an integer" (APNG frame durations are floats).
+        if not ims.AVIF_IS_WRITABLE:
+            self.skipTest("this Pillow cannot write AVIF")
+        self.assertRendersIn("animated.png", animation("PNG", size=(40, 30)), ("avif",))
+
+
 class TestCommandLine(unittest.TestCase):
     def setUp(self):
         self.tempdir = tempfile.TemporaryDirectory()
