@@ -2083,9 +2083,9 @@ def _dimension(parameters, key):
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise HTTPError(400, f"{key} must be a positive integer, not {value!r}")
+        raise HTTPError(400, f"{key} must be a positive integer, not {repr(value)[:100]}")
     if value < 1:
-        raise HTTPError(400, f"{key} must be at least 1, not {value!r}")
+        raise HTTPError(400, f"{key} must be at least 1, not {repr(value)[:100]}")
     if value > MAX_DIMENSION:
         raise HTTPError(400, f"{key} must be at most {MAX_DIMENSION} pixels")
     return value
@@ -2479,31 +2479,46 @@ def upright_frames(image, width, height, fit, all_frames=True):
         if transpose is not None:
             frame = frame.transpose(transpose)
         frames.append(resize_frame(frame, width, height, fit))
-        durations.append(image.info.get("duration", 0))
+        # In milliseconds; an APNG's are fractions, which some writers (AVIF) refuse.
+        durations.append(round(image.info.get("duration") or 0))
     return frames, durations
 
 
 def _flattened(frame):
     # JPEG has no alpha: transparent pixels show white, as on a page.
-    if frame.mode not in ("RGBA", "LA"):
+    if "A" not in frame.mode:
         return frame
+    frame = frame.convert("RGBA")
     background = Image.new("RGB", frame.size, "white")
-    background.paste(frame.convert("RGB"), mask=frame.getchannel("A"))
+    background.paste(frame, mask=frame.getchannel("A"))
     return background
+
+
+# The modes each output format of a rendition stores as they are.
+ENCODABLE_MODES = {
+    "JPEG": ("L", "RGB", "CMYK"),
+    "PNG": ("1", "L", "LA", "RGB", "RGBA", "I;16"),
+    "WEBP": ("RGB", "RGBA"),
+    "AVIF": ("RGB", "RGBA"),
+    "GIF": ("1", "L", "RGB", "RGBA"),
+}
 
 
 def _encodable(frame, image_format):
     # A frame in a mode that `image_format` stores, where that is not the frame's own format.
-    if frame.mode in ("I", "F") and image_format != "PNG":
-        # 16-bit grey (resized as 32-bit) to 8 bits: of the formats here only PNG has more.
+    modes = ENCODABLE_MODES[image_format]
+    if frame.mode == "F":
+        frame = frame.convert("I")
+    if frame.mode == "I":
+        # Grey of 16 bits (resized as 32) or more: PNG keeps 16, the others have 8.
+        if "I;16" in modes:
+            return frame.convert("I;16")
         frame = frame.point(lambda value: value * (1 / 257)).convert("L")
-    if frame.mode == "CMYK" and image_format != "JPEG":
-        frame = frame.convert("RGB")
+    if frame.mode in modes:
+        return frame
     if image_format == "JPEG":
-        return _flattened(frame)
-    if image_format in ("WEBP", "AVIF") and frame.mode not in ("RGB", "RGBA"):
-        return frame.convert("RGBA" if "A" in frame.mode else "RGB")
-    return frame
+        return _flattened(frame).convert("RGB")
+    return frame.convert("RGBA" if "A" in frame.mode else "RGB")
 
 
 def save_like(original, frames, durations, path, image_format=None, quality=None, keep_exif=True):
@@ -3287,7 +3302,9 @@ class Renditions:
         if size is None:
             raise HTTPError(422, f"{name!r} cannot be rendered: it is not a readable image of an allowed format")
         width, height, fit = rendition_box(size, rendition.width, rendition.height, rendition.fit)
-        check_result_pixels(*fitted_size(size, width, height, fit), self._max_pixels)
+        if fit == "contain":
+            width, height = fitted_size(size, width, height, fit)
+        check_result_pixels(width, height, self._max_pixels)
         with self._store.rendition_lock(name, entry):
             # Rendered meanwhile by an instance that held the lock first.
             cached = self._store.open_rendition(name, entry, content_type)

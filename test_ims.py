@@ -3302,9 +3302,13 @@ class TestParseRenditionQuery(unittest.TestCase):
                 self.assertEqual(self.parse(f"format={text}").format, image_format)
 
     def test_avif_is_accepted_exactly_where_pillow_writes_it(self):
+        # What was parsed before is kept per query, whatever the mock says.
+        ims.parse_rendition_query.cache_clear()
+        self.addCleanup(ims.parse_rendition_query.cache_clear)
         with mock.patch.object(ims, "AVIF_IS_WRITABLE", True):
             self.assertEqual(self.parse("width=5&format=avif").format, "AVIF")
             self.assertEqual(self.parse("format=AVIF").format, "AVIF")
+        ims.parse_rendition_query.cache_clear()
         with mock.patch.object(ims, "AVIF_IS_WRITABLE", False):
             self.assertRefused("width=5&format=avif", "avif")
             self.assertRefused("format=AVIF", "avif")
@@ -3545,6 +3549,8 @@ class TestRenditionEntry(unittest.TestCase):
         self.assertDistinctEntries("WEBP", "width=50", "width=50&quality=80")
 
     def test_quality_counts_for_avif(self):
+        ims.parse_rendition_query.cache_clear()
+        self.addCleanup(ims.parse_rendition_query.cache_clear)
         with mock.patch.object(ims, "AVIF_IS_WRITABLE", True):
             self.assertDistinctEntries("PNG", "width=50&format=avif", "width=50&format=avif&quality=80")
 
@@ -3789,6 +3795,9 @@ class TestRenditionBadQueries(RenditionInputTestCase):
             self.assertEqual(reply.body[4:8], b"ftyp")
         else:
             self.assertError(reply, 400, "avif")
+        # Queries parsed before are kept, whatever the mock says.
+        ims.parse_rendition_query.cache_clear()
+        self.addCleanup(ims.parse_rendition_query.cache_clear)
         with mock.patch.object(ims, "AVIF_IS_WRITABLE", False):
             self.assertRefusedGetAndHead(connection, "/a.jpg?width=21&format=avif", 400, "avif")
             self.assertImage(self.ask(connection, "/a.jpg?width=21&format=webp"), "image/webp", (21, 16))
@@ -4171,19 +4180,21 @@ class TestRenditionOfUnusualImages(RenditionInputTestCase):
         self.assertRendersIn("animated.png", animation("PNG", size=(40, 30)), ("jpeg", "png", "webp", "gif"))
 
     def test_a_32_bit_integer_grey_tiff_renders_in_every_format(self):
-        # Bug: format=png is 422 "cannot write mode I as PNG".
         self.assertRendersIn("i32.tif", encode(self.BASE.convert("L").convert("I"), "TIFF"), self.FORMATS)
 
     def test_a_floating_point_grey_tiff_renders_in_every_format(self):
-        # Bug: format=png is 422 "cannot write mode F as PNG".
         self.assertRendersIn("float.tif", encode(self.BASE.convert("L").convert("F"), "TIFF"), self.FORMATS)
 
     def test_a_ycbcr_tiff_renders_in_every_format(self):
-        # Bug: format=png is 422 "cannot write mode YCbCr as PNG", format=gif 422 "image has wrong mode".
-        self.assertRendersIn("ycbcr.tif", encode(self.BASE.convert("YCbCr"), "TIFF"), self.FORMATS)
+        data = encode(self.BASE.convert("YCbCr"), "TIFF")
+        try:
+            decode(data)
+        except OSError as error:
+            self.skipTest(f"this Pillow cannot read the YCbCr TIFF it writes: {error}")
+        self.assertRendersIn("ycbcr.tif", data, self.FORMATS)
 
     def test_an_animated_png_renders_as_avif(self):
-        # Bug: 422 "'float' object cannot be interpreted as an integer" (APNG frame durations are floats).
+        # APNG frame durations are fractions of a millisecond, which the AVIF writer refuses.
         if not ims.AVIF_IS_WRITABLE:
             self.skipTest("this Pillow cannot write AVIF")
         self.assertRendersIn("animated.png", animation("PNG", size=(40, 30)), ("avif",))
@@ -6176,6 +6187,21 @@ class RenditionTestCase(ResizeTestCase):
         wait_for(lambda: is_stopped(pid))
         return pid
 
+    def hold_renders(self, server):
+        """Make `server`'s renders wait until the returned Event is set (at cleanup at the latest)."""
+        release = threading.Event()
+        render = server.resizer.render
+
+        def held_render(*arguments):
+            release.wait(DEADLINE_SECONDS)
+            return render(*arguments)
+
+        patcher = mock.patch.object(server.resizer, "render", held_render)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.addCleanup(release.set)
+        return release
+
     @staticmethod
     def resume(pid):
         try:
@@ -6450,14 +6476,11 @@ class TestRenditions(RenditionTestCase):
 
     def test_fifty_requests_at_once_cause_one_render_and_get_the_same_bytes(self):
         self.store("a.png", encode(noise((200, 150)), "PNG"))
-        children = set(multiprocessing.active_children())
-        connections = [self.connect() for _ in range(50)]
-        threads = [self.in_background(self.rendition, "a.png", "width=400&height=300", None, connections[0])]
-        pid = self.hold_new_process(children)
-        threads += [self.in_background(self.rendition, "a.png", "width=400&height=300", None, connection) for connection in connections[1:]]
-        # All 50 wait for the one render, held still until they do.
+        release = self.hold_renders(self.server)
+        threads = [self.in_background(self.rendition, "a.png", "width=400&height=300", None, self.connect()) for _ in range(50)]
+        # All 50 wait for the one render, held back until they do.
         wait_for(lambda: sum(flight.users for flight in self.server.renditions._flights.values()) == 50)
-        self.resume(pid)
+        release.set()
         replies = []
         for thread, results in threads:
             thread.join(DEADLINE_SECONDS)
@@ -6623,12 +6646,13 @@ class TestRenditionsOnSharedFolder(RenditionTestCase, SharedFolderTestCase):
 
     def test_requests_at_both_instances_at_once_cause_one_render(self):
         self.store("a.png", encode(noise((200, 150)), "PNG"))
-        children = set(multiprocessing.active_children())
+        release = self.hold_renders(self.server)
         first = self.in_background(self.rendition, "a.png", "width=400&height=300")
-        pid = self.hold_new_process(children)
+        wait_for(lambda: self.server.renditions._flights)
+        # B's requests share one flight there, whose render waits for the lock A's render holds.
         on_b = [self.in_background(self.rendition, "a.png", "width=400&height=300", None, self.on_b()) for _ in range(5)]
         wait_for(lambda: sum(flight.users for flight in self.other.renditions._flights.values()) == 5)
-        self.resume(pid)
+        release.set()
         replies = []
         for thread, results in [first, *on_b]:
             thread.join(DEADLINE_SECONDS)
