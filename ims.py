@@ -2573,7 +2573,9 @@ def save_like(original, frames, durations, path, image_format=None, quality=None
         options["duration"] = durations[0]
     if image_format == source_format == "WEBP" and original.info.get("lossless") and quality is None:
         options["lossless"] = True
-    first.save(path, format=image_format, **options)
+    # Opened here: Pillow resolves a path's links first, which would lose a /proc/self/fd/N.
+    with open(path, "w+b") as file:
+        first.save(file, format=image_format, **options)
 
 
 def resize_file(source_path, target_path, width, height, fit):
