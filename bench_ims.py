@@ -31,7 +31,8 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
     rendition-get
                 a cached rendition (?width=300&quality=75 of the 12-megapixel photo, ~21 KB, warmed
                 first) against the 20 KB JPEG of small-get, wrk -t2 -c8 -d5s on each, --repeat
-                runs (at least 5) interleaved, req/s and their ratio (target >= 0.9)
+                runs (at least 5) interleaved, req/s and their ratio (target >= 0.9), and the
+                server's CPU time per request (its tree, /proc/PID/stat)
     rendition-cold
                 a cold rendition, GET ?width=300&height=300 of a copy of a ../shared/photos/ photo
                 uploaded just before (a new version, so nothing is cached), end to end, ms, beside a
@@ -1595,13 +1596,18 @@ def scenario_rendition_get(bench: Bench) -> list[Row]:
         sizes[kind] = len(data)
     runs = max(bench.repeat, RENDITION_GET_MIN_RUNS)
     rates = {(what, kind): [] for what in paths for kind in servers}
+    cpu = {(what, kind): [] for what in paths for kind in servers}  # the server's µs of CPU per request
+    clock_ticks = os.sysconf("SC_CLK_TCK")
     errors = collections.Counter()
     for run in range(runs):
         for kind, server in in_turn(servers, run):
             for what, path in in_turn(paths, run):
                 server.check_alive()
+                ticks_before = tree_cpu_ticks(server.process.pid)
                 result = run_wrk(server.url(path))
+                ticks = tree_cpu_ticks(server.process.pid) - ticks_before
                 rates[what, kind].append(result["requests_per_second"])
+                cpu[what, kind].append(ticks / clock_ticks / max(result["requests"], 1) * 1e6)
                 errors[kind, what] += result["errors"]
     medians = {what: {kind: statistics.median(rates[what, kind]) for kind in servers} for what in paths}
     ratios = {kind: medians["rendition"][kind] / medians["original"][kind] for kind in servers}
@@ -1620,6 +1626,11 @@ def scenario_rendition_get(bench: Bench) -> list[Row]:
             f"300x400 JPEG), same", "req/s", **columns(medians["rendition"]),
             note="runs: " + "; ".join(f"{kind} {', '.join(f'{rate:,.0f}' for rate in rates['rendition', kind])}"
                                       for kind in servers)),
+        *(Row("rendition-get", f"server CPU per request, {what}, whole tree (median of {runs})", "µs",
+              **columns({kind: statistics.median(cpu[what, kind]) for kind in servers}), higher_is_better=False,
+              note="less noisy than req/s, which one process's threads handing the GIL across two cores can halve"
+              if what == "original" else "")
+          for what in paths),
         Row("rendition-get", "cached rendition / original", "x", **columns(ratios),
             target=f">= {RENDITION_GET_MIN_FACTOR}", min_ims=RENDITION_GET_MIN_FACTOR,
             note="; ".join([f"ratio of each interleaved pair of runs: "
