@@ -28,6 +28,35 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 the first resize after a fresh start (GET /, then wait until the tree uses no CPU)
                 against a later one on the same server, end to end, ms, and their ratio; median of
                 --repeat fresh starts of each server
+    rendition-get
+                a cached rendition (?width=300&quality=75 of the 12-megapixel photo, ~21 KB, warmed
+                first) against the 20 KB JPEG of small-get, wrk -t2 -c8 -d5s on each, --repeat
+                runs (at least 5) interleaved, req/s and their ratio (target >= 0.9), and the
+                server's CPU time per request (its tree, /proc/PID/stat)
+    rendition-cold
+                a cold rendition, GET ?width=300&height=300 of a copy of a ../shared/photos/ photo
+                uploaded just before (a new version, so nothing is cached), end to end, ms, beside a
+                PATCH of another fresh copy to 300x300 then GET /jobs/<id>?wait=, `vipsthumbnail -s
+                300x300` of the same photo as a command, and nginx's image_filter resizing it on the
+                fly (when the module is installed: libnginx-mod-http-image-filter); photos in turn,
+                the order rotated each run, medians and their ratios (targets: <= 1.1x the PATCH,
+                <= 0.6x vipsthumbnail)
+    rendition-crowd
+                50 identical cold GETs at once (a fresh upload each round, 50 connections opened
+                first), until the last answer, against one cold GET alone, median of --repeat
+                rounds (at least 5) interleaved, and their ratio (target <= 1.3); beside them the
+                same 50 GETs again once cached, what answering 50 at once costs with nothing to
+                render; renders counted as the resize processes seen in /proc (and the reaped
+                children's CPU time against one render's); every answer must be 200 with the same
+                bytes
+    rendition-burst
+                200 different sizes of one fresh upload at once (?width=100 to 299, a connection
+                each), --resize-workers = CPUs: the time until the last answer, the answers by
+                status (each 200 of the width asked, or 503 with Retry-After), the peak count of
+                the server's live descendants (must stay <= --resize-workers), and the CPU time of
+                the server's threads and of its resize processes, per request; beside it, in turn
+                each round, the same 200 widths asked by CPUs clients one after another, so that
+                none waits for a slot; median of --repeat rounds
     soak        20,000 mixed requests from 4 threads (keep-alive and not, successes and errors,
                 malformed requests on raw sockets, uploads, deletes, resizes waited for with
                 ?wait=): requests/s, and the server's threads, open fds and RSS before (after a
@@ -66,19 +95,24 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 fstat + close, on local disk and on the volume (timeit, µs). Needs root and /dev/fuse;
                 starts glusterd only when none runs, and then stops that one
 
-soak, slow-clients, patch-burst and the scaling scenarios after them measure IMS only (patch-burst
-also the IMS before with --baseline), each on fresh servers of their own (the other columns say
-n/a). nginx's config, pid, error log and temporary files are in the scratch folder; it runs as
-root's user when the bench runs as root, so its workers can read the storage.
+rendition-get and rendition-cold measure the IMS servers that render (with --baseline, the IMS
+before too when it has renditions; the seed never renders, and a server that answers a rendition
+with the original is noted, not measured); rendition-crowd and rendition-burst run on fresh servers
+of their own, IMS and with --baseline the IMS before. soak, slow-clients, patch-burst and the
+scaling scenarios after them measure IMS only (patch-burst also the IMS before with --baseline),
+each on fresh servers of their own (the other columns say n/a). nginx's config, pid, error log and
+temporary files are in the scratch folder; it runs as root's user when the bench runs as root, so
+its workers can read the storage.
 
 --repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
-(largest growth), of resize-8 rounds (median), of fresh starts for first-resize, of PATCH bursts
-and of nginx-resize rounds; upload, upload-4 and resize have their own series. "IMS vs seed" is
-a factor where above 1 means IMS is better, whatever the unit.
+(largest growth), of resize-8 rounds (median), of fresh starts for first-resize, of PATCH bursts,
+of nginx-resize rounds, of rendition-crowd and rendition-burst rounds (median); upload, upload-4,
+resize and rendition-cold have their own series. "IMS vs seed" is a factor where above 1 means IMS
+is better, whatever the unit.
 
 --baseline PATH also runs another ims.py (say `git show HEAD~1:ims.py` saved somewhere) as the
-column "before", on its own copy of the storage, for idle-rss through first-resize and for
-patch-burst, so a change is measured against the code before it in one run; "IMS vs before" is
+column "before", on its own copy of the storage, for idle-rss through the rendition scenarios and
+for patch-burst, so a change is measured against the code before it in one run; "IMS vs before" is
 a factor like the seed's.
 
 Below the table, a line tells how many cores processes outside the bench kept busy during each
@@ -89,7 +123,9 @@ meanwhile moves the wrk figures by 2x, so a figure taken beside one is not to be
 (Flask, Flask-RESTful, Pillow) created on first use. Needs wrk, curl, vipsthumbnail, nginx
 (Debian: apt-get install -y nginx-light) and for gluster glusterd, gluster and mount.glusterfs
 (glusterfs-server, glusterfs-client); a scenario whose tool is missing is skipped with a
-message. Photos are read from ../shared/photos/.
+message. rendition-cold's nginx image_filter reference needs nginx and its module (Debian:
+libnginx-mod-http-image-filter); without them that row says so and the rest is measured. Photos
+are read from ../shared/photos/.
 Standard library only, plus Pillow imported where images are made or resized.
 """
 from __future__ import annotations
@@ -108,6 +144,7 @@ import os
 import random
 import re
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -188,6 +225,24 @@ SPREAD_PHOTOS = 16
 SPREAD_JOB_WAIT_SECONDS = 60  # the contract's longest ?wait=
 # Extra descendants allowed beside the resize workers: multiprocessing's forkserver and resource tracker.
 BURST_HELPER_PROCESSES = 2
+# Renditions (issue 10): GET /<name>?width=&height=&fit=&format=&quality= renders in a resize
+# process once, then serves the cached file by sendfile like an original.
+RENDITION_THUMB_QUERY = "width=300&quality=75"  # of BIG_PHOTO: 300x400, ~21 KB, beside the 20 KB JPEG
+RENDITION_GET_MIN_RUNS = 5
+RENDITION_GET_MIN_FACTOR = 0.9  # a cached rendition served at least 0.9x as often as an original
+RENDITION_COLD_QUERY = "width={}&height={}".format(*RESIZE_SIZE)
+RENDITION_MAX_VERSUS_PATCH = 1.1
+RENDITION_MAX_VERSUS_VIPS = 0.6
+RENDITION_CLIENT_TIMEOUT_SECONDS = 120  # a render may wait --resize-timeout (60 s) for a slot, then run
+READ_SIZE = 256 * 1024
+CROWD_REQUESTS = 50
+CROWD_MIN_ROUNDS = 5
+CROWD_MAX_VERSUS_ONE = 1.3
+SIZES_REQUESTS = 200
+SIZES_FIRST_WIDTH = 100
+# A render of a 12-megapixel JPEG lives 40 ms or more: sampling every 5 ms sees each one.
+RENDITION_SAMPLE_SECONDS = 0.005
+IMAGE_FILTER_MODULE = Path("/usr/lib/nginx/modules/ngx_http_image_filter_module.so")
 # The gluster scenario. The mount options the README's "Several hosts" and ims.py's start-up check
 # ask for; md-cache (stat-prefetch) and quick-read would cache attributes and small files in each
 # client past what those turn off.
@@ -423,6 +478,16 @@ def start_nginx(prefix: Path, instances: list[Server], storage: Path) -> NginxFr
         mime_types=f"    include {NGINX_MIME_TYPES};\n" if NGINX_MIME_TYPES.exists() else "",
         upstream_servers="".join(f"        server {server.host}:{server.port};\n" for server in instances),
         keepalive=NGINX_KEEPALIVE, proxy_port=proxy_port, static_port=static_port, storage=storage)
+    process = launch_nginx(nginx, prefix, config, [proxy_port, static_port], storage)
+    return NginxFront(Server("nginx", process, "127.0.0.1", proxy_port, storage),
+                      Server("nginx", process, "127.0.0.1", static_port, storage))
+
+
+def launch_nginx(nginx: str, prefix: Path, config: str, ports: list[int], storage: Path) -> subprocess.Popen:
+    """Write config as prefix/nginx.conf, run nginx in the foreground and wait until it listens on every port.
+
+    Raises BenchError, with nginx stopped, when it exits or does not listen within STARTUP_TIMEOUT_SECONDS.
+    """
     config_path = prefix / "nginx.conf"
     config_path.write_text(config)
     error_log = prefix / "error.log"
@@ -430,22 +495,67 @@ def start_nginx(prefix: Path, instances: list[Server], storage: Path) -> NginxFr
         process = subprocess.Popen(
             [nginx, "-p", str(prefix), "-c", str(config_path), "-e", str(error_log), "-g", "daemon off;"],
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    proxy = Server("nginx", process, "127.0.0.1", proxy_port, storage)
-    front = NginxFront(proxy, Server("nginx", process, "127.0.0.1", static_port, storage))
+    server = Server("nginx", process, "127.0.0.1", ports[0], storage)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             said = " ".join(path.read_text(errors="replace") for path in (prefix / "output.txt", error_log)
                             if path.exists()).strip()
-            front.stop()
+            server.stop()
             raise BenchError(f"nginx exited with status {process.returncode}: {said[-300:]}")
         with contextlib.suppress(OSError):
-            for port in (proxy_port, static_port):
+            for port in ports:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return front
+            return process
         time.sleep(0.05)
-    front.stop()
+    server.stop()
     raise BenchError(f"nginx did not listen within {STARTUP_TIMEOUT_SECONDS} s")
+
+
+# nginx resizing on the fly (ngx_http_image_filter_module, libgd), a reference for a cold rendition:
+# GET /<photo>?width=W&height=H scales the photo to fit inside W x H, nothing cached. It decodes
+# every pixel (no shrink-on-load) and ignores EXIF orientation.
+IMAGE_FILTER_CONFIG = """\
+{user}load_module {module};
+worker_processes 1;
+pid {prefix}/nginx.pid;
+events {{
+    worker_connections 64;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client-body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {photos};
+        location / {{
+            image_filter resize $arg_width $arg_height;
+            image_filter_buffer 32M;
+        }}
+    }}
+}}
+"""
+
+
+def start_image_filter(prefix: Path, photos: Path) -> Server:
+    """Run nginx with the image_filter module on a free port, serving the photos folder resized on the fly.
+
+    Raises BenchError when nginx or its module is missing, or nginx does not start.
+    """
+    nginx = tool_path("nginx")
+    if nginx is None:
+        raise BenchError("nginx is not installed (apt-get install -y nginx-light)")
+    if not IMAGE_FILTER_MODULE.exists():
+        raise BenchError(f"{IMAGE_FILTER_MODULE} is missing (apt-get install -y libnginx-mod-http-image-filter)")
+    prefix.mkdir()
+    port = free_port()
+    config = IMAGE_FILTER_CONFIG.format(user="user root;\n" if os.geteuid() == 0 else "", module=IMAGE_FILTER_MODULE,
+                                        prefix=prefix, port=port, photos=photos)
+    return Server("nginx", launch_nginx(nginx, prefix, config, [port], photos), "127.0.0.1", port, photos)
 
 
 def read_status_kib(pid: int, field: str) -> int:
@@ -522,7 +632,8 @@ class DescendantSampler:
     """Context manager: a thread counts a process's live descendants every few milliseconds.
 
     peak is the largest count seen; peak_by_depth how many of those were children and
-    grandchildren at that moment; peak_zombies the most exited-but-unreaped ones seen at once.
+    grandchildren at that moment; peak_zombies the most exited-but-unreaped ones seen at once;
+    seen every live descendant's id seen at all (how many resize processes ran).
     """
 
     def __init__(self, pid: int, interval: float):
@@ -532,6 +643,7 @@ class DescendantSampler:
         self.peak_by_depth: dict[int, int] = {}
         self.peak_zombies = 0
         self.samples = 0
+        self.seen: set[int] = set()
         self.done = threading.Event()
         self.sampler = threading.Thread(target=self.sample)
 
@@ -543,6 +655,7 @@ class DescendantSampler:
         while not self.done.is_set():
             found, zombies = descendant_depths(self.pid)
             self.samples += 1
+            self.seen.update(found)
             self.peak_zombies = max(self.peak_zombies, zombies)
             if len(found) > self.peak:
                 self.peak = len(found)
@@ -1308,6 +1421,608 @@ def scenario_first_resize(bench: Bench) -> list[Row]:
             "ms", **columns(medians[1]), higher_is_better=False),
         Row("first-resize", "first / later (median of the starts' ratios)", "x", **columns(medians[2]),
             higher_is_better=False, target="<= 1.5", max_ims=1.5, note="each start's ratio: " + "; ".join(notes)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Rendition scenarios (issue 10): GET /<name>?width=&height=... renders in a resize process once
+# and caches the result in .ims/renditions; a cached one is sent by sendfile like an original.
+# ------------------------------------------------------------------------------------------
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Return an image's (width, height) from its header, or None when the bytes are no image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def timed_get(server: Server, path: str) -> tuple[float, int, bytes]:
+    """GET path on a new connection; return (seconds from connecting to the whole body read, status, body)."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=RENDITION_CLIENT_TIMEOUT_SECONDS)
+    try:
+        started = time.perf_counter()
+        connection.request("GET", path)
+        response = connection.getresponse()
+        data = response.read()
+        return time.perf_counter() - started, response.status, data
+    except (OSError, http.client.HTTPException) as error:
+        raise BenchError(f"GET {path}: {type(error).__name__}: {error}") from None
+    finally:
+        connection.close()
+
+
+def check_rendition(status: int, data: bytes, path: str, width: int | None, height: int | None = None) -> None:
+    """Raise BenchError unless a rendition's answer is 200 with an image of the width (and height) asked."""
+    if status != 200:
+        raise BenchError(f"GET {path} answered {status}: {data[:120]!r}")
+    size = image_size(data)
+    if size is None or (width and size[0] != width) or (height and size[1] != height):
+        raise BenchError(f"GET {path} answered a {size[0]}x{size[1]} image: no renditions" if size else
+                         f"GET {path} answered {len(data):,} bytes that are no image")
+
+
+def rendering_servers(bench: Bench, name: str) -> tuple[dict[str, Server], list[str]]:
+    """Return the servers that render the stored image `name` ({kind: server}), and notes on those that do not.
+
+    The probe, ?width=64, is a warm-up too: the server's first render after its start costs more.
+    """
+    servers, notes = {}, []
+    for kind, server in bench.servers.items():
+        path = f"/{name}?width=64"
+        try:
+            _, status, data = timed_get(server, path)
+            check_rendition(status, data, path, 64)
+        except BenchError as error:
+            notes.append(f"{kind} not measured: {error}")
+            continue
+        servers[kind] = server
+    if "ims" not in servers:
+        raise BenchError("; ".join(notes))
+    return servers, notes
+
+
+@dataclasses.dataclass
+class Answer:
+    """One answer of requests sent at once: its status (None when the request failed), Retry-After, body."""
+
+    status: int | None
+    retry_after: str | None
+    body: bytes
+    error: str = ""
+
+
+def get_at_once(server: Server, paths: list[str]) -> tuple[list[Answer], float]:
+    """GET every path at once, each on a connection of its own opened first; return the answers and the seconds.
+
+    One thread sends every request, then reads the answers as they come (a selector), so that the
+    client takes little of the CPUs the server needs (a Python thread per request costs about twice
+    the CPU). The seconds run from the first request sent to the last answer read whole.
+    """
+    sockets = []
+    answers: list[Answer | None] = [None] * len(paths)
+    received = [bytearray() for _ in paths]
+    finished = [0.0] * len(paths)
+    host = f"{server.host}:{server.port}"
+    selector = selectors.DefaultSelector()
+
+    def complete(index: int) -> bool:
+        """Record the answer on connection index once its head and Content-Length bytes are in; True then."""
+        data = received[index]
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0:
+            return False
+        lines = data[:head_end].decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip()
+                   for name, _, value in (line.partition(":") for line in lines[1:])}
+        body = bytes(data[head_end + 4:])
+        length = headers.get("content-length")
+        if length is not None and len(body) < int(length):
+            return False
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        answers[index] = Answer(status, headers.get("retry-after"), body,
+                                "" if status else f"malformed status line {lines[0][:80]!r}")
+        return True
+
+    try:
+        for _ in paths:
+            sockets.append(socket.create_connection((server.host, server.port), timeout=CLIENT_TIMEOUT_SECONDS))
+        started = time.perf_counter()
+        for index, (connection, path) in enumerate(zip(sockets, paths)):
+            connection.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            connection.setblocking(False)
+            selector.register(connection, selectors.EVENT_READ, index)
+        deadline = started + RENDITION_CLIENT_TIMEOUT_SECONDS
+        pending = len(paths)
+        while pending:
+            remaining = deadline - time.perf_counter()
+            events = selector.select(remaining) if remaining > 0 else []
+            if not events:
+                break
+            for key, _ in events:
+                index = key.data
+                try:
+                    chunk = key.fileobj.recv(READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError as error:
+                    chunk, answers[index] = b"", Answer(None, None, b"", f"{type(error).__name__}: {error}")
+                received[index] += chunk
+                if answers[index] is not None or complete(index) or not chunk:
+                    if answers[index] is None:
+                        answers[index] = Answer(None, None, b"", "connection closed before a whole answer")
+                    finished[index] = time.perf_counter()
+                    selector.unregister(key.fileobj)
+                    pending -= 1
+    finally:
+        selector.close()
+        for connection in sockets:
+            connection.close()
+    for index, answer in enumerate(answers):
+        if answer is None:
+            answers[index] = Answer(None, None, b"", f"no whole answer within {RENDITION_CLIENT_TIMEOUT_SECONDS} s")
+            finished[index] = time.perf_counter()
+    return answers, max(finished) - started
+
+
+def reaped_children_ticks(pid: int) -> int:
+    """Return the CPU time of a process's children that it has reaped (cutime + cstime), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[13]) + int(fields[14])
+
+
+def cached_renditions(server: Server, name: str) -> int:
+    """Return how many renditions of `name` the server's cache folder holds (its hidden lock and temp files aside)."""
+    folder = server.storage / ".ims" / "renditions" / name
+    with contextlib.suppress(OSError):
+        return sum(1 for entry in os.scandir(folder) if not entry.name.startswith("."))
+    return 0
+
+
+def scenario_rendition_get(bench: Bench) -> list[Row]:
+    servers, notes = rendering_servers(bench, "big.jpeg")
+    thumbnail = f"/big.jpeg?{RENDITION_THUMB_QUERY}"
+    paths = {"original": "/small.jpeg", "rendition": thumbnail}
+    sizes = {}
+    for kind, server in servers.items():
+        # Rendered here, so the runs below are served from the cache.
+        _, status, data = timed_get(server, thumbnail)
+        check_rendition(status, data, thumbnail, 300)
+        sizes[kind] = len(data)
+    runs = max(bench.repeat, RENDITION_GET_MIN_RUNS)
+    rates = {(what, kind): [] for what in paths for kind in servers}
+    cpu = {(what, kind): [] for what in paths for kind in servers}  # the server's µs of CPU per request
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    errors = collections.Counter()
+    for run in range(runs):
+        for kind, server in in_turn(servers, run):
+            for what, path in in_turn(paths, run):
+                server.check_alive()
+                ticks_before = tree_cpu_ticks(server.process.pid)
+                result = run_wrk(server.url(path))
+                ticks = tree_cpu_ticks(server.process.pid) - ticks_before
+                rates[what, kind].append(result["requests_per_second"])
+                cpu[what, kind].append(ticks / clock_ticks / max(result["requests"], 1) * 1e6)
+                errors[kind, what] += result["errors"]
+    medians = {what: {kind: statistics.median(rates[what, kind]) for kind in servers} for what in paths}
+    ratios = {kind: medians["rendition"][kind] / medians["original"][kind] for kind in servers}
+    pairs = {kind: ", ".join(f"{rendition / original:.2f}" for original, rendition
+                             in zip(rates["original", kind], rates["rendition", kind])) for kind in servers}
+    notes += [f"{kind} {what}: {count} socket errors or non-2xx answers" for (kind, what), count in errors.items()
+              if count]
+    command = " ".join(WRK_ARGUMENTS)
+    kilobytes = sizes["ims"] / 1000
+    return [
+        Row("rendition-get", f"GET {bench.small_image.stat().st_size / 1000:.0f} KB JPEG original, wrk {command} "
+            f"(median of {runs})", "req/s", **columns(medians["original"]),
+            note="runs: " + "; ".join(f"{kind} {', '.join(f'{rate:,.0f}' for rate in rates['original', kind])}"
+                                      for kind in servers)),
+        Row("rendition-get", f"GET ?{RENDITION_THUMB_QUERY} of the 12 MP photo, cached ({kilobytes:.0f} KB "
+            f"300x400 JPEG), same", "req/s", **columns(medians["rendition"]),
+            note="runs: " + "; ".join(f"{kind} {', '.join(f'{rate:,.0f}' for rate in rates['rendition', kind])}"
+                                      for kind in servers)),
+        *(Row("rendition-get", f"server CPU per request, {what}, whole tree (median of {runs})", "µs",
+              **columns({kind: statistics.median(cpu[what, kind]) for kind in servers}), higher_is_better=False,
+              note="less noisy than req/s, which one process's threads handing the GIL across two cores can halve"
+              if what == "original" else "")
+          for what in paths),
+        Row("rendition-get", "cached rendition / original", "x", **columns(ratios),
+            target=f">= {RENDITION_GET_MIN_FACTOR}", min_ims=RENDITION_GET_MIN_FACTOR,
+            note="; ".join([f"ratio of each interleaved pair of runs: "
+                            + "; ".join(f"{kind} {pairs[kind]}" for kind in servers), *notes])),
+    ]
+
+
+def scenario_rendition_cold(bench: Bench) -> list[Row]:
+    photos = sorted((SHARED / "photos").glob("*.jpeg"))
+    if not photos:
+        raise BenchError(f"no photos in {SHARED / 'photos'}")
+    servers, notes = rendering_servers(bench, "big.jpeg")
+    width, height = RESIZE_SIZE
+    vips_output = bench.scratch / "rendition-vips.jpg"
+
+    def rendition(server: Server, photo: Path) -> float:
+        name = server.fresh_name("cold")
+        upload_file(server, photo, name)
+        path = f"/{name}?{RENDITION_COLD_QUERY}"
+        seconds, status, data = timed_get(server, path)
+        check_rendition(status, data, path, width, height)
+        return seconds
+
+    def patch(server: Server, photo: Path) -> float:
+        name = server.fresh_name("patch")
+        upload_file(server, photo, name)
+        started = time.perf_counter()
+        resize_and_wait(server, name)
+        seconds = time.perf_counter() - started
+        size = finished_size(server.storage / name)
+        if size != RESIZE_SIZE:
+            raise BenchError(f"the resized image is {size}, not {RESIZE_SIZE}")
+        return seconds
+
+    def vips(photo: Path) -> float:
+        return command_seconds(["vipsthumbnail", str(photo), "-s", f"{width}x{height}", "-o", str(vips_output)])
+
+    with contextlib.ExitStack() as stack:
+        filter_server = None
+        try:
+            filter_server = start_image_filter(bench.scratch / "image-filter-nginx", SHARED / "photos")
+            stop_later(stack, bench, "image_filter nginx", filter_server)
+        except BenchError as error:
+            filter_note = str(error)
+
+        def image_filter(photo: Path) -> float:
+            path = f"/{photo.name}?{RENDITION_COLD_QUERY}"
+            seconds, status, data = timed_get(filter_server, path)
+            size = image_size(data)
+            if status != 200 or size is None or max(size) != max(RESIZE_SIZE):
+                raise BenchError(f"GET {path} answered {status}, {size}")
+            return seconds
+
+        # What each run measures, by (what, kind); the order turns by one each run, so that no
+        # measure always follows the same one on this shared machine.
+        measures: dict[tuple[str, str], Callable[[Path], float]] = {}
+        for kind, server in servers.items():
+            measures["rendition", kind] = lambda photo, server=server: rendition(server, photo)
+            measures["patch", kind] = lambda photo, server=server: patch(server, photo)
+        measures["vips", "ims"] = vips
+        if filter_server is not None:
+            measures["image_filter", "ims"] = image_filter
+        times = {key: [] for key in measures}
+        failures = {}
+        for key, measure in measures.items():  # a warm-up of each
+            try:
+                measure(photos[0])
+            except BenchError as error:
+                failures[key] = f"{key[1]} {key[0]}: {error}"
+        keys = list(measures)
+        for run in range(RESIZE_RUNS):
+            photo = photos[run % len(photos)]
+            turn = run % len(keys)
+            for key in keys[turn:] + keys[:turn]:
+                if key in failures:
+                    continue
+                try:
+                    times[key].append(measures[key](photo))
+                except BenchError as error:
+                    failures[key] = f"{key[1]} {key[0]}: {error}"
+
+    def median_ms(what: str) -> dict[str, float]:
+        return {kind: statistics.median(times[what, kind]) * 1000 for kind in servers
+                if (what, kind) in times and times[what, kind] and (what, kind) not in failures}
+
+    rendered, patched = median_ms("rendition"), median_ms("patch")
+    vips_ms = median_ms("vips").get("ims")
+    filter_ms = median_ms("image_filter").get("ims")
+
+    def ratio(values: dict[str, float], reference: dict[str, float] | float | None) -> dict[str, float]:
+        if isinstance(reference, dict):
+            return {kind: value / reference[kind] for kind, value in values.items() if kind in reference}
+        return {kind: value / reference for kind, value in values.items()} if reference else {}
+
+    per_run = "; ".join(f"{kind} " + ", ".join(f"{one / other:.2f}" for one, other
+                                                in zip(times["rendition", kind], times["patch", kind]))
+                        for kind in servers)
+    notes += failures.values()
+    runs = f"median of {RESIZE_RUNS}"
+    reference = "a reference, not a server"
+    return [
+        Row("rendition-cold", f"cold GET ?{RENDITION_COLD_QUERY} of a fresh 12 MP upload, end to end ({runs})", "ms",
+            **columns(rendered), higher_is_better=False,
+            note="; ".join([f"photos {', '.join(photo.name for photo in photos)} in turn, each uploaded under a new "
+                            "name just before (not timed); a new connection each, the whole body read", *notes])),
+        Row("rendition-cold", f"PATCH to {width}x{height} + GET /jobs/<id>?wait=, same photo, end to end ({runs})",
+            "ms", **columns(patched), higher_is_better=False),
+        Row("rendition-cold", f"vipsthumbnail -s {width}x{height}, same photo, command wall ({runs})", "ms", vips_ms,
+            higher_is_better=False, note=reference),
+        Row("rendition-cold", f"nginx image_filter resize {width} {height}, same photo, end to end ({runs})", "ms",
+            filter_ms, higher_is_better=False,
+            note=(f"{reference}: nginx on the fly with libgd, full decode, EXIF orientation ignored, "
+                  "quality 75, nothing cached" if filter_server is not None else filter_note)),
+        Row("rendition-cold", "cold rendition / PATCH", "x", **columns(ratio(rendered, patched)),
+            higher_is_better=False, target=f"<= {RENDITION_MAX_VERSUS_PATCH}", max_ims=RENDITION_MAX_VERSUS_PATCH,
+            note=f"ratio within each run: {per_run}"),
+        Row("rendition-cold", "cold rendition / vipsthumbnail", "x", **columns(ratio(rendered, vips_ms)),
+            higher_is_better=False, target=f"<= {RENDITION_MAX_VERSUS_VIPS}", max_ims=RENDITION_MAX_VERSUS_VIPS),
+        Row("rendition-cold", "cold rendition / nginx image_filter", "x", **columns(ratio(rendered, filter_ms)),
+            higher_is_better=False),
+    ]
+
+
+def fresh_rendering_servers(stack: contextlib.ExitStack, bench: Bench, label: str,
+                            options: list[str] = ()) -> tuple[dict[str, Server], list[str]]:
+    """Start a fresh IMS, and with --baseline the IMS before, each on a storage of its own; all stop with the stack.
+
+    Returns those that render (a ?width=64 of an uploaded photo, their first render, answered
+    right) and notes on the others; raises BenchError when IMS itself does not render.
+    """
+    servers, notes = {}, []
+    for kind in ["ims", "before"] if bench.baseline else ["ims"]:
+        server = stack.enter_context(fresh_ims(bench, f"{label}-{kind}", options, kind=kind))
+        name = server.fresh_name("warm")
+        try:
+            upload_file(server, BIG_PHOTO, name)
+            path = f"/{name}?width=64"
+            _, status, data = timed_get(server, path)
+            check_rendition(status, data, path, 64)
+        except BenchError as error:
+            if kind == "ims":
+                raise
+            notes.append(f"{kind} not measured: {error}")
+            continue
+        servers[kind] = server
+    return servers, notes
+
+
+@dataclasses.dataclass
+class CrowdRound:
+    """One round of rendition-crowd: one cold GET alone, the crowd of cold GETs, the same crowd once cached."""
+
+    one_seconds: float
+    one_child_ticks: int
+    crowd_seconds: float
+    crowd_child_ticks: int
+    cached_seconds: float
+    renders_seen: int  # resize processes seen in /proc during the cold crowd
+    cached: int  # renditions in the cache folder of the crowd's image afterwards
+    statuses: collections.Counter
+    bodies: int  # different bodies among the 200 answers
+    errors: list[str]
+    server_ticks: int  # the server process's own CPU time during the cold crowd (its threads, not its children)
+    client_seconds: float  # this process's CPU time during the cold crowd (the clients and the sampler)
+
+
+def crowd_round(server: Server, photo: Path) -> CrowdRound:
+    """Time one cold GET of a fresh upload alone, CROWD_REQUESTS identical cold GETs of another at once,
+    then the same crowd again, served from the cache; /proc is sampled during each, alike."""
+    pid = server.process.pid
+    alone, crowd = server.fresh_name("alone"), server.fresh_name("crowd")
+    for name in (alone, crowd):
+        upload_file(server, photo, name)
+    ticks_before = reaped_children_ticks(pid)
+    with DescendantSampler(pid, RENDITION_SAMPLE_SECONDS):
+        answers, one_seconds = get_at_once(server, [f"/{alone}?{RENDITION_COLD_QUERY}"])
+    one_child_ticks = reaped_children_ticks(pid) - ticks_before
+    if answers[0].status != 200:
+        raise BenchError(f"one cold GET answered {answers[0].status or answers[0].error}")
+    paths = [f"/{crowd}?{RENDITION_COLD_QUERY}"] * CROWD_REQUESTS
+    ticks_before, server_before, client_before = reaped_children_ticks(pid), cpu_ticks([pid]), time.process_time()
+    with DescendantSampler(pid, RENDITION_SAMPLE_SECONDS) as sampler:
+        answers, crowd_seconds = get_at_once(server, paths)
+    client_seconds = time.process_time() - client_before
+    server_ticks = cpu_ticks([pid]) - server_before
+    crowd_child_ticks = reaped_children_ticks(pid) - ticks_before
+    with DescendantSampler(pid, RENDITION_SAMPLE_SECONDS):
+        cached_answers, cached_seconds = get_at_once(server, paths)
+    statuses = collections.Counter(answer.status or answer.error for answer in answers)
+    errors = [f"{answer.status} {answer.body[:80]!r}" if answer.status else answer.error
+              for answer in answers if answer.status != 200]
+    errors += [f"cached: {answer.status} {answer.body[:80]!r}" if answer.status else f"cached: {answer.error}"
+               for answer in cached_answers if answer.status != 200]
+    bodies = {answer.body for answer in answers if answer.status == 200}
+    for body in bodies:
+        if image_size(body) != RESIZE_SIZE:
+            errors.append(f"a {image_size(body)} image, not {RESIZE_SIZE}")
+    if any(answer.body not in bodies for answer in cached_answers if answer.status == 200):
+        errors.append("the cached answers differ from the cold ones")
+    return CrowdRound(one_seconds, one_child_ticks, crowd_seconds, crowd_child_ticks, cached_seconds,
+                      len(sampler.seen), cached_renditions(server, crowd), statuses, len(bodies), errors,
+                      server_ticks, client_seconds)
+
+
+def scenario_rendition_crowd(bench: Bench) -> list[Row]:
+    photos = sorted((SHARED / "photos").glob("*.jpeg")) or [BIG_PHOTO]
+    rounds = max(bench.repeat, CROWD_MIN_ROUNDS)
+    with contextlib.ExitStack() as stack:
+        servers, notes = fresh_rendering_servers(stack, bench, "crowd")
+        results: dict[str, list[CrowdRound]] = {kind: [] for kind in servers}
+        for run in range(rounds):
+            for kind, server in in_turn(servers, run):
+                server.check_alive()
+                results[kind].append(crowd_round(server, photos[run % len(photos)]))
+
+    def median_of(measure: Callable[[CrowdRound], float]) -> dict[str, float]:
+        return {kind: statistics.median(measure(each) for each in runs) for kind, runs in results.items()}
+
+    def worst_of(measure: Callable[[CrowdRound], float]) -> dict[str, float | None]:
+        return columns({kind: max(measure(each) for each in runs) for kind, runs in results.items()})
+
+    def wrong(each: CrowdRound) -> int:
+        # Every answer that is not 200, plus every body beyond the first one.
+        return len(each.errors) + max(each.bodies - 1, 0)
+
+    one = median_of(lambda each: each.one_seconds * 1000)
+    crowd = median_of(lambda each: each.crowd_seconds * 1000)
+    cached = median_of(lambda each: each.cached_seconds * 1000)
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    for kind, runs in results.items():
+        for number, each in enumerate(runs, 1):
+            note = (f"{kind} round {number}: one {each.one_seconds * 1000:.0f} ms, {CROWD_REQUESTS} at once "
+                    f"{each.crowd_seconds * 1000:.0f} ms, cached {each.cached_seconds * 1000:.0f} ms; answers "
+                    + ", ".join(f"{status} x{count}" for status, count in each.statuses.most_common())
+                    + f", {each.bodies} different bod{'y' if each.bodies == 1 else 'ies'}, {each.renders_seen} "
+                    f"resize process(es) seen, {each.cached} rendition(s) cached; reaped children's CPU "
+                    f"{each.crowd_child_ticks} ticks against {each.one_child_ticks} for the one; CPU during the "
+                    f"crowd: server {each.server_ticks * 1000 / clock_ticks:.0f} ms, bench clients "
+                    f"{each.client_seconds * 1000:.0f} ms")
+            if each.errors:
+                note += "; wrong: " + ", ".join(each.errors[:4])
+            notes.append(note)
+    runs = f"median of {rounds} rounds"
+    return [
+        Row("rendition-crowd", f"one cold GET ?{RENDITION_COLD_QUERY} of a fresh 12 MP upload ({runs})", "ms",
+            **columns(one), higher_is_better=False, note="; ".join(notes)),
+        Row("rendition-crowd", f"{CROWD_REQUESTS} identical cold GETs at once, until the last answer ({runs})", "ms",
+            **columns(crowd), higher_is_better=False),
+        Row("rendition-crowd", f"{CROWD_REQUESTS} at once / one", "x",
+            **columns({kind: crowd[kind] / one[kind] for kind in results}), higher_is_better=False,
+            target=f"<= {CROWD_MAX_VERSUS_ONE}", max_ims=CROWD_MAX_VERSUS_ONE),
+        Row("rendition-crowd", f"the same {CROWD_REQUESTS} GETs at once again, cached ({runs})", "ms",
+            **columns(cached), higher_is_better=False,
+            note=f"what answering {CROWD_REQUESTS} requests at once costs these clients and the server with "
+                 "nothing to render: a floor under the cold crowd"),
+        Row("rendition-crowd", "(cold crowd - cached crowd) / one", "x",
+            **columns({kind: (crowd[kind] - cached[kind]) / one[kind] for kind in results}),
+            higher_is_better=False, note="about 1 when the crowd costs one render plus the answers"),
+        Row("rendition-crowd", f"renders per {CROWD_REQUESTS} (resize processes seen, worst round)", "count",
+            **worst_of(lambda each: each.renders_seen), higher_is_better=False, target="= 1", max_ims=1,
+            note=f"/proc sampled every ~{RENDITION_SAMPLE_SECONDS * 1000:.0f} ms (in all three measures alike); the "
+                 "reaped children's CPU time against one render's, in the notes above, tells the same without "
+                 "sampling"),
+        Row("rendition-crowd", "answers not 200, or bytes not the same (worst round)", "count",
+            **worst_of(wrong), higher_is_better=False, target="= 0", max_ims=0),
+    ]
+
+
+@dataclasses.dataclass
+class SizesRound:
+    """One round of rendition-burst: the time until the last answer, the answers, the processes, the CPU."""
+
+    seconds: float
+    statuses: collections.Counter
+    wrong: list[str]  # answers other than 200 of the right width or 503 with Retry-After, failed requests
+    peak: int
+    cached: int
+    server_ticks: int  # the server process's own CPU time (its threads, not the resize processes)
+    render_ticks: int  # the resize processes' CPU time (reaped children)
+
+
+def sizes_round(server: Server, photo: Path, clients: int | None = None) -> SizesRound:
+    """GET SIZES_REQUESTS different widths of a fresh upload, sampling the server's descendants.
+
+    All at once, a connection each; or, with clients, from that many clients, each asking for the
+    next width once it has its answer (as a reference: no request waits for a resize slot).
+    """
+    name = server.fresh_name("sizes")
+    upload_file(server, photo, name)
+    widths = list(range(SIZES_FIRST_WIDTH, SIZES_FIRST_WIDTH + SIZES_REQUESTS))
+    paths = [f"/{name}?width={width}" for width in widths]
+    pid = server.process.pid
+    server_before, renders_before = cpu_ticks([pid]), reaped_children_ticks(pid)
+    with DescendantSampler(pid, BURST_SAMPLE_SECONDS) as sampler:
+        if clients is None:
+            answers, seconds = get_at_once(server, paths)
+        else:
+            answers = [None] * len(paths)
+
+            def ask(first: int) -> None:
+                for index in range(first, len(paths), clients):
+                    try:
+                        _, status, data = timed_get(server, paths[index])
+                        answers[index] = Answer(status, None, data)
+                    except BenchError as error:
+                        answers[index] = Answer(None, None, b"", str(error))
+
+            seconds = run_threads([threading.Thread(target=ask, args=(first,)) for first in range(clients)])
+    server_ticks, render_ticks = cpu_ticks([pid]) - server_before, reaped_children_ticks(pid) - renders_before
+    statuses = collections.Counter(answer.status or answer.error for answer in answers)
+    wrong = []
+    for width, answer in zip(widths, answers):
+        if answer.status == 200:
+            size = image_size(answer.body)
+            if size is None or size[0] != width:
+                wrong.append(f"width={width}: 200 with a {size} image")
+        elif answer.status == 503:
+            if not answer.retry_after and clients is None:
+                wrong.append(f"width={width}: 503 without Retry-After")
+        else:
+            wrong.append(f"width={width}: {answer.status} {answer.body[:100]!r}" if answer.status else
+                         f"width={width}: {answer.error}")
+    return SizesRound(seconds, statuses, wrong, sampler.peak, cached_renditions(server, name), server_ticks,
+                      render_ticks)
+
+
+def scenario_rendition_burst(bench: Bench) -> list[Row]:
+    workers = os.cpu_count() or 1
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    with contextlib.ExitStack() as stack:
+        servers, notes = fresh_rendering_servers(stack, bench, "sizes", ["--resize-workers", str(workers)])
+        results: dict[str, list[SizesRound]] = {kind: [] for kind in servers}
+        references: dict[str, list[SizesRound]] = {kind: [] for kind in servers}
+        for run in range(bench.repeat):
+            for kind, server in in_turn(servers, run):
+                modes = [(results, None), (references, workers)]
+                for series, clients in (modes if run % 2 == 0 else modes[::-1]):
+                    server.check_alive()
+                    series[kind].append(sizes_round(server, BIG_PHOTO, clients))
+                server.check_alive()
+
+    def median_of(measure: Callable[[SizesRound], float], series=results) -> dict[str, float | None]:
+        return columns({kind: statistics.median(measure(each) for each in runs) for kind, runs in series.items()})
+
+    def worst_of(measure: Callable[[SizesRound], float]) -> dict[str, float | None]:
+        return columns({kind: max(measure(each) for each in runs) for kind, runs in results.items()})
+
+    def server_ms(each: SizesRound) -> float:
+        return each.server_ticks * 1000 / clock_ticks / SIZES_REQUESTS
+
+    def render_ms(each: SizesRound) -> float:
+        return each.render_ticks * 1000 / clock_ticks / max(each.statuses[200], 1)
+
+    for label, series in (("at once", results), (f"{workers} clients in turn", references)):
+        for kind, runs in series.items():
+            for number, each in enumerate(runs, 1):
+                note = (f"{kind} {label} round {number}: {each.seconds:.2f} s, answers "
+                        + ", ".join(f"{status} x{count}" for status, count in each.statuses.most_common())
+                        + f", peak {each.peak} descendant(s), {each.cached} rendition(s) cached; CPU: server "
+                        f"{each.server_ticks / clock_ticks:.2f} s, "
+                        f"resize processes {each.render_ticks / clock_ticks:.2f} s")
+                if each.wrong:
+                    note += f"; wrong ({len(each.wrong)}): " + ", ".join(each.wrong[:4])
+                notes.append(note)
+    runs = f"median of {bench.repeat} rounds"
+    last = SIZES_FIRST_WIDTH + SIZES_REQUESTS - 1
+    in_turn_label = f"the same from {workers} clients in turn (nothing waits for a slot)"
+    return [
+        Row("rendition-burst", f"{SIZES_REQUESTS} sizes of one fresh 12 MP upload at once (?width={SIZES_FIRST_WIDTH} "
+            f"to {last}), until the last answer ({runs})", "s", **median_of(lambda each: each.seconds),
+            higher_is_better=False, note="; ".join(notes)),
+        Row("rendition-burst", f"{in_turn_label}, until the last answer", "s",
+            **median_of(lambda each: each.seconds, references), higher_is_better=False,
+            note="a reference, interleaved with the bursts: the resize slots kept busy without a queue"),
+        Row("rendition-burst", f"answered 200 ({runs})", "count", **median_of(lambda each: each.statuses[200])),
+        Row("rendition-burst", f"answered 503 with Retry-After ({runs})", "count",
+            **median_of(lambda each: each.statuses[503])),
+        Row("rendition-burst", "other answers, failed requests, wrong sizes (worst round)", "count",
+            **worst_of(lambda each: len(each.wrong)), higher_is_better=False, target="= 0 (200 or 503 only)",
+            max_ims=0),
+        Row("rendition-burst", f"peak descendant processes (--resize-workers {workers}, worst round)", "count",
+            **worst_of(lambda each: each.peak), higher_is_better=False, target=f"<= {workers}", max_ims=workers,
+            note=f"/proc sampled every ~{BURST_SAMPLE_SECONDS * 1000:.0f} ms"),
+        Row("rendition-burst", f"server process CPU per request, its own threads, at once ({runs})", "ms",
+            **median_of(server_ms), higher_is_better=False,
+            note="parsing, waiting for a resize slot, sending: not the resize processes"),
+        Row("rendition-burst", f"same, {in_turn_label}", "ms", **median_of(server_ms, references),
+            higher_is_better=False),
+        Row("rendition-burst", f"resize processes' CPU per rendition, at once ({runs})", "ms",
+            **median_of(render_ms), higher_is_better=False),
+        Row("rendition-burst", f"same, {in_turn_label}", "ms", **median_of(render_ms, references),
+            higher_is_better=False),
     ]
 
 
@@ -2475,6 +3190,10 @@ SCENARIOS = {
     "resize": (scenario_resize, ["vipsthumbnail"]),
     "resize-8": (scenario_resize_8, []),
     "first-resize": (scenario_first_resize, []),
+    "rendition-get": (scenario_rendition_get, ["wrk"]),
+    "rendition-cold": (scenario_rendition_cold, ["vipsthumbnail"]),
+    "rendition-crowd": (scenario_rendition_crowd, []),
+    "rendition-burst": (scenario_rendition_burst, []),
     "soak": (scenario_soak, []),
     "slow-clients": (scenario_slow_clients, []),
     "patch-burst": (scenario_patch_burst, []),
