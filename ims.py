@@ -17,7 +17,7 @@ README.md describes every endpoint, option and error.
 """
 from __future__ import annotations
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import argparse
 import dataclasses
@@ -45,6 +45,7 @@ import unicodedata
 import urllib.parse
 
 from PIL import BmpImagePlugin  # noqa: F401  (registers the format)
+from PIL import __version__ as PILLOW_VERSION
 from PIL import features
 from PIL import GifImagePlugin  # noqa: F401
 from PIL import Image
@@ -199,20 +200,25 @@ CONTENT_TYPE_BY_FORMAT = {
     "TIFF": "image/tiff",
 }
 ALLOWED_FORMATS = tuple(CONTENT_TYPE_BY_FORMAT)
-FORMAT_BY_CONTENT_TYPE = {content_type: image_format for image_format, content_type in CONTENT_TYPE_BY_FORMAT.items()}
 # Formats a rendition may be asked for (?format=); AVIF only where the installed Pillow writes it.
 AVIF_IS_WRITABLE = AvifImagePlugin is not None and "avif" in features.modules and bool(features.check_module("avif"))
 RENDITION_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 OUTPUT_CONTENT_TYPES = dict(CONTENT_TYPE_BY_FORMAT, AVIF="image/avif")
+FORMAT_BY_CONTENT_TYPE = {content_type: image_format for image_format, content_type in OUTPUT_CONTENT_TYPES.items()}
 EXTENSION_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "AVIF": ".avif"}
 # Formats with a quality setting; the others are lossless, and ?quality= does not change them.
 LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF")
 # Formats whose files keep every frame of an animation (or page of a TIFF).
 MULTI_FRAME_FORMATS = ("GIF", "WEBP", "PNG", "TIFF", "AVIF")
 RENDITION_PARAMETERS = ("width", "height", "fit", "format", "quality")
-# Query parameters that pages add to bust caches; a rendition ignores them. Any other unknown
-# parameter is refused, so that ?widht=300 cannot send a phone the 12-megapixel original.
-CACHE_BUSTING_PARAMETERS = ("v", "_", "t", "ts", "cb", "version")
+# Query parameters that pages add to bust caches, and that sites add to links they share; a
+# download ignores them. Any other unknown parameter is refused, so that ?widht=300 cannot send a
+# phone the 12-megapixel original.
+IGNORED_PARAMETERS = ("v", "_", "t", "ts", "cb", "version", "fbclid", "gclid", "dclid", "msclkid", "igshid", "mc_cid", "mc_eid")
+IGNORED_PARAMETER_PREFIX = "utm_"
+# What made a rendition, in its name and ETag: another version of IMS or Pillow may render it
+# otherwise, and must not be taken for the same.
+RENDERER = f"ims{__version__}-pil{PILLOW_VERSION}"
 # Pillow names a JPEG that carries further images after its own (a depth map, a preview: the
 # Multi-Picture Format that phones and cameras write) MPO; it is a JPEG, stored and served as one.
 FORMAT_ALIASES = {"MPO": "JPEG"}
@@ -1174,18 +1180,24 @@ class Store:
                     raise
         raise AssertionError("unreachable")
 
-    def keep_rendition(self, temp_file, name, entry, size):
-        """Put the finished `temp_file` in the cache as `entry` of `name`; False when it cannot be kept.
+    def keep_rendition(self, temp_file, name, version, entry, size):
+        """Put the finished `temp_file` in the cache as `entry` of `version` of `name`; False when it is not kept.
 
-        It is not kept when it is larger than the whole cache or the disk is full. Entries least
-        recently used are evicted first, down to CACHE_LOW_WATER of the cache, when it would
-        grow past cache_size.
+        It is not kept when `name` is no longer `version` (a delete or a replacement removes the
+        renditions it finds under the cache lock: this one comes after), when it is larger than
+        the whole cache, or when the disk is full. Entries least recently used are evicted first,
+        down to CACHE_LOW_WATER of the cache, when it would grow past cache_size.
         """
         if size > self.cache_size:
             return False
         try:
             temp_file.finish()
             with self._cache_lock as lock:
+                try:
+                    if self.version(name) != version:
+                        return False
+                except HTTPError:
+                    return False
                 total = _read_count(lock.descriptor)
                 try:
                     os.link(temp_file.path, self._rendition_path(name, entry))
@@ -1291,6 +1303,13 @@ class Store:
                 _remove_if_present(path)
                 total -= size
         return total
+
+    def remove_rendition_folder(self, name):
+        """Remove the folder of the renditions of `name` if it holds none (nor anything being written)."""
+        try:
+            os.rmdir(os.path.join(self._renditions_folder, name))
+        except OSError:
+            pass
 
     def _remove_renditions(self, name):
         # Every rendition of `name` (none can be of the version now stored, which is new), and
@@ -2082,6 +2101,8 @@ def _dimension(parameters, key):
         raise HTTPError(400, f"{key} is required: a positive integer number of pixels")
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         value = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        raise HTTPError(400, f"{key} must be at most {MAX_DIMENSION} pixels")
     if isinstance(value, bool) or not isinstance(value, int):
         raise HTTPError(400, f"{key} must be a positive integer, not {repr(value)[:100]}")
     if value < 1:
@@ -2158,7 +2179,7 @@ class Rendition:
         quality = self.quality if output_format in LOSSY_FORMATS else None
         fit = self.fit if self.width and self.height else "auto"
         size = f"{self.width or 0}x{self.height or 0}"
-        return f"{version.tag}-{size}-{fit}-q{quality or 0}{EXTENSION_BY_FORMAT[output_format]}"
+        return f"{version.tag}-{size}-{fit}-q{quality or 0}-{RENDERER}{EXTENSION_BY_FORMAT[output_format]}"
 
 
 def parse_rendition_sizes(text):
@@ -2183,7 +2204,7 @@ def parse_rendition_sizes(text):
 def parse_rendition_query(query, max_pixels, allowed_sizes=None):
     """Return the Rendition a GET's query string asks for, or None when it asks for the original.
 
-    Cache-busting parameters (CACHE_BUSTING_PARAMETERS) are ignored. Raises HTTPError(400) naming
+    Cache-busting and tracking parameters (IGNORED_PARAMETERS) are ignored. Raises HTTPError(400) naming
     an unknown, repeated or invalid parameter, an AVIF this Pillow cannot write, a result of more
     than `max_pixels` (known here for fill and cover; the caller checks the others against the
     image), or a size outside `allowed_sizes`.
@@ -2196,11 +2217,11 @@ def parse_rendition_query(query, max_pixels, allowed_sizes=None):
         raise HTTPError(400, "the query string is not valid UTF-8") from None
     parameters = {}
     for key, value in pairs:
-        if key in CACHE_BUSTING_PARAMETERS:
+        if key in IGNORED_PARAMETERS or key.startswith(IGNORED_PARAMETER_PREFIX):
             continue
         if key not in RENDITION_PARAMETERS:
             known = ", ".join(RENDITION_PARAMETERS)
-            raise HTTPError(400, f"unknown parameter {key[:100]!r}: a rendition takes {known} (and v, ignored, to bust caches)")
+            raise HTTPError(400, f"unknown parameter {key[:100]!r}: a rendition takes {known} (cache-busting and tracking parameters such as v and utm_source are ignored)")
         if key in parameters:
             raise HTTPError(400, f"{key} is given twice")
         parameters[key] = value
@@ -2417,6 +2438,10 @@ def _upright_size(image):
     return (height, width) if is_turned else (width, height)
 
 
+# The widest and highest image each output format can hold.
+MAX_SIDE_BY_FORMAT = {"JPEG": 65500, "WEBP": 16383, "GIF": 65535, "AVIF": 65535, "PNG": 2**31 - 1, "BMP": 2**31 - 1, "TIFF": 2**32 - 1}
+
+
 def rendition_box(size, width, height, fit):
     """Return the (width, height, fit) that a rendition of an image of upright `size` is resized to.
 
@@ -2504,16 +2529,20 @@ ENCODABLE_MODES = {
 }
 
 
-def _encodable(frame, image_format):
-    # A frame in a mode that `image_format` stores, where that is not the frame's own format.
+def _encodable(frame, image_format, source_mode):
+    # A frame of an image in `source_mode`, in a mode that `image_format` stores, where that is
+    # not the image's own format.
     modes = ENCODABLE_MODES[image_format]
     if frame.mode == "F":
         frame = frame.convert("I")
     if frame.mode == "I":
-        # Grey of 16 bits (resized as 32) or more: PNG keeps 16, the others have 8.
+        # Grey of 16 bits (resized as 32) or more: PNG keeps 16, the others have 8, to which
+        # 16-bit values are scaled, and wider ones clipped, as Pillow converts them.
         if "I;16" in modes:
             return frame.convert("I;16")
-        frame = frame.point(lambda value: value * (1 / 257)).convert("L")
+        if source_mode.startswith("I;16"):
+            frame = frame.point(lambda value: value * (1 / 257))
+        frame = frame.convert("L")
     if frame.mode in modes:
         return frame
     if image_format == "JPEG":
@@ -2534,7 +2563,7 @@ def save_like(original, frames, durations, path, image_format=None, quality=None
     image_format = image_format or source_format
     options = {}
     if image_format != source_format:
-        frames = [_encodable(frame, image_format) for frame in frames]
+        frames = [_encodable(frame, image_format, original.mode) for frame in frames]
     icc_profile = original.info.get("icc_profile")
     if icc_profile and image_format != "GIF" and not (original.mode == "CMYK" and frames[0].mode != "CMYK"):
         options["icc_profile"] = icc_profile
@@ -2569,6 +2598,10 @@ def save_like(original, frames, durations, path, image_format=None, quality=None
         options.update(save_all=True, append_images=frames[1:], duration=durations)
         if "loop" in original.info:
             options["loop"] = original.info["loop"]
+        if image_format == "WEBP" and "A" in first.mode:
+            # libwebp's animation encoder can crop the transparent parts off its sub-frames and
+            # then mark the file as without alpha; whole key frames keep it.
+            options["kmax"] = 1
     elif image_format == "GIF" and "duration" in original.info:
         options["duration"] = durations[0]
     if image_format == source_format == "WEBP" and original.info.get("lossless") and quality is None:
@@ -2611,9 +2644,12 @@ def render_file(source_path, target_path, rendition, version):
         if Version.of(os.fstat(descriptor)) != version:
             raise SourceChanged("the image was replaced while it was being rendered")
         with Image.open(file, formats=ALLOWED_FORMATS) as original:
-            image_format = rendition.format or FORMAT_ALIASES.get(original.format, original.format)
+            source_format = FORMAT_ALIASES.get(original.format, original.format)
+            image_format = rendition.format or source_format
             width, height, fit = rendition_box(_upright_size(original), rendition.width, rendition.height, rendition.fit)
-            frames, durations = upright_frames(original, width, height, fit, image_format in MULTI_FRAME_FORMATS)
+            # A TIFF's pages are no animation: another format takes the first.
+            all_frames = image_format in MULTI_FRAME_FORMATS and (source_format != "TIFF" or image_format == "TIFF")
+            frames, durations = upright_frames(original, width, height, fit, all_frames)
             original.seek(0)
             save_like(original, frames, durations, target_path, image_format, rendition.quality, keep_exif=False)
 
@@ -2852,6 +2888,7 @@ class Resizer:
         self._threads = set()
         self._renders = set()
         self._renders_waiting = 0
+        self._render_gate = threading.Lock()
         self._is_stopping = False
         self._is_woken = True
         self._is_slot_wanted = False
@@ -3036,12 +3073,17 @@ class Resizer:
                 name="ims-render",
                 daemon=True,
             )
-            with self._condition:
-                is_startable = not self._is_stopping
-                if is_startable:
-                    self._renders.add(process)
-                    process.start()
-            writer.close()
+            try:
+                with self._condition:
+                    is_startable = not self._is_stopping
+                    if is_startable:
+                        self._renders.add(process)
+                        process.start()
+            except BaseException:
+                reader.close()
+                raise
+            finally:
+                writer.close()
             try:
                 if not is_startable:
                     raise HTTPError(503, "the server is stopping; try again later", {"Retry-After": "1"})
@@ -3076,17 +3118,24 @@ class Resizer:
             self._renders_waiting += 1
         self._store.announce_render(True)
         try:
-            while True:
-                slot = self._store.take_slot(self._workers)
-                if slot is not None:
-                    return slot
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._is_stopping:
-                    raise busy
-                # Slots set free here wake this at once; those of other instances on the host are
-                # seen within JOB_POLL_SECONDS.
-                with self._condition:
-                    self._condition.wait(min(JOB_POLL_SECONDS, remaining))
+            # One waiting render at a time looks for a slot; the others wait their turn on the
+            # gate, rather than all trying every slot's lock file whenever one frees.
+            if not self._render_gate.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise busy
+            try:
+                while True:
+                    slot = self._store.take_slot(self._workers)
+                    if slot is not None:
+                        return slot
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._is_stopping:
+                        raise busy
+                    # Slots set free here wake this at once; those of other instances on the host
+                    # are seen within JOB_POLL_SECONDS.
+                    with self._condition:
+                        self._condition.wait(min(JOB_POLL_SECONDS, remaining))
+            finally:
+                self._render_gate.release()
         finally:
             self._store.announce_render(False)
             with self._condition:
@@ -3307,31 +3356,52 @@ class Renditions:
         if fit == "contain":
             width, height = fitted_size(size, width, height, fit)
         check_result_pixels(width, height, self._max_pixels)
-        with self._store.rendition_lock(name, entry):
-            # Rendered meanwhile by an instance that held the lock first.
-            cached = self._store.open_rendition(name, entry, content_type)
-            if cached is not None:
-                return cached
-            source_path = self._store.path_of(name)
-            suffix = os.path.splitext(entry)[1]
-            if self._store.cache_size > 0 or not hasattr(os, "memfd_create"):
-                try:
-                    target = self._store.new_rendition_file(name, suffix)
-                except HTTPError:
-                    target = None
-                if target is not None:
-                    try:
-                        answer = self._run(source_path, target.path, rendition, version)
-                        if answer is None:
-                            result = self._open_result(target.path, content_type)
-                            self._store.keep_rendition(target, name, entry, result.version.size)
-                            return result
-                        if answer[0] != NO_SPACE_ANSWER:
-                            self._fail(name, answer)
-                    finally:
-                        target.remove()
-            # Kept nowhere: rendered into memory, and gone with its last reader.
+        output_format = rendition.format or FORMAT_BY_CONTENT_TYPE[content_type]
+        most = MAX_SIDE_BY_FORMAT[output_format]
+        if max(width, height) > most:
+            side = "width" if width > most else "height"
+            raise HTTPError(400, f"{width}x{height} is too large for {output_format}: its {side} may be at most {most} pixels")
+        source_path = self._store.path_of(name)
+        if self._store.cache_size == 0 and hasattr(os, "memfd_create"):
+            # Kept nowhere, so nothing for other instances to wait for: rendered into memory, and
+            # gone with its last reader.
             return self._render_in_memory(name, source_path, rendition, version, content_type)
+        result = None
+        is_kept = False
+        try:
+            with self._store.rendition_lock(name, entry):
+                # Rendered meanwhile by an instance that held the lock first.
+                result = self._store.open_rendition(name, entry, content_type)
+                if result is None:
+                    result, is_kept = self._render_to_cache(name, source_path, version, rendition, entry, content_type)
+                else:
+                    is_kept = True
+        finally:
+            if not is_kept:
+                self._store.remove_rendition_folder(name)
+        # Without a file in the folder (the disk is full), rendered into memory.
+        return result or self._render_in_memory(name, source_path, rendition, version, content_type)
+
+    def _render_to_cache(self, name, source_path, version, rendition, entry, content_type):
+        # Returns (the rendition, whether it is kept), or (None, False) when the folder cannot hold it.
+        try:
+            target = self._store.new_rendition_file(name, os.path.splitext(entry)[1])
+        except HTTPError:
+            return None, False
+        try:
+            answer = self._run(source_path, target.path, rendition, version)
+            if answer is not None:
+                if answer[0] == NO_SPACE_ANSWER:
+                    return None, False
+                self._fail(name, answer)
+            result = self._open_result(target.path, content_type)
+            try:
+                return result, self._store.keep_rendition(target, name, version, entry, result.version.size)
+            except BaseException:
+                result.close()
+                raise
+        finally:
+            target.remove()
 
     def _render_in_memory(self, name, source_path, rendition, version, content_type):
         if not hasattr(os, "memfd_create"):

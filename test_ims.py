@@ -6463,6 +6463,82 @@ class TestRenditions(RenditionTestCase):
         self.assertEqual(decode(again.body).size, (60, 40))
         self.assertNotIn(again.headers["ETag"], (before.headers["ETag"], after.headers["ETag"]))
 
+    def test_a_rendition_finished_after_its_original_went_is_not_kept(self):
+        for change in ("delete", "replace"):
+            with self.subTest(change=change):
+                self.store("a.png", make_image("PNG", (400, 300)))
+                keep = self.server.store.keep_rendition
+
+                def keep_after_change(*arguments):
+                    if change == "delete":
+                        self.server.store.remove("a.png")
+                    else:
+                        replacement = os.path.join(self.storage, "replacement.tmp")
+                        with open(replacement, "wb") as file:
+                            file.write(make_image("PNG", (40, 30)))
+                        os.replace(replacement, os.path.join(self.storage, "a.png"))
+                    return keep(*arguments)
+
+                with mock.patch.object(self.server.store, "keep_rendition", keep_after_change):
+                    # Asked before the change: answered with the picture it asked for.
+                    reply = self.rendition("a.png", "width=100")
+                self.assertEqual((reply.status, decode(reply.body).size), (200, (100, 75)))
+                self.assertEqual(self.cache_entries(), {})
+                self.assertEqual(self.cache_temp_files(), [])
+                if change == "delete":
+                    self.assertFalse(os.path.exists(os.path.join(self.storage, ims.STATE_FOLDER, "renditions", "a.png")))
+                else:
+                    self.assertEqual(decode(self.rendition("a.png", "width=100").body).size, (100, 75))
+                    self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+
+    def test_a_size_past_what_the_format_holds_is_400_without_rendering(self):
+        self.store("a.png", make_image("PNG", (40, 30)))
+        self.assertError(self.rendition("a.png", "width=20000&height=10&format=webp"), 400, ("width", "16383", "WEBP"))
+        self.assertError(self.rendition("a.png", "height=70000&width=10&format=jpeg"), 400, ("height", "65500"))
+        self.assertError(self.rendition("a.png", "width=1000000000000000000"), 400, ("width", "at most"))
+        self.assertEqual(self.server.renditions.renders, 0)
+
+    def test_tracking_parameters_of_shared_links_are_ignored(self):
+        data = make_image("PNG", (40, 30))
+        self.store("a.png", data)
+        self.assertEqual(self.request("GET", "/a.png?utm_source=news&utm_medium=email&fbclid=IwAR0x&gclid=1").body, data)
+        self.assertEqual(decode(self.rendition("a.png", "width=20&utm_campaign=x").body).size, (20, 15))
+
+    def test_the_etag_names_the_renderer_so_an_upgrade_renders_anew(self):
+        self.store("a.png", make_image("PNG", (40, 30)))
+        etag = self.rendition("a.png", "width=20").headers["ETag"]
+        self.assertIn(ims.RENDERER, etag)
+        with mock.patch.object(ims, "RENDERER", "ims9.9.9-pil99.0.0"):
+            ims.parse_rendition_query.cache_clear()
+            upgraded = self.rendition("a.png", "width=20", {"If-None-Match": etag})
+        self.assertEqual(upgraded.status, 200)
+        self.assertIn("ims9.9.9-pil99.0.0", upgraded.headers["ETag"])
+        self.assertEqual(self.server.renditions.renders, 2)
+
+    def test_the_pages_of_a_tiff_are_no_animation(self):
+        pages = [Image.new("RGB", (40, 30), colour) for colour in (RED, GREEN, BLUE)]
+        self.store("scan.tif", encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]))
+        for asked in ("webp", "png", "gif"):
+            with self.subTest(format=asked):
+                image = self.rendered("scan.tif", f"width=20&format={asked}")
+                self.assertEqual(getattr(image, "n_frames", 1), 1)
+                self.assertColour(image.convert("RGB").getpixel((10, 7)), RED)
+        self.assertEqual(getattr(self.rendered("scan.tif", "width=20"), "n_frames", 1), 3)
+
+    def test_an_animated_gif_with_transparency_keeps_it_as_webp_at_its_own_size(self):
+        frames = []
+        for index in range(4):
+            frame = Image.new("P", (120, 80), 0)
+            frame.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+            frame.paste(index % 3 + 1, (10 + index * 10, 10, 60 + index * 10, 60))
+            frames.append(frame)
+        self.store("a.gif", encode(frames[0], "GIF", save_all=True, append_images=frames[1:], transparency=0, duration=100, loop=0))
+        for query in ("format=webp", "width=60&format=webp"):
+            with self.subTest(query=query):
+                image = self.rendered("a.gif", query)
+                self.assertEqual(image.n_frames, 4)
+                self.assertEqual(image.convert("RGBA").getpixel((image.width - 1, image.height - 1))[3], 0)
+
     def test_a_file_replaced_by_hand_is_rendered_anew(self):
         self.store("a.png", make_image("PNG", (400, 300)))
         before = self.rendition("a.png", "width=100")
