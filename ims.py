@@ -20,12 +20,16 @@ from __future__ import annotations
 __version__ = "1.1.0"
 
 import argparse
+import base64
+import bisect
 import dataclasses
 import datetime
 import email.utils
 import errno
 import fcntl
 import functools
+import hashlib
+import html
 import http.server
 import json
 import math
@@ -905,10 +909,13 @@ class Store:
         self._reads_started = self._reads_finished = 0
         self._is_reading = False
         self._names = frozenset()
-        self._listing = b"[]\n"
+        # The sorted names, and their JSON list encoded.
+        self._listing = ((), b"[]\n")
         self._mtime_ns = None
         self._is_settled = False
         self._content_types = {}
+        # Upright sizes read from images' headers, one per version.
+        self._sizes = {}
         # Queue entries never change once written: their records as queued, by entry name.
         self._entries = {}
 
@@ -956,6 +963,34 @@ class Store:
         takes a read of the folder begun after the call: requests that come during one read wait
         for the next, and share it, so a crowd of listings costs two reads, not one each.
         """
+        return self._fresh_listing()[1]
+
+    def names(self):
+        """Return the stored names, sorted, as fresh as listing()'s."""
+        return self._fresh_listing()[0]
+
+    def facts(self, name):
+        """Return the Version of the stored image `name` and the (width, height) it shows upright.
+
+        The size comes from the image's header, read once per version; it is None for a file that
+        is no readable image. None when there is no image `name`.
+        """
+        try:
+            version = self.version(name)
+        except HTTPError:
+            return None
+        if version not in self._sizes:
+            try:
+                with self.open(name) as stored, stored.reader() as file:
+                    size = upright_size(file)
+            except HTTPError:
+                return None
+            if len(self._sizes) >= MAX_SNIFFED_VERSIONS:
+                self._sizes.clear()
+            self._sizes[version] = size
+        return version, self._sizes.get(version)
+
+    def _fresh_listing(self):
         if not self._is_network:
             with self._listing_lock:
                 self._refresh()
@@ -1646,7 +1681,8 @@ class Store:
         self._is_settled = now_ns - mtime_ns > FOLDER_MTIME_SLACK_NS
         if names != self._names:
             self._names = names
-            self._listing = (json.dumps(sorted(names)) + "\n").encode()
+            ordered = tuple(sorted(names))
+            self._listing = (ordered, (json.dumps(ordered) + "\n").encode())
 
     @staticmethod
     def _remove_if_unlocked(path):
@@ -3444,6 +3480,328 @@ class Renditions:
 # read_body() are the only readers of the socket; every error leaves through dispatch().
 
 
+# The page for people: what a browser gets at GET /. Everything it needs is in these constants,
+# so it fetches nothing from elsewhere; its style and script are allowed by their hashes alone.
+
+# Tiles per page unless ?limit= says otherwise; the most a page, or a page of the JSON list, holds.
+PAGE_SIZE = 100
+MAX_PAGE_SIZE = 10_000
+# The box a thumbnail fits in, in CSS pixels; a screen of twice the density gets twice the pixels.
+THUMBNAIL_BOX = 240
+
+PAGE_STYLE = """
+:root { color-scheme: light dark; --ink: #1d1d1f; --paper: #fafafa; --card: #fff; --line: #d5d5d9;
+  --accent: #0b57d0; --error: #b3261e; font: 16px/1.4 system-ui, sans-serif; }
+@media (prefers-color-scheme: dark) { :root { --ink: #e8e8ea; --paper: #151518; --card: #222226;
+  --line: #3a3a40; --accent: #8ab4f8; --error: #f2b8b5; } }
+body { margin: 0 auto; max-width: 1200px; padding: 1rem; color: var(--ink); background: var(--paper); }
+h1 { margin: 0 0 .25rem; } h2 { font-size: 1.1rem; }
+a { color: var(--accent); }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+#drop-zone { display: block; padding: 1.5rem; border: 2px dashed var(--line); border-radius: 8px; }
+#drop-zone.over { border-color: var(--accent); }
+#uploads { list-style: none; padding: 0; }
+.upload { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; }
+.upload.error .message, .status.error { color: var(--error); }
+#grid { list-style: none; padding: 0; display: grid; gap: 1rem;
+  grid-template-columns: repeat(auto-fill, minmax(min(100%, 260px), 1fr)); }
+.tile { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .75rem; }
+.open { display: flex; align-items: center; justify-content: center; height: 240px; }
+.thumb { max-width: 100%; max-height: 240px; height: auto; }
+.name { font-weight: 600; overflow-wrap: anywhere; margin: .5rem 0 0; }
+.facts { margin: 0; opacity: .8; }
+.resize { display: flex; flex-wrap: wrap; gap: .25rem; align-items: end; margin: .5rem 0; }
+.resize input { width: 5rem; }
+button, input, select { font: inherit; }
+""".strip()
+
+PAGE_SCRIPT = """
+"use strict";
+const grid = document.getElementById("grid");
+const uploads = document.getElementById("uploads");
+const input = document.getElementById("file-input");
+const dropZone = document.getElementById("drop-zone");
+
+function messageOf(text) {
+  try { return JSON.parse(text).message; } catch (error) { return text || "no answer"; }
+}
+
+async function currentPage() {
+  const response = await fetch(location.pathname + location.search, {headers: {Accept: "text/html"}});
+  return new DOMParser().parseFromString(await response.text(), "text/html");
+}
+
+async function refreshGrid() {
+  const page = await currentPage();
+  grid.replaceChildren(...page.getElementById("grid").children);
+  for (const id of ["summary", "pages"]) {
+    const mine = document.getElementById(id), theirs = page.getElementById(id);
+    if (mine && theirs) mine.replaceWith(theirs);
+  }
+}
+
+function showStatus(tile, text, isError) {
+  const status = tile.querySelector(".status");
+  status.textContent = text;
+  status.classList.toggle("error", Boolean(isError));
+}
+
+function upload(file) {
+  const item = document.createElement("li");
+  item.className = "upload";
+  item.dataset.name = file.name;
+  const name = document.createElement("span");
+  name.className = "file-name";
+  name.textContent = file.name;
+  const bar = document.createElement("progress");
+  bar.max = 100;
+  bar.value = 0;
+  bar.setAttribute("aria-label", "Upload of " + file.name);
+  const message = document.createElement("span");
+  message.className = "message";
+  message.setAttribute("role", "status");
+  item.append(name, bar, message);
+  uploads.append(item);
+  const body = new FormData();
+  body.append("file", file, file.name);
+  const request = new XMLHttpRequest();
+  request.open("POST", "/");
+  request.upload.addEventListener("progress", (event) => {
+    if (event.lengthComputable) bar.value = Math.round(100 * event.loaded / event.total);
+  });
+  request.addEventListener("load", () => {
+    if (request.status === 201) {
+      bar.value = 100;
+      message.textContent = "Uploaded";
+      refreshGrid();
+    } else {
+      item.classList.add("error");
+      message.textContent = messageOf(request.responseText);
+    }
+  });
+  request.addEventListener("error", () => {
+    item.classList.add("error");
+    message.textContent = "The upload failed: the connection was lost";
+  });
+  request.send(body);
+}
+
+function uploadAll(files) {
+  for (const file of files) upload(file);
+}
+
+input.addEventListener("change", () => { uploadAll(input.files); input.value = ""; });
+document.getElementById("upload-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  uploadAll(input.files);
+  input.value = "";
+});
+for (const type of ["dragenter", "dragover"]) {
+  dropZone.addEventListener(type, (event) => { event.preventDefault(); dropZone.classList.add("over"); });
+}
+dropZone.addEventListener("dragleave", () => dropZone.classList.remove("over"));
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  dropZone.classList.remove("over");
+  uploadAll(event.dataTransfer.files);
+});
+
+grid.addEventListener("click", async (event) => {
+  const button = event.target.closest("button.delete");
+  if (!button) return;
+  const tile = button.closest("li.tile");
+  const name = tile.dataset.name;
+  if (!window.confirm("Delete " + name + "?")) return;
+  const response = await fetch("/" + encodeURIComponent(name), {method: "DELETE"});
+  if (response.status === 204 || response.status === 404) {
+    tile.remove();
+  } else {
+    showStatus(tile, messageOf(await response.text()), true);
+  }
+});
+
+grid.addEventListener("submit", async (event) => {
+  const form = event.target.closest("form.resize");
+  if (!form) return;
+  event.preventDefault();
+  const tile = form.closest("li.tile");
+  const name = tile.dataset.name;
+  const parameters = {width: form.elements.width.value, height: form.elements.height.value, fit: form.elements.fit.value};
+  showStatus(tile, "Resizing…");
+  const response = await fetch("/" + encodeURIComponent(name), {
+    method: "PATCH", headers: {"Content-Type": "application/json"}, body: JSON.stringify(parameters),
+  });
+  if (response.status !== 202) {
+    showStatus(tile, messageOf(await response.text()), true);
+    return;
+  }
+  const location = response.headers.get("Location");
+  let job;
+  do {
+    job = await (await fetch(location + "?wait=60")).json();
+  } while (job.state === "queued" || job.state === "running");
+  if (job.state !== "done") {
+    showStatus(tile, "The resize " + job.state + ": " + job.error, true);
+    return;
+  }
+  const fresh = (await currentPage()).querySelector('li.tile[data-name="' + CSS.escape(name) + '"]');
+  if (fresh) {
+    tile.replaceWith(fresh);
+    showStatus(fresh, "Resized to " + fresh.dataset.width + "×" + fresh.dataset.height);
+  }
+});
+""".strip()
+
+
+def _source_hash(source):
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+# Nothing but this page's own style and script, images, and requests to this server; data: only for
+# the empty icon that keeps a browser from asking for /favicon.ico.
+PAGE_POLICY = (
+    f"default-src 'none'; img-src 'self' data:; style-src {_source_hash(PAGE_STYLE)}; "
+    f"script-src {_source_hash(PAGE_SCRIPT)}; connect-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def prefers_html(accept):
+    """Tell whether an Accept header ranks text/html above application/json (RFC 9110 §12.5.1).
+
+    Each type takes the quality of the most specific range that matches it; no Accept, or */*
+    alone, ranks them equal, and equal keeps the JSON that programs expect.
+    """
+    if not accept:
+        return False
+    ranges = []
+    for item in accept.split(","):
+        media_range, _, parameters = item.partition(";")
+        quality = 1.0
+        for parameter in parameters.split(";"):
+            key, _, value = parameter.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+        ranges.append((media_range.strip().lower(), quality))
+
+    def quality_of(media_type):
+        kind = media_type.split("/")[0] + "/*"
+        for matching in (media_type, kind, "*/*"):
+            qualities = [quality for media_range, quality in ranges if media_range == matching]
+            if qualities:
+                return max(qualities)
+        return 0.0
+
+    return quality_of("text/html") > quality_of("application/json")
+
+
+def parse_page_query(query):
+    """Return (limit, after) from a listing's query string: how many names, after which one.
+
+    (None, "") without them. Other parameters are ignored, as the old service ignored them all.
+    Raises HTTPError(400) for a limit that is not a whole number from 1 to MAX_PAGE_SIZE.
+    """
+    parameters = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    limit = parameters.get("limit")
+    if limit is not None:
+        if not _DIGITS.fullmatch(limit) or not 1 <= int(limit) <= MAX_PAGE_SIZE:
+            raise HTTPError(400, f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}, not {limit[:100]!r}")
+        limit = int(limit)
+    return limit, parameters.get("after", "")
+
+
+def page_of(names, limit, after):
+    """Return the names after `after` (all of them when it is empty), at most `limit`, and whether more follow."""
+    start = bisect.bisect_right(names, after) if after else 0
+    chosen = names[start:start + limit]
+    return chosen, start + limit < len(names)
+
+
+def page_link(limit, after):
+    """Return the URL of the page of `limit` names after `after`."""
+    return "/?" + urllib.parse.urlencode({"limit": limit, "after": after})
+
+
+def _size_text(size):
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
+
+
+def render_tile(name, facts):
+    """Return the HTML of one image's tile; `facts` are Store.facts(name)."""
+    version, size = facts
+    path = "/" + urllib.parse.quote(name)
+    shown = html.escape(name)
+
+    def thumbnail(box):
+        query = urllib.parse.urlencode({"width": box, "height": box, "fit": "contain", "format": "webp", "v": version.tag})
+        return html.escape(f"{path}?{query}")
+
+    if size is None:
+        dimensions, described, image_size = "", "not a readable image", ""
+    else:
+        width, height = size
+        shown_width, shown_height = fitted_size(size, THUMBNAIL_BOX, THUMBNAIL_BOX, "contain")
+        dimensions = f' data-width="{width}" data-height="{height}"'
+        described = f"{width}×{height} · {_size_text(version.size)}"
+        image_size = f' width="{shown_width}" height="{shown_height}"'
+    return (
+        f'<li class="tile" data-name="{shown}"{dimensions}>'
+        f'<a class="open" href="{html.escape(path)}"><img class="thumb" src="{thumbnail(THUMBNAIL_BOX)}" '
+        f'srcset="{thumbnail(THUMBNAIL_BOX)} 1x, {thumbnail(2 * THUMBNAIL_BOX)} 2x"{image_size} loading="lazy" alt="{shown}"></a>'
+        f'<p class="name">{shown}</p><p class="facts">{described}</p>'
+        '<form class="resize"><label>Width <input name="width" type="number" min="1" required></label> '
+        '<label>Height <input name="height" type="number" min="1" required></label> '
+        '<label>Fit <select name="fit"><option>fill</option><option>contain</option><option>cover</option></select></label> '
+        '<button type="submit">Resize</button></form>'
+        '<button class="delete" type="button">Delete</button>'
+        '<p class="status" role="status"></p></li>'
+    )
+
+
+def render_page(tiles, count, next_link):
+    """Return the whole page, encoded: `tiles` as render_tile() made them, of `count` images in all."""
+    pages = '<a href="/">First page</a>'
+    if next_link is not None:
+        pages += f' <a rel="next" href="{html.escape(next_link)}">Next page</a>'
+    plural = "" if count == 1 else "s"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>IMS: {count} image{plural}</title>
+<link rel="icon" href="data:,">
+<style>{PAGE_STYLE}</style>
+</head>
+<body>
+<header><h1>IMS</h1><p id="summary">{count} image{plural} stored</p></header>
+<main>
+<section aria-labelledby="upload-heading">
+<h2 id="upload-heading">Upload</h2>
+<form id="upload-form" method="post" action="/" enctype="multipart/form-data">
+<label id="drop-zone">Drop images here, or choose them: <input id="file-input" type="file" name="file" multiple accept="image/*"></label>
+<button type="submit">Upload</button>
+</form>
+<ul id="uploads" aria-label="Uploads"></ul>
+</section>
+<section aria-labelledby="images-heading">
+<h2 id="images-heading">Images</h2>
+<ul id="grid">{"".join(tiles)}</ul>
+<nav class="pages" id="pages" aria-label="Pages">{pages}</nav>
+</section>
+</main>
+<script>{PAGE_SCRIPT}</script>
+</body>
+</html>
+""".encode()
+
+
 def content_disposition(name):
     """Return `inline; filename=<name>`, quoted or RFC 8187-encoded when the name needs it."""
     if re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~-]+", name):
@@ -3638,11 +3996,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Routes
 
     def list_images(self):
-        """GET / and HEAD /: the sorted JSON list of names.
+        """GET / and HEAD /: the sorted JSON list of names, or a page of it; the page for people to a browser.
 
-        Answers 200; 507 when the storage folder is gone.
+        Answers 200; 400 for a limit that is not a whole number from 1 to MAX_PAGE_SIZE, 507 when
+        the storage folder is gone.
         """
-        self.send_body(200, self.server.store.listing(), "application/json")
+        store = self.server.store
+        limit, after = parse_page_query(self.http_request.query)
+        if prefers_html(self.headers.get("Accept")):
+            names = store.names()
+            limit = limit or PAGE_SIZE
+            chosen, has_more = page_of(names, limit, after)
+            tiles = []
+            for name in chosen:
+                facts = store.facts(name)
+                if facts is not None:
+                    tiles.append(render_tile(name, facts))
+            next_link = page_link(limit, chosen[-1]) if has_more else None
+            headers = {"Vary": "Accept", "Cache-Control": "no-cache", "Content-Security-Policy": PAGE_POLICY,
+                       "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
+            self.send_body(200, render_page(tiles, len(names), next_link), "text/html; charset=utf-8", headers)
+        elif limit is None and not after:
+            self.send_body(200, store.listing(), "application/json", {"Vary": "Accept"})
+        else:
+            limit = limit or MAX_PAGE_SIZE
+            chosen, has_more = page_of(store.names(), limit, after)
+            headers = {"Vary": "Accept"}
+            if has_more:
+                headers["Link"] = f'<{page_link(limit, chosen[-1])}>; rel="next"'
+            self.send_json(200, list(chosen), headers)
 
     def upload_image(self):
         """POST /: stream a multipart upload to a temp file, check it, publish it.
