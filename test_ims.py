@@ -5,6 +5,7 @@ then the real `python3 ims.py` process. Every fixture image is made here with Pi
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -12,6 +13,7 @@ import datetime
 import email.utils
 import errno
 import functools
+import hashlib
 import html
 import http.client
 import io
@@ -4198,6 +4200,134 @@ class TestRenditionOfUnusualImages(RenditionInputTestCase):
         if not ims.AVIF_IS_WRITABLE:
             self.skipTest("this Pillow cannot write AVIF")
         self.assertRendersIn("animated.png", animation("PNG", size=(40, 30)), ("avif",))
+
+
+# ====
+# The page for people, on the server's side
+# ====
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+class TestPageParts(unittest.TestCase):
+    def test_prefers_html_only_when_html_ranks_above_json(self):
+        for accept in (BROWSER_ACCEPT, "text/html", "text/*", "text/html;q=0.5, application/json;q=0.4", "TEXT/HTML"):
+            with self.subTest(accept=accept):
+                self.assertTrue(ims.prefers_html(accept))
+        for accept in (None, "", "*/*", "application/json", "application/json, text/html", "text/html;q=0.5, */*",
+                       "text/html;q=0", "text/html;q=abc", "image/*", "application/*, text/html;q=0.9", ";;,,", "text/html;q=0.5, application/json;q=0.5"):
+            with self.subTest(accept=accept):
+                self.assertFalse(ims.prefers_html(accept))
+
+    def test_prefers_html_takes_any_garbage(self):
+        rng = random.Random(SEED)
+        alphabet = "text/html,application/json;q=0.5*/ \t.9e-"
+        for _ in range(3000):
+            accept = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+            self.assertIn(ims.prefers_html(accept), (True, False))
+
+    def test_paging(self):
+        names = ("a.png", "b.png", "c.png", "d.png")
+        self.assertEqual(ims.page_of(names, 2, ""), (("a.png", "b.png"), True))
+        self.assertEqual(ims.page_of(names, 2, "b.png"), (("c.png", "d.png"), False))
+        self.assertEqual(ims.page_of(names, 2, "bb"), (("c.png", "d.png"), False))
+        self.assertEqual(ims.page_of(names, 9, "d.png"), ((), False))
+        self.assertEqual(ims.parse_page_query(""), (None, ""))
+        self.assertEqual(ims.parse_page_query("limit=5&after=b.png&v=3"), (5, "b.png"))
+        for query in ("limit=0", "limit=-1", "limit=x", "limit=", "limit=10001", "limit=1e3"):
+            with self.subTest(query=query), self.assertRaises(ims.HTTPError) as caught:
+                ims.parse_page_query(query)
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn("limit", caught.exception.message)
+
+    def test_the_policy_allows_exactly_the_page_s_own_style_and_script(self):
+        page = ims.render_page([], 0, None).decode()
+        for tag, directive in (("style", "style-src"), ("script", "script-src")):
+            source = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+            digest = base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
+            self.assertIn(f"{directive} 'sha256-{digest}'", ims.PAGE_POLICY)
+            self.assertEqual(page.count(f"<{tag}"), 1)
+        self.assertIn("default-src 'none'", ims.PAGE_POLICY)
+        self.assertNotIn("unsafe", ims.PAGE_POLICY)
+        self.assertNotRegex(page, r"\son[a-z]+=")
+        self.assertNotRegex(page, r"(src|href)=\"(https?:)?//")
+
+
+class TestPage(HTTPTestCase):
+    HOSTILE = '<img src=x onerror=alert(1)>.jpg'
+
+    def page(self, path="/"):
+        reply = self.request("GET", path, headers={"Accept": BROWSER_ACCEPT})
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.headers["Content-Type"], "text/html; charset=utf-8")
+        return reply
+
+    def test_programs_keep_the_json_list_and_browsers_get_the_page(self):
+        for name in ("b.png", "a.png"):
+            self.assertEqual(self.upload(name, make_image("PNG")).status, 201)
+        for headers in ({}, {"Accept": "*/*"}, {"Accept": "application/json"}):
+            with self.subTest(headers=headers):
+                reply = self.request("GET", "/", headers=headers)
+                self.assertEqual((reply.status, reply.body), (200, b'["a.png", "b.png"]\n'))
+                self.assertEqual(reply.headers["Content-Type"], "application/json")
+                self.assertEqual(reply.headers["Vary"], "Accept")
+        reply = self.page()
+        self.assertEqual(reply.headers["Vary"], "Accept")
+        self.assertEqual(reply.headers["Content-Security-Policy"], ims.PAGE_POLICY)
+        self.assertEqual([tile for tile in re.findall(r'<li class="tile" data-name="([^"]+)"', reply.body.decode())], ["a.png", "b.png"])
+        head = self.request("HEAD", "/", headers={"Accept": BROWSER_ACCEPT})
+        self.assertEqual((head.status, head.body, head.headers["Content-Length"]), (200, b"", str(len(reply.body))))
+
+    def test_tiles_link_the_original_and_show_renditions_facts_and_controls(self):
+        self.assertEqual(self.upload("a.jpg", make_image("JPEG", (400, 300), orientation=6)).status, 201)
+        page = self.page().body.decode()
+        tile = page.split('<li class="tile"', 1)[1].split("</li>", 1)[0]
+        self.assertIn('href="/a.jpg"', tile)
+        self.assertIn('data-width="300" data-height="400"', tile)
+        self.assertIn("300×400 · ", tile)
+        self.assertIn('loading="lazy"', tile)
+        for url in re.findall(r'(?:src|srcset)="([^" ]+)', tile):
+            reply = self.request("GET", html.unescape(url))
+            self.assertEqual((reply.status, reply.headers["Content-Type"]), (200, "image/webp"))
+            self.assertEqual(max(decode(reply.body).size), 240)
+        self.assertIn('class="delete"', tile)
+        self.assertIn('<form class="resize">', tile)
+
+    def test_a_hostile_name_is_text_everywhere(self):
+        with open(os.path.join(self.storage, self.HOSTILE), "wb") as file:
+            file.write(make_image("JPEG"))
+        page = self.page().body.decode()
+        self.assertNotIn("<img src=x", page)
+        self.assertIn("&lt;img src=x onerror=alert(1)&gt;.jpg", page)
+        self.assertIn('href="/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E.jpg"', page)
+
+    def test_a_large_folder_is_paged(self):
+        for index in range(105):
+            with open(os.path.join(self.storage, f"{index:03}.png"), "wb") as file:
+                file.write(make_image("PNG", (8, 8)))
+        page = self.page().body.decode()
+        self.assertEqual(page.count('<li class="tile"'), 100)
+        self.assertIn('<a rel="next" href="/?limit=100&amp;after=099.png">', page)
+        second = self.page("/?limit=100&after=099.png").body.decode()
+        self.assertEqual(re.findall(r'<li class="tile" data-name="([^"]+)"', second), [f"{index:03}.png" for index in range(100, 105)])
+        self.assertNotIn('rel="next"', second)
+        self.assertIn("105 images stored", second)
+        reply = self.request("GET", "/?limit=2&after=050.png")
+        self.assertEqual(reply.json, ["051.png", "052.png"])
+        self.assertEqual(reply.headers["Link"], '</?limit=2&after=052.png>; rel="next"')
+        last = self.request("GET", "/?limit=10&after=100.png")
+        self.assertEqual((last.json, last.headers["Link"]), (["101.png", "102.png", "103.png", "104.png"], None))
+        self.assertEqual(len(self.request("GET", "/").json), 105)
+        self.assertError(self.request("GET", "/?limit=0"), 400, "limit")
+        self.assertError(self.request("GET", "/?limit=abc", headers={"Accept": BROWSER_ACCEPT}), 400, "limit")
+
+    def test_a_file_that_is_no_image_gets_a_tile_that_says_so(self):
+        with open(os.path.join(self.storage, "bad.png"), "wb") as file:
+            file.write(b"not an image")
+        page = self.page().body.decode()
+        self.assertIn('data-name="bad.png"', page)
+        self.assertIn("not a readable image", page)
 
 
 class TestCommandLine(unittest.TestCase):
