@@ -4457,7 +4457,7 @@ class TestReadmeExamples(unittest.TestCase):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
             readme = file.read()
         blocks = [block.split("```", 1)[0] for block in readme.split("```sh\n")[1:]]
-        self.assertGreaterEqual(len(blocks), 7)
+        self.assertGreaterEqual(len(blocks), 8)
         tempdir = tempfile.TemporaryDirectory()
         self.addCleanup(tempdir.cleanup)
         process, port = start_ims(self, "--storage", os.path.join(tempdir.name, "storage"))
@@ -4470,19 +4470,22 @@ class TestReadmeExamples(unittest.TestCase):
             self.assertEqual(result.returncode, 0, (block, result.stderr))
             outputs.append(result.stdout)
         self.assertEqual(outputs[0], "[]\n")
-        self.assertEqual(outputs[1], '"Image successfully uploaded"\n')
+        self.assertIn("HTTP/1.1 200 OK", outputs[1])
+        self.assertIn("Vary: Accept", outputs[1])
+        self.assertTrue(outputs[1].endswith("\n\n[]\n"), outputs[1])
+        self.assertEqual(outputs[2], '"Image successfully uploaded"\n')
         with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as original, open(os.path.join(tempdir.name, "downloaded.jpeg"), "rb") as copy:
             self.assertEqual(original.read(), copy.read())
         with open(os.path.join(tempdir.name, "thumbnail.webp"), "rb") as file:
             thumbnail = decode(file.read())
         self.assertEqual((thumbnail.format, thumbnail.size), ("WEBP", (300, 400)))
-        self.assertIn("HTTP/1.1 200 OK", outputs[3])
-        self.assertIn("Content-Type: image/jpeg", outputs[3])
-        self.assertIn("-200x200-cover-", outputs[3])
-        self.assertEqual(outputs[4], '"Image resize command received"\n')
-        job = json.loads(outputs[5])
+        self.assertIn("HTTP/1.1 200 OK", outputs[4])
+        self.assertIn("Content-Type: image/jpeg", outputs[4])
+        self.assertIn("-200x200-cover-", outputs[4])
+        self.assertEqual(outputs[5], '"Image resize command received"\n')
+        job = json.loads(outputs[6])
         self.assertEqual((job["state"], job["width"], job["height"], job["fit"]), ("done", 200, 200, "cover"))
-        self.assertIn("HTTP/1.1 204", outputs[6])
+        self.assertIn("HTTP/1.1 204", outputs[7])
 
     def test_the_srcset_example_in_the_readme_gets_every_width_it_names(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
