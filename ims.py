@@ -3615,6 +3615,7 @@ grid.addEventListener("click", async (event) => {
   const response = await fetch("/" + encodeURIComponent(name), {method: "DELETE"});
   if (response.status === 204 || response.status === 404) {
     tile.remove();
+    refreshGrid();
   } else {
     showStatus(tile, messageOf(await response.text()), true);
   }
@@ -3638,7 +3639,12 @@ grid.addEventListener("submit", async (event) => {
   const location = response.headers.get("Location");
   let job;
   do {
-    job = await (await fetch(location + "?wait=60")).json();
+    const answer = await fetch(location + "?wait=60");
+    if (!answer.ok) {
+      showStatus(tile, messageOf(await answer.text()), true);
+      return;
+    }
+    job = await answer.json();
   } while (job.state === "queued" || job.state === "running");
   if (job.state !== "done") {
     showStatus(tile, "The resize " + job.state + ": " + job.error, true);
