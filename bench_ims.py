@@ -57,6 +57,19 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 the server's threads and of its resize processes, per request; beside it, in turn
                 each round, the same 200 widths asked by CPUs clients one after another, so that
                 none waits for a slot; median of --repeat rounds
+    page        the page for people (issue 11) over a folder of 1000 made JPEGs (about 640x480) and
+                the ../shared/photos/ photos among the first tiles, each round on fresh servers over
+                a new folder of hard links to them: the server's time for the HTML GET / sends a
+                browser (Chromium's Accept, request to last byte), the first after a fresh start
+                (each tile's size read from its image's header) and again, and the same of
+                ?limit=1000, ms and bytes; then, in headless Chromium (selenium, a 1280x900 window),
+                the time from navigation start until every thumbnail of the first screen (those
+                intersecting the viewport) is painted (the Element Timing API; img.decode(), the
+                load events, resource and navigation timings beside it), cold (a fresh IMS, nothing
+                rendered, a fresh profile) and warm (reloads in the same browser, each thumbnail
+                request of which must be answered 304, by the server's log, or come from the
+                browser's cache, by the Performance API), with the counts and console errors;
+                median of --repeat rounds (at least 3), 3 reloads a round
     soak        20,000 mixed requests from 4 threads (keep-alive and not, successes and errors,
                 malformed requests on raw sockets, uploads, deletes, resizes waited for with
                 ?wait=): requests/s, and the server's threads, open fds and RSS before (after a
@@ -98,7 +111,8 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
 rendition-get and rendition-cold measure the IMS servers that render (with --baseline, the IMS
 before too when it has renditions; the seed never renders, and a server that answers a rendition
 with the original is noted, not measured); rendition-crowd and rendition-burst run on fresh servers
-of their own, IMS and with --baseline the IMS before. soak, slow-clients, patch-burst and the
+of their own, IMS and with --baseline the IMS before. page measures IMS only, on fresh servers of
+its own. soak, slow-clients, patch-burst and the
 scaling scenarios after them measure IMS only (patch-burst also the IMS before with --baseline),
 each on fresh servers of their own (the other columns say n/a). nginx's config, pid, error log and
 temporary files are in the scratch folder; it runs as root's user when the bench runs as root, so
@@ -106,7 +120,7 @@ its workers can read the storage.
 
 --repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
 (largest growth), of resize-8 rounds (median), of fresh starts for first-resize, of PATCH bursts,
-of nginx-resize rounds, of rendition-crowd and rendition-burst rounds (median); upload, upload-4,
+of nginx-resize rounds, of rendition-crowd, rendition-burst and page rounds (median); upload, upload-4,
 resize and rendition-cold have their own series. "IMS vs seed" is a factor where above 1 means IMS
 is better, whatever the unit.
 
@@ -124,9 +138,12 @@ meanwhile moves the wrk figures by 2x, so a figure taken beside one is not to be
 (Debian: apt-get install -y nginx-light) and for gluster glusterd, gluster and mount.glusterfs
 (glusterfs-server, glusterfs-client); a scenario whose tool is missing is skipped with a
 message. rendition-cold's nginx image_filter reference needs nginx and its module (Debian:
-libnginx-mod-http-image-filter); without them that row says so and the rest is measured. Photos
-are read from ../shared/photos/.
-Standard library only, plus Pillow imported where images are made or resized.
+libnginx-mod-http-image-filter); without them that row says so and the rest is measured. page's
+browser rows need selenium (pip) and Chromium with its driver at /usr/bin/chromium and
+/usr/bin/chromedriver (Debian: chromium, chromium-driver); without them a row says so and the HTML
+is measured. Photos are read from ../shared/photos/.
+Standard library only, plus Pillow imported where images are made or resized, and selenium where
+the page is opened in Chromium.
 """
 from __future__ import annotations
 
@@ -157,6 +174,7 @@ import time
 import timeit
 import traceback
 import types
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -243,6 +261,28 @@ SIZES_FIRST_WIDTH = 100
 # A render of a 12-megapixel JPEG lives 40 ms or more: sampling every 5 ms sees each one.
 RENDITION_SAMPLE_SECONDS = 0.005
 IMAGE_FILTER_MODULE = Path("/usr/lib/nginx/modules/ngx_http_image_filter_module.so")
+# The page for people (issue 11): a folder of PAGE_IMAGES JPEGs about 640x480, and the shared photos.
+PAGE_IMAGES = 1000
+PAGE_BASE_SIZE = (1024, 768)  # each JPEG is a window of this noisy gradient
+PAGE_IMAGE_SIZES = ((480, 800), (360, 640))  # the range of the windows' widths, and of their heights
+PAGE_IMAGE_QUALITY = 80
+PAGE_PHOTO_POSITIONS = (1, 5, 9)  # the photos sort right after these names, among the first screen's tiles
+PAGE_TILES = 100  # the tiles of GET / without ?limit= (ims.py's PAGE_SIZE)
+PAGE_LARGE_LIMIT = 1000
+PAGE_HTML_RUNS = 10  # GETs of each page again after its first, on each fresh server
+PAGE_MIN_ROUNDS = 3  # cold loads in the browser, each on a fresh IMS and a fresh profile
+PAGE_RELOADS = 3  # warm reloads after each cold load, in the same browser
+PAGE_DONE_TIMEOUT_SECONDS = 120
+PAGE_QUIET_SECONDS = 0.5  # the server's log unchanged this long: the page asks for nothing more
+# Chromium's Accept for a navigation.
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+THUMBNAIL_MARK = "&fit=contain&format=webp&v="  # in every thumbnail's URL, 1x and 2x
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_OPTIONS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+PAGE_WINDOW = (1280, 900)
+# A request line in the server's log (http.server's format): "GET /path HTTP/1.1" 304 -
+LOG_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3}) ')
 # The gluster scenario. The mount options the README's "Several hosts" and ims.py's start-up check
 # ask for; md-cache (stat-prefetch) and quick-read would cache attributes and small files in each
 # client past what those turn off.
@@ -342,18 +382,21 @@ def free_port() -> int:
 
 
 def start_ims(storage: Path, scratch: Path, options: list[str] = (), label: str = "ims",
-              script: Path = IMS_SCRIPT, kind: str = "ims", cpus: set[int] | None = None) -> Server:
+              script: Path = IMS_SCRIPT, kind: str = "ims", cpus: set[int] | None = None,
+              log: Path | None = None) -> Server:
     """Run `ims.py --port 0` (plus options) and read the port from its start-up line.
 
     cpus, when given, pins the server and everything it starts to those CPUs (as taskset does).
+    log, when given, is the file its standard error goes to (a line per request); else it is dropped.
     """
     if not script.exists():
         raise BenchError(f"{script} does not exist")
     stdout_path = scratch / f"{label}-stdout.txt"
-    with open(stdout_path, "wb") as stdout:
+    with open(stdout_path, "wb") as stdout, \
+            (open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL)) as stderr:
         process = subprocess.Popen(
             [sys.executable, str(script), "--port", "0", "--storage", str(storage), *options],
-            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=stdout, stderr=stderr, start_new_session=True,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -2027,6 +2070,531 @@ def scenario_rendition_burst(bench: Bench) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------
+# The page for people (issue 11): GET / answers a browser with an HTML grid of PAGE_TILES tiles,
+# each thumbnail a rendition (?width=240&height=240&fit=contain&format=webp&v=<version>, a 2x one
+# in its srcset, loading="lazy"), cached on disk and revalidated by ETag (Cache-Control: no-cache).
+# IMS only, each measure on fresh servers of its own over a folder of PAGE_IMAGES made JPEGs.
+# ------------------------------------------------------------------------------------------
+
+
+def make_page_images(folder: Path) -> None:
+    """Fill folder with PAGE_IMAGES photo-like JPEGs of varied sizes about 640x480, and the shared photos.
+
+    Each JPEG is a window of its own size and place on one noisy gradient, so that every
+    thumbnail is a real decode, resize and encode. The photos take names among the first screen's
+    (img-0001-<photo>.jpeg sorts right after img-0001.jpeg).
+    """
+    from PIL import Image
+
+    folder.mkdir()
+    width, height = PAGE_BASE_SIZE
+    rng = random.Random(20250611)
+    noise = Image.frombytes("RGB", PAGE_BASE_SIZE, rng.randbytes(width * height * 3))
+    gradient = Image.merge("RGB", [Image.linear_gradient("L").resize(PAGE_BASE_SIZE),
+                                   Image.linear_gradient("L").rotate(90).resize(PAGE_BASE_SIZE),
+                                   Image.radial_gradient("L").resize(PAGE_BASE_SIZE)])
+    picture = Image.blend(gradient, noise, 0.12)
+    (low_width, high_width), (low_height, high_height) = PAGE_IMAGE_SIZES
+    for index in range(PAGE_IMAGES):
+        window_width, window_height = rng.randint(low_width, high_width), rng.randint(low_height, high_height)
+        left, top = rng.randint(0, width - window_width), rng.randint(0, height - window_height)
+        picture.crop((left, top, left + window_width, top + window_height)).save(
+            folder / f"img-{index:04d}.jpeg", "JPEG", quality=PAGE_IMAGE_QUALITY)
+    photos = sorted((SHARED / "photos").glob("*.jpeg"))
+    for position, photo in zip(PAGE_PHOTO_POSITIONS, photos):
+        shutil.copyfile(photo, folder / f"img-{position:04d}-{photo.name}")
+
+
+@contextlib.contextmanager
+def page_ims(bench: Bench, images: Path, label: str):
+    """Start an IMS of its own, its requests logged, on a new storage folder of hard links to images; stop it after.
+
+    A new folder has an empty rendition cache (.ims/renditions), and a fresh start has read no
+    image's header yet. Yields (server, path of its log).
+    """
+    storage = bench.scratch / f"{label}-storage"
+    storage.mkdir()
+    for source in images.iterdir():
+        try:
+            os.link(source, storage / source.name)
+        except OSError:
+            shutil.copyfile(source, storage / source.name)
+    log = bench.scratch / f"{label}-log.txt"
+    server = start_ims(storage, bench.scratch, label=label, log=log)
+    try:
+        yield server, log
+    finally:
+        bench.problems.extend(f"{label}: {problem}" for problem in server.stop())
+
+
+def timed_page(server: Server, path: str, tiles: int) -> tuple[float, int]:
+    """GET path as a browser asks for it (its Accept) on a new connection; return (seconds to the whole body, bytes).
+
+    Raises BenchError unless the answer is 200, HTML, with `tiles` thumbnails.
+    """
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=RENDITION_CLIENT_TIMEOUT_SECONDS)
+    try:
+        started = time.perf_counter()
+        connection.request("GET", path, headers={"Accept": BROWSER_ACCEPT})
+        response = connection.getresponse()
+        data = response.read()
+        seconds = time.perf_counter() - started
+    except (OSError, http.client.HTTPException) as error:
+        raise BenchError(f"GET {path}: {type(error).__name__}: {error}") from None
+    finally:
+        connection.close()
+    content_type = response.headers.get("Content-Type", "")
+    if response.status != 200 or not content_type.startswith("text/html"):
+        raise BenchError(f"GET {path} with a browser's Accept answered {response.status} {content_type}: "
+                         f"{data[:120]!r}")
+    found = data.count(b'<img class="thumb"')
+    if found != tiles:
+        raise BenchError(f"GET {path} answered a page of {found} thumbnails, not {tiles}")
+    return seconds, len(data)
+
+
+def log_size(log: Path) -> int:
+    with contextlib.suppress(OSError):
+        return log.stat().st_size
+    return 0
+
+
+def logged_requests(log: Path, offset: int) -> list[tuple[str, str, int]]:
+    """Return the (method, path, status) of each request the server logged after byte offset of its log."""
+    with open(log, "rb") as file:
+        file.seek(offset)
+        text = file.read().decode(errors="replace")
+    return [(method, path, int(status)) for method, path, status in LOG_LINE.findall(text)]
+
+
+def browser_unavailable() -> str | None:
+    """Return why the page's browser rows cannot run (selenium, chromium or chromedriver missing), or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (python3 -m pip install selenium)"
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not path.exists():
+            return f"{path} is missing (apt-get install -y {package})"
+    return None
+
+
+def start_chromium(profile: Path):
+    """Start headless Chromium through chromedriver on a new profile folder, PAGE_PROBE in every document.
+
+    Returns the selenium WebDriver and the DevTools identifier of the probe; raises BenchError
+    when the browser does not start.
+    """
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    width, height = PAGE_WINDOW
+    for argument in [*CHROMIUM_OPTIONS, f"--window-size={width},{height}", f"--user-data-dir={profile}"]:
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    except WebDriverException as error:
+        raise BenchError(f"Chromium did not start: {error.msg or error}".strip()[:300]) from None
+    try:
+        driver.set_page_load_timeout(PAGE_DONE_TIMEOUT_SECONDS)
+        probe = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PAGE_PROBE})
+    except WebDriverException as error:
+        driver.quit()
+        raise BenchError(f"Chromium: {error.msg or error}".strip()[:300]) from None
+    return driver, probe["identifier"]
+
+
+def reload_without_probe(driver, probe: str, log: Path) -> tuple[float, str]:
+    """Reload the page with PAGE_PROBE taken out, then put it back; return its DOMContentLoaded (ms) and the
+    probe's new identifier. The check on what the probe costs the page: compare with a probed reload's."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": probe})
+        driver.refresh()
+        size, quiet_since = log_size(log), time.monotonic()
+        deadline = quiet_since + PAGE_DONE_TIMEOUT_SECONDS
+        while time.monotonic() - quiet_since < PAGE_QUIET_SECONDS:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the page still loaded after {PAGE_DONE_TIMEOUT_SECONDS} s")
+            time.sleep(0.05)
+            if log_size(log) != size:
+                size, quiet_since = log_size(log), time.monotonic()
+        loaded = driver.execute_script(
+            'return performance.getEntriesByType("navigation")[0].domContentLoadedEventStart')
+        probe = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PAGE_PROBE})["identifier"]
+    except WebDriverException as error:
+        raise BenchError(f"browser: {error.msg or error}".strip()[:300]) from None
+    return loaded, probe
+
+
+# Run by the browser in every document before the page's own script (through DevTools, so the
+# page's Content-Security-Policy does not apply to it). For every thumbnail it notes when it loads
+# (complete, naturalWidth > 0) and, from then, when img.decode() resolves (decoded, ready to
+# paint); it marks each with elementtiming as the parser adds it, so that the Element Timing API
+# tells when it was first painted (Chromium resolves decode() a frame or so later: on a reload
+# that can be after the paint). At DOMContentLoaded it takes the thumbnails that intersect the
+# viewport: the first screen (the <img> carry width and height, so that layout is the final one).
+# It adds no layout of its own before then. Times are performance.now(): ms since navigation start.
+PAGE_PROBE = """
+(() => {
+  if (window.__imsPage) return;
+  performance.setResourceTimingBufferSize(100000);
+  const probe = window.__imsPage = {images: new Map(), painted: new Map(), firstScreen: null, domContentLoaded: null,
+    elementTiming: PerformanceObserver.supportedEntryTypes.includes("element")};
+  const isThumb = (node) => node instanceof HTMLImageElement && node.classList.contains("thumb");
+  const record = (img) => {
+    if (!probe.images.has(img)) probe.images.set(img, {loaded: null, decoded: null, error: "", src: ""});
+    return probe.images.get(img);
+  };
+  document.addEventListener("load", (event) => {
+    const img = event.target;
+    if (!isThumb(img)) return;
+    const entry = record(img);
+    entry.loaded = performance.now();
+    entry.src = img.currentSrc;
+    if (img.naturalWidth === 0) { entry.error = "loaded with naturalWidth 0"; return; }
+    img.decode().then(() => { entry.decoded = performance.now(); }, (error) => { entry.error = "decode(): " + error; });
+  }, true);
+  document.addEventListener("error", (event) => {
+    if (!isThumb(event.target)) return;
+    const entry = record(event.target);
+    entry.error = "error event";
+    entry.src = event.target.currentSrc || event.target.src;
+  }, true);
+  // The parser adds each element by itself: looking at the added nodes alone is enough, and cheap
+  // (a querySelectorAll under each made DOMContentLoaded ~25 ms later).
+  new MutationObserver((mutations) => {
+    for (const mutation of mutations) {
+      for (const node of mutation.addedNodes) if (isThumb(node)) node.setAttribute("elementtiming", "thumb");
+    }
+  }).observe(document, {childList: true, subtree: true});
+  if (probe.elementTiming) {
+    new PerformanceObserver((list) => {
+      for (const entry of list.getEntries()) {
+        if (entry.element && isThumb(entry.element) && !probe.painted.has(entry.element)) {
+          probe.painted.set(entry.element, entry.renderTime || entry.loadTime);
+        }
+      }
+    }).observe({type: "element", buffered: true});
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    probe.domContentLoaded = performance.now();
+    probe.firstScreen = [...document.querySelectorAll("img.thumb")].filter((img) => {
+      const box = img.getBoundingClientRect();
+      return box.bottom > 0 && box.right > 0 && box.top < innerHeight && box.left < innerWidth;
+    });
+  });
+})();
+"""
+
+# What the probe found once every first-screen thumbnail is decoded and painted, or failed (null
+# before): those thumbnails with their resource timings, the navigation's, every thumbnail fetched.
+PAGE_PROBE_RESULT = """
+const probe = window.__imsPage;
+if (!probe || probe.firstScreen === null) return null;
+const first = probe.firstScreen.map((img) => [img, probe.images.get(img)]);
+const settled = ([img, entry]) => entry && (entry.error || (entry.decoded !== null
+  && (probe.painted.has(img) || !probe.elementTiming)));
+if (!first.every(settled)) return null;
+const timings = performance.getEntriesByType("resource");
+const byName = new Map(timings.map((timing) => [timing.name, timing]));
+const navigation = performance.getEntriesByType("navigation")[0];
+const described = (timing) => timing && {name: timing.name, responseEnd: timing.responseEnd,
+  transferSize: timing.transferSize, encodedBodySize: timing.encodedBodySize,
+  responseStatus: timing.responseStatus ?? null};
+return {
+  domContentLoaded: probe.domContentLoaded, readyState: document.readyState, elementTiming: probe.elementTiming,
+  loadEvent: navigation.loadEventStart,
+  viewport: [innerWidth, innerHeight, devicePixelRatio],
+  navigation: described(navigation),
+  thumbs: document.querySelectorAll("img.thumb").length,
+  firstScreen: first.map(([img, entry]) => ({src: entry.src, loaded: entry.loaded, decoded: entry.decoded,
+    painted: probe.painted.get(img) ?? null, error: entry.error, naturalWidth: img.naturalWidth,
+    timing: described(byName.get(entry.src))})),
+  thumbnailTimings: timings.filter((timing) => timing.name.includes(arguments[0])).map(described),
+};
+"""
+
+
+@dataclasses.dataclass
+class PageLoad:
+    """One load of the page in the browser, cold or a reload: its times in ms since navigation start, its requests."""
+
+    loaded: float  # every first-screen thumbnail complete with naturalWidth > 0 (its load event)
+    decoded: float  # every first-screen thumbnail decoded (img.decode() begun at its load has resolved)
+    painted: float | None  # every first-screen thumbnail painted (Element Timing's renderTime), if supported
+    html_end: float  # the HTML's responseEnd (navigation timing)
+    dom_content_loaded: float
+    load_event: float  # the navigation's loadEventStart
+    last_thumbnail_end: float  # the latest responseEnd among the first screen's thumbnails (resource timing)
+    last_thumbnail: str  # the image name of that thumbnail
+    first_screen: int
+    viewport: list
+    failures: list[str]  # first-screen thumbnails that did not load or decode
+    logged: collections.Counter  # the server's log: (what, status) -> count, what "page", "thumbnail" or a path
+    fetched: collections.Counter  # the thumbnails' resource timings: "cache", "revalidated" or "downloaded"
+    statuses: collections.Counter  # the thumbnails' responseStatus in their resource timings
+    console: list[str]  # the browser's console errors
+
+
+def fetched_how(timing: dict) -> str:
+    """Tell from a resource timing whether the browser took it from its cache, revalidated it (304) or downloaded it.
+
+    transferSize is 0 for a cache hit; Chromium counts a 304 as its 300 bytes of headers and no
+    body (encodedBodySize 0: the body came from the cache), and a download as its body plus 300.
+    """
+    if timing["transferSize"] == 0:
+        return "cache"
+    if timing["encodedBodySize"] == 0 or timing["transferSize"] < timing["encodedBodySize"]:
+        return "revalidated"
+    return "downloaded"
+
+
+def load_page(driver, server: Server, log: Path, path: str = "/", reload: bool = False) -> PageLoad:
+    """Open path (or reload the page) in the browser; wait until the first screen is decoded and painted and the
+    page asks for nothing more (its server's log unchanged for PAGE_QUIET_SECONDS); return what it took."""
+    from selenium.common.exceptions import WebDriverException
+
+    offset = log_size(log)
+    try:
+        if reload:
+            driver.refresh()
+        else:
+            driver.get(server.url(path))
+        found = None
+        deadline = time.monotonic() + PAGE_DONE_TIMEOUT_SECONDS
+        while found is None:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the first screen was not decoded within {PAGE_DONE_TIMEOUT_SECONDS} s")
+            time.sleep(0.05)
+            found = driver.execute_script(PAGE_PROBE_RESULT, THUMBNAIL_MARK)
+        size, quiet_since = log_size(log), time.monotonic()
+        while time.monotonic() - quiet_since < PAGE_QUIET_SECONDS or found["readyState"] != "complete":
+            if time.monotonic() > deadline:
+                raise BenchError(f"the page still loaded after {PAGE_DONE_TIMEOUT_SECONDS} s")
+            time.sleep(0.05)
+            if log_size(log) != size:
+                size, quiet_since = log_size(log), time.monotonic()
+            found = driver.execute_script(PAGE_PROBE_RESULT, THUMBNAIL_MARK)
+        console = [f"{entry.get('level')}: {entry.get('message', '')[:200]}" for entry in driver.get_log("browser")
+                   if entry.get("level") == "SEVERE"]
+    except WebDriverException as error:
+        raise BenchError(f"browser: {error.msg or error}".strip()[:300]) from None
+    server.check_alive()
+    first = found["firstScreen"]
+    if not first:
+        raise BenchError(f"no img.thumb intersects the {found['viewport'][0]}x{found['viewport'][1]} viewport")
+    failures = [f"{item['src'] or '(no source)'}: {item['error']}" for item in first if item["error"]]
+    good = [item for item in first if not item["error"]]
+    logged = collections.Counter()
+    for _, logged_path, status in logged_requests(log, offset):
+        what = "thumbnail" if THUMBNAIL_MARK in logged_path else "page" if logged_path.startswith("/?") or \
+            logged_path == "/" else logged_path
+        logged[what, status] += 1
+    fetched = collections.Counter(fetched_how(timing) for timing in found["thumbnailTimings"])
+    statuses = collections.Counter(timing["responseStatus"] for timing in found["thumbnailTimings"])
+    ends = sorted((item["timing"]["responseEnd"], item["src"]) for item in good if item["timing"])
+    last_end, last_source = ends[-1] if ends else (0, "")
+    return PageLoad(
+        loaded=max((item["loaded"] for item in good), default=0),
+        decoded=max((item["decoded"] for item in good), default=0),
+        painted=max((item["painted"] for item in good), default=0) if found["elementTiming"] else None,
+        html_end=found["navigation"]["responseEnd"], dom_content_loaded=found["domContentLoaded"],
+        load_event=found["loadEvent"],
+        last_thumbnail_end=last_end,
+        last_thumbnail=urllib.parse.unquote(urllib.parse.urlsplit(last_source).path.lstrip("/")),
+        first_screen=len(first), viewport=found["viewport"], failures=failures, logged=logged, fetched=fetched,
+        statuses=statuses, console=console)
+
+
+def describe_load(load: PageLoad) -> str:
+    """Return one load's figures for the notes."""
+    logged = ", ".join(f"{what} {status} x{count}" for (what, status), count in sorted(load.logged.items()))
+    fetched = ", ".join(f"{how} x{count}" for how, count in sorted(load.fetched.items()))
+    statuses = ", ".join(f"{status} x{count}" for status, count in sorted(load.statuses.items(), key=str))
+    painted = "n/a" if load.painted is None else f"{load.painted:.0f}"
+    text = (f"HTML end {load.html_end:.0f} ms, DOMContentLoaded {load.dom_content_loaded:.0f}, load event "
+            f"{load.load_event:.0f}, last first-screen thumbnail end {load.last_thumbnail_end:.0f} "
+            f"({load.last_thumbnail}), loaded {load.loaded:.0f}, decoded {load.decoded:.0f}, painted {painted}; "
+            f"server log: {logged or 'nothing'}; resource timings of thumbnails: {fetched or 'none'} "
+            f"(responseStatus {statuses or '-'})")
+    if load.failures:
+        text += f"; FAILED ({len(load.failures)}): " + ", ".join(load.failures[:3])
+    if load.console:
+        text += f"; console errors ({len(load.console)}): " + " | ".join(load.console[:3])
+    return text
+
+
+def scenario_page(bench: Bench) -> list[Row]:
+    rounds = max(bench.repeat, PAGE_MIN_ROUNDS)
+    images = bench.scratch / "page-images"
+    started = time.perf_counter()
+    make_page_images(images)
+    made = time.perf_counter() - started
+    count = sum(1 for _ in images.iterdir())
+    megabytes = sum(path.stat().st_size for path in images.iterdir()) / 1e6
+    large = f"/?limit={PAGE_LARGE_LIMIT}"
+    firsts, agains, large_firsts, large_agains, sizes = [], [], [], [], {}
+    unavailable = browser_unavailable()
+    colds: list[PageLoad] = []
+    warms: list[list[PageLoad]] = []
+    notes, browser_errors = [], []
+    unprobed: list[float] = []  # DOMContentLoaded of reloads without the probe
+    bigs: list[PageLoad] = []  # GET /?limit=1000 after the reloads
+    for run in range(rounds):
+        with page_ims(bench, images, f"page-html-{run}") as (server, _):
+            seconds, sizes["/"] = timed_page(server, "/", PAGE_TILES)
+            firsts.append(seconds)
+            agains.extend(timed_page(server, "/", PAGE_TILES)[0] for _ in range(PAGE_HTML_RUNS))
+            seconds, sizes[large] = timed_page(server, large, PAGE_LARGE_LIMIT)
+            large_firsts.append(seconds)
+            large_agains.extend(timed_page(server, large, PAGE_LARGE_LIMIT)[0] for _ in range(PAGE_HTML_RUNS))
+        if unavailable:
+            continue
+        with page_ims(bench, images, f"page-browser-{run}") as (server, log):
+            try:
+                driver, probe = start_chromium(bench.scratch / f"page-profile-{run}")
+            except BenchError as error:
+                unavailable = str(error)
+                continue
+            try:
+                cold = load_page(driver, server, log)
+                warm = []
+                for _ in range(PAGE_RELOADS):  # interleaved with as many reloads without the probe
+                    warm.append(load_page(driver, server, log, reload=True))
+                    loaded, probe = reload_without_probe(driver, probe, log)
+                    unprobed.append(loaded)
+                big = load_page(driver, server, log, large)
+            except BenchError as error:
+                browser_errors.append(f"round {run + 1}: {error}")
+            else:
+                colds.append(cold)
+                warms.append(warm)
+                bigs.append(big)
+            finally:
+                with contextlib.suppress(Exception):
+                    driver.quit()
+
+    def ms(values: list[float]) -> float:
+        return statistics.median(values) * 1000
+
+    made_note = (f"{count} images ({PAGE_IMAGES} JPEGs of {PAGE_IMAGE_SIZES[0][0]}-{PAGE_IMAGE_SIZES[0][1]} x "
+                 f"{PAGE_IMAGE_SIZES[1][0]}-{PAGE_IMAGE_SIZES[1][1]} pixels, quality {PAGE_IMAGE_QUALITY}, and the "
+                 f"photos of {SHARED / 'photos'} as img-000N-<photo>.jpeg among the first tiles), {megabytes:.0f} MB, "
+                 f"made in {made:.1f} s; each measure on a fresh IMS over a new folder of hard links to them; "
+                 f"GET with Chromium's Accept ({BROWSER_ACCEPT}), a new connection each, until the whole body is read")
+    rows = [
+        Row("page", f"GET / to a browser, the first after a fresh start ({PAGE_TILES} tiles: their sizes read "
+            f"from {PAGE_TILES} headers) (median of {rounds} starts)", "ms", ms(firsts), higher_is_better=False,
+            note=made_note + "; each start: " + ", ".join(f"{seconds * 1000:.1f}" for seconds in firsts)),
+        Row("page", f"GET / again, same server ({PAGE_TILES} tiles, sizes known) (median of "
+            f"{len(agains)})", "ms", ms(agains), higher_is_better=False),
+        Row("page", f"GET {large} next on that server ({PAGE_LARGE_LIMIT} tiles, {PAGE_LARGE_LIMIT - PAGE_TILES} "
+            f"more headers read) (median of {rounds} starts)", "ms", ms(large_firsts), higher_is_better=False,
+            note="each start: " + ", ".join(f"{seconds * 1000:.1f}" for seconds in large_firsts)),
+        Row("page", f"GET {large} again (median of {len(large_agains)})", "ms", ms(large_agains),
+            higher_is_better=False),
+        Row("page", f"HTML of GET / ({PAGE_TILES} tiles)", "bytes", sizes["/"], higher_is_better=False),
+        Row("page", f"HTML of GET {large}", "bytes", sizes[large], higher_is_better=False),
+    ]
+    width, height = PAGE_WINDOW
+    if unavailable or not colds:
+        rows.append(Row("page", "first screen of thumbnails in Chromium, cold and warm", "",
+                        note=f"browser rows skipped: {unavailable or '; '.join(browser_errors)}"))
+        return rows
+    notes += [f"not measured: {error}" for error in browser_errors]
+    reloads = [load for each in warms for load in each]
+    for number, (cold, warm) in enumerate(zip(colds, warms), 1):
+        notes.append(f"round {number} cold: {describe_load(cold)}")
+        notes.extend(f"round {number} reload {index}: {describe_load(load)}" for index, load in enumerate(warm, 1))
+        notes.append(f"round {number} {large}: {describe_load(bigs[number - 1])}")
+
+    def median_of(loads: list[PageLoad], measure: Callable[[PageLoad], float]) -> float:
+        return statistics.median(measure(load) for load in loads)
+
+    def not_revalidated(load: PageLoad) -> int:
+        return sum(count for (what, status), count in load.logged.items() if what == "thumbnail" and status != 304)
+
+    def painted(loads: list[PageLoad]) -> float | None:
+        return None if any(load.painted is None for load in loads) else median_of(loads, lambda load: load.painted)
+
+    viewport = colds[0].viewport
+    first_screens = sorted({load.first_screen for load in colds + reloads})
+    cold_label = f"cold: fresh IMS, new folder, fresh profile (median of {len(colds)})"
+    warm_label = f"warm: reload in the same browser (median of {len(reloads)}, {PAGE_RELOADS} a round)"
+    console = [message for load in colds + reloads + bigs for message in load.console]
+    failures = [failure for load in colds + reloads + bigs for failure in load.failures]
+    no_painting = "" if painted(colds + reloads) is not None else "this Chromium has no Element Timing API"
+    what = (f"headless Chromium ({' '.join(CHROMIUM_OPTIONS)} --window-size={width},{height}: viewport "
+            f"{viewport[0]}x{viewport[1]}, devicePixelRatio {viewport[2]}, so the 1x thumbnails); the first screen is "
+            "every img.thumb intersecting the viewport at DOMContentLoaded; ms from navigation start "
+            "(performance.now()) until the Element Timing API has reported each of them painted (renderTime: "
+            "decoded and on screen); a script added through DevTools notes it all (PAGE_PROBE)")
+    for loads, label in ((colds, "cold"), (reloads, "warm")):
+        rows += [
+            Row("page", f"first screen of thumbnails painted, {cold_label if label == 'cold' else warm_label}", "ms",
+                painted(loads), higher_is_better=False,
+                note="; ".join([what, no_painting, *notes] if no_painting else [what, *notes]) if label == "cold"
+                else ""),
+            Row("page", f"  img.decode() resolved for each (called at its load event), {label}", "ms",
+                median_of(loads, lambda load: load.decoded), higher_is_better=False,
+                note="" if label == "cold" else "Chromium resolves decode() a frame or so after it has decoded: "
+                                                 "it can come after the paint"),
+            Row("page", f"  each loaded (complete, naturalWidth > 0: its load event), {label}", "ms",
+                median_of(loads, lambda load: load.loaded), higher_is_better=False),
+            Row("page", f"  the last first-screen thumbnail's responseEnd (resource timing), {label}", "ms",
+                median_of(loads, lambda load: load.last_thumbnail_end), higher_is_better=False),
+            Row("page", f"  DOMContentLoaded, {label}", "ms", median_of(loads, lambda load: load.dom_content_loaded),
+                higher_is_better=False),
+            Row("page", f"  the HTML's responseEnd (navigation timing), {label}", "ms",
+                median_of(loads, lambda load: load.html_end), higher_is_better=False),
+        ]
+    rows += [
+        Row("page", f"  DOMContentLoaded of a reload without the probe (median of {len(unprobed)})", "ms",
+            statistics.median(unprobed), higher_is_better=False,
+            note="each after a probed reload, in the same browser: against the warm DOMContentLoaded above, "
+                 "what the probe costs the page; each: " + ", ".join(f"{loaded:.0f}" for loaded in unprobed)),
+        Row("page", f"first screen of thumbnails painted, GET {large} ({PAGE_LARGE_LIMIT} tiles) next in that browser "
+            f"(its thumbnails revalidated) (median of {len(bigs)})", "ms", painted(bigs), higher_is_better=False),
+        Row("page", f"  DOMContentLoaded, {large}", "ms", median_of(bigs, lambda load: load.dom_content_loaded),
+            higher_is_better=False),
+        Row("page", f"  load event, {large}", "ms", median_of(bigs, lambda load: load.load_event),
+            higher_is_better=False, note=f"against the warm reloads' of GET /: "
+                                         f"{median_of(reloads, lambda load: load.load_event):.0f} ms"),
+    ]
+    rows += [
+        Row("page", f"thumbnails on the first screen ({viewport[0]}x{viewport[1]})", "count",
+            max(first_screens), note="" if len(first_screens) == 1 else f"varied: {first_screens}"),
+        Row("page", "thumbnails asked for by a cold load (server log) (median)", "count",
+            median_of(colds, lambda load: sum(count for (what, _), count in load.logged.items()
+                                               if what == "thumbnail")),
+            higher_is_better=False, note="the first screen and those lazy loading fetches ahead of the scroll"),
+        Row("page", "thumbnail requests of a reload answered 304 (server log) (median)", "count",
+            median_of(reloads, lambda load: load.logged["thumbnail", 304])),
+        Row("page", f"thumbnail requests of a reload, or of {large} after them, answered otherwise (server log) "
+            "(worst)", "count", max(not_revalidated(load) for load in reloads + bigs), higher_is_better=False,
+            target="= 0", max_ims=0),
+        Row("page", "thumbnails of a reload from the browser's cache, no request (resource timing) (median)",
+            "count", median_of(reloads, lambda load: load.fetched["cache"]),
+            note="resource timings: transferSize 0 is a cache hit; Chromium reports a 304 as transferSize 300, "
+                 "encodedBodySize 0 (and responseStatus 200, the cached answer's)"),
+        Row("page", f"thumbnails of a reload, or of {large} after them, downloaded whole (resource timing) (worst)",
+            "count", max(load.fetched["downloaded"] for load in reloads + bigs), higher_is_better=False, target="= 0",
+            max_ims=0),
+        Row("page", "first-screen thumbnails that failed to load or decode, all loads", "count", len(failures),
+            higher_is_better=False, target="= 0", max_ims=0, note="; ".join(failures[:5])),
+        Row("page", "console errors (level SEVERE: CSP violations, failed loads), all loads", "count", len(console),
+            higher_is_better=False, target="= 0", max_ims=0, note=" | ".join(console[:5])),
+    ]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
 # Robustness scenarios (issue 5): IMS only, each on a fresh server so the shared one is not
 # disturbed and the figures do not depend on what ran before.
 # ------------------------------------------------------------------------------------------
@@ -3194,6 +3762,7 @@ SCENARIOS = {
     "rendition-cold": (scenario_rendition_cold, ["vipsthumbnail"]),
     "rendition-crowd": (scenario_rendition_crowd, []),
     "rendition-burst": (scenario_rendition_burst, []),
+    "page": (scenario_page, []),
     "soak": (scenario_soak, []),
     "slow-clients": (scenario_slow_clients, []),
     "patch-burst": (scenario_patch_burst, []),
