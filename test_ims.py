@@ -8801,6 +8801,16 @@ class BrowserTestCase(unittest.TestCase):
             file.write(data)
         return path
 
+    def log_has(self, words, after=None):
+        """Tell whether the server's log holds `words` (after the first `after`)."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            logged = log.read()
+        if after is not None:
+            if after not in logged:
+                return False
+            logged = logged[logged.index(after):]
+        return words in logged
+
     # The page
 
     def open_page(self, path="/"):
@@ -9226,6 +9236,7 @@ class TestPageDeleteAndResize(BrowserTestCase):
         before = self.tile_state("fill.png")
         self.resize_on_page("fill.png", 40, 30, "fill")
         state = self.wait_for_status("fill.png", "Resized to 40×30")
+        self.assertTrue(self.log_has("?wait=", after='"PATCH /fill.png'), "the page did not follow the job with ?wait=")
         self.assertIn("40×30", state["facts"])
         self.assertNotEqual(state["src"], before["src"], "the thumbnail is the old one")
         self.assertThumbnailsDecode(["fill.png"])
@@ -9276,15 +9287,6 @@ class TestPageDeleteAndResize(BrowserTestCase):
         self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
         state = self.wait_for_status("race.png", "Resized to 40×30")
         self.assertIn("40×30", state["facts"])
-
-    def log_has(self, words, after=None):
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            logged = log.read()
-        if after is not None:
-            if after not in logged:
-                return False
-            logged = logged[logged.index(after):]
-        return words in logged
 
     def block_requests_to(self, path):
         """Make Chromium fail every request to exactly `path` (no query) as if the server could not be reached."""
