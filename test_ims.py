@@ -8515,5 +8515,1069 @@ class TestGlusterFS(TestNginx):
             os.close(descriptor)
 
 
+# ====
+# The page, in a real browser
+# ====
+# The page GET / gives browsers, in Debian's headless Chromium driven by selenium (both from
+# requirements-dev.txt and .ci/run, never needed to run IMS), against a real `python3 ims.py`:
+# every class has a storage folder, a server and a browser of its own. A class skips, saying why,
+# where selenium, Chromium or chromedriver cannot be had. A test that fails saves a screenshot of
+# the page and names it in its failure (the class's temporary folder, with the server's log, is
+# then kept). The classes of content negotiation and of the JSON list's paging need no browser.
+# With IMS_SCREENSHOT=<path>, TestPageScreenshot saves the README's picture of the page there.
+
+try:
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as error:  # the browser classes skip, saying so
+    SELENIUM_MISSING = f"selenium is not installed ({error}); python3 -m pip install -r requirements-dev.txt"
+else:
+    SELENIUM_MISSING = None
+
+# What Chromium and Firefox send when they navigate to a page.
+CHROMIUM_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8,"
+    "application/signed-exchange;v=b3;q=0.7"
+)
+FIREFOX_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+# Names a person can give a file in the folder (none of them can come through an upload, which
+# makes names safe). Each must show as itself, and reach its own image.
+HOSTILE_NAMES = (
+    "<img src=x onerror=alert(1)>.jpg",
+    "\"'><svg onload=alert(2)>.png",
+    "javascript:alert(3).png",
+    "&lt;b&gt; & co.png",
+    "a, b 2x.png",
+    "100% #1?.png",
+    "фото ü.png",
+)
+
+# Run by Chromium in every document before the page's own script (through the DevTools protocol,
+# so the page's policy does not apply to it): it records what the policy blocked, the errors no
+# one caught, and every alert() instead of showing it.
+PAGE_WATCH_SCRIPT = """
+(() => {
+  const watch = window.__imsWatch = {violations: [], errors: [], alerts: []};
+  document.addEventListener("securitypolicyviolation", (event) => watch.violations.push(
+    event.violatedDirective + " blocked " + (event.blockedURI || "inline code") + " at " + event.sourceFile + ":" +
+    event.lineNumber + " " + (event.sample || "")));
+  window.addEventListener("error", (event) => watch.errors.push(event.message + " at " + event.filename + ":" + event.lineno));
+  window.addEventListener("unhandledrejection", (event) => watch.errors.push("unhandled rejection: " + event.reason));
+  window.alert = (message) => { watch.alerts.push(String(message)); };
+})();
+"""
+
+
+def find_chromium():
+    """Return the paths of Chromium and of chromedriver, each None where it is not installed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    for candidate in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"):
+        if chromedriver is None and os.access(candidate, os.X_OK):
+            chromedriver = candidate
+    return chromium, chromedriver
+
+
+def start_chromium(owner, javascript=True):
+    """Return a headless Chromium under chromedriver, quit at the end of the test class `owner`.
+
+    With `javascript` false, the browser runs no script of any page. Raises unittest.SkipTest,
+    saying why, where selenium, Chromium or chromedriver is missing, or the browser does not start.
+    """
+    if SELENIUM_MISSING:
+        raise unittest.SkipTest(SELENIUM_MISSING)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = find_chromium()
+    if chromium is None:
+        raise unittest.SkipTest("Chromium is not installed (Debian: apt-get install chromium)")
+    if chromedriver is None:
+        raise unittest.SkipTest("chromedriver is not installed (Debian: apt-get install chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # --no-sandbox: Chromium's sandbox cannot start as root, nor in most containers.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,900", "--no-first-run", "--no-default-browser-check",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
+    try:
+        # The driver is named, so selenium-manager never tries to download one.
+        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    except WebDriverException as error:
+        first_line = (error.msg or repr(error)).strip().splitlines()[0]
+        raise unittest.SkipTest(f"Chromium ({chromium}) does not start under {chromedriver}: {first_line}") from None
+    owner.addClassCleanup(driver.quit)
+    driver.set_page_load_timeout(DEADLINE_SECONDS)
+    driver.set_script_timeout(DEADLINE_SECONDS)
+    if javascript:
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PAGE_WATCH_SCRIPT})
+    return driver
+
+
+class ClassScope(unittest.TestCase):
+    """Stands for a test in start_ims() when a whole class shares what it starts: its cleanups run
+    when the class ends."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.addCleanup = owner.addClassCleanup
+
+
+def css_string(value):
+    """Return `value` as a CSS string, for an attribute selector."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_srcset(srcset):
+    """Return the (URL, descriptor) candidates of a srcset attribute (HTML's parsing, simplified)."""
+    candidates = []
+    position = 0
+    while True:
+        position = re.compile(r"[\s,]*").match(srcset, position).end()
+        if position >= len(srcset):
+            return candidates
+        url = re.compile(r"\S+").match(srcset, position)
+        position = url.end()
+        url = url.group()
+        descriptor = ""
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            descriptors = re.compile(r"[^,]*").match(srcset, position)
+            position = descriptors.end()
+            descriptor = descriptors.group().strip()
+        candidates.append((url, descriptor or "1x"))
+
+
+def parse_policy(header):
+    """Return a Content-Security-Policy header as {directive: [source, ...]}."""
+    policy = {}
+    for directive in header.split(";"):
+        words = directive.split()
+        if words:
+            policy.setdefault(words[0].lower(), words[1:])
+    return policy
+
+
+def with_screenshot_on_failure(method):
+    """Wrap a test of a BrowserTestCase: a failure or error saves a screenshot and says where;
+    a test that passes must leave no traceback in the server's log."""
+
+    @functools.wraps(method)
+    def test(self):
+        log_start = os.path.getsize(self.log_path)
+        try:
+            method(self)
+        except unittest.SkipTest:
+            raise
+        except Exception as error:
+            what = str(error) if isinstance(error, AssertionError) else f"{type(error).__name__}: {error}"
+            raise self.failureException(f"{what}\n{self.save_failure_screenshot()}") from error
+        with open(self.log_path, "rb") as log:
+            log.seek(log_start)
+            logged = log.read().decode("utf-8", "replace")
+        self.assertNotIn("Traceback", logged, f"the server logged a traceback during the test:\n{logged[-3000:]}")
+
+    return test
+
+
+class BrowserTestCase(unittest.TestCase):
+    """A real `python3 ims.py` on a storage folder of the class's own, and a headless Chromium.
+
+    `images` ({name: bytes}) are placed in the folder before the server starts. Every test starts
+    on a blank page with no dialog open and the browser's log read.
+    """
+
+    server_arguments = ()
+    images = {}
+    javascript = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if name.startswith("test") and callable(value):
+                setattr(cls, name, with_screenshot_on_failure(value))
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.keep_tempdir = False
+        cls.tempdir = tempfile.mkdtemp(prefix="ims-browser-")
+        cls.addClassCleanup(cls.remove_tempdir)
+        cls.storage = os.path.join(cls.tempdir, "storage")
+        os.mkdir(cls.storage)
+        for name, data in cls.images.items():
+            cls.put_file(name, data)
+        cls.driver = start_chromium(cls, cls.javascript)
+        cls.log_path = os.path.join(cls.tempdir, "ims.log")
+        log = open(cls.log_path, "wb")
+        cls.addClassCleanup(log.close)
+        cls.process, cls.port = start_ims(ClassScope(cls), "--storage", cls.storage, *cls.server_arguments, log=log)
+        cls.origin = f"http://127.0.0.1:{cls.port}"
+
+    @classmethod
+    def remove_tempdir(cls):
+        if not cls.keep_tempdir:
+            shutil.rmtree(cls.tempdir, ignore_errors=True)
+
+    def setUp(self):
+        self.dismiss_dialog()
+        self.driver.get("about:blank")
+        self.driver.get_log("browser")
+
+    def save_failure_screenshot(self):
+        """Save a screenshot of the page as it is; return a sentence that says where."""
+        type(self).keep_tempdir = True
+        folder = os.path.join(self.tempdir, "screenshots")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{type(self).__name__}.{self._testMethodName}.png")
+        dialog = self.dismiss_dialog()
+        said = f" A dialog was open, saying {dialog!r}." if dialog is not None else ""
+        try:
+            self.driver.save_screenshot(path)
+        except WebDriverException as error:
+            return f"No screenshot could be taken ({error.msg}).{said} The server's log: {self.log_path}"
+        return f"Screenshot of the page: {path}.{said} The server's log: {self.log_path}"
+
+    @contextlib.contextmanager
+    def about(self, what):
+        """Name `what` in a failure within (a subTest() would keep its failures from the screenshot)."""
+        try:
+            yield
+        except AssertionError as error:
+            raise self.failureException(f"{what!r}: {error}") from error
+
+    def dismiss_dialog(self):
+        """Dismiss an open alert or confirm; return its text, or None when none is open."""
+        try:
+            alert = self.driver.switch_to.alert
+            text = alert.text
+            alert.dismiss()
+            return text
+        except NoAlertPresentException:
+            return None
+
+    # The server, directly
+
+    def request(self, method, path, body=None, headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2 * DEADLINE_SECONDS)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            connection.close()
+
+    def upload(self, name, data):
+        body, content_type = multipart_body(files=[("file", name, data)])
+        return self.request("POST", "/", body, {"Content-Type": content_type})
+
+    @classmethod
+    def put_file(cls, name, data):
+        """Place a file in the storage folder by hand."""
+        with open(os.path.join(cls.storage, name), "wb") as file:
+            file.write(data)
+
+    def stored(self):
+        return folder_files(self.storage)
+
+    def local_file(self, name, data):
+        """Write `data` to a file `name` outside the storage folder, for the browser to upload; return its path."""
+        folder = os.path.join(self.tempdir, "chosen", self._testMethodName)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+    def log_has(self, words, after=None):
+        """Tell whether the server's log holds `words` (after the first `after`)."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            logged = log.read()
+        if after is not None:
+            if after not in logged:
+                return False
+            logged = logged[logged.index(after):]
+        return words in logged
+
+    # The page
+
+    def open_page(self, path="/"):
+        self.driver.get(self.origin + path)
+        self.assertIn("IMS", self.find("h1").text)
+
+    def js(self, script, *arguments):
+        return self.driver.execute_script(script, *arguments)
+
+    def find(self, selector, within=None):
+        return (within or self.driver).find_element(By.CSS_SELECTOR, selector)
+
+    def find_all(self, selector, within=None):
+        return (within or self.driver).find_elements(By.CSS_SELECTOR, selector)
+
+    def tile(self, name):
+        """Return the tile of `name` in the grid, or None."""
+        tiles = self.find_all(f"#grid li.tile[data-name={css_string(name)}]")
+        return tiles[0] if tiles else None
+
+    def tile_names(self):
+        return self.js("return Array.from(document.querySelectorAll('#grid li.tile'), (tile) => tile.dataset.name)")
+
+    def tile_state(self, name):
+        """Return what the tile of `name` shows, or None when there is no such tile."""
+        return self.js("""
+            const tile = Array.from(document.querySelectorAll("#grid li.tile")).find((tile) => tile.dataset.name === arguments[0]);
+            if (!tile) return null;
+            const text = (selector) => { const found = tile.querySelector(selector); return found && found.textContent; };
+            const image = tile.querySelector("img.thumb");
+            return {name: text(".name"), facts: text(".facts"), status: text(".status"),
+                    src: image && image.getAttribute("src"), complete: image && image.complete,
+                    naturalWidth: image && image.naturalWidth, naturalHeight: image && image.naturalHeight};
+        """, name)
+
+    def wait_until(self, condition, what, state=None, timeout=DEADLINE_SECONDS):
+        """Return the first true value of condition(); fail after `timeout` s naming `what` and, if given, state()."""
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.05,
+                                 ignored_exceptions=(StaleElementReferenceException,)).until(lambda driver: condition())
+        except TimeoutException:
+            now = f"; it shows {state()!r}" if state is not None else ""
+            self.fail(f"{what}: not so within {timeout} s{now}")
+
+    def wait_for_tile(self, name):
+        return self.wait_until(lambda: self.tile(name), f"the tile of {name!r} is in #grid", self.tile_names)
+
+    def assertThumbnailsDecode(self, names=None):
+        """Every img.thumb (of the tiles of `names`) loads and decodes, each scrolled into view, as they load lazily."""
+        if names is None:
+            images = self.find_all("#grid li.tile img.thumb")
+        else:
+            images = [self.find("img.thumb", self.wait_for_tile(name)) for name in names]
+        self.assertTrue(images, "no thumbnails")
+        for image in images:
+            source = image.get_attribute("src")
+            self.js("arguments[0].scrollIntoView({block: 'center'})", image)
+            self.wait_until(lambda image=image: self.js("return arguments[0].complete", image), f"the thumbnail {source} loads")
+            self.assertGreater(self.js("return arguments[0].naturalWidth", image), 0, f"the thumbnail {source} does not decode")
+        self.js("window.scrollTo(0, 0)")
+
+    def watched(self):
+        """Return what PAGE_WATCH_SCRIPT recorded in this document."""
+        return self.js("return window.__imsWatch || null")
+
+    def assertNothingBlockedOrThrown(self, allow_failed_requests=False):
+        """No policy violation, uncaught error or alert in the document, and nothing SEVERE in the
+        browser's console since it was last read (with `allow_failed_requests`, but for answers
+        of 4xx and 5xx: the console reports every one, those the test asks for too)."""
+        watched = self.watched()
+        self.assertIsNotNone(watched, "the watch script did not run")
+        severe = [entry for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"
+                  and not (allow_failed_requests and entry["source"] == "network")]
+        self.assertEqual(severe, [], "the console has errors")
+        self.assertEqual(watched, {"violations": [], "errors": [], "alerts": []})
+
+    # Uploads and the tiles' forms
+
+    def choose_files(self, *paths):
+        self.find("#file-input").send_keys("\n".join(paths))
+
+    def upload_state(self, name):
+        """Return what the entry of `name` in #uploads shows, or None when there is none."""
+        return self.js("""
+            const item = Array.from(document.querySelectorAll("#uploads li.upload")).find((item) => item.dataset.name === arguments[0]);
+            if (!item) return null;
+            const bar = item.querySelector("progress"), message = item.querySelector(".message");
+            const fileName = item.querySelector(".file-name");
+            return {error: item.classList.contains("error"), progress: bar && bar.value, max: bar && bar.max,
+                    message: message && message.textContent, role: message && message.getAttribute("role"),
+                    fileName: fileName && fileName.textContent};
+        """, name)
+
+    def wait_for_upload_end(self, name):
+        """Return the state of the upload of `name` once it says "Uploaded" or has failed."""
+        def ended():
+            state = self.upload_state(name)
+            return state if state and (state["error"] or "Uploaded" in (state["message"] or "")) else None
+        return self.wait_until(ended, f"the upload of {name!r} ends", lambda: self.upload_state(name))
+
+    def assertUploaded(self, name, stored_name=None):
+        state = self.wait_for_upload_end(name)
+        self.assertFalse(state["error"], state)
+        self.assertEqual(state["message"].strip(), "Uploaded", state)
+        self.assertEqual((state["progress"], state["role"], state["fileName"]), (100, "status", name), state)
+        self.wait_for_tile(stored_name or name)
+
+    def assertUploadFails(self, name, message):
+        """The upload of `name` ends marked as an error, showing `message`, the server's own words."""
+        state = self.wait_for_upload_end(name)
+        self.assertTrue(state["error"], f"the upload of {name!r} is not marked as failed: {state}")
+        self.assertIn(message, state["message"])
+        self.assertEqual(state["role"], "status")
+
+    def resize_on_page(self, name, width, height, fit):
+        tile = self.wait_for_tile(name)
+        form = self.find("form.resize", tile)
+        for field, value in (("width", width), ("height", height)):
+            box = self.find(f"input[name={field}]", form)
+            box.clear()
+            box.send_keys(str(value))
+        # By the option's value, which is its text when it has no value attribute.
+        [option] = [option for option in Select(self.find("select[name=fit]", form)).options if option.get_attribute("value") == fit]
+        option.click()
+        self.find("button[type=submit], button:not([type]), input[type=submit]", form).click()
+
+    def wait_for_status(self, name, words):
+        """Return the tile of `name`'s state once its .status holds `words`."""
+        def shown():
+            state = self.tile_state(name)
+            return state if state and words in (state["status"] or "") else None
+        return self.wait_until(shown, f"the tile of {name!r} says {words!r}", lambda: self.tile_state(name))
+
+    def click_delete(self, name):
+        """Click the tile's delete button; return the confirm dialog it opens."""
+        self.find("button.delete", self.wait_for_tile(name)).click()
+        return self.wait_until(lambda: expected_conditions.alert_is_present()(self.driver), f"deleting {name!r} asks first")
+
+
+def sample_images():
+    """Return {name: bytes} of a few small images of every kind a tile shows."""
+    return {
+        "a.png": make_image("PNG", (64, 48)),
+        "b.gif": make_image("GIF", (50, 50), color=(30, 160, 40)),
+        "c.webp": make_image("WEBP", (80, 60), color=(240, 200, 0)),
+        "d.jpg": make_image("JPEG", (64, 48), orientation=6),
+        "e.bmp": make_image("BMP", (30, 20)),
+        "f.tiff": make_image("TIFF", (40, 40), color=(90, 0, 120)),
+    }
+
+
+def readme_photo():
+    with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as file:
+        return file.read()
+
+
+class TestPageInBrowser(BrowserTestCase):
+    images = dict(sample_images(), **{"IMG_X.jpeg": readme_photo()})
+
+    # The upright size each tile shows: d.jpg and IMG_X.jpeg are turned by their EXIF orientation.
+    upright = {"a.png": (64, 48), "b.gif": (50, 50), "c.webp": (80, 60), "d.jpg": (48, 64),
+               "e.bmp": (30, 20), "f.tiff": (40, 40), "IMG_X.jpeg": (1200, 1600)}
+
+    def test_the_page_loads_without_console_errors_or_policy_violations(self):
+        self.open_page()
+        self.assertThumbnailsDecode()
+        self.assertEqual(self.js("return document.readyState"), "complete")
+        self.assertNothingBlockedOrThrown()
+        self.assertEqual(self.js("return Array.from(document.querySelectorAll('img.thumb')).filter((image) => !(image.naturalWidth > 0)).length"), 0)
+
+    def test_every_thumbnail_is_a_lazy_rendition_with_a_2x_candidate_and_decodes(self):
+        self.open_page()
+        self.assertThumbnailsDecode()
+        for name in sorted(self.images):
+            with self.about(name):
+                image = self.find("a.open img.thumb", self.tile(name))
+                self.assertEqual(image.get_attribute("loading"), "lazy")
+                self.assertEqual(image.get_attribute("alt"), name)
+                source = urllib.parse.urlsplit(image.get_attribute("src"))
+                self.assertEqual(urllib.parse.unquote(source.path), "/" + name)
+                query = urllib.parse.parse_qs(source.query)
+                self.assertEqual({key: query[key] for key in ("width", "height", "fit", "format")},
+                                 {"width": ["240"], "height": ["240"], "fit": ["contain"], "format": ["webp"]})
+                self.assertTrue(query.get("v"), f"no version in {source}")
+                candidates = {descriptor: url for url, descriptor in parse_srcset(image.get_attribute("srcset"))}
+                self.assertIn("2x", candidates, image.get_attribute("srcset"))
+                reply = self.request("GET", candidates["2x"])
+                self.assertEqual((reply.status, reply.headers["Content-Type"]), (200, "image/webp"))
+                self.assertEqual(max(decode(reply.body).size), 480)
+
+    def test_a_tile_per_image_sorted_with_its_name_size_link_and_controls(self):
+        self.open_page()
+        self.assertEqual(self.tile_names(), sorted(self.images))
+        for name in sorted(self.images):
+            with self.about(name):
+                tile = self.tile(name)
+                self.assertEqual(self.find(".name", tile).text, name)
+                self.assertIn("{}×{}".format(*self.upright[name]), self.find(".facts", tile).text)
+                self.assertRegex(self.find(".facts", tile).text, r"\d\s*(bytes|B|KB|kB|KiB|MB|MiB)\b")
+                link = self.find("a.open", tile).get_attribute("href")
+                self.assertEqual(urllib.parse.unquote(urllib.parse.urlsplit(link).path), "/" + name)
+                self.assertEqual(self.request("GET", urllib.parse.urlsplit(link).path).body, self.images[name])
+                self.find("button.delete", tile)
+                form = self.find("form.resize", tile)
+                self.find("input[name=width]", form)
+                self.find("input[name=height]", form)
+                fits = [option.get_attribute("value") for option in Select(self.find("select[name=fit]", form)).options]
+                self.assertEqual(sorted(fits), ["contain", "cover", "fill"])
+                self.find("button[type=submit], button:not([type]), input[type=submit]", form)
+                self.assertEqual(self.find(".status", tile).get_attribute("role"), "status")
+        upload = self.find("form#upload-form")
+        self.assertEqual((upload.get_attribute("method"), upload.get_attribute("enctype")), ("post", "multipart/form-data"))
+        self.assertEqual(urllib.parse.urlsplit(upload.get_attribute("action")).path, "/")
+        field = self.find("#file-input")
+        self.assertEqual((field.get_attribute("type"), field.get_attribute("name")), ("file", "file"))
+        self.assertIsNotNone(field.get_attribute("multiple"))
+        self.find("#drop-zone")
+        self.find("ul#uploads")
+
+    def test_a_click_on_a_thumbnail_opens_the_original(self):
+        self.open_page()
+        self.find("a.open", self.tile("IMG_X.jpeg")).click()
+        self.wait_until(lambda: self.driver.current_url == self.origin + "/IMG_X.jpeg", "the original opens",
+                        lambda: self.driver.current_url)
+        self.assertEqual(self.js("return document.contentType"), "image/jpeg")
+        self.driver.back()
+        self.wait_for_tile("IMG_X.jpeg")
+
+    def test_everything_comes_from_the_server_under_a_strict_policy(self):
+        reply = self.request("GET", "/", headers={"Accept": CHROMIUM_ACCEPT})
+        policy = parse_policy(reply.headers["Content-Security-Policy"] or "")
+        self.assertIn(policy.get("default-src"), (["'none'"], ["'self'"]), policy)
+        for kind in ("script", "style"):
+            sources = policy.get(f"{kind}-src", policy["default-src"])
+            self.assertTrue(all(source in ("'self'", "'none'") or re.fullmatch(r"'(sha256|sha384|sha512|nonce)-[^']+'", source)
+                                for source in sources), f"{kind}-src allows more than the page's own: {sources}")
+            for directive in (f"{kind}-src-elem", f"{kind}-src-attr"):
+                self.assertFalse(set(policy.get(directive, ())) & {"'unsafe-inline'", "'unsafe-hashes'", "*"}, policy)
+        self.assertNotIn("'unsafe-eval'", policy.get("script-src", ()))
+        self.open_page()
+        self.assertThumbnailsDecode()
+        fetched = self.js("return performance.getEntriesByType('resource').map((entry) => entry.name)")
+        self.assertTrue(fetched, "no resources fetched")
+        for url in fetched:
+            self.assertTrue(url.startswith((self.origin + "/", "data:")), f"fetched from elsewhere: {url}")
+        handlers = self.js("""return Array.from(document.querySelectorAll("*")).flatMap((element) =>
+            Array.from(element.attributes).filter((attribute) => /^on/i.test(attribute.name)).map((attribute) => element.tagName + " " + attribute.name))""")
+        self.assertEqual(handlers, [], "inline event handlers")
+        external = self.js("""return Array.from(document.querySelectorAll("[src], [href], [action], link, script")).map((element) =>
+            element.src || element.href || element.action || "").filter((url) => url && !url.startsWith(location.origin + "/") && !url.startsWith("data:"))""")
+        self.assertEqual(external, [])
+        self.assertNothingBlockedOrThrown()
+
+    def test_every_control_is_labelled_and_every_image_described(self):
+        self.open_page()
+        unnamed = self.js("""
+            return Array.from(document.querySelectorAll("input, select, button, textarea, progress")).filter((control) =>
+                !(control.labels && control.labels.length && Array.from(control.labels).some((label) => label.textContent.trim()))
+                && !control.getAttribute("aria-label") && !control.getAttribute("aria-labelledby")
+                && !(control.tagName === "BUTTON" && control.textContent.trim()) && !control.title)
+              .map((control) => control.outerHTML);
+        """)
+        self.assertEqual(unnamed, [], "controls without an accessible name")
+        self.assertEqual(self.js("return document.querySelectorAll('img:not([alt])').length"), 0)
+        self.assertEqual(self.js("return document.documentElement.lang ? 1 : 0"), 1, "no lang on <html>")
+
+    def test_a_phone_width_screen_scrolls_only_down_and_gets_the_2x_thumbnails(self):
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+        self.addCleanup(self.driver.execute_cdp_cmd, "Emulation.clearDeviceMetricsOverride", {})
+        self.open_page()
+        self.assertThumbnailsDecode()
+        self.assertLessEqual(self.js("return document.documentElement.scrollWidth"),
+                             self.js("return document.documentElement.clientWidth"), "the page is wider than the phone")
+        for source in self.js("return Array.from(document.querySelectorAll('img.thumb'), (image) => image.currentSrc)"):
+            self.assertEqual(urllib.parse.parse_qs(urllib.parse.urlsplit(source).query)["width"], ["480"], source)
+        self.assertNothingBlockedOrThrown()
+
+
+class TestPageUploads(BrowserTestCase):
+    images = {"taken.png": make_image("PNG", (20, 20))}
+
+    def test_three_files_chosen_in_the_file_input_reach_100_and_join_the_grid(self):
+        files = {"up-1.jpg": make_image("JPEG", (120, 90)), "up-2.png": make_image("PNG", (64, 48)),
+                 "up-3.gif": make_image("GIF", (50, 40))}
+        self.open_page()
+        self.js("window.__imsSameDocument = true")
+        self.choose_files(*(self.local_file(name, data) for name, data in files.items()))
+        for name in files:
+            self.assertUploaded(name)
+        self.assertTrue(self.js("return window.__imsSameDocument === true"), "the page was reloaded")
+        for name, data in files.items():
+            self.assertEqual(self.request("GET", "/" + name).body, data)
+        for name, size in (("up-1.jpg", "120×90"), ("up-2.png", "64×48"), ("up-3.gif", "50×40")):
+            self.assertIn(size, self.tile_state(name)["facts"])
+        self.assertEqual(self.tile_names(), self.stored(), "the grid is not the folder, sorted")
+        self.assertThumbnailsDecode(list(files))
+        self.assertNothingBlockedOrThrown()
+
+    def test_a_duplicate_shows_the_409_message_next_to_that_file_only(self):
+        expected = self.upload("taken.png", make_image("PNG", (30, 30)))
+        self.assertError(expected, 409)
+        self.open_page()
+        self.choose_files(self.local_file("taken.png", make_image("PNG", (30, 30))),
+                          self.local_file("fresh.png", make_image("PNG", (30, 30))))
+        self.assertUploadFails("taken.png", expected.message)
+        self.assertUploaded("fresh.png")
+        self.assertEqual(decode(self.request("GET", "/taken.png").body).size, (20, 20))
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_a_file_that_is_no_image_shows_the_415_message(self):
+        expected = self.upload("notes.png", b"these are notes, not a picture")
+        self.assertError(expected, 415)
+        self.open_page()
+        self.choose_files(self.local_file("notes.png", b"these are notes, not a picture"))
+        self.assertUploadFails("notes.png", expected.message)
+        self.assertNotIn("notes.png", self.stored())
+        self.assertIsNone(self.tile("notes.png"))
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_files_dropped_on_the_drop_zone_are_uploaded(self):
+        files = {"dropped-1.png": make_image("PNG", (33, 22)), "dropped-2.jpg": make_image("JPEG", (44, 33))}
+        self.open_page()
+        self.js("""
+            const [names, contents, zone] = arguments;
+            const transfer = new DataTransfer();
+            names.forEach((name, index) => transfer.items.add(
+                new File([Uint8Array.from(atob(contents[index]), (c) => c.charCodeAt(0))], name)));
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: transfer}));
+            }
+        """, list(files), [base64.b64encode(data).decode() for data in files.values()], self.find("#drop-zone"))
+        for name in files:
+            self.assertUploaded(name)
+        for name, data in files.items():
+            self.assertEqual(self.request("GET", "/" + name).body, data)
+        self.assertThumbnailsDecode(list(files))
+        self.assertNothingBlockedOrThrown()
+
+    def test_a_name_made_safe_joins_the_grid_under_its_stored_name(self):
+        self.open_page()
+        self.choose_files(self.local_file("my holiday.png", make_image("PNG", (24, 24))))
+        self.assertUploaded("my holiday.png", stored_name="my_holiday.png")
+        self.assertIn("my_holiday.png", self.stored())
+        self.assertThumbnailsDecode(["my_holiday.png"])
+        self.assertNothingBlockedOrThrown()
+
+    def assertError(self, reply, status):
+        self.assertEqual(reply.status, status, reply.body)
+        self.assertTrue(reply.message)
+
+
+class TestPageUploadLimit(BrowserTestCase):
+    server_arguments = ("--max-upload", "20000")
+
+    def test_a_file_past_the_limit_shows_the_413_message(self):
+        big = encode(noise((120, 120)), "PNG")
+        self.assertGreater(len(big), 20000)
+        self.open_page()
+        self.choose_files(self.local_file("big.png", big), self.local_file("small.png", make_image("PNG", (10, 10))))
+        self.assertUploadFails("big.png", "20000")
+        self.assertUploaded("small.png")
+        self.assertEqual(self.stored(), ["small.png"])
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+
+class TestPageDeleteAndResize(BrowserTestCase):
+    server_arguments = ("--resize-workers", "1")
+    images = {
+        **{name: make_image("PNG", (64, 64)) for name in ("delete-me.png", "keep-me.png", "gone.png", "offline.png",
+                                                          "fill.png", "refused.png", "race.png", "race-other.png")},
+        "contain.png": make_image("PNG", (64, 48)),
+        "slow.png": SLOW_SOURCE,
+    }
+
+    def test_delete_asks_and_once_accepted_removes_the_tile_and_the_file(self):
+        self.open_page()
+        self.click_delete("delete-me.png").accept()
+        self.wait_until(lambda: self.tile("delete-me.png") is None, "the tile goes", self.tile_names)
+        self.wait_until(lambda: "delete-me.png" not in self.stored(), "the file goes", self.stored)
+        self.assertIsNotNone(self.tile("keep-me.png"))
+        self.assertNothingBlockedOrThrown()
+
+    def test_delete_dismissed_keeps_the_tile_and_the_file(self):
+        self.open_page()
+        self.click_delete("keep-me.png").dismiss()
+        self.assertEqual(self.request("GET", "/keep-me.png").status, 200)
+        self.assertIsNotNone(self.tile("keep-me.png"))
+        self.assertEqual(self.js("return document.querySelector('#grid li.tile[data-name=\"keep-me.png\"] .status').textContent"), "")
+
+    def test_delete_of_a_file_already_gone_removes_the_tile_or_says_so(self):
+        self.open_page()
+        self.wait_for_tile("gone.png")
+        os.remove(os.path.join(self.storage, "gone.png"))
+        expected = self.request("DELETE", "/gone.png")
+        self.assertEqual(expected.status, 404)
+        self.click_delete("gone.png").accept()
+        self.wait_until(lambda: self.tile("gone.png") is None or expected.message in (self.tile_state("gone.png")["status"] or ""),
+                        "the tile goes, or shows the 404's message", lambda: self.tile_state("gone.png"))
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_a_delete_that_cannot_reach_the_server_says_so_in_the_tile(self):
+        self.open_page()
+        self.wait_for_tile("offline.png")
+        self.block_requests_to("/offline.png")
+        self.click_delete("offline.png").accept()
+
+        def ended():
+            state = self.tile_state("offline.png")
+            if state is None:
+                return "gone"
+            return state if (state["status"] or "").strip() else None
+
+        state = self.wait_until(ended, "the tile says the delete failed",
+                                lambda: {"tile": self.tile_state("offline.png"), "uncaught": self.watched()["errors"]})
+        self.assertNotEqual(state, "gone", "the tile went, but the image was not deleted")
+        self.assertIn("offline.png", self.stored())
+        self.assertEqual(self.watched()["errors"], [])
+
+    def test_a_resize_shows_its_end_and_the_new_size(self):
+        self.open_page()
+        self.assertThumbnailsDecode(["fill.png"])
+        before = self.tile_state("fill.png")
+        self.resize_on_page("fill.png", 40, 30, "fill")
+        state = self.wait_for_status("fill.png", "Resized to 40×30")
+        self.assertTrue(self.log_has("?wait=", after='"PATCH /fill.png'), "the page did not follow the job with ?wait=")
+        self.assertIn("40×30", state["facts"])
+        self.assertNotEqual(state["src"], before["src"], "the thumbnail is the old one")
+        self.assertThumbnailsDecode(["fill.png"])
+        state = self.tile_state("fill.png")
+        self.assertEqual(state["naturalWidth"] * 3, state["naturalHeight"] * 4, f"the thumbnail is not the new 4:3 picture: {state}")
+        self.assertEqual(decode(self.request("GET", "/fill.png").body).size, (40, 30))
+        self.assertNothingBlockedOrThrown()
+
+    def test_a_contain_resize_shows_the_size_it_made(self):
+        self.open_page()
+        self.resize_on_page("contain.png", 32, 32, "contain")
+        state = self.wait_for_status("contain.png", "Resized to 32×24")
+        self.assertIn("32×24", state["facts"])
+        self.assertEqual(decode(self.request("GET", "/contain.png").body).size, (32, 24))
+
+    def test_a_refused_resize_shows_the_servers_message(self):
+        expected = self.request("PATCH", "/refused.png", json.dumps({"width": 100000, "height": 100000, "fit": "fill"}).encode(),
+                                {"Content-Type": "application/json"})
+        self.assertEqual(expected.status, 400)
+        self.open_page()
+        self.resize_on_page("refused.png", 100000, 100000, "fill")
+        self.wait_for_status("refused.png", expected.message)
+        self.assertEqual(decode(self.request("GET", "/refused.png").body).size, (64, 64))
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_a_resize_shows_its_end_also_when_the_grid_changed_while_it_waited(self):
+        self.open_page()
+        self.assertThumbnailsDecode()
+        # The one resize worker is held by a job that cannot end, so the page's job waits in the queue.
+        before = set(session_processes(self.process.pid))
+        held = self.request("PATCH", "/slow.png?" + SLOW_FOREVER)
+        self.assertEqual(held.status, 202, held.body)
+        pid = self.wait_until(lambda: next(iter(set(session_processes(self.process.pid)) - before), None),
+                              "the held job's process starts")
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.request, "DELETE", "/slow.png")
+        self.resize_on_page("race.png", 40, 30, "fill")
+        self.wait_until(lambda: self.log_has('"PATCH /race.png'), "the page's resize is accepted")
+        # Meanwhile the grid changes: a delete on the page.
+        self.click_delete("race-other.png").accept()
+        self.wait_until(lambda: self.tile("race-other.png") is None and "race-other.png" not in self.stored(),
+                        "race-other.png is deleted", self.tile_names)
+        # Give a page that reads the grid again after a delete the time to do it before the job ends
+        # (this page does); one that does not is not waited for.
+        with contextlib.suppress(TimeoutException):
+            WebDriverWait(self.driver, 5, poll_frequency=0.05).until(
+                lambda driver: self.log_has("GET / HTTP", after='"DELETE /race-other.png'))
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        state = self.wait_for_status("race.png", "Resized to 40×30")
+        self.assertIn("40×30", state["facts"])
+
+    def block_requests_to(self, path):
+        """Make Chromium fail every request to exactly `path` (no query) as if the server could not be reached."""
+        self.driver.execute_cdp_cmd("Network.enable", {})
+        self.driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": [self.origin + path]})
+        self.addCleanup(self.driver.execute_cdp_cmd, "Network.setBlockedURLs", {"urls": []})
+
+
+class TestPageResizeFailure(BrowserTestCase):
+    # Placed by hand, truncated: its header says 64×48, its pixels are not there (uploads are
+    # checked, files in the folder are not). Its thumbnail cannot be rendered either.
+    images = {"broken.png": make_image("PNG", (64, 48))[:60]}
+
+    def test_a_resize_whose_job_fails_shows_the_jobs_error(self):
+        self.open_page()
+        self.resize_on_page("broken.png", 10, 10, "fill")
+        jobs = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+
+        def failed_job():
+            for entry in os.listdir(jobs) if os.path.isdir(jobs) else ():
+                try:
+                    with open(os.path.join(jobs, entry), encoding="utf-8") as file:
+                        record = json.load(file)
+                except (OSError, ValueError):
+                    continue
+                if record.get("image") == "broken.png" and record.get("state") == "failed":
+                    return record
+            return None
+
+        record = self.wait_until(failed_job, "the job of broken.png fails")
+        self.assertTrue(record["error"])
+        self.wait_for_status("broken.png", record["error"])
+
+
+class TestPageHostileNames(BrowserTestCase):
+    # Two more, for the test that resizes and deletes on the page.
+    RESIZED = "<b onmouseover=alert(4)>resize me.jpg"
+    DELETED = "<i>delete me, 'x' 1x.png"
+    images = {name: make_image("PNG" if name.endswith(".png") else "JPEG", (40, 30))
+              for name in (*HOSTILE_NAMES, RESIZED, DELETED, "plain.png")}
+
+    def assertNamesAreText(self):
+        self.assertEqual(self.tile_names(), self.stored())
+        for name in self.stored():
+            self.assertEqual(self.tile_state(name)["name"], name)
+        self.assertEqual(self.js("return document.querySelectorAll('img[src=x], img[src=\"x\"], svg[onload]').length"), 0)
+        self.assertEqual(self.js("return Array.from(document.querySelectorAll('*')).filter((element) =>"
+                                 " Array.from(element.attributes).some((attribute) => /^on/i.test(attribute.name))).length"), 0)
+        self.dismiss_dialog_or_fail()
+        self.assertEqual(self.watched()["alerts"], [])
+        self.assertEqual(self.watched()["violations"], [])
+
+    def dismiss_dialog_or_fail(self):
+        dialog = self.dismiss_dialog()
+        self.assertIsNone(dialog, f"a dialog opened, saying {dialog!r}")
+
+    def test_names_render_as_text_and_run_nothing(self):
+        self.open_page()
+        self.assertThumbnailsDecode()
+        self.assertNamesAreText()
+        self.assertNothingBlockedOrThrown()
+
+    def test_each_link_and_thumbnail_reaches_its_own_image(self):
+        self.open_page()
+        for name in HOSTILE_NAMES:
+            with self.about(name):
+                tile = self.tile(name)
+                href = self.find("a.open", tile).get_attribute("href")
+                self.assertTrue(href.startswith(self.origin + "/"), href)
+                path = urllib.parse.urlsplit(href).path
+                self.assertEqual(urllib.parse.unquote(path), "/" + name)
+                with open(os.path.join(self.storage, name), "rb") as file:
+                    self.assertEqual(self.request("GET", path).body, file.read())
+                self.assertEqual(self.find("img.thumb", tile).get_attribute("alt"), name)
+        self.assertThumbnailsDecode()
+        self.find("a.open", self.tile(HOSTILE_NAMES[0])).click()
+        self.wait_until(lambda: self.js("return document.contentType") == "image/jpeg", "the original opens",
+                        lambda: self.driver.current_url)
+        self.dismiss_dialog_or_fail()
+
+    def test_an_upload_a_resize_and_a_delete_on_the_page_keep_the_names_text(self):
+        self.open_page()
+        self.choose_files(self.local_file("new.png", make_image("PNG", (16, 16))))
+        self.assertUploaded("new.png")
+        self.assertNamesAreText()
+        self.resize_on_page(self.RESIZED, 20, 15, "fill")
+        self.wait_for_status(self.RESIZED, "Resized to 20×15")
+        self.assertNamesAreText()
+        self.click_delete(self.DELETED).accept()
+        self.wait_until(lambda: self.DELETED not in self.stored(), "the file is deleted", self.stored)
+        self.wait_until(lambda: self.tile(self.DELETED) is None, "its tile goes", self.tile_names)
+        self.assertEqual(self.stored(), sorted(set(self.images) - {self.DELETED} | {"new.png"}))
+        self.assertNamesAreText()
+        self.assertNothingBlockedOrThrown()
+
+
+class TestPageWithoutJavaScript(BrowserTestCase):
+    javascript = False
+    images = dict(sample_images(), **{HOSTILE_NAMES[0]: make_image("JPEG", (40, 30))})
+
+    def test_scripts_do_not_run_in_this_browser(self):
+        self.driver.get("data:text/html,<p id=p>off</p><script>document.getElementById('p').textContent='on'</script>")
+        self.assertEqual(self.find("#p").text, "off")
+
+    def test_the_tiles_links_and_thumbnails_are_in_the_servers_html(self):
+        self.open_page()
+        self.assertEqual(self.tile_names(), sorted(self.images))
+        for name in sorted(self.images):
+            with self.about(name):
+                tile = self.tile(name)
+                self.assertEqual(self.find(".name", tile).text, name)
+                self.assertRegex(self.find(".facts", tile).text, r"\d+×\d+")
+                path = urllib.parse.urlsplit(self.find("a.open", tile).get_attribute("href")).path
+                self.assertEqual(self.request("GET", path).body, self.images[name])
+        self.assertThumbnailsDecode()
+        self.assertEqual(self.find_all("img[src=x]"), [])
+
+    def test_the_next_page_link_works(self):
+        self.open_page("/?limit=4")
+        names = sorted(self.images)
+        self.assertEqual(self.tile_names(), names[:4])
+        self.find("nav.pages a[rel=next]").click()
+        self.wait_until(lambda: self.tile_names() == names[4:], "the next page shows the rest", self.tile_names)
+        self.assertEqual(self.find_all("nav.pages a[rel=next]"), [])
+
+
+class TestPagePaging(BrowserTestCase):
+    images = {f"p{index:03}.png": make_image("PNG", (8, 6)) for index in range(105)}
+
+    def test_a_folder_of_105_images_shows_100_and_a_next_page_with_the_rest(self):
+        names = sorted(self.images)
+        self.open_page()
+        self.assertEqual(self.tile_names(), names[:100])
+        self.assertThumbnailsDecode(names[:3])
+        self.assertNothingBlockedOrThrown()
+        self.find("nav.pages a[rel=next]").click()
+        self.wait_until(lambda: self.tile_names() == names[100:], "the next page shows the rest", self.tile_names)
+        self.assertEqual(self.find_all("nav.pages a[rel=next]"), [])
+        self.assertThumbnailsDecode()
+        self.assertNothingBlockedOrThrown()
+
+    def test_limit_and_after_choose_the_page(self):
+        names = sorted(self.images)
+        self.open_page("/?limit=10&after=p050.png")
+        self.assertEqual(self.tile_names(), names[51:61])
+        self.find("nav.pages a[rel=next]").click()
+        self.wait_until(lambda: self.tile_names() == names[61:71], "the next page follows", self.tile_names)
+
+
+class TestPageScreenshot(BrowserTestCase):
+    """With IMS_SCREENSHOT=<path>, save the README's screenshot of the page there (a small PNG)."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.environ.get("IMS_SCREENSHOT"):
+            raise unittest.SkipTest("set IMS_SCREENSHOT to a path to save a screenshot of the page there")
+        cls.images = {"IMG_X.jpeg": readme_photo()}
+        for index, name in enumerate(("beach.jpg", "city.jpg", "forest.jpg", "harbour.jpg", "meadow.jpg")):
+            cls.images[name] = sample_photo(index)
+        super().setUpClass()
+
+    def test_save_a_screenshot_for_the_readme(self):
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 1000, "height": 700, "deviceScaleFactor": 1, "mobile": False})
+        self.addCleanup(self.driver.execute_cdp_cmd, "Emulation.clearDeviceMetricsOverride", {})
+        self.driver.execute_cdp_cmd("Emulation.setScrollbarsHidden", {"hidden": True})
+        self.addCleanup(self.driver.execute_cdp_cmd, "Emulation.setScrollbarsHidden", {"hidden": False})
+        self.open_page()
+        self.assertThumbnailsDecode()
+        picture = Image.open(io.BytesIO(self.driver.get_screenshot_as_png())).convert("RGB")
+        picture = picture.crop((0, 0, min(picture.width, 1000), min(picture.height, 700)))
+        # 256 colours: a quarter of the bytes of the full-colour PNG (some 40 KB), at a little banding.
+        picture.quantize(colors=256, dither=Image.Dither.FLOYDSTEINBERG if hasattr(Image, "Dither") else 3).save(
+            os.environ["IMS_SCREENSHOT"], "PNG", optimize=True)
+
+
+def sample_photo(seed, size=(640, 480)):
+    """Return a JPEG of a made-up photo: a coloured gradient under blurred discs, like IMG_X's."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    photo = Image.linear_gradient("L").resize(size).convert("RGB")
+    tint = [rng.randrange(1, 4) for _ in range(3)]
+    photo = Image.merge("RGB", [band.point(lambda v, k=k: 40 + v * k // 4) for k, band in zip(tint, photo.split())])
+    draw = ImageDraw.Draw(photo)
+    for _ in range(25):
+        x, y, r = rng.randrange(size[0]), rng.randrange(size[1]), rng.randrange(15, 90)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
+    return encode(photo.filter(ImageFilter.GaussianBlur(2)), "JPEG", quality=85)
+
+
+class TestPageNegotiation(HTTPTestCase):
+    """GET / answers a browser with the page and everything else with the JSON list, as before."""
+
+    NAMES = ("C.png", "a b.png", "a.png", "фото.png", "<x>.png")
+
+    def prepare_storage(self):
+        os.makedirs(self.storage, exist_ok=True)
+        for name in self.NAMES:
+            self.put_file(name, make_image("PNG", (8, 8)))
+
+    def test_programs_get_the_json_list_byte_for_byte_as_before(self):
+        expected = (json.dumps(sorted(self.NAMES)) + "\n").encode()
+        for accept in (None, "*/*", "", "application/json", "application/json, text/plain, */*",
+                       "text/html;q=0.5, application/json", "text/html;q=0", "image/webp,*/*"):
+            with self.subTest(accept=accept):
+                reply = self.request("GET", "/", headers={} if accept is None else {"Accept": accept})
+                self.assertEqual((reply.status, reply.body), (200, expected))
+                self.assertEqual(reply.headers["Content-Type"], "application/json")
+                self.assertIn("Accept", [value.strip() for value in (reply.headers["Vary"] or "").split(",")])
+                self.assertIsNone(reply.headers["Link"])
+
+    def test_browsers_get_the_page(self):
+        for accept in (CHROMIUM_ACCEPT, FIREFOX_ACCEPT, "text/html", "Text/HTML"):
+            with self.subTest(accept=accept):
+                reply = self.request("GET", "/", headers={"Accept": accept})
+                self.assertEqual(reply.status, 200)
+                media_type, _, parameters = reply.headers["Content-Type"].partition(";")
+                self.assertEqual(media_type.strip(), "text/html")
+                self.assertEqual(parameters.replace(" ", "").lower(), "charset=utf-8")
+                self.assertIn("Accept", [value.strip() for value in (reply.headers["Vary"] or "").split(",")])
+                self.assertTrue(reply.headers["Content-Security-Policy"])
+                page = reply.body.decode("utf-8")
+                self.assertIn("<h1", page)
+                self.assertIn('id="grid"', page)
+                self.assertIn("&lt;x&gt;.png", page)
+                self.assertNotIn("<x>", page)
+
+    def test_head_gives_the_pages_headers(self):
+        get = self.request("GET", "/", headers={"Accept": CHROMIUM_ACCEPT})
+        head = self.request("HEAD", "/", headers={"Accept": CHROMIUM_ACCEPT})
+        self.assertEqual((head.status, head.body), (200, b""))
+        for header in ("Content-Type", "Content-Length", "Vary", "Content-Security-Policy"):
+            self.assertEqual(head.headers[header], get.headers[header], header)
+
+
+class TestListPaging(HTTPTestCase):
+    """The JSON list's ?limit=&after= pages, with a Link to the next one while more remain."""
+
+    NAMES = tuple(sorted(("a.png", "a&b.png", "c d.png", "e#f.png", "g+h.png", "i%20j.png", "k=l.png", "Z.png", "ä.png")))
+
+    def prepare_storage(self):
+        os.makedirs(self.storage, exist_ok=True)
+        for name in self.NAMES:
+            self.put_file(name, make_image("PNG", (8, 8)))
+
+    def test_following_the_links_walks_the_whole_list_once(self):
+        for limit in (1, 2, 4, len(self.NAMES), 100):
+            with self.subTest(limit=limit):
+                path, seen, pages = f"/?limit={limit}", [], 0
+                while path is not None:
+                    reply = self.request("GET", path)
+                    self.assertEqual(reply.status, 200, reply.body)
+                    self.assertEqual(reply.headers["Content-Type"], "application/json")
+                    self.assertEqual(reply.body, (json.dumps(reply.json) + "\n").encode())
+                    self.assertLessEqual(len(reply.json), limit)
+                    seen += reply.json
+                    pages += 1
+                    link = reply.headers["Link"]
+                    if link is None:
+                        path = None
+                    else:
+                        match = re.fullmatch(r'<([^>]+)>;\s*rel="?next"?', link)
+                        self.assertIsNotNone(match, link)
+                        target = urllib.parse.urlsplit(urllib.parse.urljoin("http://ims.test/", match.group(1)))
+                        self.assertEqual((target.netloc, target.path), ("ims.test", "/"), link)
+                        path = f"/?{target.query}"
+                    self.assertLessEqual(pages, len(self.NAMES) + 1, "the links go round")
+                self.assertEqual(seen, list(self.NAMES))
+                self.assertEqual(pages, max(1, -(-len(self.NAMES) // limit)))
+
+    def test_after_starts_past_a_name_stored_or_not(self):
+        names = list(self.NAMES)
+        for after, expected in ((names[2], names[3:5]), ("b", [name for name in names if name > "b"][:2]),
+                                (names[-1], []), ("", names[:2])):
+            with self.subTest(after=after):
+                reply = self.request("GET", "/?" + urllib.parse.urlencode({"limit": 2, "after": after}))
+                self.assertEqual(reply.json, expected)
+
+    def test_a_bad_limit_is_400_naming_it(self):
+        for limit in ("0", "-1", "abc", "1.5", ""):
+            with self.subTest(limit=limit):
+                self.assertError(self.request("GET", f"/?limit={limit}"), 400, "limit")
+
+    def test_without_parameters_the_list_is_whole(self):
+        for index in range(150):
+            self.put_file(f"n{index:03}.png", make_image("PNG", (4, 4)))
+        reply = self.request("GET", "/")
+        self.assertEqual(reply.body, (json.dumps(sorted(self.NAMES + tuple(f"n{index:03}.png" for index in range(150)))) + "\n").encode())
+        self.assertIsNone(reply.headers["Link"])
+
+
 if __name__ == "__main__":
     unittest.main()
