@@ -139,9 +139,9 @@ meanwhile moves the wrk figures by 2x, so a figure taken beside one is not to be
 (glusterfs-server, glusterfs-client); a scenario whose tool is missing is skipped with a
 message. rendition-cold's nginx image_filter reference needs nginx and its module (Debian:
 libnginx-mod-http-image-filter); without them that row says so and the rest is measured. page's
-browser rows need selenium (pip) and Chromium with its driver at /usr/bin/chromium and
-/usr/bin/chromedriver (Debian: chromium, chromium-driver); without them a row says so and the HTML
-is measured. Photos are read from ../shared/photos/.
+browser rows need selenium (requirements-dev.txt) and Chromium with its driver at
+/usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium, chromium-driver); without them a row
+says so and the HTML is measured. Photos are read from ../shared/photos/.
 Standard library only, plus Pillow imported where images are made or resized, and selenium where
 the page is opened in Chromium.
 """
@@ -2172,7 +2172,7 @@ def browser_unavailable() -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        return "selenium is not installed (python3 -m pip install selenium)"
+        return "selenium is not installed (python3 -m pip install -r requirements-dev.txt)"
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not path.exists():
             return f"{path} is missing (apt-get install -y {package})"
