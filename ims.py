@@ -3505,14 +3505,15 @@ a { color: var(--accent); }
 .upload.error .message, .status.error { color: var(--error); }
 #grid { list-style: none; padding: 0; display: grid; gap: 1rem;
   grid-template-columns: repeat(auto-fill, minmax(min(100%, 260px), 1fr)); }
-.tile { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .75rem; }
+.tile { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .75rem; min-width: 0; }
 .open { display: flex; align-items: center; justify-content: center; height: 240px; }
 .thumb { max-width: 100%; max-height: 240px; height: auto; }
 .name { font-weight: 600; overflow-wrap: anywhere; margin: .5rem 0 0; }
 .facts { margin: 0; opacity: .8; }
 .resize { display: flex; flex-wrap: wrap; gap: .25rem; align-items: end; margin: .5rem 0; }
 .resize input { width: 5rem; }
-button, input, select { font: inherit; }
+button, input, select { font: inherit; max-width: 100%; }
+#drop-zone, .resize label { overflow-wrap: anywhere; }
 """.strip()
 
 PAGE_SCRIPT = """
@@ -3531,8 +3532,13 @@ async function currentPage() {
   return new DOMParser().parseFromString(await response.text(), "text/html");
 }
 
+// Refreshes may overlap (several uploads ending together): only the latest one is shown.
+let refreshes = 0;
+
 async function refreshGrid() {
+  const refresh = ++refreshes;
   const page = await currentPage();
+  if (refresh !== refreshes) return;
   grid.replaceChildren(...page.getElementById("grid").children);
   for (const id of ["summary", "pages"]) {
     const mine = document.getElementById(id), theirs = page.getElementById(id);
@@ -3540,11 +3546,20 @@ async function refreshGrid() {
   }
 }
 
-function showStatus(tile, text, isError) {
+function tileOf(name, root) {
+  return (root || grid).querySelector('li.tile[data-name="' + CSS.escape(name) + '"]');
+}
+
+// By name: the grid may have been read again, and the tile made anew, while a request was out.
+function showStatus(name, text, isError) {
+  const tile = tileOf(name);
+  if (!tile) return;
   const status = tile.querySelector(".status");
   status.textContent = text;
   status.classList.toggle("error", Boolean(isError));
 }
+
+const UNREACHABLE = "The server could not be reached; try again";
 
 function upload(file) {
   const item = document.createElement("li");
@@ -3573,7 +3588,7 @@ function upload(file) {
     if (request.status === 201) {
       bar.value = 100;
       message.textContent = "Uploaded";
-      refreshGrid();
+      refreshGrid().catch(() => {});
     } else {
       item.classList.add("error");
       message.textContent = messageOf(request.responseText);
@@ -3606,34 +3621,24 @@ dropZone.addEventListener("drop", (event) => {
   uploadAll(event.dataTransfer.files);
 });
 
-grid.addEventListener("click", async (event) => {
-  const button = event.target.closest("button.delete");
-  if (!button) return;
-  const tile = button.closest("li.tile");
-  const name = tile.dataset.name;
-  if (!window.confirm("Delete " + name + "?")) return;
+async function deleteImage(name) {
   const response = await fetch("/" + encodeURIComponent(name), {method: "DELETE"});
   if (response.status === 204 || response.status === 404) {
-    tile.remove();
-    refreshGrid();
+    const tile = tileOf(name);
+    if (tile) tile.remove();
+    refreshGrid().catch(() => {});
   } else {
-    showStatus(tile, messageOf(await response.text()), true);
+    showStatus(name, messageOf(await response.text()), true);
   }
-});
+}
 
-grid.addEventListener("submit", async (event) => {
-  const form = event.target.closest("form.resize");
-  if (!form) return;
-  event.preventDefault();
-  const tile = form.closest("li.tile");
-  const name = tile.dataset.name;
-  const parameters = {width: form.elements.width.value, height: form.elements.height.value, fit: form.elements.fit.value};
-  showStatus(tile, "Resizing…");
+async function resizeImage(name, parameters) {
+  showStatus(name, "Resizing…");
   const response = await fetch("/" + encodeURIComponent(name), {
     method: "PATCH", headers: {"Content-Type": "application/json"}, body: JSON.stringify(parameters),
   });
   if (response.status !== 202) {
-    showStatus(tile, messageOf(await response.text()), true);
+    showStatus(name, messageOf(await response.text()), true);
     return;
   }
   const location = response.headers.get("Location");
@@ -3641,20 +3646,38 @@ grid.addEventListener("submit", async (event) => {
   do {
     const answer = await fetch(location + "?wait=60");
     if (!answer.ok) {
-      showStatus(tile, messageOf(await answer.text()), true);
+      showStatus(name, messageOf(await answer.text()), true);
       return;
     }
     job = await answer.json();
   } while (job.state === "queued" || job.state === "running");
   if (job.state !== "done") {
-    showStatus(tile, "The resize " + job.state + ": " + job.error, true);
+    showStatus(name, "The resize " + job.state + ": " + job.error, true);
     return;
   }
-  const fresh = (await currentPage()).querySelector('li.tile[data-name="' + CSS.escape(name) + '"]');
-  if (fresh) {
+  const fresh = tileOf(name, await currentPage());
+  const tile = tileOf(name);
+  if (fresh && tile) {
     tile.replaceWith(fresh);
-    showStatus(fresh, "Resized to " + fresh.dataset.width + "×" + fresh.dataset.height);
+    showStatus(name, "Resized to " + fresh.dataset.width + "×" + fresh.dataset.height);
   }
+}
+
+grid.addEventListener("click", (event) => {
+  const button = event.target.closest("button.delete");
+  if (!button) return;
+  const name = button.closest("li.tile").dataset.name;
+  if (!window.confirm("Delete " + name + "?")) return;
+  deleteImage(name).catch(() => showStatus(name, UNREACHABLE, true));
+});
+
+grid.addEventListener("submit", (event) => {
+  const form = event.target.closest("form.resize");
+  if (!form) return;
+  event.preventDefault();
+  const name = form.closest("li.tile").dataset.name;
+  const parameters = {width: form.elements.width.value, height: form.elements.height.value, fit: form.elements.fit.value};
+  resizeImage(name, parameters).catch(() => showStatus(name, UNREACHABLE, true));
 });
 """.strip()
 
@@ -3749,23 +3772,26 @@ def render_tile(name, facts):
         return html.escape(f"{path}?{query}")
 
     if size is None:
-        dimensions, described, image_size = "", "not a readable image", ""
+        # No thumbnail can be made of it: a link to the file as it is, and no failing request.
+        dimensions, described, picture = "", "not a readable image", "Open the file"
     else:
         width, height = size
         shown_width, shown_height = fitted_size(size, THUMBNAIL_BOX, THUMBNAIL_BOX, "contain")
         dimensions = f' data-width="{width}" data-height="{height}"'
         described = f"{width}×{height} · {_size_text(version.size)}"
-        image_size = f' width="{shown_width}" height="{shown_height}"'
+        picture = (
+            f'<img class="thumb" src="{thumbnail(THUMBNAIL_BOX)}" srcset="{thumbnail(THUMBNAIL_BOX)} 1x, '
+            f'{thumbnail(2 * THUMBNAIL_BOX)} 2x" width="{shown_width}" height="{shown_height}" loading="lazy" alt="{shown}">'
+        )
     return (
         f'<li class="tile" data-name="{shown}"{dimensions}>'
-        f'<a class="open" href="{html.escape(path)}"><img class="thumb" src="{thumbnail(THUMBNAIL_BOX)}" '
-        f'srcset="{thumbnail(THUMBNAIL_BOX)} 1x, {thumbnail(2 * THUMBNAIL_BOX)} 2x"{image_size} loading="lazy" alt="{shown}"></a>'
+        f'<a class="open" href="{html.escape(path)}">{picture}</a>'
         f'<p class="name">{shown}</p><p class="facts">{described}</p>'
         '<form class="resize"><label>Width <input name="width" type="number" min="1" required></label> '
         '<label>Height <input name="height" type="number" min="1" required></label> '
         '<label>Fit <select name="fit"><option>fill</option><option>contain</option><option>cover</option></select></label> '
-        '<button type="submit">Resize</button></form>'
-        '<button class="delete" type="button">Delete</button>'
+        f'<button type="submit" aria-label="Resize {shown}">Resize</button></form>'
+        f'<button class="delete" type="button" aria-label="Delete {shown}">Delete</button>'
         '<p class="status" role="status"></p></li>'
     )
 
