@@ -618,6 +618,17 @@ def _write_count(descriptor, count):
     os.pwrite(descriptor, b"%*d" % (_COUNT_WIDTH, count), 0)
 
 
+def _is_in_place(path, descriptor):
+    # Whether the open file `descriptor` is still the one at `path`: not removed or replaced, here or
+    # by another host.
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(descriptor))
+    except OSError as error:
+        if error.errno not in STALE_ERRNOS:
+            raise
+        return False
+
+
 def _close_quietly(descriptor):
     # Closing a file only read can fail only where another host removed it meanwhile (ESTALE):
     # nothing is lost.
@@ -731,11 +742,7 @@ class TempFile:
             lock_file(descriptor)
             # A scan may have taken the new file for a leftover between its creation and its lock,
             # and removed it: then it is made again.
-            try:
-                is_in_place = os.path.samestat(os.stat(path), os.fstat(descriptor))
-            except FileNotFoundError:
-                is_in_place = False
-            if is_in_place:
+            if _is_in_place(path, descriptor):
                 self._descriptor = descriptor
                 return
             _close_locked(descriptor)
@@ -836,9 +843,7 @@ class EntryLock:
                 return self
             try:
                 lock_file(descriptor)
-                is_in_place = os.path.samestat(os.stat(self._path), os.fstat(descriptor))
-            except FileNotFoundError:
-                is_in_place = False
+                is_in_place = _is_in_place(self._path, descriptor)
             except BaseException:
                 _close_quietly(descriptor)
                 raise
@@ -1311,24 +1316,30 @@ class Store:
         except OSError:
             return []
 
+    @staticmethod
+    def _renditions_in(folder):
+        # The renditions in one image's folder, not the hidden files of renders under way:
+        # (modification time, size, path) each; none when the folder is gone.
+        try:
+            with os.scandir(folder) as entries:
+                names = [entry.name for entry in entries if not entry.name.startswith(".")]
+        except OSError:
+            return []
+        renditions = []
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                file_status = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            renditions.append((file_status.st_mtime_ns, file_status.st_size, path))
+        return renditions
+
     def _evict_renditions(self, keep_bytes):
         # Under the cache lock: remove the least recently used renditions until at most
         # `keep_bytes` remain (None removes nothing); return the bytes left. A reader that has
         # one open keeps reading it whole.
-        renditions = []
-        for folder in self._rendition_folders():
-            try:
-                with os.scandir(folder) as entries:
-                    names = [entry.name for entry in entries if not entry.name.startswith(".")]
-            except OSError:
-                continue
-            for entry_name in names:
-                path = os.path.join(folder, entry_name)
-                try:
-                    file_status = os.stat(path, follow_symlinks=False)
-                except OSError:
-                    continue
-                renditions.append((file_status.st_mtime_ns, file_status.st_size, path))
+        renditions = [rendition for folder in self._rendition_folders() for rendition in self._renditions_in(folder)]
         total = sum(size for _, size, _ in renditions)
         if keep_bytes is not None:
             renditions.sort()
@@ -1356,12 +1367,8 @@ class Store:
         try:
             with self._cache_lock as lock:
                 removed = 0
-                with os.scandir(folder) as entries:
-                    names = [entry.name for entry in entries if not entry.name.startswith(".")]
-                for entry_name in names:
-                    path = os.path.join(folder, entry_name)
+                for _, size, path in self._renditions_in(folder):
                     try:
-                        size = os.stat(path, follow_symlinks=False).st_size
                         os.unlink(path)
                     except OSError:
                         continue
@@ -1462,13 +1469,7 @@ class Store:
             return None
         try:
             # Locked only after its last runner removed it: it has ended.
-            try:
-                is_queued = os.path.samestat(os.stat(path), os.fstat(descriptor))
-            except OSError as error:
-                if error.errno not in STALE_ERRNOS:
-                    raise
-                is_queued = False
-            if not is_queued:
+            if not _is_in_place(path, descriptor):
                 _close_locked(descriptor)
                 return None
             record = self.load_record(entry.partition("-")[2]) or self._read_record(path)
