@@ -4900,7 +4900,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # Cancelled under the store's lock, so an upload of the same name that follows keeps its resizes.
         cancelled = self.server.store.remove(name, check_if_match, functools.partial(self.server.resizer.cancel_for, name))
         for record in cancelled:
-            self.server.job_ended(Job.from_record(record), None)
+            try:
+                job = Job.from_record(record)
+            except ValueError:
+                # A damaged record, cancelled all the same: nothing to count it by.
+                continue
+            self.server.job_ended(job, None)
         self.send_no_content()
 
     def request_resize(self, name):
@@ -5303,7 +5308,7 @@ def _switch(text):
     # "on" or "off", as --metrics takes them, also from IMS_METRICS.
     if text.lower() in ("on", "off"):
         return text.lower() == "on"
-    raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: use on or off")
 
 
 def parse_args(argv, environ):

@@ -1129,6 +1129,235 @@ class TestConditionals(unittest.TestCase):
 # ====
 
 
+class TestIntegrityHeaders(unittest.TestCase):
+    """Content-Digest, Content-MD5, Want-Repr-Digest and X-Request-Id, parsed from header values alone."""
+
+    BODY = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\nPNG...\r\n--b--\r\n"
+
+    @staticmethod
+    def headers(*fields):
+        return ims.Headers(fields)
+
+    def sf_bytes(self, data):
+        return ":" + base64.b64encode(data).decode() + ":"
+
+    def digests(self, *fields):
+        checked = ims.BodyDigests(self.headers(*fields))
+        for start in range(0, len(self.BODY), 7):
+            checked.update(self.BODY[start:start + 7])
+        return checked
+
+    def test_dictionaries_of_rfc_8941(self):
+        example = "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        self.assertEqual(ims.parse_dictionary(example), [("sha-256", example[8:])])
+        self.assertEqual(ims.parse_dictionary(' a=1;q=0.5 ,b, c="x, y",d=?0,e=tok/en:1 '),
+                         [("a", "1"), ("b", "?1"), ("c", '"x, y"'), ("d", "?0"), ("e", "tok/en:1")])
+        self.assertEqual(ims.parse_dictionary(""), [])
+        for bad in ("A=1", "a=1,", ",a=1", "a=(1 2)", "a=:abc", "a=1 b=2", 'a="unterminated', "a=\x01", "a=1;", "a=-", "sha-256=:ab:cd:"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ims.parse_dictionary(bad)
+
+    def test_random_values_parse_or_raise_value_error_only(self):
+        rng = random.Random(SEED)
+        alphabet = 'a-z=:,; "?*0123456789+/\\\t\x00\xff().'
+        for _ in range(3000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
+            try:
+                members = ims.parse_dictionary(text)
+            except ValueError:
+                continue
+            self.assertTrue(all(isinstance(key, str) and isinstance(item, str) for key, item in members), text)
+
+    def test_a_body_that_matches_every_digest_passes(self):
+        sha256 = self.sf_bytes(hashlib.sha256(self.BODY).digest())
+        sha512 = self.sf_bytes(hashlib.sha512(self.BODY).digest())
+        md5 = base64.b64encode(hashlib.md5(self.BODY).digest()).decode()
+        for fields in (
+            [("Content-Digest", f"sha-256={sha256}")],
+            [("Content-Digest", f"sha-512={sha512}, sha-256={sha256}")],
+            [("Content-Digest", f"sha-512={sha512}"), ("Content-Digest", f"sha-256={sha256}")],
+            [("Content-MD5", md5)],
+            [("Content-Digest", f"sha-256={sha256};q=1, md5=:AAAA:"), ("Content-MD5", f" {md5} ")],
+        ):
+            with self.subTest(fields=fields):
+                checked = self.digests(*fields)
+                self.assertTrue(checked)
+                checked.check()
+
+    def test_a_body_that_does_not_match_is_refused(self):
+        sha256 = self.sf_bytes(hashlib.sha256(self.BODY).digest())
+        wrong256 = self.sf_bytes(hashlib.sha256(self.BODY + b"x").digest())
+        wrong512 = self.sf_bytes(hashlib.sha512(b"").digest())
+        wrong_md5 = base64.b64encode(hashlib.md5(b"").digest()).decode()
+        for fields, named in (
+            ([("Content-Digest", f"sha-256={wrong256}")], "sha-256"),
+            ([("Content-Digest", f"sha-256={sha256}, sha-512={wrong512}")], "sha-512"),
+            ([("Content-Digest", f"sha-256={sha256}"), ("Content-MD5", wrong_md5)], "Content-MD5"),
+        ):
+            with self.subTest(fields=fields), self.assertRaises(ims.HTTPError) as caught:
+                self.digests(*fields).check()
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn(named, caught.exception.message)
+            self.assertIn("nothing was stored", caught.exception.message)
+
+    def test_unreadable_digest_fields_are_400_before_the_body(self):
+        short = self.sf_bytes(b"\x00" * 31)
+        for fields in (
+            [("Content-Digest", "sha-256=AAAA")],
+            [("Content-Digest", f"sha-256={short}")],
+            [("Content-Digest", "sha-256=:not base64!:")],
+            [("Content-Digest", "sha-512=:AAAA:")],
+            [("Content-Digest", "sha-256")],
+            [("Content-Digest", "SHA-256=:AAAA:")],
+            [("Content-MD5", "AAAA")],
+            [("Content-MD5", "not base64 at all, not!")],
+            [("Content-MD5", "")],
+        ):
+            with self.subTest(fields=fields), self.assertRaises(ims.HTTPError) as caught:
+                ims.BodyDigests(self.headers(*fields))
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_only_unknown_algorithms_check_nothing(self):
+        for value in ("md5=:AAAA:", "sha=:AAAA:, unixsum=1", "id-sha-256=:AAAA:"):
+            with self.subTest(value=value):
+                checked = self.digests(("Content-Digest", value))
+                self.assertFalse(checked)
+                checked.check()
+        self.assertFalse(ims.BodyDigests(self.headers()))
+
+    def test_want_repr_digest_picks_the_preferred_known_algorithm(self):
+        for value, expected in (
+            ("sha-256=1", "sha-256"),
+            ("sha-512=3, sha-256=1", "sha-512"),
+            ("sha-256=10, sha-512=9", "sha-256"),
+            ("sha-256=5, sha-512=5", "sha-512"),
+            ("sha-256=0", None),
+            ("sha-256=0, sha-512=1", "sha-512"),
+            ("md5=10, sha=3", None),
+            ("sha-256=11", None),
+            ("sha-256=:AAAA:", None),
+            ("sha-256=1.5", None),
+            ("garbage (", None),
+            ("", None),
+        ):
+            with self.subTest(value=value):
+                self.assertEqual(ims.wanted_digest(self.headers(("Want-Repr-Digest", value))), expected)
+        self.assertIsNone(ims.wanted_digest(self.headers()))
+        self.assertEqual(ims.repr_digest("sha-256", b"\x00" * 32), "sha-256=:" + "A" * 43 + "=:")
+
+    def test_request_ids_are_kept_when_printable_and_bounded(self):
+        for given in ("abc-123", "x" * 128, "req:1/2@host", "~!"):
+            with self.subTest(given=given):
+                self.assertEqual(ims.request_id(self.headers(("X-Request-Id", given))), given)
+        made = set()
+        for given in ("", "x" * 129, "has space", "tab\there", "ünïcode", "\x7f"):
+            with self.subTest(given=given):
+                identifier = ims.request_id(self.headers(("X-Request-Id", given)))
+                self.assertRegex(identifier, r"\A[0-9a-f]{32}\Z")
+                made.add(identifier)
+        self.assertEqual(len(made), 6)
+        self.assertRegex(ims.request_id(self.headers()), r"\A[0-9a-f]{32}\Z")
+
+    def test_cors_origins_are_checked_and_normalised(self):
+        self.assertEqual(ims.parse_origins("https://a.example, http://b.test:8080"), ("https://a.example", "http://b.test:8080"))
+        self.assertEqual(ims.parse_origins(["HTTPS://A.Example/", "https://a.example  http://c.test"]), ("https://a.example", "http://c.test"))
+        self.assertEqual(ims.parse_origins("https://a.example *"), ("*",))
+        self.assertEqual(ims.parse_origins(""), ())
+        self.assertEqual(ims.parse_origins(()), ())
+        for bad in ("a.example", "https://a.example/path", "https://", "//a.example", "https://a.example?x"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ims.parse_origins(bad)
+        self.assertEqual(ims.Settings(cors_origin="http://a.test").cors_origin, ("http://a.test",))
+        with self.assertRaises(ValueError):
+            ims.Settings(log_format="xml")
+
+
+class TestMetrics(unittest.TestCase):
+    """The counts of an instance, summed over its processes' blocks, and their text."""
+
+    SAMPLE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*\})? (-?[0-9.e+]+|\+Inf|NaN)')
+
+    def samples(self, text):
+        values = {}
+        for line in text.decode().splitlines():
+            if line.startswith("#"):
+                self.assertRegex(line, r"\A# (HELP|TYPE) [a-z_]+ ")
+                continue
+            self.assertRegex(line, self.SAMPLE)
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+        return values
+
+    def test_blocks_are_summed_and_gauges_start_again_in_a_new_process(self):
+        metrics = ims.Metrics(processes=3)
+        for block in (0, 2):
+            metrics.use_block(block)
+            metrics.count_request("GET", "/{name}", 200, 0.004, 100, 1000)
+            metrics.count_request("BREW", ims.NO_ROUTE, 501, 0.0001, 50, 90)
+            metrics.add("open_connections")
+            metrics.count_job_end("failed")
+            metrics.count_resize("rendition", 0.2)
+        values = self.samples(metrics.exposition([("ims_images", "Images.", 7)]))
+        self.assertEqual(values['ims_http_requests_total{method="GET",route="/{name}",status="200"}'], 2)
+        self.assertEqual(values['ims_http_requests_total{method="other",route="none",status="501"}'], 2)
+        self.assertEqual(values['ims_http_request_duration_seconds_bucket{route="/{name}",le="0.0025"}'], 0)
+        self.assertEqual(values['ims_http_request_duration_seconds_bucket{route="/{name}",le="0.005"}'], 2)
+        self.assertEqual(values['ims_http_request_duration_seconds_bucket{route="/{name}",le="+Inf"}'], 2)
+        self.assertAlmostEqual(values['ims_http_request_duration_seconds_sum{route="/{name}"}'], 0.008)
+        self.assertEqual(values["ims_http_received_bytes_total"], 300)
+        self.assertEqual(values["ims_http_sent_bytes_total"], 2180)
+        self.assertEqual(values["ims_http_open_connections"], 2)
+        self.assertEqual(values['ims_resize_jobs_total{state="failed"}'], 2)
+        self.assertEqual(values['ims_resize_duration_seconds_count{kind="rendition"}'], 2)
+        self.assertEqual(values["ims_images"], 7)
+        self.assertEqual(values["ims_workers"], 3)
+        # A worker restarted in block 2: its counters go on, its open connections are gone.
+        metrics.use_block(2)
+        values = self.samples(metrics.exposition([]))
+        self.assertEqual(values['ims_http_requests_total{method="GET",route="/{name}",status="200"}'], 2)
+        self.assertEqual(values["ims_http_open_connections"], 1)
+
+    def test_a_forked_process_counts_into_the_same_memory(self):
+        metrics = ims.Metrics(processes=2)
+        metrics.use_block(0)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                metrics.use_block(1)
+                for _ in range(5):
+                    metrics.count_request("POST", "/", 201, 0.01, 10, 10)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        metrics.count_request("POST", "/", 201, 0.01, 10, 10)
+        values = self.samples(metrics.exposition([]))
+        self.assertEqual(values['ims_http_requests_total{method="POST",route="/",status="201"}'], 6)
+
+    def test_process_metrics_describe_this_process(self):
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("no /proc here")
+        metrics = ims.Metrics()
+        metrics.use_block(0)
+        values = self.samples(metrics.exposition([]))
+        self.assertGreater(values["process_resident_memory_bytes"], 10_000_000)
+        self.assertGreater(values["process_open_fds"], 2)
+        self.assertGreater(values["process_cpu_seconds_total"], 0)
+        self.assertLess(time.time() - 30 * 86400, values["process_start_time_seconds"])
+        self.assertLessEqual(values["process_start_time_seconds"], time.time())
+
+    def test_disabled_metrics_count_nothing(self):
+        metrics = ims.Metrics(enabled=False)
+        metrics.use_block(0)
+        metrics.count_request("GET", "/", 200, 0.1, 1, 1)
+        metrics.add("uploads")
+        values = self.samples(metrics.exposition([]))
+        self.assertNotIn('ims_http_requests_total{method="GET",route="/",status="200"}', values)
+        self.assertEqual(values["ims_uploads_total"], 0)
+
+    def test_label_values_are_escaped(self):
+        self.assertEqual(ims._labels({"a": 'x"y\\z\nw'}), '{a="x\\"y\\\\z\\nw"}')
+
+
 class HTTPTestCase(ServerTestCase):
     """ServerTestCase plus raw-socket helpers for what http.client cannot send or see."""
 
@@ -4375,6 +4604,20 @@ class TestCommandLine(unittest.TestCase):
             )
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertIn("invalid", result.stderr)
+
+    def test_cors_origins_log_format_and_metrics_from_flags_and_variables(self):
+        settings = ims.parse_args(["--cors-origin", "http://a.test:8080", "--cors-origin", "https://b.example"], {"IMS_CORS_ORIGIN": "http://c.test"})
+        self.assertEqual(settings.cors_origin, ("http://a.test:8080", "https://b.example"))
+        settings = ims.parse_args([], {"IMS_CORS_ORIGIN": "http://c.test, http://d.test", "IMS_LOG_FORMAT": "json", "IMS_METRICS": "off"})
+        self.assertEqual((settings.cors_origin, settings.log_format, settings.metrics), (("http://c.test", "http://d.test"), "json", False))
+        settings = ims.parse_args(["--cors-origin", "*", "--metrics", "ON"], {})
+        self.assertEqual((settings.cors_origin, settings.log_format, settings.metrics), (("*",), "common", True))
+        for argv in (["--log-format", "xml"], ["--metrics", "maybe"], ["--cors-origin", "app.example"]):
+            with self.subTest(argv=argv), mock.patch("sys.stderr", io.StringIO()) as stderr:
+                with self.assertRaises(SystemExit) as raised:
+                    ims.parse_args(argv, {})
+                self.assertEqual(raised.exception.code, 2)
+                self.assertIn("invalid", stderr.getvalue())
 
     def test_out_of_range_values_are_refused_and_empty_variables_mean_the_default(self):
         for argv in (["--port", "70000"], ["--timeout", "1e12"], ["--resize-timeout", "nan"], ["--max-queue", "-1"]):
