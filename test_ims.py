@@ -4733,6 +4733,15 @@ class TestReadmeExamples(unittest.TestCase):
         job = json.loads(outputs[6])
         self.assertEqual((job["state"], job["width"], job["height"], job["fit"]), ("done", 200, 200, "cover"))
         self.assertIn("HTTP/1.1 204", outputs[7])
+        # Uploaded again, with its digest; then its own digest, its facts, health and metrics.
+        self.assertEqual(outputs[8], '"Image successfully uploaded"\n')
+        with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as original:
+            digest = base64.b64encode(hashlib.sha256(original.read()).digest()).decode()
+        self.assertIn(f"Repr-Digest: sha-256=:{digest}:", outputs[9])
+        facts = json.loads(outputs[10])
+        self.assertEqual((facts["width"], facts["upright_width"], facts["orientation"], facts["icc_profile"]), (1600, 1200, 6, True))
+        self.assertEqual(outputs[11], '{"status": "ok"}\nims_images 1\n')
+        self.assertFalse(os.path.exists(os.path.join(HERE, "upload.body")))
 
     def test_the_srcset_example_in_the_readme_gets_every_width_it_names(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
