@@ -3798,7 +3798,7 @@ METRIC_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "o
 # Routes are named by their paths' templates, never by an image's name, so labels stay few.
 NO_ROUTE = "none"
 METRIC_ROUTES = ("/", "/{name}", "/jobs/{id}", "/healthz", "/metrics", NO_ROUTE)
-METRIC_STATUSES = tuple(sorted(http.server.BaseHTTPRequestHandler.responses))
+METRIC_STATUSES = tuple(sorted(int(status) for status in http.server.BaseHTTPRequestHandler.responses))
 REQUEST_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESIZE_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RESIZE_KINDS = ("job", "rendition")
