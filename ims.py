@@ -2504,7 +2504,10 @@ def parse_dictionary(value):
         member = _SF_MEMBER.match(value, position)
         if member is None:
             raise ValueError(f"not a dictionary member at {value[position:position + 20]!r}")
-        members.append((member.group(1), member.group(2) or "?1"))
+        item = member.group(2) or "?1"
+        if item.startswith(":") and _byte_sequence(item) is None:
+            raise ValueError(f"{item[:20]!r} is not a byte sequence of base64")
+        members.append((member.group(1), item))
         position = _SF_SPACE.match(value, member.end()).end()
         if position == len(value):
             break
@@ -2740,13 +2743,17 @@ def image_facts(file):
         with Image.open(file, formats=ALLOWED_FORMATS) as image:
             image_format = FORMAT_ALIASES.get(image.format, image.format)
             upright_width, upright_height = _upright_size(image)
+            width, height = image.size
+            if image.format == "TIFF":
+                # Newer Pillows report a turned TIFF's size upright; its tags say how it is stored.
+                width, height = image.tag_v2.get(256, width), image.tag_v2.get(257, height)
             orientation = header_orientation(image)
             frames = getattr(image, "n_frames", 1)
             return {
                 "format": image_format,
                 "content_type": CONTENT_TYPE_BY_FORMAT[image_format],
-                "width": image.width,
-                "height": image.height,
+                "width": width,
+                "height": height,
                 "upright_width": upright_width,
                 "upright_height": upright_height,
                 "orientation": orientation if type(orientation) is int and 1 <= orientation <= 8 else None,
@@ -5247,7 +5254,11 @@ class Server(http.server.ThreadingHTTPServer):
         self._cut_connections(only_idle=False)
         for thread in threads:
             thread.join()
-        self.store.remove_leftovers()
+        try:
+            self.store.remove_leftovers()
+        except OSError as error:
+            # The folder went while serving: nothing of it is left to clean.
+            sys.stderr.write(f"ims.py: cannot remove leftovers from {self.settings.storage}: {error.strerror or error}\n")
 
     def _cut_connections(self, only_idle):
         # Shutting a socket down wakes the thread blocked reading it.
