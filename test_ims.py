@@ -9592,10 +9592,11 @@ class TestListPaging(HTTPTestCase):
 # A front end served from another origin (a second, tiny stdlib server on another port of
 # 127.0.0.1) whose script talks to a real `python3 ims.py` with fetch() and XMLHttpRequest, in
 # headless Chromium: the list, an upload, a download, a resize and its job, deletes with If-Match,
-# errors. With --cors-origin naming the front end (or `*`) every read succeeds and the exposed
-# headers are readable; without it, or with another origin, the browser blocks every read, says so
-# in its console, and sends no preflighted request at all. The page writes what it saw into its
-# DOM, one <li> of JSON per step; the test reads them.
+# digests, errors (400, 404, 412, 413, 414, 431, 503). With --cors-origin naming the front end (or
+# `*`) every read succeeds and the exposed headers are readable; without it, or with another
+# origin, the browser blocks every read, says so in its console, and sends no preflighted request
+# at all. The page writes what it saw into its DOM, one <li> of JSON per step; the test reads them.
+# And the gallery page's tiles, showing the image facts, in the same browser.
 
 import http.server  # noqa: E402 (the front end's server, here with the only tests that need it)
 
@@ -9604,16 +9605,19 @@ FRONT_END_PAGE = """<!doctype html>
 <body><h1>A front end on another origin</h1><ol id="results"></ol><script src="/front.js"></script></body></html>
 """
 
-# Reads ?ims= (IMS's origin), ?name= (the name to upload as) and ?credentialed=1 (one more request,
-# with credentials) from its own address. A step that cannot read its answer records the error
-# fetch() rejected with (or XMLHttpRequest's error event); later steps then fall back on what the
-# page knows without reading: the upload's name, If-Match values of its own.
+# Reads from its own address ?ims= (IMS's origin) and ?mode=: "scenario" (the default: the steps of
+# FRONT_END_STEPS, uploading as ?name=, and with ?credentialed=1 one more request, with
+# credentials), "errors" (an upload of ?big= bytes, a request line too long, a request head too
+# large: errors that IMS answers early) or "health" (GET /healthz). A step that cannot read its
+# answer records the error fetch() rejected with (or XMLHttpRequest's error event); later steps
+# then fall back on what the page knows without reading: the upload's name, If-Match values of its
+# own. Every body that is not JSON is recorded as its length and SHA-256.
 FRONT_END_SCRIPT = r"""
 "use strict";
 const query = new URLSearchParams(location.search);
 const ims = query.get("ims"), name = query.get("name");
 const results = document.getElementById("results");
-const READ = ["Location", "ETag", "Last-Modified", "X-Request-Id", "Content-Type", "Retry-After"];
+const READ = ["Location", "ETag", "Last-Modified", "X-Request-Id", "Content-Type", "Retry-After", "Repr-Digest"];
 
 function record(step, value) {
   const item = document.createElement("li");
@@ -9634,8 +9638,19 @@ async function call(step, path, init) {
   for (const header of READ) headers[header] = response.headers.get(header);
   const visible = Array.from(response.headers.keys());
   const type = response.headers.get("Content-Type") || "";
-  const body = type.startsWith("application/json") ? await response.json() : {bytes: (await response.arrayBuffer()).byteLength};
+  let body;
+  if (type.startsWith("application/json")) {
+    body = await response.json();
+  } else {
+    const bytes = await response.arrayBuffer();
+    body = {bytes: bytes.byteLength, sha256: await sha256(bytes)};
+  }
   return record(step, {ok: true, status: response.status, headers, visible, body});
+}
+
+async function sha256(data) {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return btoa(String.fromCharCode(...digest));
 }
 
 function uploadWithXhr(file) {
@@ -9663,24 +9678,41 @@ async function run() {
   const path = (upload.ok && upload.headers.Location) || "/" + encodeURIComponent(name);
   const first = await call("get", path);
   const firstTag = (first.ok && first.headers.ETag) || '"not-read"';
-  const resize = await call("patch", path, {method: "PATCH", headers: {"Content-Type": "application/json"},
-                                            body: JSON.stringify({width: 20, height: 10, fit: "fill"})});
+  // A body whose Content-Digest does not match it is refused, as the server reads it.
+  const parameters = JSON.stringify({width: 20, height: 10, fit: "fill"});
+  const wrong = await sha256(new TextEncoder().encode(parameters + " "));
+  await call("bad-digest-patch", path, {method: "PATCH", body: parameters,
+                                        headers: {"Content-Type": "application/json", "Content-Digest": "sha-256=:" + wrong + ":"}});
+  const resize = await call("patch", path, {method: "PATCH", headers: {"Content-Type": "application/json"}, body: parameters});
   if (resize.ok && resize.headers.Location) await call("job", resize.headers.Location + "?wait=30");
   else record("job", {ok: false, error: "no job to follow"});
   await call("stale-delete", path, {method: "DELETE", headers: {"If-Match": firstTag}});
-  const second = await call("get-again", path);
+  const second = await call("get-again", path, {headers: {"Want-Repr-Digest": "sha-256=5"}});
   const tag = (second.ok && second.headers.ETag) || "*";
   await call("delete", path, {method: "DELETE", headers: {"If-Match": tag, "X-Request-Id": "front-end-delete-1"}});
   await call("gone", path);
   if (query.get("credentialed")) await call("credentialed", "/", {credentials: "include"});
 }
 
-run().catch((error) => record("script", {ok: false, error: String(error)}))
-     .finally(() => { document.body.dataset.done = "true"; });
+async function errors() {
+  const form = new FormData();
+  form.append("file", new Blob([new Uint8Array(Number(query.get("big")))], {type: "image/png"}), "big.png");
+  await call("too-big", "/", {method: "POST", body: form});
+  await call("too-long", "/" + "a".repeat(9000) + ".png");
+  await call("head-too-large", "/existing.png", {headers: {"X-Padding": "p".repeat(70000)}});
+}
+
+async function health() {
+  await call("health", "/healthz");
+}
+
+({scenario: run, errors, health})[query.get("mode") || "scenario"]()
+  .catch((error) => record("script", {ok: false, error: String(error)}))
+  .finally(() => { document.body.dataset.done = "true"; });
 """
 
 # Every step of FRONT_END_SCRIPT, in order (credentialed only when asked for).
-FRONT_END_STEPS = ("list", "upload", "get", "patch", "job", "stale-delete", "get-again", "delete", "gone")
+FRONT_END_STEPS = ("list", "upload", "get", "bad-digest-patch", "patch", "job", "stale-delete", "get-again", "delete", "gone")
 MADE_REQUEST_ID = r"[0-9a-f]{32}"
 
 
@@ -9731,9 +9763,8 @@ class TestCorsInBrowser(BrowserTestCase):
 
     UPLOADED = make_image("PNG", (64, 48))
     EXISTING = {"existing.png": make_image("PNG", (8, 6))}
-    ANIMATED = animation("GIF")
     images = {
-        "anim.gif": ANIMATED,
+        "anim.gif": animation("GIF"),
         "IMG_X.jpeg": readme_photo(),
         "turned.jpg": make_image("JPEG", (64, 48), orientation=6),
         "plain.png": make_image("PNG", (30, 20)),
@@ -9776,29 +9807,38 @@ class TestCorsInBrowser(BrowserTestCase):
 
     def run_front_end(self, target, name, credentialed=False):
         """Open the front end against `target`, uploading as `name`; return {step: what it saw} once its script ends."""
-        query = {"ims": target.origin, "name": name}
+        query = {"name": name}
         if credentialed:
             query["credentialed"] = "1"
-        self.driver.get(f"{self.front_origin}/?{urllib.parse.urlencode(query)}")
+        return self.open_front_end(target, FRONT_END_STEPS + (("credentialed",) if credentialed else ()), **query)
+
+    def open_front_end(self, target, expected_steps, **query):
+        """Open the front end against `target` with `query`; return {step: what it saw} once its script ends."""
+        self.driver.get(f"{self.front_origin}/?{urllib.parse.urlencode(dict(query, ims=target.origin))}")
         self.wait_until(lambda: self.js("return document.body.dataset.done === 'true'"), "the front end's script ends",
                         lambda: self.find("#results").text)
         steps = self.js("return Array.from(document.querySelectorAll('#results li'), (item) => [item.dataset.step, item.textContent])")
         results = {step: json.loads(value) for step, value in steps}
         self.assertNotIn("script", results, f"the front end's script failed: {results}")
-        expected = FRONT_END_STEPS + (("credentialed",) if credentialed else ())
-        self.assertEqual([step for step, value in steps], list(expected), results)
+        self.assertEqual([step for step, value in steps], list(expected_steps), results)
         self.assertNotIn("Traceback", target.log(), f"the server logged a traceback:\n{target.log()[-3000:]}")
         return results
 
-    def console_errors(self):
-        """Return the messages of the SEVERE entries of the browser's console since it was last read."""
-        return [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
+    def console_errors(self, shortened=False):
+        """Return the messages of the SEVERE entries of the browser's console since it was last read
+        (`shortened`: a run of 20 or more of one character, as in a long URL, said in a few)."""
+        messages = [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
+        if shortened:
+            messages = [re.sub(r"(.)\1{19,}", lambda run: f"{run.group(1)}…({len(run.group())} of them)", message)
+                        for message in messages]
+        return messages
 
     def assertRead(self, results, step, status):
         """The step's answer was readable from the script, and of `status`; return it."""
         result = results[step]
         with self.about(step):
-            self.assertTrue(result["ok"], f"the script could not read the answer: {result}")
+            if not result["ok"]:
+                self.fail(f"the script could not read the answer: {result}; the console says {self.console_errors(shortened=True)}")
             self.assertEqual(result["status"], status, result)
         return result
 
@@ -9817,12 +9857,16 @@ class TestCorsInBrowser(BrowserTestCase):
         self.assertEqual(upload["body"], "Image successfully uploaded")
         self.assertRegex(upload["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, upload)
         got = self.assertRead(results, "get", 200)
-        self.assertEqual(got["body"], {"bytes": len(self.UPLOADED)}, got)
+        sha256 = base64.b64encode(hashlib.sha256(self.UPLOADED).digest()).decode()
+        self.assertEqual(got["body"], {"bytes": len(self.UPLOADED), "sha256": sha256}, got)
+        self.assertIsNone(got["headers"]["Repr-Digest"], "Repr-Digest without Want-Repr-Digest")
         self.assertEqual(got["headers"]["Content-Type"], "image/png", got)
         self.assertTrue(got["headers"]["ETag"], f"the ETag cannot be read: {got}")
         self.assertTrue(got["headers"]["Last-Modified"], got)
         self.assertRegex(got["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, got)
         self.assertIn("x-request-id", got["visible"])
+        refused = self.assertRead(results, "bad-digest-patch", 400)
+        self.assertTrue(refused["body"]["message"], refused)
         patch = self.assertRead(results, "patch", 202)
         self.assertRegex(patch["headers"]["Location"] or "", r"^/jobs/[A-Za-z0-9_-]+$", patch)
         job = self.assertRead(results, "job", 200)["body"]
@@ -9832,6 +9876,7 @@ class TestCorsInBrowser(BrowserTestCase):
         self.assertRegex(stale["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, stale)
         again = self.assertRead(results, "get-again", 200)
         self.assertNotEqual(again["headers"]["ETag"], got["headers"]["ETag"], "the resize made no new version")
+        self.assertEqual(again["headers"]["Repr-Digest"], f"sha-256=:{again['body']['sha256']}:", again)
         deleted = self.assertRead(results, "delete", 204)
         self.assertEqual(deleted["headers"]["X-Request-Id"], "front-end-delete-1", deleted)
         gone = self.assertRead(results, "gone", 404)
@@ -9844,12 +9889,12 @@ class TestCorsInBrowser(BrowserTestCase):
         preflights = target.logged("OPTIONS", path)
         self.assertGreaterEqual(len(preflights), 2, f"the preflights are not in the log:\n{target.log()}")
         self.assertEqual(set(preflights), {204}, target.log())
-        self.assertEqual(target.logged("PATCH", path), [202])
+        self.assertEqual(target.logged("PATCH", path), [400, 202])
         self.assertEqual(target.logged("DELETE", path), [412, 204])
 
     def assertEveryReadIsBlocked(self, target, name, results, preflight_status):
         """What the front end saw when the browser allows no read, and that nothing preflighted was sent."""
-        for step in ("list", "get", "patch", "stale-delete", "get-again", "delete", "gone"):
+        for step in ("list", "get", "bad-digest-patch", "patch", "stale-delete", "get-again", "delete", "gone"):
             self.assertBlocked(results, step)
         self.assertFalse(results["upload"]["ok"], results["upload"])
         self.assertEqual(results["upload"]["status"], 0, results["upload"])
@@ -9884,8 +9929,41 @@ class TestCorsInBrowser(BrowserTestCase):
         name = "from-afar.png"
         results = self.run_front_end(target, name)
         self.assertEveryStepWorks(target, name, results)
-        # Only the answers of 4xx the script asked for (412, 404) are in the console.
+        # Only the answers of 4xx the script asked for (400, 412, 404) are in the console.
         self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+        # A 503, and its JSON, are readable too: /healthz while the storage folder is gone.
+        os.rename(target.storage, target.storage + ".away")
+        self.addCleanup(os.rename, target.storage + ".away", target.storage)
+        health = self.assertRead(self.open_front_end(target, ("health",), mode="health"), "health", 503)
+        self.assertEqual(health["body"]["status"], "unavailable", health)
+        self.assertTrue(health["body"]["message"], health)
+        self.assertRegex(health["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, health)
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_errors_answered_early_are_readable_too(self):
+        # "on every answer, errors included": an upload refused by its Content-Length, a request
+        # line too long and a request head too large (the last two refused before IMS has parsed
+        # the headers, Origin among them). Each is checked, and every failure told at once.
+        target = self.start_target("--cors-origin", self.front_origin, "--max-upload", "100000")
+        results = self.open_front_end(target, ("too-big", "too-long", "head-too-large"), mode="errors", big=200000)
+        console = self.console_errors(shortened=True)
+        failures = []
+        for step, status, words in (("too-big", 413, "100000"), ("too-long", 414, "8192"), ("head-too-large", 431, "65536")):
+            result = results[step]
+            if not result["ok"]:
+                failures.append(f"{step}: the script could not read the answer ({status} expected): {result}")
+                continue
+            try:
+                self.assertEqual(result["status"], status, result)
+                self.assertIn(words, result["body"]["message"], result)
+                self.assertRegex(result["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, result)
+            except AssertionError as error:
+                failures.append(f"{step}: {error}")
+        if failures:
+            self.fail("\n".join(failures) + f"\nThe console says: {console}\nThe server's log: {target.log()[-2000:]}")
+        self.assertEqual(folder_files(target.storage), sorted(self.EXISTING))
+        self.assertEqual(self.watched(), {"violations": [], "errors": [], "alerts": []})
+        self.assertEqual([message for message in console if "CORS" in message], [])
 
     def test_without_cors_origin_the_browser_blocks_every_read_and_every_preflighted_request(self):
         target = self.start_target()
@@ -9912,7 +9990,8 @@ class TestCorsInBrowser(BrowserTestCase):
         name = "anyone.png"
         results = self.run_front_end(target, name, credentialed=True)
         self.assertEveryStepWorks(target, name, results)
-        # A request with credentials cannot be answered with `*`: the browser blocks it.
+        # A request with credentials cannot be answered with `*` (the browser blocks it), and the
+        # console says so, its one CORS error.
         self.assertBlocked(results, "credentialed")
         cors_errors = [message for message in self.console_errors() if "CORS" in message]
         self.assertEqual(len(cors_errors), 1, cors_errors)
@@ -9920,14 +9999,26 @@ class TestCorsInBrowser(BrowserTestCase):
         self.assertIn("credentials", cors_errors[0])
 
     def request_to(self, target, method, path, headers):
-        connection = http.client.HTTPConnection(urllib.parse.urlsplit(target.origin).hostname,
-                                                urllib.parse.urlsplit(target.origin).port, timeout=DEADLINE_SECONDS)
+        """Send one request straight to `target` (not from the browser); return the whole Reply."""
+        address = urllib.parse.urlsplit(target.origin)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=DEADLINE_SECONDS)
         try:
             connection.request(method, path, headers=headers)
             response = connection.getresponse()
             return Reply(response.status, response.headers, response.read())
         finally:
             connection.close()
+
+    def assertBytesShown(self, text, size):
+        """`text` gives the file's size, `size` bytes, rounded to the digits it shows."""
+        units = {"bytes": (1,), "B": (1,), "kB": (1000,), "KB": (1000, 1024), "KiB": (1024,),
+                 "MB": (1000 ** 2,), "MiB": (1024 ** 2,)}
+        match = re.search(r"(\d+(?:[.,]\d+)?)\s*(bytes|B|kB|KB|KiB|MB|MiB)\b", text)
+        self.assertIsNotNone(match, f"no size in bytes in {text!r}")
+        shown = match.group(1).replace(",", ".")
+        last_digit = 10 ** -len(shown.partition(".")[2])
+        self.assertTrue(any(abs(float(shown) * unit - size) <= (last_digit / 2 + 1e-9) * unit for unit in units[match.group(2)]),
+                        f"{text!r} does not give {size} bytes")
 
     def test_the_gallery_tiles_show_the_image_facts(self):
         # name: (format, upright size, frames shown, ICC shown)
@@ -9950,7 +10041,7 @@ class TestCorsInBrowser(BrowserTestCase):
                 text = self.tile_state(name)["facts"]
                 self.assertRegex(text, rf"(?i)\b{image_format}\b")
                 self.assertIn(upright, text)
-                self.assertRegex(text, r"\d\s*(bytes|B|KB|kB|KiB|MB|MiB)\b")
+                self.assertBytesShown(text, len(self.images[name]))
                 if frames:
                     self.assertRegex(text, rf"(?i)\b{frames}\s*frames\b")
                 else:
