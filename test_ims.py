@@ -11270,5 +11270,473 @@ class TestCorsCommandLine(RealProcessTestCase):
         self.assertEqual(self.request("OPTIONS", "/", headers={"Origin": "http://a.test"}).status, 405)
 
 
+# ====
+# Issue 12: CORS in a real browser
+# ====
+# A front end served from another origin (a second, tiny stdlib server on another port of
+# 127.0.0.1) whose script talks to a real `python3 ims.py` with fetch() and XMLHttpRequest, in
+# headless Chromium: the list, an upload, a download, a resize and its job, deletes with If-Match,
+# digests, errors (400, 404, 412, 413, 414, 431, 503). With --cors-origin naming the front end (or
+# `*`) every read succeeds and the exposed headers are readable; without it, or with another
+# origin, the browser blocks every read, says so in its console, and sends no preflighted request
+# at all. The page writes what it saw into its DOM, one <li> of JSON per step; the test reads them.
+# And the gallery page's tiles, showing the image facts, in the same browser.
+
+import http.server  # noqa: E402 (the front end's server, here with the only tests that need it)
+
+FRONT_END_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Another origin</title><link rel="icon" href="data:,"></head>
+<body><h1>A front end on another origin</h1><ol id="results"></ol><script src="/front.js"></script></body></html>
+"""
+
+# Reads from its own address ?ims= (IMS's origin) and ?mode=: "scenario" (the default: the steps of
+# FRONT_END_STEPS, uploading as ?name=, and with ?credentialed=1 one more request, with
+# credentials), "errors" (an upload of ?big= bytes, a request line too long, a request head too
+# large: errors that IMS answers early) or "health" (GET /healthz). A step that cannot read its
+# answer records the error fetch() rejected with (or XMLHttpRequest's error event); later steps
+# then fall back on what the page knows without reading: the upload's name, If-Match values of its
+# own. Every body that is not JSON is recorded as its length and SHA-256.
+FRONT_END_SCRIPT = r"""
+"use strict";
+const query = new URLSearchParams(location.search);
+const ims = query.get("ims"), name = query.get("name");
+const results = document.getElementById("results");
+const READ = ["Location", "ETag", "Last-Modified", "X-Request-Id", "Content-Type", "Retry-After", "Repr-Digest"];
+
+function record(step, value) {
+  const item = document.createElement("li");
+  item.dataset.step = step;
+  item.textContent = JSON.stringify(value);
+  results.append(item);
+  return value;
+}
+
+async function call(step, path, init) {
+  let response;
+  try {
+    response = await fetch(ims + path, init);
+  } catch (error) {
+    return record(step, {ok: false, error: error.name + ": " + error.message});
+  }
+  const headers = {};
+  for (const header of READ) headers[header] = response.headers.get(header);
+  const visible = Array.from(response.headers.keys());
+  const type = response.headers.get("Content-Type") || "";
+  let body;
+  if (type.startsWith("application/json")) {
+    body = await response.json();
+  } else {
+    const bytes = await response.arrayBuffer();
+    body = {bytes: bytes.byteLength, sha256: await sha256(bytes)};
+  }
+  return record(step, {ok: true, status: response.status, headers, visible, body});
+}
+
+async function sha256(data) {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return btoa(String.fromCharCode(...digest));
+}
+
+function uploadWithXhr(file) {
+  return new Promise((resolve) => {
+    const form = new FormData();
+    form.append("file", file, name);
+    const request = new XMLHttpRequest();
+    request.open("POST", ims + "/");
+    request.onload = () => {
+      const headers = {};
+      for (const header of READ) headers[header] = request.getResponseHeader(header);
+      let body = request.responseText;
+      try { body = JSON.parse(body); } catch (error) { /* kept as text */ }
+      resolve(record("upload", {ok: true, status: request.status, headers, body}));
+    };
+    request.onerror = () => resolve(record("upload", {ok: false, status: request.status, error: "XMLHttpRequest error event"}));
+    request.send(form);
+  });
+}
+
+async function run() {
+  await call("list", "/");
+  const picture = await (await fetch("/upload.png")).blob();
+  const upload = await uploadWithXhr(picture);
+  const path = (upload.ok && upload.headers.Location) || "/" + encodeURIComponent(name);
+  const first = await call("get", path);
+  const firstTag = (first.ok && first.headers.ETag) || '"not-read"';
+  // A body whose Content-Digest does not match it is refused, as the server reads it.
+  const parameters = JSON.stringify({width: 20, height: 10, fit: "fill"});
+  const wrong = await sha256(new TextEncoder().encode(parameters + " "));
+  await call("bad-digest-patch", path, {method: "PATCH", body: parameters,
+                                        headers: {"Content-Type": "application/json", "Content-Digest": "sha-256=:" + wrong + ":"}});
+  const resize = await call("patch", path, {method: "PATCH", headers: {"Content-Type": "application/json"}, body: parameters});
+  if (resize.ok && resize.headers.Location) await call("job", resize.headers.Location + "?wait=30");
+  else record("job", {ok: false, error: "no job to follow"});
+  await call("stale-delete", path, {method: "DELETE", headers: {"If-Match": firstTag}});
+  const second = await call("get-again", path, {headers: {"Want-Repr-Digest": "sha-256=5"}});
+  const tag = (second.ok && second.headers.ETag) || "*";
+  await call("delete", path, {method: "DELETE", headers: {"If-Match": tag, "X-Request-Id": "front-end-delete-1"}});
+  await call("gone", path);
+  if (query.get("credentialed")) await call("credentialed", "/", {credentials: "include"});
+}
+
+async function errors() {
+  const form = new FormData();
+  form.append("file", new Blob([new Uint8Array(Number(query.get("big")))], {type: "image/png"}), "big.png");
+  await call("too-big", "/", {method: "POST", body: form});
+  await call("too-long", "/" + "a".repeat(9000) + ".png");
+  await call("head-too-large", "/existing.png", {headers: {"X-Padding": "p".repeat(70000)}});
+}
+
+async function health() {
+  await call("health", "/healthz");
+}
+
+({scenario: run, errors, health})[query.get("mode") || "scenario"]()
+  .catch((error) => record("script", {ok: false, error: String(error)}))
+  .finally(() => { document.body.dataset.done = "true"; });
+"""
+
+# Every step of FRONT_END_SCRIPT, in order (credentialed only when asked for).
+FRONT_END_STEPS = ("list", "upload", "get", "bad-digest-patch", "patch", "job", "stale-delete", "get-again", "delete", "gone")
+MADE_REQUEST_ID = r"[0-9a-f]{32}"
+
+
+class FrontEndHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the server's `files` ({path: (content type, bytes)}) to GET, and 404 otherwise."""
+
+    def do_GET(self):
+        found = self.server.files.get(urllib.parse.urlsplit(self.path).path)
+        if found is None:
+            self.send_error(404)
+            return
+        content_type, body = found
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+@dataclasses.dataclass
+class CorsTarget:
+    """An ims.py the front end talks to: its origin, storage folder and log."""
+
+    origin: str
+    storage: str
+    log_path: str
+
+    def log(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def logged(self, method, path):
+        """Return the statuses of its log lines of `method path`, in order."""
+        return [int(status) for status in re.findall(rf'"{method} {re.escape(path)} HTTP/1\.1" (\d{{3}})', self.log())]
+
+
+class TestCorsInBrowser(BrowserTestCase):
+    """The front end on http://127.0.0.1:<another port> against ims.py with and without --cors-origin.
+
+    Every scenario gets an ims.py of its own (so that no preflight Chromium cached for one can
+    serve another); the class's own server, with --cors-origin naming the front end, shows the
+    gallery page and its tiles' image facts.
+    """
+
+    UPLOADED = make_image("PNG", (64, 48))
+    EXISTING = {"existing.png": make_image("PNG", (8, 6))}
+    images = {
+        "anim.gif": animation("GIF"),
+        "IMG_X.jpeg": readme_photo(),
+        "turned.jpg": make_image("JPEG", (64, 48), orientation=6),
+        "plain.png": make_image("PNG", (30, 20)),
+    }
+
+    @classmethod
+    def setUpClass(cls):
+        front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FrontEndHandler)
+        front.daemon_threads = True
+        front.files = {
+            "/": ("text/html; charset=utf-8", FRONT_END_PAGE.encode()),
+            "/front.js": ("text/javascript; charset=utf-8", FRONT_END_SCRIPT.encode()),
+            "/upload.png": ("image/png", cls.UPLOADED),
+        }
+        thread = threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        cls.addClassCleanup(front.server_close)
+        cls.addClassCleanup(front.shutdown)
+        cls.front_port = front.server_address[1]
+        cls.front_origin = f"http://127.0.0.1:{cls.front_port}"
+        cls.server_arguments = ("--cors-origin", cls.front_origin)
+        cls.targets = 0
+        super().setUpClass()
+
+    def start_target(self, *arguments):
+        """Start an ims.py of this test's own with `arguments`, its folder holding EXISTING; return its CorsTarget."""
+        type(self).targets += 1
+        folder = os.path.join(self.tempdir, f"target-{self.targets}")
+        storage = os.path.join(folder, "storage")
+        os.makedirs(storage)
+        for name, data in self.EXISTING.items():
+            with open(os.path.join(storage, name), "wb") as file:
+                file.write(data)
+        log_path = os.path.join(folder, "ims.log")
+        log = open(log_path, "wb")
+        self.addCleanup(log.close)
+        # Unbuffered: a request's log line is in the file once it is answered, on every Python.
+        process, port = start_ims(self, "--storage", storage, *arguments, env={"PYTHONUNBUFFERED": "1"}, log=log)
+        return CorsTarget(f"http://127.0.0.1:{port}", storage, log_path)
+
+    def run_front_end(self, target, name, credentialed=False):
+        """Open the front end against `target`, uploading as `name`; return {step: what it saw} once its script ends."""
+        query = {"name": name}
+        if credentialed:
+            query["credentialed"] = "1"
+        return self.open_front_end(target, FRONT_END_STEPS + (("credentialed",) if credentialed else ()), **query)
+
+    def open_front_end(self, target, expected_steps, **query):
+        """Open the front end against `target` with `query`; return {step: what it saw} once its script ends."""
+        self.driver.get(f"{self.front_origin}/?{urllib.parse.urlencode(dict(query, ims=target.origin))}")
+        self.wait_until(lambda: self.js("return document.body.dataset.done === 'true'"), "the front end's script ends",
+                        lambda: self.find("#results").text)
+        steps = self.js("return Array.from(document.querySelectorAll('#results li'), (item) => [item.dataset.step, item.textContent])")
+        results = {step: json.loads(value) for step, value in steps}
+        self.assertNotIn("script", results, f"the front end's script failed: {results}")
+        self.assertEqual([step for step, value in steps], list(expected_steps), results)
+        self.assertNotIn("Traceback", target.log(), f"the server logged a traceback:\n{target.log()[-3000:]}")
+        return results
+
+    def console_errors(self, shortened=False):
+        """Return the messages of the SEVERE entries of the browser's console since it was last read
+        (`shortened`: a run of 20 or more of one character, as in a long URL, said in a few)."""
+        messages = [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
+        if shortened:
+            messages = [re.sub(r"(.)\1{19,}", lambda run: f"{run.group(1)}…({len(run.group())} of them)", message)
+                        for message in messages]
+        return messages
+
+    def assertRead(self, results, step, status):
+        """The step's answer was readable from the script, and of `status`; return it."""
+        result = results[step]
+        with self.about(step):
+            if not result["ok"]:
+                self.fail(f"the script could not read the answer: {result}; the console says {self.console_errors(shortened=True)}")
+            self.assertEqual(result["status"], status, result)
+        return result
+
+    def assertBlocked(self, results, step):
+        """The browser kept the step's answer from the script: fetch() rejected with a TypeError."""
+        result = results[step]
+        with self.about(step):
+            self.assertFalse(result["ok"], f"the script read the answer: {result}")
+            self.assertTrue(result["error"].startswith("TypeError"), result)
+
+    def assertEveryStepWorks(self, target, name, results):
+        """What the front end saw when every read is allowed, and what the server did."""
+        self.assertEqual(self.assertRead(results, "list", 200)["body"], sorted(self.EXISTING))
+        upload = self.assertRead(results, "upload", 201)
+        self.assertEqual(upload["headers"]["Location"], "/" + name, upload)
+        self.assertEqual(upload["body"], "Image successfully uploaded")
+        self.assertRegex(upload["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, upload)
+        got = self.assertRead(results, "get", 200)
+        sha256 = base64.b64encode(hashlib.sha256(self.UPLOADED).digest()).decode()
+        self.assertEqual(got["body"], {"bytes": len(self.UPLOADED), "sha256": sha256}, got)
+        self.assertIsNone(got["headers"]["Repr-Digest"], "Repr-Digest without Want-Repr-Digest")
+        self.assertEqual(got["headers"]["Content-Type"], "image/png", got)
+        self.assertTrue(got["headers"]["ETag"], f"the ETag cannot be read: {got}")
+        self.assertTrue(got["headers"]["Last-Modified"], got)
+        self.assertRegex(got["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, got)
+        self.assertIn("x-request-id", got["visible"])
+        refused = self.assertRead(results, "bad-digest-patch", 400)
+        self.assertTrue(refused["body"]["message"], refused)
+        patch = self.assertRead(results, "patch", 202)
+        self.assertRegex(patch["headers"]["Location"] or "", r"^/jobs/[A-Za-z0-9_-]+$", patch)
+        job = self.assertRead(results, "job", 200)["body"]
+        self.assertEqual((job["state"], job["image"], job["width"], job["height"]), ("done", name, 20, 10), job)
+        stale = self.assertRead(results, "stale-delete", 412)
+        self.assertIn(name, stale["body"]["message"], stale)
+        self.assertRegex(stale["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, stale)
+        again = self.assertRead(results, "get-again", 200)
+        self.assertNotEqual(again["headers"]["ETag"], got["headers"]["ETag"], "the resize made no new version")
+        self.assertEqual(again["headers"]["Repr-Digest"], f"sha-256=:{again['body']['sha256']}:", again)
+        deleted = self.assertRead(results, "delete", 204)
+        self.assertEqual(deleted["headers"]["X-Request-Id"], "front-end-delete-1", deleted)
+        gone = self.assertRead(results, "gone", 404)
+        self.assertIn(name, gone["body"]["message"], gone)
+        self.assertRegex(gone["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, gone)
+        self.assertNotIn(name, folder_files(target.storage))
+        # The preflights: of the PATCH and of each DELETE (its If-Match, then X-Request-Id too).
+        path = "/" + name
+        self.wait_until(lambda: target.logged("DELETE", path), "the DELETE is in the log", target.log)
+        preflights = target.logged("OPTIONS", path)
+        self.assertGreaterEqual(len(preflights), 2, f"the preflights are not in the log:\n{target.log()}")
+        self.assertEqual(set(preflights), {204}, target.log())
+        self.assertEqual(target.logged("PATCH", path), [400, 202])
+        self.assertEqual(target.logged("DELETE", path), [412, 204])
+
+    def assertEveryReadIsBlocked(self, target, name, results, preflight_status):
+        """What the front end saw when the browser allows no read, and that nothing preflighted was sent."""
+        for step in ("list", "get", "bad-digest-patch", "patch", "stale-delete", "get-again", "delete", "gone"):
+            self.assertBlocked(results, step)
+        self.assertFalse(results["upload"]["ok"], results["upload"])
+        self.assertEqual(results["upload"]["status"], 0, results["upload"])
+        self.assertEqual(results["job"], {"ok": False, "error": "no job to follow"})
+        # A form's POST needs no preflight: the browser sent it, and the server stored the file (CORS
+        # keeps answers from scripts; it does not stop simple requests).
+        self.wait_until(lambda: target.logged("POST", "/"), "the upload reached the server", target.log)
+        self.assertEqual(target.logged("POST", "/"), [201])
+        # The preflighted PATCH and DELETEs never left the browser: the file is still there, unchanged.
+        self.assertIn(name, folder_files(target.storage))
+        with open(os.path.join(target.storage, name), "rb") as file:
+            self.assertEqual(file.read(), self.UPLOADED)
+        path = "/" + name
+        preflights = target.logged("OPTIONS", path)
+        self.assertTrue(preflights, f"no preflight is in the log:\n{target.log()}")
+        self.assertEqual(set(preflights), {preflight_status}, target.log())
+        self.assertEqual(target.logged("PATCH", path), [])
+        self.assertEqual(target.logged("DELETE", path), [])
+        # The console says why, for the reads and for the preflights.
+        errors = self.console_errors()
+        blocked = [message for message in errors if "blocked by CORS policy" in message]
+        self.assertTrue(blocked, f"no CORS error in the console: {errors}")
+        for step, url in (("list", target.origin + "/"), ("get", target.origin + path)):
+            with self.about(step):
+                self.assertTrue(any(f"at '{url}' from origin '{self.front_origin}'" in message for message in blocked), blocked)
+        self.assertTrue(any("XMLHttpRequest" in message for message in blocked), f"the upload's is not there: {blocked}")
+        self.assertTrue(any("preflight" in message for message in blocked), f"no preflight's: {blocked}")
+        return blocked
+
+    def test_with_the_front_ends_origin_allowed_every_step_works_and_headers_are_exposed(self):
+        target = self.start_target("--cors-origin", "http://other.test:8000", "--cors-origin", self.front_origin)
+        name = "from-afar.png"
+        results = self.run_front_end(target, name)
+        self.assertEveryStepWorks(target, name, results)
+        # Only the answers of 4xx the script asked for (400, 412, 404) are in the console.
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+        # A 503, and its JSON, are readable too: /healthz while the storage folder is gone.
+        os.rename(target.storage, target.storage + ".away")
+        self.addCleanup(os.rename, target.storage + ".away", target.storage)
+        health = self.assertRead(self.open_front_end(target, ("health",), mode="health"), "health", 503)
+        self.assertEqual(health["body"]["status"], "unavailable", health)
+        self.assertTrue(health["body"]["message"], health)
+        self.assertRegex(health["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, health)
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_errors_answered_early_are_readable_too(self):
+        # "on every answer, errors included": an upload refused by its Content-Length, a request
+        # line too long and a request head too large (the last two refused before IMS has parsed
+        # the headers, Origin among them). Each is checked, and every failure told at once.
+        target = self.start_target("--cors-origin", self.front_origin, "--max-upload", "100000")
+        results = self.open_front_end(target, ("too-big", "too-long", "head-too-large"), mode="errors", big=200000)
+        console = self.console_errors(shortened=True)
+        failures = []
+        for step, status, words in (("too-big", 413, "100000"), ("too-long", 414, "8192"), ("head-too-large", 431, "65536")):
+            result = results[step]
+            if not result["ok"]:
+                failures.append(f"{step}: the script could not read the answer ({status} expected): {result}")
+                continue
+            try:
+                self.assertEqual(result["status"], status, result)
+                self.assertIn(words, result["body"]["message"], result)
+                self.assertRegex(result["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, result)
+            except AssertionError as error:
+                failures.append(f"{step}: {error}")
+        if failures:
+            self.fail("\n".join(failures) + f"\nThe console says: {console}\nThe server's log: {target.log()[-2000:]}")
+        self.assertEqual(folder_files(target.storage), sorted(self.EXISTING))
+        self.assertEqual(self.watched(), {"violations": [], "errors": [], "alerts": []})
+        self.assertEqual([message for message in console if "CORS" in message], [])
+
+    def test_without_cors_origin_the_browser_blocks_every_read_and_every_preflighted_request(self):
+        target = self.start_target()
+        name = "no-cors.png"
+        results = self.run_front_end(target, name)
+        # Without --cors-origin nothing changes: OPTIONS stays 405.
+        blocked = self.assertEveryReadIsBlocked(target, name, results, 405)
+        self.assertTrue(any("No 'Access-Control-Allow-Origin' header" in message for message in blocked), blocked)
+
+    def test_with_another_origin_allowed_the_browser_blocks_every_read(self):
+        # The same port on another host name is another origin.
+        target = self.start_target("--cors-origin", f"http://localhost:{self.front_port}")
+        name = "elsewhere.png"
+        results = self.run_front_end(target, name)
+        # The preflights of an origin not allowed: 204 without any Access-Control-* header.
+        self.assertEveryReadIsBlocked(target, name, results, 204)
+        reply = self.request_to(target, "OPTIONS", "/existing.png",
+                                {"Origin": self.front_origin, "Access-Control-Request-Method": "DELETE"})
+        self.assertEqual(reply.status, 204, reply.body)
+        self.assertEqual([header for header in reply.headers if header.lower().startswith("access-control-")], [])
+
+    def test_with_any_origin_allowed_every_request_without_credentials_works(self):
+        target = self.start_target("--cors-origin", "*")
+        name = "anyone.png"
+        results = self.run_front_end(target, name, credentialed=True)
+        self.assertEveryStepWorks(target, name, results)
+        # A request with credentials cannot be answered with `*` (the browser blocks it), and the
+        # console says so, its one CORS error.
+        self.assertBlocked(results, "credentialed")
+        cors_errors = [message for message in self.console_errors() if "CORS" in message]
+        self.assertEqual(len(cors_errors), 1, cors_errors)
+        self.assertIn("'*'", cors_errors[0])
+        self.assertIn("credentials", cors_errors[0])
+
+    def request_to(self, target, method, path, headers):
+        """Send one request straight to `target` (not from the browser); return the whole Reply."""
+        address = urllib.parse.urlsplit(target.origin)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=DEADLINE_SECONDS)
+        try:
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            connection.close()
+
+    def assertBytesShown(self, text, size):
+        """`text` gives the file's size, `size` bytes, rounded to the digits it shows."""
+        units = {"bytes": (1,), "B": (1,), "kB": (1000,), "KB": (1000, 1024), "KiB": (1024,),
+                 "MB": (1000 ** 2,), "MiB": (1024 ** 2,)}
+        match = re.search(r"(\d+(?:[.,]\d+)?)\s*(bytes|B|kB|KB|KiB|MB|MiB)\b", text)
+        self.assertIsNotNone(match, f"no size in bytes in {text!r}")
+        shown = match.group(1).replace(",", ".")
+        last_digit = 10 ** -len(shown.partition(".")[2])
+        self.assertTrue(any(abs(float(shown) * unit - size) <= (last_digit / 2 + 1e-9) * unit for unit in units[match.group(2)]),
+                        f"{text!r} does not give {size} bytes")
+
+    def test_the_gallery_tiles_show_the_image_facts(self):
+        # name: (format, upright size, frames shown, ICC shown)
+        expected = {
+            "anim.gif": ("GIF", "64×48", 3, False),
+            "IMG_X.jpeg": ("JPEG", "1200×1600", None, True),
+            "turned.jpg": ("JPEG", "48×64", None, False),
+            "plain.png": ("PNG", "30×20", None, False),
+        }
+        self.open_page()
+        self.assertEqual(self.tile_names(), sorted(expected))
+        for name, (image_format, upright, frames, icc) in expected.items():
+            with self.about(name):
+                facts = self.request("GET", "/" + urllib.parse.quote(name) + "?facts")
+                self.assertEqual(facts.status, 200, facts.body)
+                facts = facts.json
+                self.assertEqual((facts["format"], "{}×{}".format(facts["upright_width"], facts["upright_height"]),
+                                  facts["frames"], facts["animated"], facts["icc_profile"], facts["bytes"]),
+                                 (image_format, upright, frames or 1, bool(frames), icc, len(self.images[name])), facts)
+                text = self.tile_state(name)["facts"]
+                self.assertRegex(text, rf"(?i)\b{image_format}\b")
+                self.assertIn(upright, text)
+                self.assertBytesShown(text, len(self.images[name]))
+                if frames:
+                    self.assertRegex(text, rf"(?i)\b{frames}\s*frames\b")
+                else:
+                    self.assertNotRegex(text, r"(?i)frame")
+                if icc:
+                    self.assertIn("ICC", text)
+                else:
+                    self.assertNotIn("ICC", text)
+        self.assertThumbnailsDecode()
+        self.assertNothingBlockedOrThrown()
+
+
 if __name__ == "__main__":
     unittest.main()
