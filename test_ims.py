@@ -11398,7 +11398,6 @@ async function health() {
 
 # Every step of FRONT_END_SCRIPT, in order (credentialed only when asked for).
 FRONT_END_STEPS = ("list", "upload", "get", "bad-digest-patch", "patch", "job", "stale-delete", "get-again", "delete", "gone")
-MADE_REQUEST_ID = r"[0-9a-f]{32}"
 
 
 class FrontEndHandler(http.server.BaseHTTPRequestHandler):
