@@ -17,7 +17,7 @@ README.md describes every endpoint, option and error.
 """
 from __future__ import annotations
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 import argparse
 import base64
@@ -33,6 +33,7 @@ import html
 import http.server
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import re
@@ -81,6 +82,8 @@ DEFAULT_STORAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stor
 
 # A day: longer time limits are surely mistakes, and past about 10^9 s they overflow system calls.
 MAX_SECONDS = 86400
+# A line per request on stderr: the Common Log Format, or a JSON object for log shippers.
+LOG_FORMATS = ("common", "json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,11 @@ class Settings:
     # ((width, height), ...) with 0 for a side left to the aspect ratio; None allows any size. A
     # string such as "200x200,1200x0" is parsed.
     rendition_sizes: tuple | None = None
+    # Origins allowed to read answers in a browser (CORS), or ("*",); none by default. A string
+    # such as "https://a.example, https://b.example" is split.
+    cors_origin: tuple = ()
+    log_format: str = "common"
+    metrics: bool = True
 
     def __post_init__(self):
         """Raise ValueError for a value out of its range."""
@@ -124,6 +132,9 @@ class Settings:
                 raise ValueError(f"invalid {field}: it must be {bounds}, not {value!r}")
         if isinstance(self.rendition_sizes, str):
             object.__setattr__(self, "rendition_sizes", parse_rendition_sizes(self.rendition_sizes))
+        object.__setattr__(self, "cors_origin", parse_origins(self.cors_origin))
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"invalid log_format: it must be {' or '.join(LOG_FORMATS)}, not {self.log_format!r}")
 
 
 # A socket read hands over at most what the kernel has buffered; 64 KiB reads keep system calls
@@ -177,6 +188,10 @@ CACHE_TOUCH_SECONDS = 60
 # A full cache is emptied down to this share of --cache-size, so that the scan that picks what to
 # evict runs once per tenth of the cache rendered, not once per rendition.
 CACHE_LOW_WATER = 0.9
+# A folder with less room than this is full, for /healthz: not one read of an upload fits.
+HEALTH_MIN_FREE_BYTES = 64 * 1024
+# Files are hashed for Repr-Digest in reads of this size.
+DIGEST_READ_BYTES = 1024 * 1024
 
 
 # ====
@@ -876,9 +891,11 @@ class Store:
     folder: every change that depends on what is stored happens under the folder's lock.
     """
 
-    def __init__(self, folder, cache_size=Settings.cache_size):
+    def __init__(self, folder, cache_size=Settings.cache_size, on_evicted=None):
         self.folder = folder
         self.cache_size = cache_size
+        # Told how many renditions each eviction removed.
+        self._on_evicted = on_evicted
         state = os.path.join(folder, STATE_FOLDER)
         self._jobs_folder = os.path.join(state, "jobs")
         self._queue_folder = os.path.join(state, "queue")
@@ -919,8 +936,9 @@ class Store:
         self._mtime_ns = None
         self._is_settled = False
         self._content_types = {}
-        # Upright sizes read from images' headers, one per version.
-        self._sizes = {}
+        # What images' headers tell, one per version; and digests of files, one per version and algorithm.
+        self._facts = {}
+        self._digests = {}
         # Queue entries never change once written: their records as queued, by entry name.
         self._entries = {}
 
@@ -975,25 +993,81 @@ class Store:
         return self._fresh_listing()[0]
 
     def facts(self, name):
-        """Return the Version of the stored image `name` and the (width, height) it shows upright.
+        """Return the Version of the stored image `name` and image_facts() of it, read once per version.
 
-        The size comes from the image's header, read once per version; it is None for a file that
-        is no readable image. None when there is no image `name`.
+        The facts are None for a file that is no readable image; the whole answer is None when
+        there is no image `name`.
         """
         try:
             version = self.version(name)
         except HTTPError:
             return None
-        if version not in self._sizes:
+        if version not in self._facts:
             try:
                 with self.open(name) as stored, stored.reader() as file:
-                    size = upright_size(file)
+                    facts = image_facts(file)
             except HTTPError:
                 return None
-            if len(self._sizes) >= MAX_SNIFFED_VERSIONS:
-                self._sizes.clear()
-            self._sizes[version] = size
-        return version, self._sizes.get(version)
+            if len(self._facts) >= MAX_SNIFFED_VERSIONS:
+                self._facts.clear()
+            self._facts[version] = facts
+        return version, self._facts.get(version)
+
+    def totals(self):
+        """Return the number of stored images and their bytes, as the folder holds them now."""
+        count = size = 0
+        for name in self.names():
+            try:
+                size += os.stat(self.path_of(name), follow_symlinks=False).st_size
+                count += 1
+            except OSError:
+                # Removed since the listing.
+                continue
+        return count, size
+
+    def digest(self, stored, algorithm):
+        """Return the `algorithm` digest ("sha-256", "sha-512") of the whole StoredFile `stored`, computed once per version."""
+        key = (stored.version, algorithm)
+        digest = self._digests.get(key)
+        if digest is None:
+            hasher = hashlib.new(DIGEST_ALGORITHMS[algorithm])
+            offset = 0
+            while True:
+                data = stored.read(offset, DIGEST_READ_BYTES)
+                if not data:
+                    break
+                hasher.update(data)
+                offset += len(data)
+            digest = hasher.digest()
+            if len(self._digests) >= MAX_SNIFFED_VERSIONS:
+                self._digests.clear()
+            self._digests[key] = digest
+        return digest
+
+    def health(self):
+        """Return None while the folder can be read and written, else why it cannot, in words.
+
+        Asks the kernel (stat, access, statvfs) and writes nothing, so it is cheap enough for a
+        load balancer to ask every second.
+        """
+        for folder in (self.folder, self._locks_folder):
+            try:
+                status = os.stat(folder)
+            except OSError as error:
+                return f"the storage folder {folder} cannot be reached: {error.strerror or error}"
+            if not stat.S_ISDIR(status.st_mode):
+                return f"the storage folder {folder} is not a folder"
+            if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+                return f"the storage folder {folder} cannot be read and written by this server"
+        try:
+            space = os.statvfs(self.folder)
+        except OSError as error:
+            return f"the storage folder {self.folder} cannot be reached: {error.strerror or error}"
+        if space.f_flag & os.ST_RDONLY:
+            return f"the storage folder {self.folder} is on a read-only filesystem"
+        if space.f_bavail * space.f_frsize < HEALTH_MIN_FREE_BYTES or space.f_files and not space.f_favail:
+            return f"the disk of the storage folder {self.folder} is full"
+        return None
 
     def _fresh_listing(self):
         if not self._is_network:
@@ -1157,12 +1231,13 @@ class Store:
         precondition(version), called under the folder's lock, may raise (412 for If-Match) to keep
         the file. Jobs of the image that have not ended are cancelled, wherever they wait or run,
         before the file goes; on_removing(), under the lock too, stops the ones running here.
+        Returns the records of the jobs that waited and are now cancelled.
         """
         with self._lock:
             version = self.version(name)
             if precondition is not None:
                 precondition(version)
-            self._cancel_jobs(name, "the image was deleted")
+            cancelled = self._cancel_jobs(name, "the image was deleted")
             if on_removing is not None:
                 on_removing()
             try:
@@ -1173,6 +1248,7 @@ class Store:
             except OSError as error:
                 raise storage_error(error) from None
         self._remove_renditions(name)
+        return cancelled
 
     # Renditions: .ims/renditions/<image name>/<entry>, where the entry names the version of the
     # image it was rendered from and the parameters, so a replaced image's renditions are never
@@ -1343,11 +1419,15 @@ class Store:
         total = sum(size for _, size, _ in renditions)
         if keep_bytes is not None:
             renditions.sort()
+            evicted = 0
             for _, size, path in renditions:
                 if total <= keep_bytes:
                     break
                 _remove_if_present(path)
                 total -= size
+                evicted += 1
+            if evicted and self._on_evicted is not None:
+                self._on_evicted(evicted)
         return total
 
     def remove_rendition_folder(self, name):
@@ -1453,6 +1533,10 @@ class Store:
                 known[entry] = record
         self._entries = known
         return [(entry, record) for entry, record in known.items()]
+
+    def unended_jobs(self):
+        """Return how many jobs, of every instance, are queued or running."""
+        return len(self._entry_names())
 
     def claim(self, entry):
         """Take the lock of a queued job to run it: a Claim, or None when another holds it or it has ended.
@@ -1562,17 +1646,23 @@ class Store:
                 _remove_if_present(entry.path)
 
     def _cancel_jobs(self, name, reason):
+        # Returns the records of the jobs cancelled that were not running.
+        cancelled = []
         for entry, accepted in self.queued_records():
             if accepted.get("image") != name:
                 continue
             record = self.load_record(accepted["id"])
+            path = os.path.join(self._queue_folder, entry)
+            # The instance running it (it holds the lock) removes it when its resize stops.
+            is_running = self._is_locked(path)
             if record is not None and record["state"] not in ENDED_STATES:
                 record.update(state=CANCELLED, error=reason, finished=time.time())
                 self.save_record(record, durable=True)
-            # The instance running it (it holds the lock) removes it when its resize stops.
-            path = os.path.join(self._queue_folder, entry)
-            if not self._is_locked(path):
+                if not is_running:
+                    cancelled.append(record)
+            if not is_running:
                 _remove_if_present(path)
+        return cancelled
 
     def _entry_names(self):
         # In no order: sorting costs more than listing, and a PATCH needs only the count and the last.
@@ -2236,6 +2326,22 @@ def parse_rendition_sizes(text):
     return tuple(sizes)
 
 
+def is_facts_query(query):
+    """Tell whether a GET's query string asks for the image's facts (?facts); HTTPError(400) when it asks for more."""
+    if "facts" not in query:
+        return False
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the query string is not valid UTF-8") from None
+    if all(key != "facts" for key, _ in pairs):
+        return False
+    for key, _ in pairs:
+        if key != "facts" and key not in IGNORED_PARAMETERS and not key.startswith(IGNORED_PARAMETER_PREFIX):
+            raise HTTPError(400, f"?facts takes no other parameter, not {key[:100]!r}")
+    return True
+
+
 # A page asks for the same few renditions again and again: their parsing is kept.
 @functools.lru_cache(maxsize=1024)
 def parse_rendition_query(query, max_pixels, allowed_sizes=None):
@@ -2363,6 +2469,164 @@ def is_not_modified(headers, etag, mtime):
     return since is not None and int(mtime) <= since <= time.time()
 
 
+# Headers of integrity, identity and origin: Content-Digest and Repr-Digest (RFC 9530), Content-MD5
+# (RFC 1864), X-Request-Id, and the origins CORS allows.
+
+# The hash algorithms of RFC 9530's registry that IMS checks and answers, with hashlib's names;
+# the others (md5, sha, the unixsum family) are ignored, as RFC 9530 §5 allows.
+DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512"}
+# RFC 8941 §3.3: the bare items a Structured Field dictionary may hold. Inner lists are refused.
+_SF_ITEM = (
+    r':[A-Za-z0-9+/=]*:'
+    r'|-?[0-9]{1,15}(?:\.[0-9]{1,3})?'
+    r'|"(?:[^"\\\x00-\x1f\x7f-\uffff]|\\["\\])*"'
+    r"|[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*"
+    r'|\?[01]'
+)
+_SF_KEY = r"[a-z*][a-z0-9_.*-]*"
+_SF_MEMBER = re.compile(rf"({_SF_KEY})(?:=({_SF_ITEM}))?((?:;[ ]*{_SF_KEY}(?:=(?:{_SF_ITEM}))?)*)")
+_SF_SPACE = re.compile(r"[ \t]*")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+# X-Request-Id values taken from clients: 1 to 128 visible ASCII characters, which log lines and
+# headers carry as they are.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#,]+/?")
+
+
+def parse_dictionary(value):
+    """Return the (key, item text) members of a Structured Field dictionary (RFC 8941 §3.2), parameters dropped.
+
+    A key alone has the item "?1". Raises ValueError for a value that is not such a dictionary.
+    """
+    members = []
+    position = _SF_SPACE.match(value).end()
+    while position < len(value):
+        member = _SF_MEMBER.match(value, position)
+        if member is None:
+            raise ValueError(f"not a dictionary member at {value[position:position + 20]!r}")
+        members.append((member.group(1), member.group(2) or "?1"))
+        position = _SF_SPACE.match(value, member.end()).end()
+        if position == len(value):
+            break
+        if value[position] != ",":
+            raise ValueError(f"members must be separated by commas, not {value[position]!r}")
+        position = _SF_SPACE.match(value, position + 1).end()
+        if position == len(value):
+            raise ValueError("a comma with no member after it")
+    return members
+
+
+def _byte_sequence(item):
+    # The bytes of an RFC 8941 byte sequence item (":<base64>:"), or None for any other item.
+    if len(item) < 2 or item[0] != ":" or item[-1] != ":" or not _BASE64.fullmatch(item[1:-1]):
+        return None
+    try:
+        return base64.b64decode(item[1:-1], validate=True)
+    except ValueError:
+        return None
+
+
+def _joined(values):
+    # Repeated fields of a list or dictionary are one field, joined by commas (RFC 9110 §5.3).
+    return ", ".join(values) if values else None
+
+
+class BodyDigests:
+    """The digests a request's Content-Digest and Content-MD5 promise for its body, checked as it streams.
+
+    Raises HTTPError(400) for a header that cannot be read, and from check() for a body that does
+    not match. With neither header, it checks nothing and costs nothing.
+    """
+
+    def __init__(self, headers):
+        self._expected = []
+        content_digest = _joined(headers.get_all("Content-Digest"))
+        if content_digest is not None:
+            try:
+                members = parse_dictionary(content_digest)
+            except ValueError as error:
+                raise HTTPError(400, f"Content-Digest is not a dictionary like sha-256=:<base64>: ({error})") from None
+            promised = {}
+            for key, item in members:
+                if key in DIGEST_ALGORITHMS:
+                    promised[key] = item
+            for key, item in promised.items():
+                digest = _byte_sequence(item)
+                hasher = hashlib.new(DIGEST_ALGORITHMS[key])
+                if digest is None or len(digest) != hasher.digest_size:
+                    raise HTTPError(400, f"the {key} of Content-Digest is not :<base64 of {hasher.digest_size} bytes>:")
+                self._expected.append((f"Content-Digest {key}", hasher, digest))
+        content_md5 = headers.get("Content-MD5")
+        if content_md5 is not None:
+            text = content_md5.strip()
+            digest = base64.b64decode(text) if len(text) == 24 and _BASE64.fullmatch(text) else None
+            if digest is None or len(digest) != 16:
+                raise HTTPError(400, "Content-MD5 is not the base64 of 16 bytes (RFC 1864)")
+            self._expected.append(("Content-MD5", hashlib.md5(), digest))
+
+    def update(self, data):
+        """Hash the next piece of the body."""
+        for _, hasher, _ in self._expected:
+            hasher.update(data)
+
+    def check(self):
+        """Raise HTTPError(400) unless the whole body hashed matches every digest promised."""
+        for label, hasher, digest in self._expected:
+            if hasher.digest() != digest:
+                raise HTTPError(400, f"the body does not match its {label}: it was changed or cut on the way; nothing was stored")
+
+    def __bool__(self):
+        return bool(self._expected)
+
+
+def wanted_digest(headers):
+    """Return the algorithm of DIGEST_ALGORITHMS that a Want-Repr-Digest prefers most, or None.
+
+    Preferences run from 1 to 10 (RFC 9530 §4); 0 means "not that one". An unreadable field asks
+    for nothing.
+    """
+    value = _joined(headers.get_all("Want-Repr-Digest"))
+    if value is None:
+        return None
+    try:
+        members = parse_dictionary(value)
+    except ValueError:
+        return None
+    preferences = {key: int(item) for key, item in members if key in DIGEST_ALGORITHMS and item.isdigit() and len(item) <= 2}
+    best = max(DIGEST_ALGORITHMS, key=lambda key: (preferences.get(key, 0), key))
+    return best if 0 < preferences.get(best, 0) <= 10 else None
+
+
+def repr_digest(algorithm, digest):
+    """Return the Repr-Digest field value for one digest."""
+    return f"{algorithm}=:{base64.b64encode(digest).decode('ascii')}:"
+
+
+def request_id(headers):
+    """Return the client's X-Request-Id when it is 1 to 128 visible ASCII characters, else a new one."""
+    given = headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return secrets.token_hex(16)
+
+
+def parse_origins(value):
+    """Return the origins a --cors-origin setting allows, as a tuple; ("*",) for any. ValueError for what is no origin.
+
+    `value` is a string of origins separated by commas or spaces, or a sequence of such strings.
+    """
+    origins = []
+    for text in [value] if isinstance(value, str) else value:
+        for origin in re.split(r"[\s,]+", text.strip()):
+            if origin == "*":
+                return ("*",)
+            if origin and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"invalid cors_origin: {origin!r} is not an origin like https://app.example:8080, or *")
+            if origin:
+                origins.append(origin.rstrip("/").lower())
+    return tuple(dict.fromkeys(origins))
+
+
 # ====
 # Image work
 # ====
@@ -2440,17 +2704,17 @@ def fitted_size(size, width, height, fit):
 
 
 def header_orientation(image):
-    """Return the EXIF orientation of an opened image (1 when it has none) without decoding pixels."""
+    """Return the EXIF orientation of an opened image (None when it has none) without decoding pixels."""
     if image.format == "PNG":
         # PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after the
         # pixels; one before them is already in info.
         raw = image.info.get("exif")
         if not raw:
-            return 1
+            return None
         exif = Image.Exif()
         exif.load(raw)
-        return exif.get(EXIF_ORIENTATION, 1)
-    return image.getexif().get(EXIF_ORIENTATION, 1)
+        return exif.get(EXIF_ORIENTATION)
+    return image.getexif().get(EXIF_ORIENTATION)
 
 
 def upright_size(file):
@@ -2462,6 +2726,35 @@ def upright_size(file):
     try:
         with Image.open(file, formats=ALLOWED_FORMATS) as image:
             return _upright_size(image)
+    except Exception:
+        return None
+
+
+def image_facts(file):
+    """Return what the header of the image in `file` tells, as the fields of GET /<name>?facts.
+
+    No pixel is decoded: counting a GIF's frames skips their data. Returns None for a file that
+    is not a readable image of an allowed format.
+    """
+    try:
+        with Image.open(file, formats=ALLOWED_FORMATS) as image:
+            image_format = FORMAT_ALIASES.get(image.format, image.format)
+            upright_width, upright_height = _upright_size(image)
+            orientation = header_orientation(image)
+            frames = getattr(image, "n_frames", 1)
+            return {
+                "format": image_format,
+                "content_type": CONTENT_TYPE_BY_FORMAT[image_format],
+                "width": image.width,
+                "height": image.height,
+                "upright_width": upright_width,
+                "upright_height": upright_height,
+                "orientation": orientation if type(orientation) is int and 1 <= orientation <= 8 else None,
+                "frames": frames,
+                "animated": frames > 1 and image_format != "TIFF",
+                "icc_profile": bool(image.info.get("icc_profile")),
+                "mode": image.mode,
+            }
     except Exception:
         return None
 
@@ -2888,6 +3181,8 @@ class Run:
     slot: int | None
     process: multiprocessing.Process | None = None
     is_cancelled: bool = False
+    # How long its resize process ran, once it has.
+    seconds: float | None = None
 
 
 def _multiprocessing_context():
@@ -2913,8 +3208,11 @@ class Resizer:
     or by the next to start.
     """
 
-    def __init__(self, store, workers, max_queue, timeout_seconds, max_pixels):
+    def __init__(self, store, workers, max_queue, timeout_seconds, max_pixels, metrics=None, on_job_end=None):
         self._store = store
+        self._metrics = metrics or Metrics(enabled=False)
+        # Told of every job this instance ends: on_job_end(job, seconds its resize process ran or None).
+        self._on_job_end = on_job_end
         self._max_pixels = max_pixels
         self._workers = workers
         self._max_queue = max_queue
@@ -3115,7 +3413,9 @@ class Resizer:
                     is_startable = not self._is_stopping
                     if is_startable:
                         self._renders.add(process)
+                        started = time.monotonic()
                         process.start()
+                        self._metrics.add("resizes_running")
             except BaseException:
                 reader.close()
                 raise
@@ -3136,6 +3436,8 @@ class Resizer:
                 if is_startable:
                     process.kill()
                     process.join()
+                    self._metrics.add("resizes_running", -1)
+                    self._metrics.count_resize("rendition", time.monotonic() - started)
         finally:
             with self._condition:
                 self._renders.discard(process)
@@ -3205,6 +3507,8 @@ class Resizer:
                 else:
                     job.state, job.error, job.finished = outcome.state, outcome.error, time.time()
                     self._store.end(run.claim, job.to_record(), self._notify)
+                    if self._on_job_end is not None:
+                        self._on_job_end(job, run.seconds)
             except Exception:
                 traceback.print_exc()
             finally:
@@ -3267,7 +3571,9 @@ class Resizer:
             is_startable = not (self._is_stopping or run.is_cancelled)
             if is_startable:
                 run.process = process
+                started = time.monotonic()
                 process.start()
+                self._metrics.add("resizes_running")
         writer.close()
         if not is_startable:
             reader.close()
@@ -3295,6 +3601,9 @@ class Resizer:
         if not is_answered:
             process.kill()
         process.join()
+        run.seconds = time.monotonic() - started
+        self._metrics.add("resizes_running", -1)
+        self._metrics.count_resize("job", run.seconds)
         with self._condition:
             run.process = None
         self._free_slot(run)
@@ -3330,9 +3639,10 @@ class Renditions:
     it is served from a file of its own that goes with the last reader.
     """
 
-    def __init__(self, store, resizer, max_pixels):
+    def __init__(self, store, resizer, max_pixels, metrics=None):
         self._store = store
         self._resizer = resizer
+        self._metrics = metrics or Metrics(enabled=False)
         self._max_pixels = max_pixels
         self._lock = threading.Lock()
         self._flights = {}
@@ -3348,7 +3658,9 @@ class Renditions:
         """
         cached = self._store.open_rendition(name, entry, content_type)
         if cached is not None:
+            self._metrics.add("cache_hits")
             return cached
+        self._metrics.add("cache_misses")
         key = (name, entry)
         with self._lock:
             flight = self._flights.get(key)
@@ -3472,6 +3784,253 @@ class Renditions:
         if kind == NO_SPACE_ANSWER:
             raise HTTPError(507, f"the rendition cannot be made: {reason}")
         raise HTTPError(422, f"{name!r} could not be rendered: {reason}")
+
+
+# ====
+# Metrics
+# ====
+# Owns what an instance counts, and its Prometheus text (exposition format 0.0.4). Counts are
+# float64 cells in memory that every serving process of the instance shares, a block each, so that
+# any worker answers a scrape for them all; a restarted worker takes over its predecessor's block,
+# so counters never go down. Never touches the folder or a socket.
+
+METRIC_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other")
+# Routes are named by their paths' templates, never by an image's name, so labels stay few.
+NO_ROUTE = "none"
+METRIC_ROUTES = ("/", "/{name}", "/jobs/{id}", "/healthz", "/metrics", NO_ROUTE)
+METRIC_STATUSES = tuple(sorted(http.server.BaseHTTPRequestHandler.responses))
+REQUEST_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RESIZE_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RESIZE_KINDS = ("job", "rendition")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METHOD_INDEX = {method: index for index, method in enumerate(METRIC_METHODS)}
+_ROUTE_INDEX = {route: index for index, route in enumerate(METRIC_ROUTES)}
+_STATUS_INDEX = {status: index for index, status in enumerate(METRIC_STATUSES)}
+_REQUEST_HISTOGRAM = len(REQUEST_SECONDS_BUCKETS) + 2
+_RESIZE_HISTOGRAM = len(RESIZE_SECONDS_BUCKETS) + 2
+
+
+def _cell_offsets(sizes):
+    # Where each count starts in a block, and the block's length.
+    offsets, total = {}, 0
+    for name, size in sizes:
+        offsets[name] = total
+        total += size
+    return offsets, total
+
+
+# A histogram is its buckets' counts (not cumulative), the count past the last bucket, then the sum.
+_CELL, BLOCK_CELLS = _cell_offsets((
+    ("requests", len(METRIC_METHODS) * len(METRIC_ROUTES) * len(METRIC_STATUSES)),
+    ("request_seconds", len(METRIC_ROUTES) * _REQUEST_HISTOGRAM),
+    ("received_bytes", 1),
+    ("sent_bytes", 1),
+    ("open_connections", 1),
+    ("uploads", 1),
+    ("upload_bytes", 1),
+    ("jobs", len(ENDED_STATES)),
+    ("resizes_running", 1),
+    ("resize_seconds", len(RESIZE_KINDS) * _RESIZE_HISTOGRAM),
+    ("cache_hits", 1),
+    ("cache_misses", 1),
+    ("cache_evictions", 1),
+    ("pid", 1),
+))
+# Counts of the moment, which a new worker starts again from 0.
+_GAUGE_CELLS = ("open_connections", "resizes_running")
+
+
+class Metrics:
+    """The counts of one instance, a block of cells per serving process, in shared memory.
+
+    Made before workers are forked, for that many processes; each process then takes its block
+    with use_block(). Counting is thread-safe; a scrape sums the blocks without a lock, so it may
+    miss a count being made, never count one twice. Disabled, it counts nothing.
+    """
+
+    def __init__(self, processes=1, enabled=True):
+        self.enabled = enabled
+        self.processes = processes
+        # The supervisor of --workers: its CPU time includes that of workers that died.
+        self.supervisor_pid = None
+        self._memory = mmap.mmap(-1, processes * BLOCK_CELLS * 8)
+        self._all = memoryview(self._memory).cast("d")
+        self._cells = self._all[:BLOCK_CELLS]
+        self._lock = threading.Lock()
+
+    def use_block(self, index):
+        """Count into block `index` from now on: a new process's, or a restarted one's predecessor's."""
+        self._cells = self._all[index * BLOCK_CELLS:(index + 1) * BLOCK_CELLS]
+        for name in _GAUGE_CELLS:
+            self._cells[_CELL[name]] = 0
+        self._cells[_CELL["pid"]] = os.getpid()
+
+    def add(self, name, amount=1):
+        """Add `amount` to the one-cell count `name` of _CELL."""
+        self.add_at(_CELL[name], amount)
+
+    def count_request(self, method, route, status, seconds, received, sent):
+        """Count one answered request: its method, route, status, duration and bytes."""
+        if not self.enabled:
+            return
+        route_index = _ROUTE_INDEX[route]
+        request = _CELL["requests"] + (_METHOD_INDEX.get(method, _METHOD_INDEX["other"]) * len(METRIC_ROUTES) + route_index) * len(METRIC_STATUSES) + _STATUS_INDEX[status]
+        histogram = _CELL["request_seconds"] + route_index * _REQUEST_HISTOGRAM
+        bucket = histogram + bisect.bisect_left(REQUEST_SECONDS_BUCKETS, seconds)
+        with self._lock:
+            cells = self._cells
+            cells[request] += 1
+            cells[bucket] += 1
+            cells[histogram + _REQUEST_HISTOGRAM - 1] += seconds
+            cells[_CELL["received_bytes"]] += received
+            cells[_CELL["sent_bytes"]] += sent
+
+    def count_job_end(self, state):
+        """Count a job that ended in `state` (one of ENDED_STATES)."""
+        self.add_at(_CELL["jobs"] + ENDED_STATES.index(state))
+
+    def count_resize(self, kind, seconds):
+        """Count a resize process of `kind` (RESIZE_KINDS) that ran for `seconds`."""
+        histogram = _CELL["resize_seconds"] + RESIZE_KINDS.index(kind) * _RESIZE_HISTOGRAM
+        self.add_at(histogram + bisect.bisect_left(RESIZE_SECONDS_BUCKETS, seconds))
+        self.add_at(histogram + _RESIZE_HISTOGRAM - 1, seconds)
+
+    def add_at(self, cell, amount=1):
+        """Add `amount` to the cell at offset `cell` of this process's block."""
+        if self.enabled:
+            with self._lock:
+                self._cells[cell] += amount
+
+    def exposition(self, gauges):
+        """Return the Prometheus text of every block summed, with `gauges` [(name, help, value)] measured now."""
+        totals = [0.0] * BLOCK_CELLS
+        pids = []
+        for index in range(self.processes):
+            block = self._all[index * BLOCK_CELLS:(index + 1) * BLOCK_CELLS].tolist()
+            totals = [total + value for total, value in zip(totals, block)]
+            if block[_CELL["pid"]]:
+                pids.append(int(block[_CELL["pid"]]))
+        lines = []
+
+        def family(name, kind, help_text, samples):
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{sample_name}{_labels(labels)} {_sample(value)}" for sample_name, labels, value in samples)
+
+        def single(name, kind, help_text, cell):
+            family(name, kind, help_text, [(name, {}, totals[_CELL[cell]])])
+
+        def histogram(name, help_text, label, values, start, buckets):
+            samples = []
+            size = len(buckets) + 2
+            for index, value in enumerate(values):
+                cells = totals[start + index * size:start + (index + 1) * size]
+                count = sum(cells[:-1])
+                if not count:
+                    continue
+                running = 0.0
+                for bound, bucket_count in zip(buckets, cells):
+                    running += bucket_count
+                    samples.append((f"{name}_bucket", {label: value, "le": _sample(bound)}, running))
+                samples.append((f"{name}_bucket", {label: value, "le": "+Inf"}, count))
+                samples.append((f"{name}_sum", {label: value}, cells[-1]))
+                samples.append((f"{name}_count", {label: value}, count))
+            family(name, "histogram", help_text, samples)
+
+        family("ims_info", "gauge", "The versions of IMS and Pillow serving.", [("ims_info", {"version": __version__, "pillow": PILLOW_VERSION}, 1)])
+        family("ims_workers", "gauge", "Serving processes of this instance.", [("ims_workers", {}, self.processes)])
+        requests = []
+        for method_index, method in enumerate(METRIC_METHODS):
+            for route_index, route in enumerate(METRIC_ROUTES):
+                start = _CELL["requests"] + (method_index * len(METRIC_ROUTES) + route_index) * len(METRIC_STATUSES)
+                for status_index, status in enumerate(METRIC_STATUSES):
+                    if totals[start + status_index]:
+                        requests.append(("ims_http_requests_total", {"method": method, "route": route, "status": str(status)}, totals[start + status_index]))
+        family("ims_http_requests_total", "counter", "Requests answered, by method, route and status.", requests)
+        histogram("ims_http_request_duration_seconds", "Time from a request's head to the end of its answer, by route.",
+                  "route", METRIC_ROUTES, _CELL["request_seconds"], REQUEST_SECONDS_BUCKETS)
+        single("ims_http_received_bytes_total", "counter", "Bytes of requests read, heads and bodies.", "received_bytes")
+        single("ims_http_sent_bytes_total", "counter", "Bytes of answers sent, heads and bodies.", "sent_bytes")
+        single("ims_http_open_connections", "gauge", "Client connections open now.", "open_connections")
+        single("ims_uploads_total", "counter", "Images stored by uploads.", "uploads")
+        single("ims_upload_bytes_total", "counter", "Bytes of the images stored by uploads.", "upload_bytes")
+        family("ims_resize_jobs_total", "counter", "Resize jobs ended by this instance, by their final state.",
+               [("ims_resize_jobs_total", {"state": state}, totals[_CELL["jobs"] + index]) for index, state in enumerate(ENDED_STATES)])
+        single("ims_resize_running", "gauge", "Resize processes running now for this instance, jobs and renditions.", "resizes_running")
+        histogram("ims_resize_duration_seconds", "Time resize processes ran, by kind: a job, or a rendition.",
+                  "kind", RESIZE_KINDS, _CELL["resize_seconds"], RESIZE_SECONDS_BUCKETS)
+        single("ims_rendition_cache_hits_total", "counter", "Renditions served from the cache.", "cache_hits")
+        single("ims_rendition_cache_misses_total", "counter", "Renditions not in the cache when asked for.", "cache_misses")
+        single("ims_rendition_cache_evictions_total", "counter", "Renditions evicted from the cache by this instance.", "cache_evictions")
+        for name, help_text, value in gauges:
+            family(name, "gauge", help_text, [(name, {}, value)])
+        lines.extend(process_exposition(pids, self.supervisor_pid))
+        return ("\n".join(lines) + "\n").encode()
+
+
+def _label_value(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
+
+
+def _sample(value):
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _process_status(pid):
+    # (CPU seconds with those of waited-for children, resident bytes, virtual bytes, open
+    # descriptors, start in clock ticks after boot) of a process, from Linux's /proc; None when gone.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            text = file.read()
+        fields = text[text.rindex(b")") + 2:].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = sum(int(fields[index]) for index in (11, 12, 13, 14)) / ticks
+        open_descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+        return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), int(fields[20]), open_descriptors, int(fields[19]) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _boot_time():
+    with open("/proc/stat", "rb") as file:
+        for line in file:
+            if line.startswith(b"btime "):
+                return int(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def process_exposition(pids, supervisor_pid):
+    """Return the lines of the usual process_* metrics, summed over `pids` and the supervisor's process."""
+    statuses = [_process_status(pid) for pid in dict.fromkeys([supervisor_pid, *pids]) if pid is not None]
+    statuses = [status for status in statuses if status is not None]
+    lines = []
+
+    def gauge(name, kind, help_text, value):
+        lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {_sample(value)}"))
+
+    if resource is not None:
+        gauge("process_max_fds", "gauge", "Maximum number of open file descriptors.", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if not statuses:
+        return lines
+    try:
+        started = _boot_time() + statuses[0][4]
+    except OSError:
+        started = None
+    gauge("process_cpu_seconds_total", "counter", "User and system CPU time of the instance's processes and the resize processes they ended.", sum(status[0] for status in statuses))
+    gauge("process_resident_memory_bytes", "gauge", "Resident memory of the instance's serving processes.", sum(status[1] for status in statuses))
+    gauge("process_virtual_memory_bytes", "gauge", "Virtual memory of the instance's serving processes.", sum(status[2] for status in statuses))
+    gauge("process_open_fds", "gauge", "Open file descriptors of the instance's serving processes.", sum(status[3] for status in statuses))
+    if started is not None:
+        gauge("process_start_time_seconds", "gauge", "Start time of the instance since the Unix epoch, in seconds.", started)
+    return lines
 
 
 # ====
@@ -3762,9 +4321,9 @@ def _size_text(size):
     return f"{size} bytes"
 
 
-def render_tile(name, facts):
-    """Return the HTML of one image's tile; `facts` are Store.facts(name)."""
-    version, size = facts
+def render_tile(name, found):
+    """Return the HTML of one image's tile; `found` is Store.facts(name)."""
+    version, facts = found
     path = "/" + urllib.parse.quote(name)
     shown = html.escape(name)
 
@@ -3772,14 +4331,19 @@ def render_tile(name, facts):
         query = urllib.parse.urlencode({"width": box, "height": box, "fit": "contain", "format": "webp", "v": version.tag})
         return html.escape(f"{path}?{query}")
 
-    if size is None:
+    if facts is None:
         # No thumbnail can be made of it: a link to the file as it is, and no failing request.
         dimensions, described, picture = "", "not a readable image", "Open the file"
     else:
-        width, height = size
+        size = width, height = facts["upright_width"], facts["upright_height"]
         shown_width, shown_height = fitted_size(size, THUMBNAIL_BOX, THUMBNAIL_BOX, "contain")
         dimensions = f' data-width="{width}" data-height="{height}"'
-        described = f"{width}×{height} · {_size_text(version.size)}"
+        details = [facts["format"], f"{width}×{height}", _size_text(version.size)]
+        if facts["animated"]:
+            details.append(f"{facts['frames']} frames")
+        if facts["icc_profile"]:
+            details.append("ICC")
+        described = " · ".join(details)
         picture = (
             f'<img class="thumb" src="{thumbnail(THUMBNAIL_BOX)}" srcset="{thumbnail(THUMBNAIL_BOX)} 1x, '
             f'{thumbnail(2 * THUMBNAIL_BOX)} 2x" width="{shown_width}" height="{shown_height}" loading="lazy" alt="{shown}">'
@@ -3847,6 +4411,14 @@ def content_disposition(name):
 ROOT_ACTIONS = {"GET": "list_images", "HEAD": "list_images", "POST": "upload_image"}
 IMAGE_ACTIONS = {"GET": "download_image", "HEAD": "download_image", "DELETE": "delete_image", "PATCH": "request_resize"}
 JOB_ACTIONS = {"GET": "show_job", "HEAD": "show_job"}
+HEALTH_ACTIONS = {"GET": "show_health", "HEAD": "show_health"}
+METRICS_ACTIONS = {"GET": "show_metrics", "HEAD": "show_metrics"}
+# What a page on another origin may read of an answer, beside the CORS-safelisted headers.
+CORS_EXPOSED_HEADERS = "Location, ETag, Last-Modified, Retry-After, Content-Disposition, Content-Range, Link, X-Request-Id, Repr-Digest"
+# How long a browser may keep a preflight's answer, in seconds.
+CORS_MAX_AGE = 600
+_HEADER_NAME_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+NO_HEADERS = Headers()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -3867,8 +4439,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.is_idle = True
         self.server.track_handler(self, True)
+        self.server.metrics.add("open_connections")
 
     def finish(self):
+        self.server.metrics.add("open_connections", -1)
         self.server.track_handler(self, False)
         try:
             super().finish()
@@ -3887,29 +4461,61 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.linger()
 
     def handle_one_request(self):
-        """Read one request head within the time limit, then answer the request."""
+        """Read one request head within the time limit, then answer the request, count it and log it."""
         self.http_request = None
         self.requestline = ""
         self.command = ""
         self.request_version = "HTTP/1.1"
+        self.headers = NO_HEADERS
         self.body_is_consumed = False
         self.response_started = False
         self.close_connection = True
+        self.status = None
+        self.route_name = NO_ROUTE
+        self.request_id = None
+        self.bytes_received = self.bytes_sent = self.body_bytes_sent = 0
         try:
             head = self.read_request_head()
         except socket.timeout:
             return
         except HTTPError as error:
+            self.started = time.perf_counter()
             self.send_error(error.status, error.message)
+            self.end_request()
             return
         if head is None:
             return
+        self.started = time.perf_counter()
+        self.bytes_received = len(head)
         self.is_idle = False
         self.dispatch(head)
         try:
             self.wfile.flush()
         except OSError:
             self.close_connection = True
+        self.end_request()
+
+    def end_request(self):
+        """Count and log the request just answered; one that got no answer at all is neither."""
+        if self.status is None:
+            return
+        seconds = time.perf_counter() - self.started
+        self.server.metrics.count_request(self.command, self.route_name, self.status, seconds, self.bytes_received, self.bytes_sent)
+        if self.server.quiet:
+            return
+        if self.server.settings.log_format == "json":
+            self.server.log_json({
+                "event": "request",
+                "request_id": self.request_id,
+                "client": self.client_address[0],
+                "method": self.command or None,
+                "path": self.http_request.target if self.http_request is not None else None,
+                "status": self.status,
+                "bytes": self.body_bytes_sent,
+                "duration": round(seconds, 6),
+            })
+        else:
+            super().log_request(self.status, self.body_bytes_sent)
 
     def read_request_head(self):
         """Return the bytes of the next request head, or None when the client closed the connection.
@@ -3973,9 +4579,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
         except Exception as error:
-            # log_error() escapes line breaks; the traceback follows on stderr as it is.
-            self.log_error("unexpected error in %r: %r", self.requestline, error)
-            sys.stderr.write(traceback.format_exc())
+            if self.server.settings.log_format == "json":
+                self.server.log_json({"event": "error", "request_id": self.request_id, "message": f"unexpected error in {self.requestline!r}: {error!r}", "traceback": traceback.format_exc()})
+            else:
+                # log_error() escapes line breaks; the traceback follows on stderr as it is.
+                self.log_error("unexpected error in %r: %r", self.requestline, error)
+                sys.stderr.write(traceback.format_exc())
             self.send_error(500, "the server failed unexpectedly; its log has the details")
 
     def send_error(self, code, message=None, explain=None, headers=None):
@@ -3998,6 +4607,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = request.method, request.target, request.version
         self.headers = request.headers
         self.body_is_consumed = not request.has_body
+        self.request_id = request_id(request.headers)
 
     def decide_keep_alive(self):
         """Decide, once per answer, whether the connection serves another request after it.
@@ -4010,23 +4620,82 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = request is None or not request.keep_alive or not self.body_is_consumed
 
     def route(self, path):
-        """Return the route method that answers this request and its arguments; 404 or 405 otherwise."""
+        """Return the route method that answers this request and its arguments; 404 or 405 otherwise.
+
+        With CORS on, OPTIONS is answered on every route.
+        """
         if path == "/":
-            actions, arguments = ROOT_ACTIONS, ()
+            actions, arguments, self.route_name = ROOT_ACTIONS, (), "/"
+        elif path == "/healthz":
+            actions, arguments, self.route_name = HEALTH_ACTIONS, (), "/healthz"
+        elif path == "/metrics" and self.server.metrics.enabled:
+            actions, arguments, self.route_name = METRICS_ACTIONS, (), "/metrics"
         elif path.startswith("/jobs/") and len(path) > len("/jobs/"):
-            actions, arguments = JOB_ACTIONS, (urllib.parse.unquote(path[len("/jobs/"):]),)
+            actions, arguments, self.route_name = JOB_ACTIONS, (urllib.parse.unquote(path[len("/jobs/"):]),), "/jobs/{id}"
         else:
             name = image_name_from_path(path)
             if name is None:
                 raise HTTPError(404, f"there is nothing at {path[:200]!r}; images live at /<name> with an image extension")
-            actions, arguments = IMAGE_ACTIONS, (self.server.store.resolve(name),)
+            actions, arguments, self.route_name = IMAGE_ACTIONS, (self.server.store.resolve(name),), "/{name}"
+        is_cors_on = bool(self.server.settings.cors_origin)
+        if self.command == "OPTIONS" and is_cors_on:
+            return self.answer_options, (actions,)
         action = actions.get(self.command)
         if action is None:
-            allowed = ", ".join(actions)
+            allowed = ", ".join(actions) + (", OPTIONS" if is_cors_on else "")
             raise HTTPError(405, f"{self.command} is not allowed here; use {allowed}", {"Allow": allowed})
         return getattr(self, action), arguments
 
+    def allowed_origin(self):
+        """Return what Access-Control-Allow-Origin answers this request's Origin: "*", the origin, or None."""
+        allowed = self.server.settings.cors_origin
+        origin = self.headers.get("Origin")
+        if not allowed or origin is None:
+            return None
+        if allowed == ("*",):
+            return "*"
+        return origin if origin.lower() in allowed else None
+
     # Routes
+
+    def answer_options(self, actions):
+        """OPTIONS, with CORS on: a preflight's answer (204) for an allowed origin; the methods allowed otherwise."""
+        methods = ", ".join(actions)
+        headers = {"Allow": f"{methods}, OPTIONS"}
+        origin = self.allowed_origin()
+        if origin is not None and "Access-Control-Request-Method" in self.headers:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Allow-Methods"] = methods
+            requested = self.headers.get("Access-Control-Request-Headers", "").strip()
+            if _HEADER_NAME_LIST.fullmatch(requested):
+                headers["Access-Control-Allow-Headers"] = requested
+            headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE)
+            headers["Vary"] = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+        self.send_head(204, headers)
+
+    def show_health(self):
+        """GET /healthz: 200 while this instance serves and can read and write its folder; 503 with the reason otherwise."""
+        problem = "the server is stopping" if self.server.is_stopping else self.server.store.health()
+        headers = {"Cache-Control": "no-store"}
+        if problem is None:
+            self.send_json(200, {"status": "ok"}, headers)
+        else:
+            self.send_json(503, {"status": "unavailable", "message": problem}, headers)
+
+    def show_metrics(self):
+        """GET /metrics: every count of the instance, in Prometheus' text format."""
+        store = self.server.store
+        gauges = []
+        try:
+            count, size = store.totals()
+            gauges.append(("ims_images", "Images stored in the folder.", count))
+            gauges.append(("ims_image_bytes", "Bytes of the images stored in the folder.", size))
+            gauges.append(("ims_resize_queue_jobs", "Resize jobs accepted and not ended, in the folder's queue, of every instance.", store.unended_jobs()))
+            gauges.append(("ims_rendition_cache_bytes", "Bytes of renditions the folder's cache holds.", store.cached_bytes()))
+        except (HTTPError, OSError):
+            # The folder is gone: /healthz says so; the counts of this instance are still worth reading.
+            pass
+        self.send_body(200, self.server.metrics.exposition(gauges), METRICS_CONTENT_TYPE, {"Cache-Control": "no-store"})
 
     def list_images(self):
         """GET / and HEAD /: the sorted JSON list of names, or a page of it; the page for people to a browser.
@@ -4081,12 +4750,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         upload = None
         name = None
         is_writing = False
+        size = 0
         try:
             for data in self.read_body(settings.max_upload):
                 for event in parser.feed(data):
                     if isinstance(event, PartData):
                         if is_writing:
                             upload.write(event.data)
+                            size += len(event.data)
                     elif isinstance(event, PartStart):
                         if event.name == "file" and event.filename is not None and name is None:
                             name = self.checked_upload_name(event.filename)
@@ -4103,6 +4774,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             if upload is not None:
                 upload.remove()
+        self.server.metrics.add("uploads")
+        self.server.metrics.add("upload_bytes", size)
         self.send_json(201, "Image successfully uploaded", {"Location": "/" + urllib.parse.quote(name)})
 
     def checked_upload_name(self, filename):
@@ -4130,6 +4803,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """
         settings = self.server.settings
         store = self.server.store
+        if is_facts_query(self.http_request.query):
+            self.show_facts(name)
+            return
         rendition = parse_rendition_query(self.http_request.query, settings.max_pixels, settings.rendition_sizes)
         if rendition is None:
             with store.open(name) as original:
@@ -4154,6 +4830,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
             content_type = OUTPUT_CONTENT_TYPES[output_format]
             with self.server.renditions.open(name, version, rendition, entry, content_type) as rendered:
                 self.send_file(rendered, headers)
+
+    def show_facts(self, name):
+        """GET /<name>?facts: what the image's header tells, as JSON; 404 for an unknown name, 422 for no readable image."""
+        found = self.server.store.facts(name)
+        if found is None:
+            raise HTTPError(404, f"no image named {name!r} is stored")
+        version, facts = found
+        if facts is None:
+            raise HTTPError(422, f"{name!r} is not a readable image of an allowed format")
+        described = {
+            "name": name,
+            "format": facts["format"],
+            "content_type": facts["content_type"],
+            "bytes": version.size,
+            "etag": version.etag,
+            "last_modified": format_http_date(version.mtime_seconds),
+        }
+        described.update(facts)
+        self.send_json(200, described, {"Cache-Control": "no-cache"})
 
     def file_headers(self, name, etag, mtime_seconds):
         """Return the headers of a file served as `name`; None when 304 has answered the request."""
@@ -4183,6 +4878,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             start, length, status = byte_range[0], byte_range[1] - byte_range[0] + 1, 206
             headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
         headers["Content-Length"] = str(length)
+        algorithm = wanted_digest(self.headers)
+        if algorithm is not None:
+            headers["Repr-Digest"] = repr_digest(algorithm, self.server.store.digest(stored, algorithm))
         self.send_head(status, headers)
         if self.command != "HEAD":
             self.send_file_range(stored, start, length)
@@ -4200,7 +4898,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(412, f"{name!r} has changed: its ETag is now {version.etag}; nothing was deleted")
 
         # Cancelled under the store's lock, so an upload of the same name that follows keeps its resizes.
-        self.server.store.remove(name, check_if_match, functools.partial(self.server.resizer.cancel_for, name))
+        cancelled = self.server.store.remove(name, check_if_match, functools.partial(self.server.resizer.cancel_for, name))
+        for record in cancelled:
+            self.server.job_ended(Job.from_record(record), None)
         self.send_no_content()
 
     def request_resize(self, name):
@@ -4263,20 +4963,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         content_length = self.http_request.content_length
         if content_length > limit_bytes:
             raise HTTPError(413, f"the body has {content_length} bytes, more than the {limit_bytes} allowed")
+        digests = BodyDigests(self.headers)
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
-        if self.http_request.is_chunked:
-            yield from self._read_chunked(limit_bytes)
-        else:
-            remaining = content_length
-            while remaining:
-                data = self.rfile.read1(min(remaining, READ_CHUNK_SIZE))
-                if not data:
-                    raise HTTPError(400, f"the body ended after {content_length - remaining} of {content_length} bytes")
-                remaining -= len(data)
-                yield data
+        pieces = self._read_chunked(limit_bytes) if self.http_request.is_chunked else self._read_sized(content_length)
+        for data in pieces:
+            self.bytes_received += len(data)
+            if digests:
+                digests.update(data)
+            yield data
         self.body_is_consumed = True
+        digests.check()
+
+    def _read_sized(self, content_length):
+        remaining = content_length
+        while remaining:
+            data = self.rfile.read1(min(remaining, READ_CHUNK_SIZE))
+            if not data:
+                raise HTTPError(400, f"the body ended after {content_length - remaining} of {content_length} bytes")
+            remaining -= len(data)
+            yield data
 
     def _read_chunked(self, limit_bytes):
         decoder = ChunkedDecoder()
@@ -4298,14 +5005,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Writing
 
     def send_head(self, status, headers):
-        """Log the request and send the status line and headers; the body, if any, follows."""
+        """Send the status line and headers, with the request's id and, with CORS on, what a browser needs; the body, if any, follows."""
         self.response_started = True
-        self.log_request(status)
+        self.status = status
+        if self.request_id is None:
+            self.request_id = secrets.token_hex(16)
         lines = [
             f"HTTP/1.1 {status} {self.responses[status][0]}",
             f"Server: {self.server_version}",
             f"Date: {format_http_date(int(time.time()))}",
+            f"X-Request-Id: {self.request_id}",
         ]
+        if self.server.settings.cors_origin and "Access-Control-Allow-Origin" not in headers:
+            self.add_cors_headers(headers)
         lines.extend(f"{key}: {value}" for key, value in headers.items())
         self.decide_keep_alive()
         if self.close_connection and not self.body_is_consumed:
@@ -4316,7 +5028,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif self.request_version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
         lines.append("\r\n")
-        self.wfile.write("\r\n".join(lines).encode("latin-1"))
+        head = "\r\n".join(lines).encode("latin-1")
+        self.bytes_sent += len(head)
+        self.wfile.write(head)
+
+    def add_cors_headers(self, headers):
+        # Answers differ by Origin unless every origin is allowed.
+        origin = self.allowed_origin()
+        if origin is not None:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+        if self.server.settings.cors_origin != ("*",):
+            headers["Vary"] = f"{headers['Vary']}, Origin" if "Vary" in headers else "Origin"
 
     def send_body(self, status, body, content_type, headers=None):
         """Send a whole response whose body is in memory (not sent for HEAD)."""
@@ -4326,6 +5049,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_head(status, all_headers)
         if self.command != "HEAD":
             self.wfile.write(body)
+            self.bytes_sent += len(body)
+            self.body_bytes_sent += len(body)
 
     def send_json(self, status, value, headers=None):
         """Send `value` as JSON."""
@@ -4357,6 +5082,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if sent != length:
             # The file shrank or went under us (truncated in place, or lost): the framing is broken.
             self.close_connection = True
+        self.bytes_sent += sent or 0
+        self.body_bytes_sent += sent or 0
 
     def linger(self):
         """Close after an early answer without resetting: read and drop what the client still sends."""
@@ -4371,12 +5098,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    # Logging
-
-    def log_request(self, code="-", size="-"):
-        """Log one line per request, the stdlib's format, unless the server is quiet."""
-        if not self.server.quiet:
-            super().log_request(code, size)
 
 
 # ====
@@ -4393,11 +5114,15 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, settings, quiet=False, listener=None, supervisor_pid=None):
+    def __init__(self, settings, quiet=False, listener=None, supervisor_pid=None, metrics=None, block=0):
         self.settings = settings
         self.supervisor_pid = supervisor_pid
         self.quiet = quiet
-        self.store = Store(settings.storage, settings.cache_size)
+        # With --workers, the instance's Metrics, made by the supervisor, and this worker's block of it.
+        self.metrics = metrics or Metrics(enabled=settings.metrics)
+        self.metrics.use_block(block)
+        self._log_lock = threading.Lock()
+        self.store = Store(settings.storage, settings.cache_size, functools.partial(self.metrics.add, "cache_evictions"))
         self.store.scan()
         allow_pixels(settings.max_pixels)
         self.connection_slots = threading.BoundedSemaphore(settings.max_connections)
@@ -4413,8 +5138,10 @@ class Server(http.server.ThreadingHTTPServer):
             settings.max_queue,
             settings.resize_timeout,
             settings.max_pixels,
+            self.metrics,
+            self.job_ended,
         )
-        self.renditions = Renditions(self.store, self.resizer, settings.max_pixels)
+        self.renditions = Renditions(self.store, self.resizer, settings.max_pixels, self.metrics)
         try:
             super().__init__((settings.host, settings.port), Handler, bind_and_activate=listener is None)
         except BaseException:
@@ -4466,6 +5193,25 @@ class Server(http.server.ThreadingHTTPServer):
             with self._handlers_lock:
                 self._connection_threads.discard(threading.current_thread())
 
+    @property
+    def is_stopping(self):
+        """Tell whether the server has begun to stop."""
+        return self._is_stopping
+
+    def job_ended(self, job, seconds):
+        """Count a Job this instance ended, and log it in the JSON format; `seconds` its resize process ran, or None."""
+        self.metrics.count_job_end(job.state)
+        if not self.quiet and self.settings.log_format == "json":
+            self.log_json({"event": "job", "job": job.id, "image": job.image, "state": job.state, "error": job.error,
+                           "duration": None if seconds is None else round(seconds, 6)})
+
+    def log_json(self, fields):
+        """Write one log line: `fields` as a JSON object, after the time."""
+        line = json.dumps({"time": _iso_time(time.time()), **fields}) + "\n"
+        with self._log_lock:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
     def track_handler(self, handler, is_open):
         """Remember the open connections, so stopping can close the idle ones."""
         with self._handlers_lock:
@@ -4515,7 +5261,10 @@ class Server(http.server.ThreadingHTTPServer):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def handle_error(self, request, client_address):
-        sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
+        if self.settings.log_format == "json":
+            self.log_json({"event": "error", "message": f"unexpected error serving {client_address}", "traceback": traceback.format_exc()})
+        else:
+            sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
 
 
 def make_server(storage, host="127.0.0.1", port=5000, quiet=False, **options):
@@ -4544,7 +5293,17 @@ OPTIONS = (
     ("--workers", int, "serving processes on one port, restarted when they die"),
     ("--cache-size", int, "bytes of rendered renditions kept on disk; 0 keeps none"),
     ("--rendition-sizes", str, "the only rendition sizes served, like 200x200,1200x0 (0: follows the aspect ratio); any by default"),
+    ("--cors-origin", tuple, "an origin whose pages may read answers (CORS), like https://app.example; repeatable, or *"),
+    ("--log-format", str, "common (Common Log Format) or json (one object per line)"),
+    ("--metrics", "switch", "on or off: GET /metrics and the counting behind it"),
 )
+
+
+def _switch(text):
+    # "on" or "off", as --metrics takes them, also from IMS_METRICS.
+    if text.lower() in ("on", "off"):
+        return text.lower() == "on"
+    raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
 
 
 def parse_args(argv, environ):
@@ -4560,12 +5319,18 @@ def parse_args(argv, environ):
         field = flag[2:].replace("-", "_")
         variable = "IMS_" + field.upper()
         default = environ.get(variable) or getattr(defaults, field)
-        shown_default = "any" if getattr(defaults, field) is None else getattr(defaults, field)
+        shown_default = {"rendition_sizes": "any", "cors_origin": "off", "metrics": "on"}.get(field, getattr(defaults, field))
+        if value_type is tuple:
+            # Repeatable: the flags given replace the variable's list.
+            options = {"action": "append", "default": None}
+        else:
+            options = {"type": _switch if value_type == "switch" else value_type, "default": default}
         parser.add_argument(
-            flag, type=value_type, default=default, metavar=variable.replace("IMS_", ""),
-            help=f"{help_text} (env {variable}, default {shown_default})",
+            flag, metavar=variable.replace("IMS_", ""), help=f"{help_text} (env {variable}, default {shown_default})", **options,
         )
     values = vars(parser.parse_args(argv))
+    if values["cors_origin"] is None:
+        values["cors_origin"] = environ.get("IMS_CORS_ORIGIN", "")
     values["storage"] = os.path.abspath(values["storage"])
     try:
         return Settings(**values)
@@ -4632,10 +5397,10 @@ def _reserve_port(settings):
     return listener
 
 
-def _run_worker(settings, listener, ready_descriptor):
+def _run_worker(settings, listener, ready_descriptor, metrics, block):
     # In a forked worker: serve until told to stop; the exit status of the worker process.
     try:
-        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener, supervisor_pid=os.getppid())
+        server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener, supervisor_pid=os.getppid(), metrics=metrics, block=block)
     except OSError as error:
         sys.stderr.write(f"ims.py: worker {os.getpid()} cannot serve on {settings.host}:{settings.port}: {error}\n")
         return 1
@@ -4671,6 +5436,10 @@ def serve_workers(settings):
         sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
         return 1
     settings = dataclasses.replace(settings, port=listener.getsockname()[1])
+    # Every worker counts in its own block of these; a restarted one in its predecessor's.
+    metrics = Metrics(settings.workers, settings.metrics)
+    metrics.supervisor_pid = os.getpid()
+    # pid → (start time, block)
     workers = {}
     is_stopping = False
     stop_signals = {signal.SIGINT, signal.SIGTERM}
@@ -4681,7 +5450,7 @@ def serve_workers(settings):
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
-    def start_worker():
+    def start_worker(block):
         reader, writer = os.pipe()
         # Signals wait until the worker has its own handlers and the supervisor knows the worker.
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
@@ -4693,21 +5462,21 @@ def serve_workers(settings):
                 for number in stop_signals:
                     signal.signal(number, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-                status = _run_worker(settings, listener, writer)
+                status = _run_worker(settings, listener, writer, metrics, block)
             except BaseException:
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(status)
-        workers[pid] = time.monotonic()
+        workers[pid] = (time.monotonic(), block)
         os.close(writer)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         return reader
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    readers = [start_worker() for _ in range(settings.workers)]
+    readers = [start_worker(block) for block in range(settings.workers)]
     is_ready = True
     for reader in readers:
         is_ready = is_ready and os.read(reader, 1) == b"+"
@@ -4721,14 +5490,15 @@ def serve_workers(settings):
             pid, status = os.wait()
         except ChildProcessError:
             break
-        started = workers.pop(pid, None)
-        if started is None or is_stopping:
+        worker = workers.pop(pid, None)
+        if worker is None or is_stopping:
             continue
+        started, block = worker
         sys.stderr.write(f"ims.py: worker {pid} {_describe_exit(status)}; restarting it\n")
         if time.monotonic() - started < WORKER_RESTART_SECONDS:
             time.sleep(WORKER_RESTART_SECONDS)
         if not is_stopping:
-            os.close(start_worker())
+            os.close(start_worker(block))
     listener.close()
     return 0 if is_ready else 1
 
