@@ -116,13 +116,17 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 to about 12 megapixels again as soon as its job ends), beside how long a job takes
                 from its 202 to its end (what a request queued behind them would wait); the notes
                 give /healthz with no load, wrk's req/s and the cores the server and other
-                processes kept busy in each window
+                processes kept busy in each window, and where the server's own histogram
+                (ims_http_request_duration_seconds) puts the same requests; last, the server's CPU per
+                /healthz and per /metrics with no load
     metrics-cost
                 what counting and JSON logs cost small GETs: three IMS (metrics on, --metrics off,
                 --log-format json), each logging to a file, wrk -t2 -c8 -d5s on the 20 KB JPEG, --repeat
                 rounds (at least 5), each round the three in turn, unpinned and then (or first) with the
                 servers held to CPU 0 and wrk to CPU 1: req/s, the server's CPU time per request, and
-                the ratios on / off (target >= 0.97, in req/s and in CPU per request) and json / common
+                the ratios on / off (target >= 0.97, in req/s and in CPU per request) and json / common;
+                then Metrics.count_request timed in this process (timeit), on and disabled, and its
+                share of the server's CPU per request (target <= 3 %), which wrk cannot resolve here
 
 rendition-get and rendition-cold measure the IMS servers that render (with --baseline, the IMS
 before too when it has renditions; the seed never renders, and a server that answers a rendition
@@ -3783,6 +3787,7 @@ HEALTH_MAX_P99_MS = 20
 HEALTH_RESIZE_JOBS = 8  # kept queued or running through the resize windows
 HEALTH_RESIZE_PHOTOS = ("IMG_2039.jpeg", "IMG_X.jpeg")  # 4032x3024 (12.2 MP), taken in turn
 HEALTH_RESIZE_SETTLE_SECONDS = 60
+IDLE_COST_REQUESTS = 500  # /metrics GETs (and 4 times as many /healthz) timed by the server's CPU clock
 # wrk's Lua: each connection asks GET / and GET /small.jpeg in turn.
 MIXED_LOAD_SCRIPT = """\
 -- GET / and GET /small.jpeg in turn on each connection (bench_ims.py, scenario health).
@@ -3985,6 +3990,7 @@ def health_window(server: Server, script: Path, path: str, count: int, feeder: R
     wrk starts a second before the probes and ends two seconds or so after them.
     """
     others = OtherLoad()
+    histogram_before = route_histogram(server, path)
     ticks_before = tree_cpu_ticks(server.process.pid)
     with Load(server, script, HEALTH_LOAD_SECONDS + 3) as load:
         time.sleep(1)
@@ -4002,10 +4008,42 @@ def health_window(server: Server, script: Path, path: str, count: int, feeder: R
     if sent < count:
         notes.append(f"only {sent} of {count} probes sent in {probing:.1f} s (each waits for the one before): "
                      f"the rest would have gone after the load")
+    notes.append(describe_histogram(histogram_before, route_histogram(server, path), path))
     notes.append(f"background: wrk {' '.join(HEALTH_LOAD_ARGUMENTS)} GET / and /small.jpeg in turn, "
                  f"{load.result['requests_per_second']:,.0f} req/s, {load.result['errors']} errors; server tree busy "
                  f"{cores:.2f} cores; other processes {others.cores():.2f} cores")
     return probes, load.result, notes
+
+
+HISTOGRAM_BUCKET = re.compile(r'^ims_http_request_duration_seconds_bucket\{route="([^"]*)",le="([^"]+)"\} (\S+)$',
+                              re.MULTILINE)
+
+
+def route_histogram(server: Server, route: str) -> dict[float, float]:
+    """Return the server's own histogram of a route's request durations, {upper bound in s: cumulative count}."""
+    probe = probe_once(server, METRICS_PATH, None)
+    if probe.status != 200:
+        return {}
+    return {float(bound): float(count) for name, bound, count in HISTOGRAM_BUCKET.findall(probe.body.decode())
+            if name == route}
+
+
+def describe_histogram(before: dict[float, float], after: dict[float, float], route: str) -> str:
+    """Say where the p50 and p99 of the requests counted between two histograms fall, by the server's clock."""
+    counts = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
+    total = counts.get(math.inf, 0)
+    if not total:
+        return f"the server's ims_http_request_duration_seconds{{route=\"{route}\"}}: nothing counted"
+
+    def bound_of(fraction: float) -> str:
+        bound = next(bound for bound, count in counts.items() if count >= fraction * total)
+        return "over 60 s" if bound == math.inf else f"<= {bound * 1000:g} ms"
+
+    over = {limit: total - counts.get(limit, total) for limit in (0.005, 0.025)}
+    return (f"the same {total:,.0f} requests by the server's own clock (ims_http_request_duration_seconds, head read "
+            f"to answer sent): p50 {bound_of(0.5)}, p99 {bound_of(0.99)}, {over[0.005]:,.0f} over 5 ms, "
+            f"{over[0.025]:,.0f} over 25 ms; the rest of the client's time is before the head is read (connecting, "
+            f"a thread, the GIL, the CPUs) or after the answer is sent")
 
 
 def latency_rows(label: str, probes: dict[str, list[Probe]], notes: list[str], target: bool) -> list[Row]:
@@ -4122,8 +4160,27 @@ def scenario_health(bench: Bench) -> list[Row]:
             rows[-6].note += "; resize feeder: " + ", ".join(f"{what} x{count}" for what, count in feeder.failures.items())
         if set(feeder.ended) - {"done"}:
             rows[-6].note += f"; jobs ended: {dict(feeder.ended)}"
+        # What one answer costs the server's own process when nothing else runs, by its CPU clock.
+        scrape_costs = {}
+        for path, count in ((HEALTH_PATH, IDLE_COST_REQUESTS * 4), (METRICS_PATH, IDLE_COST_REQUESTS)):
+            connection = server.connect()
+            try:
+                ticks_before = cpu_ticks([server.process.pid])
+                for _ in range(count):
+                    connection.request("GET", path)
+                    connection.getresponse().read()
+                ticks = cpu_ticks([server.process.pid]) - ticks_before
+            finally:
+                connection.close()
+            scrape_costs[path] = ticks / os.sysconf("SC_CLK_TCK") / count * 1e6
     missing = [family for family in METRICS_FAMILIES if metrics_sample(probes["kept"][-1].body, family) is None]
     rows += [
+        *(Row("health", f"server CPU per GET {path}, no load, one kept-alive connection", "µs", cost,
+              higher_is_better=False,
+              note=(f"{IDLE_COST_REQUESTS * 4 if path == HEALTH_PATH else IDLE_COST_REQUESTS:,} GETs one after "
+                    f"another, the server process's CPU clock (10 ms ticks); {HEALTH_NAMES} names in the folder")
+              if path == HEALTH_PATH else "")
+          for path, cost in scrape_costs.items()),
         Row("health", f"GET {METRICS_PATH} body size", "bytes", statistics.median(sizes) if sizes else None,
             higher_is_better=False,
             note=(f"min {sizes[0]:,}, max {sizes[-1]:,} bytes over the answers" if sizes else "no 200 answers")
@@ -4189,6 +4246,14 @@ def scenario_metrics_cost(bench: Bench) -> list[Row]:
         for server in servers.values():
             set_tree_affinity(server.process.pid, every_cpu)
         counted = probe_once(servers["on"], METRICS_PATH, None)
+    # The counting itself, timed in this process: far below what wrk can tell apart on a shared machine.
+    try:
+        ims = load_ims()
+        counting = per_call_microseconds(
+            lambda metrics=ims.Metrics(): metrics.count_request("GET", "/{name}", 200, 0.0003, 80, 20_200),
+            lambda metrics=ims.Metrics(enabled=False): metrics.count_request("GET", "/{name}", 200, 0.0003, 80, 20_200))
+    except (AttributeError, TypeError) as error:
+        counting, counting_problem = None, f"{type(error).__name__}: {error}"
     log_notes = []
     for setup in ("on", "json"):
         lines = logs[setup].read_bytes().splitlines()
@@ -4236,6 +4301,22 @@ def scenario_metrics_cost(bench: Bench) -> list[Row]:
                 note=f"ratio of each round's pair of runs: {pairs(mode, 'json', 'on')}; CPU per request, common / "
                      f"json: {cpu_medians['on'] / cpu_medians['json']:.3f}"),
         ]
+    if counting:
+        reference_mode = "pinned" if "pinned" in modes else "free"
+        server_cpu = statistics.median(cpu[reference_mode, "on"])
+        share = (counting[0] - counting[1]) / server_cpu * 100
+        rows += [
+            Row("metrics-cost", "Metrics.count_request, once per request, in this process (timeit)", "µs", counting[0],
+                higher_is_better=False,
+                note=f"disabled (--metrics off) {counting[1]:.2f} µs; median of {TIMEIT_BATCHES} batches; a new "
+                     "connection adds two Metrics.add('open_connections'), wrk's are kept alive"),
+            Row("metrics-cost", f"counting's share of the server's CPU per request{what[reference_mode]}", "%", share,
+                higher_is_better=False, target="<= 3 %", max_ims=3,
+                note=f"(count_request on - off) / {server_cpu:.1f} µs, the median CPU per request with metrics on "
+                     "above"),
+        ]
+    else:
+        rows.append(Row("metrics-cost", "Metrics.count_request in this process", "", note=counting_problem))
     problems = [f"{names[setup]} {mode}: {count} socket errors or non-2xx answers"
                 for (mode, setup), count in errors.items() if count]
     rows[0].note += "; ".join([
