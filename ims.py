@@ -2504,7 +2504,10 @@ def parse_dictionary(value):
         member = _SF_MEMBER.match(value, position)
         if member is None:
             raise ValueError(f"not a dictionary member at {value[position:position + 20]!r}")
-        members.append((member.group(1), member.group(2) or "?1"))
+        item = member.group(2) or "?1"
+        if item.startswith(":") and _byte_sequence(item) is None:
+            raise ValueError(f"{item[:20]!r} is not a byte sequence of base64")
+        members.append((member.group(1), item))
         position = _SF_SPACE.match(value, member.end()).end()
         if position == len(value):
             break
@@ -2740,13 +2743,17 @@ def image_facts(file):
         with Image.open(file, formats=ALLOWED_FORMATS) as image:
             image_format = FORMAT_ALIASES.get(image.format, image.format)
             upright_width, upright_height = _upright_size(image)
+            width, height = image.size
+            if image.format == "TIFF":
+                # Newer Pillows report a turned TIFF's size upright; its tags say how it is stored.
+                width, height = image.tag_v2.get(256, width), image.tag_v2.get(257, height)
             orientation = header_orientation(image)
             frames = getattr(image, "n_frames", 1)
             return {
                 "format": image_format,
                 "content_type": CONTENT_TYPE_BY_FORMAT[image_format],
-                "width": image.width,
-                "height": image.height,
+                "width": width,
+                "height": height,
                 "upright_width": upright_width,
                 "upright_height": upright_height,
                 "orientation": orientation if type(orientation) is int and 1 <= orientation <= 8 else None,
@@ -3798,7 +3805,7 @@ METRIC_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "o
 # Routes are named by their paths' templates, never by an image's name, so labels stay few.
 NO_ROUTE = "none"
 METRIC_ROUTES = ("/", "/{name}", "/jobs/{id}", "/healthz", "/metrics", NO_ROUTE)
-METRIC_STATUSES = tuple(sorted(http.server.BaseHTTPRequestHandler.responses))
+METRIC_STATUSES = tuple(sorted(int(status) for status in http.server.BaseHTTPRequestHandler.responses))
 REQUEST_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RESIZE_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RESIZE_KINDS = ("job", "rendition")
@@ -4900,7 +4907,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # Cancelled under the store's lock, so an upload of the same name that follows keeps its resizes.
         cancelled = self.server.store.remove(name, check_if_match, functools.partial(self.server.resizer.cancel_for, name))
         for record in cancelled:
-            self.server.job_ended(Job.from_record(record), None)
+            try:
+                job = Job.from_record(record)
+            except ValueError:
+                # A damaged record, cancelled all the same: nothing to count it by.
+                continue
+            self.server.job_ended(job, None)
         self.send_no_content()
 
     def request_resize(self, name):
@@ -5242,7 +5254,11 @@ class Server(http.server.ThreadingHTTPServer):
         self._cut_connections(only_idle=False)
         for thread in threads:
             thread.join()
-        self.store.remove_leftovers()
+        try:
+            self.store.remove_leftovers()
+        except OSError as error:
+            # The folder went while serving: nothing of it is left to clean.
+            sys.stderr.write(f"ims.py: cannot remove leftovers from {self.settings.storage}: {error.strerror or error}\n")
 
     def _cut_connections(self, only_idle):
         # Shutting a socket down wakes the thread blocked reading it.
@@ -5303,7 +5319,7 @@ def _switch(text):
     # "on" or "off", as --metrics takes them, also from IMS_METRICS.
     if text.lower() in ("on", "off"):
         return text.lower() == "on"
-    raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: use on or off")
 
 
 def parse_args(argv, environ):

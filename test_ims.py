@@ -1129,6 +1129,235 @@ class TestConditionals(unittest.TestCase):
 # ====
 
 
+class TestIntegrityHeaders(unittest.TestCase):
+    """Content-Digest, Content-MD5, Want-Repr-Digest and X-Request-Id, parsed from header values alone."""
+
+    BODY = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\nPNG...\r\n--b--\r\n"
+
+    @staticmethod
+    def headers(*fields):
+        return ims.Headers(fields)
+
+    def sf_bytes(self, data):
+        return ":" + base64.b64encode(data).decode() + ":"
+
+    def digests(self, *fields):
+        checked = ims.BodyDigests(self.headers(*fields))
+        for start in range(0, len(self.BODY), 7):
+            checked.update(self.BODY[start:start + 7])
+        return checked
+
+    def test_dictionaries_of_rfc_8941(self):
+        example = "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        self.assertEqual(ims.parse_dictionary(example), [("sha-256", example[8:])])
+        self.assertEqual(ims.parse_dictionary(' a=1;q=0.5 ,b, c="x, y",d=?0,e=tok/en:1 '),
+                         [("a", "1"), ("b", "?1"), ("c", '"x, y"'), ("d", "?0"), ("e", "tok/en:1")])
+        self.assertEqual(ims.parse_dictionary(""), [])
+        for bad in ("A=1", "a=1,", ",a=1", "a=(1 2)", "a=:abc", "a=1 b=2", 'a="unterminated', "a=\x01", "a=1;", "a=-", "sha-256=:ab:cd:"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ims.parse_dictionary(bad)
+
+    def test_random_values_parse_or_raise_value_error_only(self):
+        rng = random.Random(SEED)
+        alphabet = 'a-z=:,; "?*0123456789+/\\\t\x00\xff().'
+        for _ in range(3000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
+            try:
+                members = ims.parse_dictionary(text)
+            except ValueError:
+                continue
+            self.assertTrue(all(isinstance(key, str) and isinstance(item, str) for key, item in members), text)
+
+    def test_a_body_that_matches_every_digest_passes(self):
+        sha256 = self.sf_bytes(hashlib.sha256(self.BODY).digest())
+        sha512 = self.sf_bytes(hashlib.sha512(self.BODY).digest())
+        md5 = base64.b64encode(hashlib.md5(self.BODY).digest()).decode()
+        for fields in (
+            [("Content-Digest", f"sha-256={sha256}")],
+            [("Content-Digest", f"sha-512={sha512}, sha-256={sha256}")],
+            [("Content-Digest", f"sha-512={sha512}"), ("Content-Digest", f"sha-256={sha256}")],
+            [("Content-MD5", md5)],
+            [("Content-Digest", f"sha-256={sha256};q=1, md5=:AAAA:"), ("Content-MD5", f" {md5} ")],
+        ):
+            with self.subTest(fields=fields):
+                checked = self.digests(*fields)
+                self.assertTrue(checked)
+                checked.check()
+
+    def test_a_body_that_does_not_match_is_refused(self):
+        sha256 = self.sf_bytes(hashlib.sha256(self.BODY).digest())
+        wrong256 = self.sf_bytes(hashlib.sha256(self.BODY + b"x").digest())
+        wrong512 = self.sf_bytes(hashlib.sha512(b"").digest())
+        wrong_md5 = base64.b64encode(hashlib.md5(b"").digest()).decode()
+        for fields, named in (
+            ([("Content-Digest", f"sha-256={wrong256}")], "sha-256"),
+            ([("Content-Digest", f"sha-256={sha256}, sha-512={wrong512}")], "sha-512"),
+            ([("Content-Digest", f"sha-256={sha256}"), ("Content-MD5", wrong_md5)], "Content-MD5"),
+        ):
+            with self.subTest(fields=fields), self.assertRaises(ims.HTTPError) as caught:
+                self.digests(*fields).check()
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn(named, caught.exception.message)
+            self.assertIn("nothing was stored", caught.exception.message)
+
+    def test_unreadable_digest_fields_are_400_before_the_body(self):
+        short = self.sf_bytes(b"\x00" * 31)
+        for fields in (
+            [("Content-Digest", "sha-256=AAAA")],
+            [("Content-Digest", f"sha-256={short}")],
+            [("Content-Digest", "sha-256=:not base64!:")],
+            [("Content-Digest", "sha-512=:AAAA:")],
+            [("Content-Digest", "sha-256")],
+            [("Content-Digest", "SHA-256=:AAAA:")],
+            [("Content-MD5", "AAAA")],
+            [("Content-MD5", "not base64 at all, not!")],
+            [("Content-MD5", "")],
+        ):
+            with self.subTest(fields=fields), self.assertRaises(ims.HTTPError) as caught:
+                ims.BodyDigests(self.headers(*fields))
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_only_unknown_algorithms_check_nothing(self):
+        for value in ("md5=:AAAA:", "sha=:AAAA:, unixsum=1", "id-sha-256=:AAAA:"):
+            with self.subTest(value=value):
+                checked = self.digests(("Content-Digest", value))
+                self.assertFalse(checked)
+                checked.check()
+        self.assertFalse(ims.BodyDigests(self.headers()))
+
+    def test_want_repr_digest_picks_the_preferred_known_algorithm(self):
+        for value, expected in (
+            ("sha-256=1", "sha-256"),
+            ("sha-512=3, sha-256=1", "sha-512"),
+            ("sha-256=10, sha-512=9", "sha-256"),
+            ("sha-256=5, sha-512=5", "sha-512"),
+            ("sha-256=0", None),
+            ("sha-256=0, sha-512=1", "sha-512"),
+            ("md5=10, sha=3", None),
+            ("sha-256=11", None),
+            ("sha-256=:AAAA:", None),
+            ("sha-256=1.5", None),
+            ("garbage (", None),
+            ("", None),
+        ):
+            with self.subTest(value=value):
+                self.assertEqual(ims.wanted_digest(self.headers(("Want-Repr-Digest", value))), expected)
+        self.assertIsNone(ims.wanted_digest(self.headers()))
+        self.assertEqual(ims.repr_digest("sha-256", b"\x00" * 32), "sha-256=:" + "A" * 43 + "=:")
+
+    def test_request_ids_are_kept_when_printable_and_bounded(self):
+        for given in ("abc-123", "x" * 128, "req:1/2@host", "~!"):
+            with self.subTest(given=given):
+                self.assertEqual(ims.request_id(self.headers(("X-Request-Id", given))), given)
+        made = set()
+        for given in ("", "x" * 129, "has space", "tab\there", "ünïcode", "\x7f"):
+            with self.subTest(given=given):
+                identifier = ims.request_id(self.headers(("X-Request-Id", given)))
+                self.assertRegex(identifier, r"\A[0-9a-f]{32}\Z")
+                made.add(identifier)
+        self.assertEqual(len(made), 6)
+        self.assertRegex(ims.request_id(self.headers()), r"\A[0-9a-f]{32}\Z")
+
+    def test_cors_origins_are_checked_and_normalised(self):
+        self.assertEqual(ims.parse_origins("https://a.example, http://b.test:8080"), ("https://a.example", "http://b.test:8080"))
+        self.assertEqual(ims.parse_origins(["HTTPS://A.Example/", "https://a.example  http://c.test"]), ("https://a.example", "http://c.test"))
+        self.assertEqual(ims.parse_origins("https://a.example *"), ("*",))
+        self.assertEqual(ims.parse_origins(""), ())
+        self.assertEqual(ims.parse_origins(()), ())
+        for bad in ("a.example", "https://a.example/path", "https://", "//a.example", "https://a.example?x"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ims.parse_origins(bad)
+        self.assertEqual(ims.Settings(cors_origin="http://a.test").cors_origin, ("http://a.test",))
+        with self.assertRaises(ValueError):
+            ims.Settings(log_format="xml")
+
+
+class TestMetrics(unittest.TestCase):
+    """The counts of an instance, summed over its processes' blocks, and their text."""
+
+    SAMPLE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*\})? (-?[0-9.e+]+|\+Inf|NaN)')
+
+    def samples(self, text):
+        values = {}
+        for line in text.decode().splitlines():
+            if line.startswith("#"):
+                self.assertRegex(line, r"\A# (HELP|TYPE) [a-z_]+ ")
+                continue
+            self.assertRegex(line, self.SAMPLE)
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+        return values
+
+    def test_blocks_are_summed_and_gauges_start_again_in_a_new_process(self):
+        metrics = ims.Metrics(processes=3)
+        for block in (0, 2):
+            metrics.use_block(block)
+            metrics.count_request("GET", "/{name}", 200, 0.004, 100, 1000)
+            metrics.count_request("BREW", ims.NO_ROUTE, 501, 0.0001, 50, 90)
+            metrics.add("open_connections")
+            metrics.count_job_end("failed")
+            metrics.count_resize("rendition", 0.2)
+        values = self.samples(metrics.exposition([("ims_images", "Images.", 7)]))
+        self.assertEqual(values['ims_http_requests_total{method="GET",route="/{name}",status="200"}'], 2)
+        self.assertEqual(values['ims_http_requests_total{method="other",route="none",status="501"}'], 2)
+        self.assertEqual(values['ims_http_request_duration_seconds_bucket{route="/{name}",le="0.0025"}'], 0)
+        self.assertEqual(values['ims_http_request_duration_seconds_bucket{route="/{name}",le="0.005"}'], 2)
+        self.assertEqual(values['ims_http_request_duration_seconds_bucket{route="/{name}",le="+Inf"}'], 2)
+        self.assertAlmostEqual(values['ims_http_request_duration_seconds_sum{route="/{name}"}'], 0.008)
+        self.assertEqual(values["ims_http_received_bytes_total"], 300)
+        self.assertEqual(values["ims_http_sent_bytes_total"], 2180)
+        self.assertEqual(values["ims_http_open_connections"], 2)
+        self.assertEqual(values['ims_resize_jobs_total{state="failed"}'], 2)
+        self.assertEqual(values['ims_resize_duration_seconds_count{kind="rendition"}'], 2)
+        self.assertEqual(values["ims_images"], 7)
+        self.assertEqual(values["ims_workers"], 3)
+        # A worker restarted in block 2: its counters go on, its open connections are gone.
+        metrics.use_block(2)
+        values = self.samples(metrics.exposition([]))
+        self.assertEqual(values['ims_http_requests_total{method="GET",route="/{name}",status="200"}'], 2)
+        self.assertEqual(values["ims_http_open_connections"], 1)
+
+    def test_a_forked_process_counts_into_the_same_memory(self):
+        metrics = ims.Metrics(processes=2)
+        metrics.use_block(0)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                metrics.use_block(1)
+                for _ in range(5):
+                    metrics.count_request("POST", "/", 201, 0.01, 10, 10)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        metrics.count_request("POST", "/", 201, 0.01, 10, 10)
+        values = self.samples(metrics.exposition([]))
+        self.assertEqual(values['ims_http_requests_total{method="POST",route="/",status="201"}'], 6)
+
+    def test_process_metrics_describe_this_process(self):
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("no /proc here")
+        metrics = ims.Metrics()
+        metrics.use_block(0)
+        values = self.samples(metrics.exposition([]))
+        self.assertGreater(values["process_resident_memory_bytes"], 10_000_000)
+        self.assertGreater(values["process_open_fds"], 2)
+        self.assertGreater(values["process_cpu_seconds_total"], 0)
+        self.assertLess(time.time() - 30 * 86400, values["process_start_time_seconds"])
+        self.assertLessEqual(values["process_start_time_seconds"], time.time())
+
+    def test_disabled_metrics_count_nothing(self):
+        metrics = ims.Metrics(enabled=False)
+        metrics.use_block(0)
+        metrics.count_request("GET", "/", 200, 0.1, 1, 1)
+        metrics.add("uploads")
+        values = self.samples(metrics.exposition([]))
+        self.assertNotIn('ims_http_requests_total{method="GET",route="/",status="200"}', values)
+        self.assertEqual(values["ims_uploads_total"], 0)
+
+    def test_label_values_are_escaped(self):
+        self.assertEqual(ims._labels({"a": 'x"y\\z\nw'}), '{a="x\\"y\\\\z\\nw"}')
+
+
 class HTTPTestCase(ServerTestCase):
     """ServerTestCase plus raw-socket helpers for what http.client cannot send or see."""
 
@@ -4376,6 +4605,20 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(result.returncode, 2, result.stderr)
             self.assertIn("invalid", result.stderr)
 
+    def test_cors_origins_log_format_and_metrics_from_flags_and_variables(self):
+        settings = ims.parse_args(["--cors-origin", "http://a.test:8080", "--cors-origin", "https://b.example"], {"IMS_CORS_ORIGIN": "http://c.test"})
+        self.assertEqual(settings.cors_origin, ("http://a.test:8080", "https://b.example"))
+        settings = ims.parse_args([], {"IMS_CORS_ORIGIN": "http://c.test, http://d.test", "IMS_LOG_FORMAT": "json", "IMS_METRICS": "off"})
+        self.assertEqual((settings.cors_origin, settings.log_format, settings.metrics), (("http://c.test", "http://d.test"), "json", False))
+        settings = ims.parse_args(["--cors-origin", "*", "--metrics", "ON"], {})
+        self.assertEqual((settings.cors_origin, settings.log_format, settings.metrics), (("*",), "common", True))
+        for argv in (["--log-format", "xml"], ["--metrics", "maybe"], ["--cors-origin", "app.example"]):
+            with self.subTest(argv=argv), mock.patch("sys.stderr", io.StringIO()) as stderr:
+                with self.assertRaises(SystemExit) as raised:
+                    ims.parse_args(argv, {})
+                self.assertEqual(raised.exception.code, 2)
+                self.assertIn("invalid", stderr.getvalue())
+
     def test_out_of_range_values_are_refused_and_empty_variables_mean_the_default(self):
         for argv in (["--port", "70000"], ["--timeout", "1e12"], ["--resize-timeout", "nan"], ["--max-queue", "-1"]):
             with self.subTest(argv=argv), mock.patch("sys.stderr", io.StringIO()) as stderr:
@@ -4490,6 +4733,15 @@ class TestReadmeExamples(unittest.TestCase):
         job = json.loads(outputs[6])
         self.assertEqual((job["state"], job["width"], job["height"], job["fit"]), ("done", 200, 200, "cover"))
         self.assertIn("HTTP/1.1 204", outputs[7])
+        # Uploaded again, with its digest; then its own digest, its facts, health and metrics.
+        self.assertEqual(outputs[8], '"Image successfully uploaded"\n')
+        with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as original:
+            digest = base64.b64encode(hashlib.sha256(original.read()).digest()).decode()
+        self.assertIn(f"Repr-Digest: sha-256=:{digest}:", outputs[9])
+        facts = json.loads(outputs[10])
+        self.assertEqual((facts["width"], facts["upright_width"], facts["orientation"], facts["icc_profile"]), (1600, 1200, 6, True))
+        self.assertEqual(outputs[11], '{"status": "ok"}\nims_images 1\n')
+        self.assertFalse(os.path.exists(os.path.join(HERE, "upload.body")))
 
     def test_the_srcset_example_in_the_readme_gets_every_width_it_names(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
@@ -9583,6 +9835,1439 @@ class TestListPaging(HTTPTestCase):
         reply = self.request("GET", "/")
         self.assertEqual(reply.body, (json.dumps(sorted(self.NAMES + tuple(f"n{index:03}.png" for index in range(150)))) + "\n").encode())
         self.assertIsNone(reply.headers["Link"])
+
+
+# ====
+# Issue 12: health, request ids, logs, CORS, digests and facts, good and bad input
+# ====
+
+
+MADE_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+CORS_ORIGIN = "http://app.test:8080"
+EXPOSED_HEADERS = {"location", "etag", "last-modified", "retry-after", "content-disposition", "content-range",
+                   "link", "x-request-id", "repr-digest"}
+ROOT_METHODS = {"GET", "HEAD", "POST"}
+IMAGE_METHODS = {"GET", "HEAD", "DELETE", "PATCH"}
+READ_METHODS = {"GET", "HEAD"}
+FACT_FIELDS = {"name", "format", "content_type", "bytes", "etag", "last_modified", "width", "height", "upright_width",
+               "upright_height", "orientation", "frames", "animated", "icc_profile", "mode"}
+REQUEST_LOG_FIELDS = {"time", "event", "request_id", "client", "method", "path", "status", "bytes", "duration"}
+JOB_LOG_FIELDS = {"time", "event", "job", "image", "state", "error", "duration"}
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def content_digest(body, *algorithms):
+    """Return a Content-Digest value (RFC 9530) of `body` for `algorithms` ("sha-256", "sha-512")."""
+    functions = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
+    return ", ".join(f"{name}=:{b64(functions[name](body).digest())}:" for name in algorithms)
+
+
+def content_md5(body):
+    return b64(hashlib.md5(body).digest())
+
+
+def chunked(body, size=1000):
+    """Return `body` in chunked transfer coding, in chunks of `size` bytes."""
+    pieces = [body[start:start + size] for start in range(0, len(body), size)]
+    return b"".join(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" for piece in pieces) + b"0\r\n\r\n"
+
+
+def list_tokens(reply, field):
+    """Return the lower-case comma-separated items of every `field` header of a reply, as a set."""
+    return {item.strip().lower() for value in reply.headers.get_all(field) or [] for item in value.split(",") if item.strip()}
+
+
+def cors_headers(reply):
+    return sorted(key for key in reply.headers if key.lower().startswith("access-control-"))
+
+
+def second_server(test, **options):
+    """Start another in-process server on a folder of its own; return (its storage, its address)."""
+    storage = os.path.join(tempfile.mkdtemp(dir=test.tempdir.name), "storage")
+    server = start_server(test, storage, **options)
+    return storage, server.server_address[:2]
+
+
+def take_folder_away(test, path):
+    """Move the folder at `path` aside, as if it had been removed; put it back at cleanup at the latest.
+
+    Returns the function that puts it back (whatever was put at `path` meanwhile is removed).
+    """
+    away = path + ".away"
+    os.rename(path, away)
+
+    def put_back():
+        if os.path.lexists(away):
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            os.rename(away, path)
+
+    # Registered after the server started, so it runs before the server is closed.
+    test.addCleanup(put_back)
+    return put_back
+
+
+class StructuredFieldError(ValueError):
+    pass
+
+
+def parse_sf_dictionary(text):
+    """Parse an RFC 8941 dictionary strictly; return {key: (value, parameters)}; StructuredFieldError otherwise.
+
+    Byte sequences become bytes (missing "=" padding tolerated, as RFC 8941 §4.2.7 advises), tokens
+    str wrapped in a tuple ("token", text), strings str, inner lists lists.
+    """
+    text = text.strip(" \t")
+    position = 0
+
+    def peek():
+        return text[position] if position < len(text) else ""
+
+    def fail(why):
+        raise StructuredFieldError(f"{why} at {position} in {text!r}")
+
+    def key():
+        nonlocal position
+        if not (peek() and (peek() in "abcdefghijklmnopqrstuvwxyz*")):
+            fail("a key must start with a lower-case letter or *")
+        start = position
+        while peek() and peek() in "abcdefghijklmnopqrstuvwxyz0123456789_-.*":
+            position += 1
+        return text[start:position]
+
+    def bare_item():
+        nonlocal position
+        char = peek()
+        if char == "-" or char.isdigit() and char.isascii():
+            match = re.match(r"-?([0-9]*)(\.([0-9]*))?", text[position:])
+            digits, fraction = match.group(1), match.group(3)
+            if not digits:
+                fail("a number without digits")
+            if match.group(2) is None:
+                if len(digits) > 15:
+                    fail("an integer of more than 15 digits")
+                value = int(match.group(0))
+            else:
+                if len(digits) > 12 or not 1 <= len(fraction) <= 3:
+                    fail("a decimal out of range")
+                value = float(match.group(0))
+            position += len(match.group(0))
+            return value
+        if char == '"':
+            position += 1
+            out = []
+            while True:
+                char = peek()
+                if not char:
+                    fail("an unterminated string")
+                position += 1
+                if char == "\\":
+                    escaped = peek()
+                    if escaped not in ('"', "\\") or not escaped:
+                        fail("a bad escape")
+                    out.append(escaped)
+                    position += 1
+                elif char == '"':
+                    return "".join(out)
+                elif not " " <= char <= "~":
+                    fail("a character not allowed in a string")
+                else:
+                    out.append(char)
+        if char and (char.isascii() and char.isalpha() or char == "*"):
+            start = position
+            while peek() and (peek() in "!#$%&'*+-.^_`|~:/" or peek().isascii() and peek().isalnum()):
+                position += 1
+            return ("token", text[start:position])
+        if char == ":":
+            end = text.find(":", position + 1)
+            if end < 0:
+                fail("an unterminated byte sequence")
+            encoded = text[position + 1:end]
+            if not re.fullmatch(r"[A-Za-z0-9+/]*=*", encoded):
+                fail("a byte sequence that is not base64")
+            core = encoded.rstrip("=")
+            if len(core) % 4 == 1:
+                fail("a byte sequence of an impossible length")
+            position = end + 1
+            return base64.b64decode(core + "=" * (-len(core) % 4))
+        if char == "?":
+            if text[position + 1:position + 2] in ("0", "1"):
+                position += 2
+                return text[position - 1] == "1"
+            fail("a bad boolean")
+        fail("no bare item")
+
+    def parameters():
+        nonlocal position
+        found = {}
+        while peek() == ";":
+            position += 1
+            while peek() == " ":
+                position += 1
+            name = key()
+            value = True
+            if peek() == "=":
+                position += 1
+                value = bare_item()
+            found[name] = value
+        return found
+
+    def item_or_inner_list():
+        nonlocal position
+        if peek() != "(":
+            return bare_item(), parameters()
+        position += 1
+        items = []
+        while True:
+            while peek() == " ":
+                position += 1
+            if peek() == ")":
+                position += 1
+                return items, parameters()
+            if not peek():
+                fail("an unterminated inner list")
+            items.append((bare_item(), parameters()))
+            if peek() not in (" ", ")"):
+                fail("a bad inner list")
+
+    members = {}
+    while position < len(text):
+        name = key()
+        if peek() == "=":
+            position += 1
+            members[name] = item_or_inner_list()
+        else:
+            members[name] = (True, parameters())
+        while peek() in (" ", "\t") and peek():
+            position += 1
+        if position >= len(text):
+            break
+        if peek() != ",":
+            fail("members not separated by a comma")
+        position += 1
+        while peek() in (" ", "\t") and peek():
+            position += 1
+        if position >= len(text):
+            fail("a trailing comma")
+    return members
+
+
+def folder_snapshot(storage):
+    """Return every path under `storage` with its size and modification time, and the folder's own time."""
+    entries = {}
+    for root, folders, files in os.walk(storage):
+        for name in folders + files:
+            path = os.path.join(root, name)
+            status = os.lstat(path)
+            entries[os.path.relpath(path, storage)] = (status.st_size, status.st_mtime_ns)
+    return os.stat(storage).st_mtime_ns, entries
+
+
+class HealthAssertions:
+    def assertHealthy(self, address=None):
+        connection = self.connect(address)
+        reply = self.request("GET", "/healthz", connection=connection)
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.headers["Content-Type"], "application/json")
+        self.assertEqual(reply.headers["Cache-Control"], "no-store")
+        self.assertEqual(reply.json, {"status": "ok"})
+        self.assertEqual(reply.body, b'{"status": "ok"}\n')
+        self.assertEqual(int(reply.headers["Content-Length"]), len(reply.body))
+        head = self.request("HEAD", "/healthz", connection=connection)
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertEqual(head.headers["Content-Type"], "application/json")
+        self.assertEqual(head.headers["Cache-Control"], "no-store")
+        self.assertEqual(head.headers["Content-Length"], reply.headers["Content-Length"])
+        return reply
+
+    def assertUnhealthy(self, address=None):
+        """GET and HEAD /healthz are 503 with {"status": "unavailable", "message": <text>}; return the message."""
+        connection = self.connect(address)
+        reply = self.request("GET", "/healthz", connection=connection)
+        self.assertEqual(reply.status, 503, reply.body)
+        self.assertEqual(reply.headers["Content-Type"], "application/json")
+        body = reply.json
+        self.assertEqual(set(body), {"status", "message"}, body)
+        self.assertEqual(body["status"], "unavailable")
+        self.assertIsInstance(body["message"], str)
+        self.assertTrue(body["message"].strip())
+        self.assertEqual(int(reply.headers["Content-Length"]), len(reply.body))
+        head = self.request("HEAD", "/healthz", connection=connection)
+        self.assertEqual((head.status, head.body), (503, b""))
+        return body["message"]
+
+
+class TestHealth(HealthAssertions, HTTPTestCase):
+    mount = TestDiskFull.mount
+
+
+    def test_a_healthy_server_answers_200_ok_to_get_and_head_without_caching(self):
+        self.assertHealthy()
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        self.assertHealthy()
+
+    def test_other_methods_are_405_with_allow_get_head(self):
+        for method in ("POST", "DELETE", "PUT", "PATCH"):
+            with self.subTest(method=method):
+                reply = self.request(method, "/healthz", body=b"", headers={"Content-Length": "0"})
+                self.assertError(reply, 405, method)
+                self.assertEqual(list_tokens(reply, "Allow"), {"get", "head"})
+
+    def test_health_checks_write_nothing_in_the_folder(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        before = folder_snapshot(self.storage)
+        for _ in range(20):
+            self.assertEqual(self.request("GET", "/healthz").status, 200)
+        self.assertEqual(folder_snapshot(self.storage), before)
+
+    def test_a_removed_folder_is_503_and_200_again_once_it_is_back(self):
+        put_back = take_folder_away(self, self.storage)
+        self.assertUnhealthy()
+        put_back()
+        self.assertHealthy()
+
+    def test_a_folder_replaced_by_a_file_or_a_link_to_a_file_is_503_and_200_again_once_it_is_back(self):
+        put_back = take_folder_away(self, self.storage)
+        with open(self.storage, "wb") as file:
+            file.write(b"not a folder")
+        self.assertUnhealthy()
+        os.remove(self.storage)
+        os.symlink(os.path.join(self.tempdir.name, "file"), self.storage)
+        with open(os.path.join(self.tempdir.name, "file"), "wb") as file:
+            file.write(b"not a folder either")
+        self.assertUnhealthy()
+        put_back()
+        self.assertHealthy()
+
+    def test_a_read_only_bind_mount_is_503_and_200_again_once_writable(self):
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("mounting needs root (and chmod does not stop root)")
+        self.mount("--bind", self.storage, self.storage)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.storage], capture_output=True)
+        self.mount("-o", "remount,bind,ro", self.storage)
+        with self.assertRaises(OSError):
+            open(os.path.join(self.storage, "probe"), "wb").close()
+        self.assertUnhealthy()
+        self.mount("-o", "remount,bind,rw", self.storage)
+        self.assertHealthy()
+
+
+class TestHealthOnASmallTmpfs(HealthAssertions, HTTPTestCase):
+    """The storage folder is a 1 MiB tmpfs (TestDiskFull's); skipped where mounting is not allowed."""
+
+    TMPFS_SIZE = TestDiskFull.TMPFS_SIZE
+    prepare_storage = TestDiskFull.prepare_storage
+    mount = TestDiskFull.mount
+    fill_disk = TestDiskFull.fill_disk
+
+    def test_a_read_only_remount_is_503_and_200_again_once_writable(self):
+        self.assertHealthy()
+        self.mount("-o", "remount,ro", self.storage)
+        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", self.storage], capture_output=True)
+        self.assertUnhealthy()
+        self.mount("-o", "remount,rw", self.storage)
+        self.assertHealthy()
+
+    def test_a_full_disk_is_503_and_200_again_once_space_is_freed(self):
+        self.assertHealthy()
+        self.fill_disk()
+        self.assertUnhealthy()
+        os.remove(os.path.join(self.storage, "filler.bin"))
+        self.assertHealthy()
+
+
+class TestHealthWhileResizesAreBusy(HealthAssertions, ResizeTestCase, HTTPTestCase):
+    server_options = {"resize_workers": 1}
+
+    def test_health_is_answered_while_every_resize_slot_is_held_and_jobs_wait(self):
+        self.start_slow_resize()
+        self.store("a.png", make_image("PNG"))
+        queued = [self.submit("a.png", "width=10&height=10") for _ in range(3)]
+        self.assertEqual(self.job(queued[-1])["state"], "queued")
+        with socket.create_connection((self.host, self.port), timeout=DEADLINE_SECONDS) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
+            reply = self.parse_reply(self.read_until_close(sock))
+        self.assertEqual((reply.status, reply.json), (200, {"status": "ok"}))
+        self.assertHealthy()
+        self.assertEqual(self.job(queued[0])["state"], "queued")
+
+
+class TestRequestIds(HTTPTestCase):
+    def raw_get(self, id_bytes, target=b"/"):
+        """GET `target` with `id_bytes` sent as they are as the X-Request-Id; return the Reply."""
+        data = b"GET " + target + b" HTTP/1.1\r\nHost: ims.test\r\nX-Request-Id: " + id_bytes + b"\r\nConnection: close\r\n\r\n"
+        return self.parse_reply(self.raw_exchange(data))
+
+    def assertMadeId(self, reply):
+        self.assertIsNotNone(reply.headers["X-Request-Id"], "no X-Request-Id")
+        self.assertEqual(len(reply.headers.get_all("X-Request-Id")), 1)
+        self.assertRegex(reply.headers["X-Request-Id"], MADE_REQUEST_ID)
+        self.assertIsNotNone(MADE_REQUEST_ID.fullmatch(reply.headers["X-Request-Id"]), reply.headers["X-Request-Id"])
+        return reply.headers["X-Request-Id"]
+
+    def test_valid_ids_are_echoed_exactly(self):
+        every_visible = bytes(range(0x21, 0x7F))
+        for value in (b"a", b"x" * 128, every_visible, b"req-1234_ABC.def:ghi", b'"quoted"\\back', b"0" * 32, b"F" * 32):
+            with self.subTest(value=value):
+                reply = self.raw_get(value)
+                self.assertEqual(reply.status, 200, reply.body)
+                self.assertEqual(reply.headers.get_all("X-Request-Id"), [value.decode("ascii")])
+
+    def test_invalid_ids_are_replaced_by_a_made_id(self):
+        for value in (b"x" * 129, b"x" * 5000, b"", b"a b", b"a\tb", b"\x01abc", b"abc\x7f", b"a\x00b", b"caf\xc3\xa9",
+                      b"\xff\xfe", b"\x1b[31mred"):
+            with self.subTest(value=value[:20]):
+                reply = self.raw_get(value)
+                self.assertIn(reply.status, (200, 400), reply.body)
+                self.assertMadeId(reply)
+
+    def test_requests_without_an_id_get_distinct_made_ids(self):
+        ids = {self.assertMadeId(self.request("GET", "/")) for _ in range(20)}
+        self.assertEqual(len(ids), 20)
+
+    def test_every_kind_of_answer_carries_the_id(self):
+        data = make_image("PNG")
+        self.assertEqual(self.upload("a.png", data).status, 201)
+        etag = self.request("GET", "/a.png").headers["ETag"]
+        _, small_upload = second_server(self, max_upload=1000)
+        gone_storage, gone = second_server(self)
+        take_folder_away(self, gone_storage)
+        counter = itertools.count()
+
+        def upload(headers):
+            body, content_type = multipart_body(files=[("file", f"u{next(counter)}.png", data)])
+            return self.request("POST", "/", body, dict(headers, **{"Content-Type": content_type}))
+
+        def delete(headers):
+            name = f"d{next(counter)}.png"
+            self.assertEqual(self.upload(name, data).status, 201)
+            return self.request("DELETE", "/" + name, headers=headers)
+
+        def too_large(headers):
+            body, content_type = multipart_body(files=[("file", "big.png", bytes(3000))])
+            return self.request("POST", "/", body, dict(headers, **{"Content-Type": content_type}), self.connect(small_upload))
+
+        kinds = (
+            (200, lambda headers: self.request("GET", "/a.png", headers=headers)),
+            (200, lambda headers: self.request("HEAD", "/", headers=headers)),
+            (201, upload),
+            (204, delete),
+            (304, lambda headers: self.request("GET", "/a.png", headers=dict(headers, **{"If-None-Match": etag}))),
+            (400, lambda headers: self.request("GET", "/a.png?width=abc", headers=headers)),
+            (404, lambda headers: self.request("GET", "/missing.png", headers=headers)),
+            (405, lambda headers: self.request("PUT", "/", body=b"", headers=headers)),
+            (413, too_large),
+            (503, lambda headers: self.request("GET", "/healthz", headers=headers, connection=self.connect(gone))),
+        )
+        for status, send in kinds:
+            with self.subTest(status=status):
+                reply = send({"X-Request-Id": f"client-{status}"})
+                self.assertEqual(reply.status, status, reply.body)
+                self.assertEqual(reply.headers.get_all("X-Request-Id"), [f"client-{status}"])
+                reply = send({})
+                self.assertEqual(reply.status, status, reply.body)
+                self.assertMadeId(reply)
+
+    def test_requests_that_cannot_be_parsed_get_a_made_id(self):
+        for data in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"GET /\x7f.png HTTP/1.1\r\n\r\n",
+                     b"GET / HTTP/2.0\r\n\r\n", b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n"):
+            with self.subTest(data=data[:30]):
+                reply = self.parse_reply(self.raw_exchange(data))
+                self.assertTrue(400 <= reply.status < 500 or reply.status == 505, reply.status)
+                self.assertMadeId(reply)
+
+    def test_each_request_on_a_kept_alive_connection_gets_its_own_id(self):
+        connection = self.connect()
+        ids = []
+        for index in range(6):
+            headers = {"X-Request-Id": "mine"} if index == 2 else {}
+            reply = self.request("GET", "/", headers=headers, connection=connection)
+            self.assertEqual(reply.status, 200)
+            ids.append(reply.headers["X-Request-Id"])
+        self.assertEqual(ids[2], "mine")
+        made = ids[:2] + ids[3:]
+        for value in made:
+            self.assertIsNotNone(MADE_REQUEST_ID.fullmatch(value), value)
+        self.assertEqual(len(set(made)), len(made), ids)
+        self.assertConnectionStillServes(connection)
+
+
+class CorsTestCase(HTTPTestCase):
+    def setUp(self):
+        super().setUp()
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        reply = self.request("PATCH", "/a.png?width=8&height=8")
+        self.assertEqual(reply.status, 202, reply.body)
+        self.job_path = reply.headers["Location"]
+        # Ended before the tests look at a.png, so its version holds still.
+        self.assertEqual(self.wait_job(self.job_path)["state"], "done")
+        self.routes = (
+            ("/", ROOT_METHODS),
+            ("/a.png", IMAGE_METHODS),
+            ("/missing.png", IMAGE_METHODS),
+            (self.job_path, READ_METHODS),
+            ("/jobs/0123456789abcdef", READ_METHODS),
+            ("/healthz", READ_METHODS),
+            ("/metrics", READ_METHODS),
+        )
+
+    def preflight(self, path, origin, method, request_headers=None, connection=None):
+        headers = {"Origin": origin, "Access-Control-Request-Method": method}
+        if request_headers is not None:
+            headers["Access-Control-Request-Headers"] = request_headers
+        return self.request("OPTIONS", path, headers=headers, connection=connection)
+
+    def assertNoCors(self, reply):
+        self.assertEqual(cors_headers(reply), [], reply.headers)
+
+    def assertSimpleCors(self, reply, allow_origin):
+        self.assertEqual(reply.headers.get_all("Access-Control-Allow-Origin"), [allow_origin], reply.headers)
+        self.assertEqual(list_tokens(reply, "Access-Control-Expose-Headers"), EXPOSED_HEADERS)
+        if allow_origin == "*":
+            self.assertNotIn("origin", list_tokens(reply, "Vary"))
+        else:
+            self.assertIn("origin", list_tokens(reply, "Vary"))
+
+    def simple_requests(self, origin):
+        """Yield (expected status, Reply) for requests with `origin` that give 200, 201, 304, 206, 400, 404, 405 and 503."""
+        headers = {"Origin": origin}
+        yield 200, self.request("GET", "/", headers=headers)
+        yield 200, self.request("GET", "/a.png", headers=headers)
+        yield 200, self.request("GET", "/healthz", headers=headers)
+        body, content_type = multipart_body(files=[("file", f"c{secrets.token_hex(4)}.png", make_image("PNG"))])
+        yield 201, self.request("POST", "/", body, dict(headers, **{"Content-Type": content_type}))
+        etag = self.request("GET", "/a.png").headers["ETag"]
+        yield 304, self.request("GET", "/a.png", headers=dict(headers, **{"If-None-Match": etag}))
+        yield 206, self.request("GET", "/a.png", headers=dict(headers, Range="bytes=0-3"))
+        yield 400, self.request("GET", "/a.png?width=abc", headers=headers)
+        yield 404, self.request("GET", "/missing.png", headers=headers)
+        yield 405, self.request("PUT", "/a.png", body=b"", headers=headers)
+        gone_storage, gone = second_server(self, **self.server_options)
+        take_folder_away(self, gone_storage)
+        yield 503, self.request("GET", "/healthz", headers=headers, connection=self.connect(gone))
+
+
+class TestCorsPreflight(CorsTestCase):
+    server_options = {"cors_origin": (CORS_ORIGIN,)}
+
+    def test_preflight_on_every_route_and_method_from_the_allowed_origin(self):
+        connection = self.connect()
+        for path, methods in self.routes:
+            for method in sorted(methods):
+                with self.subTest(path=path, method=method):
+                    reply = self.preflight(path, CORS_ORIGIN, method, connection=connection)
+                    self.assertEqual(reply.status, 204, reply.body)
+                    self.assertEqual(reply.body, b"")
+                    self.assertEqual(reply.headers.get_all("Access-Control-Allow-Origin"), [CORS_ORIGIN])
+                    self.assertEqual({item.upper() for item in list_tokens(reply, "Access-Control-Allow-Methods")}, methods)
+                    self.assertIsNone(reply.headers["Access-Control-Allow-Headers"])
+                    self.assertEqual(reply.headers["Access-Control-Max-Age"], "600")
+                    self.assertEqual(list_tokens(reply, "Vary"),
+                                     {"origin", "access-control-request-method", "access-control-request-headers"})
+        self.assertConnectionStillServes(connection)
+
+    def test_requested_headers_are_echoed(self):
+        for asked in ("Content-Type", "content-type, x-request-id", "Want-Repr-Digest, Content-Digest, If-Match, X-Custom"):
+            with self.subTest(asked=asked):
+                reply = self.preflight("/a.png", CORS_ORIGIN, "PATCH", asked)
+                self.assertEqual(reply.status, 204, reply.body)
+                self.assertEqual(list_tokens(reply, "Access-Control-Allow-Headers"),
+                                 {item.strip().lower() for item in asked.split(",")})
+
+    def test_preflight_from_an_origin_not_allowed_is_204_without_cors_headers(self):
+        for origin in ("http://evil.test", "http://app.test:8081", "http://app.test", "https://app.test:8080",
+                       "http://APP.test:8080x", "null", CORS_ORIGIN + "/"):
+            with self.subTest(origin=origin):
+                reply = self.preflight("/a.png", origin, "DELETE", "content-type")
+                self.assertEqual(reply.status, 204, reply.body)
+                self.assertNoCors(reply)
+
+    def test_preflight_on_an_unrouted_path_is_404(self):
+        for path in ("/nothing", "/a.txt", "/jobs/", "/no/such.png/x"):
+            with self.subTest(path=path):
+                reply = self.preflight(path, CORS_ORIGIN, "GET")
+                self.assertEqual(reply.status, 404, reply.body)
+                self.assertEqual(reply.headers["Access-Control-Allow-Origin"], CORS_ORIGIN)
+
+    def test_plain_options_lists_the_route_s_methods_and_options(self):
+        for path, methods in self.routes:
+            for headers in ({}, {"Origin": CORS_ORIGIN}):
+                with self.subTest(path=path, headers=headers):
+                    reply = self.request("OPTIONS", path, headers=headers)
+                    self.assertEqual(reply.status, 204, reply.body)
+                    self.assertEqual({item.upper() for item in list_tokens(reply, "Allow")}, methods | {"OPTIONS"})
+
+    def test_a_405_allows_options_too(self):
+        for path, methods in (("/", ROOT_METHODS), ("/a.png", IMAGE_METHODS), ("/healthz", READ_METHODS)):
+            with self.subTest(path=path):
+                reply = self.request("PUT", path, body=b"")
+                self.assertError(reply, 405, "PUT")
+                self.assertEqual({item.upper() for item in list_tokens(reply, "Allow")}, methods | {"OPTIONS"})
+
+    def test_answers_to_the_allowed_origin_carry_allow_origin_and_expose_headers_errors_included(self):
+        for status, reply in self.simple_requests(CORS_ORIGIN):
+            with self.subTest(status=status):
+                self.assertEqual(reply.status, status, reply.body)
+                self.assertSimpleCors(reply, CORS_ORIGIN)
+
+    def test_answers_to_other_origins_carry_no_cors_headers(self):
+        for origin in ("http://evil.test", "null", "http://app.test:8081"):
+            for status, reply in self.simple_requests(origin):
+                with self.subTest(origin=origin, status=status):
+                    self.assertEqual(reply.status, status, reply.body)
+                    self.assertNoCors(reply)
+
+    def garbage_strings(self, rng, alphabet, count):
+        return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(count)]
+
+    def test_garbage_origins_and_request_methods_and_headers_never_give_500(self):
+        rng = random.Random(SEED)
+        printable = [chr(code) for code in range(0x20, 0x7F)]
+        controls = [chr(code) for code in range(0x20) if chr(code) not in "\r\n"] + ["\x7f"] + printable
+        pieces = ["http://app.test:8080", "GET", "PATCH", ",", " ", "*", "null", "content-type", "\t"]
+        for alphabet, must_keep_alive in ((printable, True), (controls, False)):
+            sock = self.open_socket()
+            values = self.garbage_strings(rng, alphabet + pieces, 600)
+            for index in range(300):
+                origin, method, asked = values[2 * index], rng.choice(values), values[2 * index + 1]
+                verb = rng.choice(("OPTIONS", "OPTIONS", "GET", "PATCH"))
+                lines = [f"{verb} {rng.choice(['/', '/a.png', '/healthz', '/nothing'])} HTTP/1.1", "Host: ims.test",
+                         f"Origin: {origin}", f"Access-Control-Request-Method: {method}",
+                         f"Access-Control-Request-Headers: {asked}", "Content-Length: 0"]
+                sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                reply = self.read_reply(sock, verb)
+                with self.subTest(index=index, lines=lines):
+                    self.assertLess(reply.status, 500, reply.body)
+                    if reply.headers["Connection"] == "close":
+                        self.assertFalse(must_keep_alive, "printable garbage closed the connection")
+                        sock = self.open_socket()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: ims.test\r\n\r\n")
+            reply = self.read_reply(sock)
+            self.assertEqual(reply.status, 200, reply.body)
+            self.assertEqual(len(reply.json), len(self.stored_files()))
+
+
+class TestCorsAnyOrigin(CorsTestCase):
+    server_options = {"cors_origin": "*"}
+
+    def test_preflight_from_any_origin_is_allowed_with_a_star(self):
+        for origin in ("http://evil.test", "null", CORS_ORIGIN):
+            for path, methods in self.routes:
+                with self.subTest(origin=origin, path=path):
+                    reply = self.preflight(path, origin, sorted(methods)[0], "content-type")
+                    self.assertEqual(reply.status, 204, reply.body)
+                    self.assertEqual(reply.headers.get_all("Access-Control-Allow-Origin"), ["*"])
+                    self.assertEqual({item.upper() for item in list_tokens(reply, "Access-Control-Allow-Methods")}, methods)
+                    self.assertEqual(list_tokens(reply, "Access-Control-Allow-Headers"), {"content-type"})
+                    self.assertEqual(reply.headers["Access-Control-Max-Age"], "600")
+
+    def test_answers_to_any_origin_carry_a_star_and_no_vary_origin(self):
+        for origin in ("http://evil.test", CORS_ORIGIN):
+            for status, reply in self.simple_requests(origin):
+                with self.subTest(origin=origin, status=status):
+                    self.assertEqual(reply.status, status, reply.body)
+                    self.assertSimpleCors(reply, "*")
+
+
+class TestCorsOriginList(CorsTestCase):
+    server_options = {"cors_origin": "http://a.test http://b.test:81,http://c.test"}
+
+    def test_a_string_of_origins_is_split_on_commas_and_spaces(self):
+        for origin in ("http://a.test", "http://b.test:81", "http://c.test"):
+            with self.subTest(origin=origin):
+                reply = self.request("GET", "/", headers={"Origin": origin})
+                self.assertSimpleCors(reply, origin)
+                self.assertEqual(self.preflight("/", origin, "POST").headers["Access-Control-Allow-Origin"], origin)
+        self.assertNoCors(self.request("GET", "/", headers={"Origin": "http://b.test"}))
+
+
+class TestWithoutCors(CorsTestCase):
+    def test_options_stays_405_without_options_in_allow_and_no_cors_headers(self):
+        for path, methods in self.routes:
+            for headers in ({}, {"Origin": CORS_ORIGIN, "Access-Control-Request-Method": "GET"}):
+                with self.subTest(path=path, headers=headers):
+                    reply = self.request("OPTIONS", path, headers=headers)
+                    self.assertError(reply, 405, "OPTIONS")
+                    self.assertEqual({item.upper() for item in list_tokens(reply, "Allow")}, methods)
+                    self.assertNoCors(reply)
+
+    def test_answers_with_an_origin_carry_no_cors_headers(self):
+        for status, reply in self.simple_requests(CORS_ORIGIN):
+            with self.subTest(status=status):
+                self.assertEqual(reply.status, status, reply.body)
+                self.assertNoCors(reply)
+
+
+class TestContentDigest(ResizeTestCase, HTTPTestCase):
+    def setUp(self):
+        super().setUp()
+        self.kept = make_image("PNG", (16, 12))
+        self.store("kept.png", self.kept)
+        self.data = make_image("PNG", (20, 10), color=(10, 200, 10))
+
+    def send_upload(self, name, headers_of, use_chunked=False, data=None, connection=None):
+        """POST `name` with the headers that `headers_of(body)` gives; return the Reply."""
+        body, content_type = multipart_body(files=[("file", name, self.data if data is None else data)])
+        headers = dict(headers_of(body), **{"Content-Type": content_type})
+        if use_chunked:
+            headers["Transfer-Encoding"] = "chunked"
+            body = chunked(body)
+        return self.request("POST", "/", body, headers, connection)
+
+    def assertStored(self, reply, name):
+        self.assertEqual(reply.status, 201, reply.body)
+        self.assertEqual(self.request("GET", "/" + name).body, self.data)
+
+    def assertRefusedAndNothingStored(self, reply, name):
+        self.assertError(reply, 400, None)
+        self.assertEqual(self.request("GET", "/" + name).status, 404)
+        self.assertEqual(self.request("GET", "/").json, ["kept.png"])
+        self.assertEqual(self.stored_files(), ["kept.png"])
+        self.assertNoTempFiles()
+        self.assertEqual(self.request("GET", "/kept.png").body, self.kept)
+
+    def test_correct_digests_are_accepted(self):
+        cases = {
+            "sha-256": lambda body: {"Content-Digest": content_digest(body, "sha-256")},
+            "sha-512": lambda body: {"Content-Digest": content_digest(body, "sha-512")},
+            "both": lambda body: {"Content-Digest": content_digest(body, "sha-256", "sha-512")},
+            "both-reversed": lambda body: {"Content-Digest": content_digest(body, "sha-512", "sha-256")},
+            "md5": lambda body: {"Content-MD5": content_md5(body)},
+            "all": lambda body: {"Content-Digest": content_digest(body, "sha-256"), "Content-MD5": content_md5(body)},
+            "with-unknown": lambda body: {"Content-Digest": f"sha-1=:{b64(hashlib.sha1(body).digest())}:, "
+                                                            + content_digest(body, "sha-512") + ", unixsum=12"},
+            "parameters": lambda body: {"Content-Digest": content_digest(body, "sha-256") + ";note=1"},
+            "spacing": lambda body: {"Content-Digest": "  " + content_digest(body, "sha-256", "sha-512").replace(", ", " ,\t ") + " "},
+        }
+        for index, (kind, headers_of) in enumerate(cases.items()):
+            for use_chunked in (False, True):
+                with self.subTest(kind=kind, chunked=use_chunked):
+                    name = f"ok-{index}-{int(use_chunked)}.png"
+                    self.assertStored(self.send_upload(name, headers_of, use_chunked), name)
+        self.assertNoTempFiles()
+
+    def test_wrong_digests_are_400_and_nothing_is_stored(self):
+        other = b"other bytes"
+        cases = {
+            "sha-256": lambda body: {"Content-Digest": content_digest(other, "sha-256")},
+            "sha-512": lambda body: {"Content-Digest": content_digest(other, "sha-512")},
+            "sha-256 right, sha-512 wrong": lambda body: {
+                "Content-Digest": content_digest(body, "sha-256") + ", " + content_digest(other, "sha-512")},
+            "sha-512 right, sha-256 wrong": lambda body: {
+                "Content-Digest": content_digest(body, "sha-512") + ", " + content_digest(other, "sha-256")},
+            "md5": lambda body: {"Content-MD5": content_md5(other)},
+            "sha-256 right, md5 wrong": lambda body: {"Content-Digest": content_digest(body, "sha-256"), "Content-MD5": content_md5(other)},
+            "md5 right, sha-256 wrong": lambda body: {"Content-Digest": content_digest(other, "sha-256"), "Content-MD5": content_md5(body)},
+            "digest of the file, not the body": lambda body: {"Content-Digest": content_digest(self.data, "sha-256")},
+            "last byte of the body left out": lambda body: {"Content-Digest": content_digest(body[:-1], "sha-256")},
+        }
+        for kind, headers_of in cases.items():
+            for use_chunked in (False, True):
+                with self.subTest(kind=kind, chunked=use_chunked):
+                    self.assertRefusedAndNothingStored(self.send_upload("new.png", headers_of, use_chunked), "new.png")
+
+    def test_a_big_upload_with_a_wrong_digest_leaves_nothing(self):
+        data = encode(noise((400, 400)), "PNG")
+        for use_chunked in (False, True):
+            with self.subTest(chunked=use_chunked):
+                reply = self.send_upload("big.png", lambda body: {"Content-Digest": content_digest(body + b"x", "sha-512")},
+                                         use_chunked, data=data)
+                self.assertRefusedAndNothingStored(reply, "big.png")
+
+    def test_unknown_algorithms_alone_are_ignored(self):
+        for index, value in enumerate(("sha-1=:AAAA:", "md5=:AAAAAAAAAAAAAAAAAAAAAA==:", "unixsum=1", "id-sha-256=:AAAA:",
+                                       "adler=:AAAA:, crc32c=:AAAAAA==:")):
+            with self.subTest(value=value):
+                name = f"unknown-{index}.png"
+                self.assertStored(self.send_upload(name, lambda body: {"Content-Digest": value}), name)
+
+    def test_malformed_headers_are_400(self):
+        def sha256(body):
+            return hashlib.sha256(body).digest()
+
+        cases = {
+            "not base64": lambda body: {"Content-Digest": "sha-256=:!!!!:"},
+            "31 bytes": lambda body: {"Content-Digest": f"sha-256=:{b64(sha256(body)[:-1])}:"},
+            "33 bytes": lambda body: {"Content-Digest": f"sha-256=:{b64(sha256(body) + b'0')}:"},
+            "sha-512 of sha-256's length": lambda body: {"Content-Digest": f"sha-512=:{b64(sha256(body))}:"},
+            "sha-256 of sha-512's length": lambda body: {"Content-Digest": f"sha-256=:{b64(hashlib.sha512(body).digest())}:"},
+            "no colons": lambda body: {"Content-Digest": f"sha-256={b64(sha256(body))}"},
+            "no closing colon": lambda body: {"Content-Digest": f"sha-256=:{b64(sha256(body))}"},
+            "a string": lambda body: {"Content-Digest": f'sha-256="{b64(sha256(body))}"'},
+            "an integer": lambda body: {"Content-Digest": "sha-256=1"},
+            "a token": lambda body: {"Content-Digest": "sha-256=abc"},
+            "an inner list": lambda body: {"Content-Digest": f"sha-256=(:{b64(sha256(body))}:)"},
+            "a bare key": lambda body: {"Content-Digest": "sha-256"},
+            "no key": lambda body: {"Content-Digest": f":{b64(sha256(body))}:"},
+            "a trailing comma": lambda body: {"Content-Digest": content_digest(body, "sha-256") + ","},
+            "hex, not base64": lambda body: {"Content-Digest": f"sha-256=:{hashlib.sha256(body).hexdigest()}:"},
+            "garbage": lambda body: {"Content-Digest": "garbage garbage"},
+            "semicolons": lambda body: {"Content-Digest": ";;;"},
+            "md5 not base64": lambda body: {"Content-MD5": "!!!!"},
+            "md5 of 15 bytes": lambda body: {"Content-MD5": b64(hashlib.md5(body).digest()[:15])},
+            "md5 in hex": lambda body: {"Content-MD5": hashlib.md5(body).hexdigest()},
+            "md5 of sha-256's length": lambda body: {"Content-MD5": b64(sha256(body))},
+        }
+        for kind, headers_of in cases.items():
+            for use_chunked in (False, True):
+                with self.subTest(kind=kind, chunked=use_chunked):
+                    self.assertRefusedAndNothingStored(self.send_upload("new.png", headers_of, use_chunked), "new.png")
+
+    def test_a_dictionary_broken_only_in_an_unknown_algorithm_s_byte_sequence_is_400(self):
+        # RFC 8941 §4.2.7: a byte sequence that does not base64-decode fails the whole field.
+        for extra in (", md5=:A:", ", md5=:AB=CDEFG:", ", crc32c=:AAAAA:"):
+            with self.subTest(extra=extra):
+                reply = self.send_upload("new.png", lambda body: {"Content-Digest": content_digest(body, "sha-256") + extra})
+                self.assertRefusedAndNothingStored(reply, "new.png")
+
+    def digest_mutations(self, count, seed, header, valid_value, expected_ok):
+        """Upload with `count` seeded mutations of `valid_value` in `header`; 400 or 201, and 201 only when
+        `expected_ok(value, body)` says the mutated value is a well-formed one that matches."""
+        rng = random.Random(seed)
+        connection = self.connect()
+        stored, wrong = ["kept.png"], []
+        for index in range(count):
+            name = f"m{index:04}.png"
+            body, content_type = multipart_body(files=[("file", name, self.data)])
+            value = mutate(rng, valid_value(body).encode("latin-1")).replace(b"\r", b"").replace(b"\n", b"")
+            reply = self.request("POST", "/", body, {"Content-Type": content_type, header: value}, connection)
+            if reply.status == 201:
+                stored.append(name)
+                if not expected_ok(value.decode("latin-1"), body):
+                    wrong.append((value, reply.status))
+            elif reply.status != 400:
+                wrong.append((value, reply.status, reply.body[:200]))
+        self.maxDiff = None
+        self.assertEqual(wrong, [], f"{len(wrong)} of {count} mutated headers were answered wrongly")
+        self.assertEqual(self.request("GET", "/").json, sorted(stored))
+        self.assertNoTempFiles()
+
+    def test_seeded_mutations_of_a_content_digest_are_400_or_201_and_201_only_when_it_matches(self):
+        def valid_value(body):
+            return content_digest(body, "sha-256", "sha-512") + f", md5=:{b64(hashlib.md5(body).digest())}:"
+
+        def expected_ok(value, body):
+            """Whether no sha-256 or sha-512 that the header holds fails to match the body."""
+            right = {"sha-256": hashlib.sha256(body).digest(), "sha-512": hashlib.sha512(body).digest()}
+            try:
+                members = parse_sf_dictionary(value)
+            except StructuredFieldError:
+                # Broken elsewhere (say in an unknown algorithm's member): every sha-256 or sha-512
+                # member that can be made out must still be a byte sequence of the right digest.
+                for match in re.finditer(r"(?:^|,)[ \t]*(sha-256|sha-512)=([^,]*)", value.strip(" \t")):
+                    item = re.fullmatch(r":([A-Za-z0-9+/]*=*):(;.*)?", match.group(2).rstrip(" \t"))
+                    if item is None or len(item.group(1).rstrip("=")) % 4 == 1:
+                        return False
+                    core = item.group(1).rstrip("=")
+                    if base64.b64decode(core + "=" * (-len(core) % 4)) != right[match.group(1)]:
+                        return False
+                return True
+            return all(members[name][0] == digest for name, digest in right.items() if name in members)
+
+        self.digest_mutations(2000, SEED, "Content-Digest", valid_value, expected_ok)
+
+    def test_seeded_mutations_of_a_content_md5_are_400_or_201_and_201_only_when_it_matches(self):
+        def expected_ok(value, body):
+            value = value.strip(" \t")
+            if not re.fullmatch(r"[A-Za-z0-9+/]*=*", value) or len(value.rstrip("=")) % 4 == 1:
+                return False
+            core = value.rstrip("=")
+            return base64.b64decode(core + "=" * (-len(core) % 4)) == hashlib.md5(body).digest()
+
+        self.digest_mutations(500, SEED + 1, "Content-MD5", content_md5, expected_ok)
+
+    def jobs_on_disk(self):
+        folder = os.path.join(self.storage, ims.STATE_FOLDER, "jobs")
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+    def test_patch_with_a_wrong_digest_is_400_and_queues_nothing(self):
+        body = json.dumps({"width": 8, "height": 6}).encode()
+        jobs = self.jobs_on_disk()
+        for headers in ({"Content-Digest": content_digest(b"{}", "sha-256")}, {"Content-MD5": content_md5(b"{}")},
+                        {"Content-Digest": "sha-512=:AAAA:"}):
+            with self.subTest(headers=headers):
+                reply = self.patch("kept.png", body=body, headers=dict(headers, **{"Content-Type": "application/json"}))
+                self.assertError(reply, 400, None)
+                self.assertIsNone(reply.headers["Location"])
+                self.assertEqual(self.jobs_on_disk(), jobs)
+        self.assertEqual(self.request("GET", "/kept.png").body, self.kept)
+        # The same body with its right digest is taken.
+        headers = {"Content-Type": "application/json", "Content-Digest": content_digest(body, "sha-256", "sha-512"),
+                   "Content-MD5": content_md5(body)}
+        reply = self.patch("kept.png", body=body, headers=headers)
+        self.assertEqual(reply.status, 202, reply.body)
+        self.assertEqual(self.wait_job(reply.headers["Location"])["state"], "done")
+        self.assertEqual(self.download("kept.png").size, (8, 6))
+
+
+def repr_digest(data, algorithm):
+    function = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}[algorithm]
+    return f"{algorithm}=:{b64(function(data).digest())}:"
+
+
+class TestReprDigest(RenditionTestCase, HTTPTestCase):
+    def setUp(self):
+        super().setUp()
+        self.data = make_image("PNG", (40, 30))
+        self.store("a.png", self.data)
+
+    def get(self, target, want=None, method="GET", headers=None):
+        headers = dict(headers or {})
+        if want is not None:
+            headers["Want-Repr-Digest"] = want
+        return self.request(method, target, headers=headers)
+
+    def test_the_most_preferred_known_algorithm_is_answered_with_the_whole_file_s_digest(self):
+        for want, algorithm in (
+            ("sha-256=1", "sha-256"),
+            ("sha-512=1", "sha-512"),
+            ("sha-512=3, sha-256=1", "sha-512"),
+            ("sha-256=10, sha-512=3", "sha-256"),
+            ("sha-256=0, sha-512=1", "sha-512"),
+            ("sha-512=0, sha-256=5", "sha-256"),
+            ("sha-1=10, sha-256=2", "sha-256"),
+            ("md5=9, unixsum=8, sha-512=1", "sha-512"),
+            ("sha-256=1, id-sha-512=10", "sha-256"),
+        ):
+            for method in ("GET", "HEAD"):
+                with self.subTest(want=want, method=method):
+                    reply = self.get("/a.png", want, method)
+                    self.assertEqual(reply.status, 200, reply.body)
+                    self.assertEqual(reply.headers.get_all("Repr-Digest"), [repr_digest(self.data, algorithm)])
+                    self.assertEqual(reply.body, self.data if method == "GET" else b"")
+
+    def test_no_digest_without_a_positive_preference_for_a_known_algorithm(self):
+        for want in (None, "sha-256=0", "sha-256=0, sha-512=0", "sha-1=5", "md5=1", "unixsum=10, crc32c=3"):
+            with self.subTest(want=want):
+                reply = self.get("/a.png", want)
+                self.assertEqual((reply.status, reply.body), (200, self.data))
+                self.assertIsNone(reply.headers["Repr-Digest"])
+
+    def test_equal_preferences_give_either_known_digest(self):
+        reply = self.get("/a.png", "sha-256=1, sha-512=1")
+        self.assertIn(reply.headers["Repr-Digest"], (repr_digest(self.data, "sha-256"), repr_digest(self.data, "sha-512")))
+
+    def test_garbage_preferences_give_a_200_and_no_wrong_digest(self):
+        rng = random.Random(SEED)
+        fixed = ["!!!", "sha-256", "sha-256=", "sha-256=:abc:", ",,,", "=1", "sha-256=-1", "sha-256=abc", "sha-256=1.5",
+                 "sha-256=99999999999999999999", "SHA-256=1", "sha-256=1,", '"sha-256"=1', "sha-256=1;q=0"]
+        pieces = ["sha-256", "sha-512", "=", ",", " ", ";", ":", "1", "0", "10", "-", "\t", '"', "(", ")", "?1", "a"]
+        values = fixed + ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12))) for _ in range(300)]
+        connection = self.connect()
+        good = {repr_digest(self.data, "sha-256"), repr_digest(self.data, "sha-512")}
+        for value in values:
+            with self.subTest(value=value):
+                reply = self.request("GET", "/a.png", headers={"Want-Repr-Digest": value}, connection=connection)
+                self.assertEqual((reply.status, reply.body), (200, self.data))
+                digests = reply.headers.get_all("Repr-Digest") or []
+                self.assertLessEqual(len(digests), 1)
+                self.assertLessEqual(set(digests), good)
+        self.assertConnectionStillServes(connection)
+
+    def test_a_range_answer_carries_the_whole_file_s_digest(self):
+        for want, algorithm in (("sha-256=1", "sha-256"), ("sha-512=1", "sha-512")):
+            with self.subTest(want=want):
+                reply = self.get("/a.png", want, headers={"Range": "bytes=0-9"})
+                self.assertEqual((reply.status, reply.body), (206, self.data[:10]))
+                self.assertEqual(reply.headers["Repr-Digest"], repr_digest(self.data, algorithm))
+                reply = self.get("/a.png", want, headers={"Range": "bytes=-5"})
+                self.assertEqual((reply.status, reply.body), (206, self.data[-5:]))
+                self.assertEqual(reply.headers["Repr-Digest"], repr_digest(self.data, algorithm))
+
+    def test_a_rendition_carries_the_digest_of_its_own_bytes(self):
+        for query in ("width=10", "width=12&format=jpeg", "height=7&format=webp"):
+            for want, algorithm in (("sha-256=1", "sha-256"), ("sha-512=2, sha-256=1", "sha-512")):
+                with self.subTest(query=query, want=want):
+                    reply = self.get(f"/a.png?{query}", want)
+                    self.assertEqual(reply.status, 200, reply.body)
+                    self.assertNotEqual(reply.body, self.data)
+                    self.assertEqual(reply.headers["Repr-Digest"], repr_digest(reply.body, algorithm))
+                    head = self.get(f"/a.png?{query}", want, "HEAD")
+                    self.assertEqual(head.headers["Repr-Digest"], repr_digest(reply.body, algorithm))
+                    ranged = self.get(f"/a.png?{query}", want, headers={"Range": "bytes=2-5"})
+                    self.assertEqual((ranged.status, ranged.body), (206, reply.body[2:6]))
+                    self.assertEqual(ranged.headers["Repr-Digest"], repr_digest(reply.body, algorithm))
+
+    def test_the_digest_is_computed_once_per_stored_version(self):
+        calls = []
+
+        class CountingHashlib:
+            """ims's view of hashlib, counting the sha-256 and sha-512 hashers it makes."""
+
+            def __getattr__(self, attribute):
+                real = getattr(hashlib, attribute)
+                if attribute not in ("new", "sha256", "sha512", "file_digest"):
+                    return real
+
+                def counted(*arguments, **keywords):
+                    name = attribute if attribute.startswith("sha") else str(arguments[0] if arguments else "")
+                    if name.replace("-", "").lower() in ("sha256", "sha512") or attribute == "file_digest":
+                        calls.append(name)
+                    return real(*arguments, **keywords)
+
+                return counted
+
+        with mock.patch.object(ims, "hashlib", CountingHashlib()):
+            first = self.get("/a.png", "sha-256=1")
+            if not calls:
+                self.skipTest("ims hashes in a way this test cannot count")
+            self.assertEqual(first.headers["Repr-Digest"], repr_digest(self.data, "sha-256"))
+            counted = len(calls)
+            for _ in range(10):
+                self.assertEqual(self.get("/a.png", "sha-256=1").headers["Repr-Digest"], first.headers["Repr-Digest"])
+                self.assertEqual(self.get("/a.png", "sha-256=1", "HEAD").headers["Repr-Digest"], first.headers["Repr-Digest"])
+                self.assertEqual(self.get("/a.png", "sha-256=1", headers={"Range": "bytes=1-2"}).status, 206)
+            self.assertEqual(len(calls), counted, "the digest of one version was computed again")
+
+    def test_the_digest_follows_a_resize_and_a_new_upload(self):
+        before = self.get("/a.png", "sha-256=1").headers["Repr-Digest"]
+        self.assertEqual(self.wait_job(self.submit("a.png", "width=20&height=15"))["state"], "done")
+        reply = self.get("/a.png", "sha-256=1")
+        self.assertEqual(decode(reply.body).size, (20, 15))
+        self.assertEqual(reply.headers["Repr-Digest"], repr_digest(reply.body, "sha-256"))
+        self.assertNotEqual(reply.headers["Repr-Digest"], before)
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        other = make_image("PNG", (40, 30), color=(0, 0, 0))
+        self.store("a.png", other)
+        self.assertEqual(self.get("/a.png", "sha-512=1").headers["Repr-Digest"], repr_digest(other, "sha-512"))
+        self.assertEqual(self.get("/a.png", "sha-256=1").headers["Repr-Digest"], repr_digest(other, "sha-256"))
+
+
+def upright(size, orientation):
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+class TestFacts(ResizeTestCase, HTTPTestCase):
+    def facts(self, name, query="facts", method="GET"):
+        reply = self.request(method, f"/{name}?{query}")
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(reply.headers["Content-Type"], "application/json")
+        return reply
+
+    def expected(self, name, data):
+        """The facts of `data` stored as `name`, as this Pillow reads them, and as the download shows them."""
+        download = self.request("GET", "/" + name)
+        self.assertEqual(download.body, data)
+        with Image.open(io.BytesIO(data)) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION)
+            frames = getattr(image, "n_frames", 1)
+            image_format = ims.FORMAT_ALIASES.get(image.format, image.format)
+            stored_size = image.size
+            if image_format == "TIFF":
+                # Newer Pillows report a turned TIFF's upright size on opening; the file's own tags
+                # (ImageWidth, ImageLength) hold the size as stored.
+                stored_size = (image.tag_v2[256], image.tag_v2[257])
+            return {
+                "name": name, "format": image_format, "content_type": ims.CONTENT_TYPE_BY_FORMAT[image_format],
+                "bytes": len(data), "etag": download.headers["ETag"],
+                "width": stored_size[0], "height": stored_size[1],
+                "upright_width": upright(stored_size, orientation)[0], "upright_height": upright(stored_size, orientation)[1],
+                "orientation": orientation, "frames": frames, "animated": frames > 1,
+                "icc_profile": bool(image.info.get("icc_profile")), "mode": image.mode,
+            }
+
+    def check(self, name, data, **fixed):
+        """Store `data` as `name`; its facts are what Pillow reads and what `fixed` says; return them."""
+        self.store(name, data)
+        facts = self.facts(name).json
+        self.assertEqual(set(facts), FACT_FIELDS)
+        expected = self.expected(name, data)
+        self.assertEqual({field: value for field, value in facts.items() if field != "last_modified"}, expected)
+        self.assertLastModified(facts, name)
+        for field, value in fixed.items():
+            self.assertEqual(facts[field], value, field)
+        for field in ("bytes", "width", "height", "upright_width", "upright_height", "frames"):
+            self.assertIs(type(facts[field]), int, field)
+        for field in ("animated", "icc_profile"):
+            self.assertIs(type(facts[field]), bool, field)
+        return facts
+
+    def assertLastModified(self, facts, name):
+        """The facts' last_modified is the download's Last-Modified: the same text, or the same moment."""
+        header = self.request("HEAD", "/" + name).headers["Last-Modified"]
+        value = facts["last_modified"]
+        self.assertIsInstance(value, str)
+        if value != header:
+            self.assertEqual(int(epoch_of(value)), email.utils.parsedate_to_datetime(header).timestamp(), value)
+
+    def test_a_jpeg_turned_by_exif_orientation_6(self):
+        self.check("turned.jpg", make_image("JPEG", (64, 48), orientation=6), format="JPEG", content_type="image/jpeg",
+                   width=64, height=48, upright_width=48, upright_height=64, orientation=6, frames=1, animated=False,
+                   icc_profile=False, mode="RGB")
+
+    def test_the_sample_photo_with_orientation_and_an_icc_profile(self):
+        with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as file:
+            data = file.read()
+        facts = self.check("IMG_X.jpeg", data, format="JPEG", icc_profile=True, frames=1, animated=False)
+        self.assertEqual(facts["orientation"], 6)
+        self.assertEqual((facts["upright_width"], facts["upright_height"]), (facts["height"], facts["width"]))
+
+    def test_a_png_with_alpha_and_one_with_an_icc_profile(self):
+        self.check("alpha.png", make_image("PNG", (30, 20), mode="RGBA"), format="PNG", content_type="image/png",
+                   width=30, height=20, upright_width=30, upright_height=20, orientation=None, frames=1,
+                   animated=False, icc_profile=False, mode="RGBA")
+        self.check("icc.png", make_image("PNG", (30, 20), icc=ICC_PROFILE), icc_profile=True, orientation=None)
+
+    def test_animated_gif_and_webp(self):
+        self.check("anim.gif", animation("GIF"), format="GIF", content_type="image/gif", frames=3, animated=True,
+                   width=64, height=48)
+        self.check("anim.webp", animation("WEBP"), format="WEBP", content_type="image/webp", frames=3, animated=True,
+                   width=64, height=48)
+
+    def test_still_gif_webp_tiff_and_bmp(self):
+        self.check("still.gif", make_image("GIF"), format="GIF", frames=1, animated=False)
+        self.check("still.webp", make_image("WEBP"), format="WEBP", frames=1, animated=False)
+        self.check("a.tif", make_image("TIFF", (33, 22)), format="TIFF", content_type="image/tiff", width=33, height=22,
+                   orientation=None, frames=1)
+        turned = io.BytesIO()
+        Image.open(io.BytesIO(make_image("PNG", (33, 22)))).save(turned, "TIFF", tiffinfo={EXIF_ORIENTATION: 8})
+        self.check("b.tiff", turned.getvalue(), width=33, height=22, upright_width=22, upright_height=33,
+                   orientation=8)
+        self.check("a.bmp", make_image("BMP", (17, 9)), format="BMP", content_type="image/bmp", width=17, height=9,
+                   frames=1, mode="RGB")
+
+    def test_head_and_an_empty_facts_value(self):
+        data = make_image("JPEG", orientation=3)
+        self.store("a.jpg", data)
+        get = self.facts("a.jpg")
+        head = self.facts("a.jpg", method="HEAD")
+        self.assertEqual(head.body, b"")
+        self.assertEqual(head.headers["Content-Length"], str(len(get.body)))
+        self.assertEqual(int(get.headers["Content-Length"]), len(get.body))
+        self.assertEqual(self.facts("a.jpg", "facts=").json, get.json)
+        self.assertEqual(get.json["orientation"], 3)
+
+    def test_facts_with_another_parameter_is_400(self):
+        self.store("a.png", make_image("PNG"))
+        for query in ("facts&width=3", "width=3&facts", "facts&format=png", "facts=&quality=50", "facts&bogus=1"):
+            with self.subTest(query=query):
+                self.assertError(self.request("GET", f"/a.png?{query}"), 400, None)
+
+    def test_facts_ignore_cache_busters_as_downloads_do_and_refuse_other_parameters(self):
+        self.store("a.png", make_image("PNG"))
+        for query in ("facts&v=1", "facts&utm_source=x", "_=123&facts"):
+            with self.subTest(query=query):
+                self.assertEqual(self.request("GET", f"/a.png?{query}").json["format"], "PNG")
+        for query in ("facts&width=3", "facts&widht=3", "format=png&facts"):
+            with self.subTest(query=query):
+                self.assertError(self.request("GET", f"/a.png?{query}"), 400, "facts")
+
+    def test_unknown_name_is_404_and_a_file_that_is_no_image_is_422(self):
+        self.assertError(self.request("GET", "/missing.png?facts"), 404, None)
+        self.put_file("fake.png", b"this is no image at all" * 10)
+        self.put_file("cut.jpg", make_image("JPEG")[:20])
+        for name in ("fake.png", "cut.jpg"):
+            with self.subTest(name=name):
+                self.assertError(self.request("GET", f"/{name}?facts"), 422, None)
+                self.assertEqual(self.request("HEAD", f"/{name}?facts").status, 422)
+
+    def png_header_and_a_little_data(self, width, height):
+        """A PNG whose header says `width` x `height` and whose pixel data runs out at once: no decoder reads it."""
+        import zlib
+
+        data = png_without_pixels(width, height)
+        pixels = b"IDAT" + zlib.compress(bytes(1000))
+        data = data[:-12] + struct.pack(">I", len(pixels) - 4) + pixels + struct.pack(">I", zlib.crc32(pixels)) + data[-12:]
+        with self.assertRaises(Exception):
+            decode(data)
+        return data
+
+    def test_facts_come_from_the_header_without_decoding_the_pixels(self):
+        self.put_file("big.png", self.png_header_and_a_little_data(9000, 8000))
+        facts = self.facts("big.png").json
+        self.assertEqual((facts["width"], facts["height"], facts["upright_width"], facts["upright_height"]),
+                         (9000, 8000, 9000, 8000))
+        self.assertEqual((facts["format"], facts["frames"], facts["animated"], facts["mode"]), ("PNG", 1, False, "RGB"))
+
+    def test_facts_of_an_image_over_twice_the_pixel_limit_are_422_like_its_renditions(self):
+        # 600 megapixels, placed by hand (no upload can store it): Pillow's decompression-bomb guard,
+        # at twice --max-pixels, refuses to open it at all.
+        self.put_file("huge.png", self.png_header_and_a_little_data(30000, 20000))
+        self.assertError(self.request("GET", "/huge.png?facts"), 422, "huge.png")
+        self.put_file("large.png", self.png_header_and_a_little_data(9000, 8000))
+        self.assertEqual(self.facts("large.png").json["width"], 9000)
+
+    def test_the_gallery_tiles_show_format_upright_size_frames_and_icc(self):
+        with open(os.path.join(HERE, "IMG_X.jpeg"), "rb") as file:
+            photo = file.read()
+        self.store("photo.jpeg", photo)
+        self.store("anim.gif", animation("GIF"))
+        self.store("plain.png", make_image("PNG", (30, 20)))
+        page = self.request("GET", "/", headers={"Accept": "text/html"})
+        self.assertEqual(page.status, 200)
+        tiles = {}
+        for tile in page.body.decode("utf-8").split('<li class="tile"')[1:]:
+            name = re.search(r'data-name="([^"]*)"', tile).group(1)
+            tiles[name] = html.unescape(re.sub(r"<[^>]*>", " ", tile.split("</li>")[0]))
+        self.assertEqual(set(tiles), {"photo.jpeg", "anim.gif", "plain.png"})
+        photo_facts = self.facts("photo.jpeg").json
+        upright_size = f"{photo_facts['upright_width']}×{photo_facts['upright_height']}"
+        for name, words in (("photo.jpeg", ("JPEG", upright_size, "ICC")), ("anim.gif", ("GIF", "64×48", "3")),
+                            ("plain.png", ("PNG", "30×20"))):
+            for word in words:
+                self.assertIn(word, tiles[name], name)
+        self.assertNotIn("ICC", tiles["plain.png"])
+
+    def test_facts_follow_a_resize(self):
+        data = make_image("JPEG", (64, 48), orientation=6)
+        self.store("a.jpg", data)
+        before = self.facts("a.jpg").json
+        self.assertEqual(self.wait_job(self.submit("a.jpg", "width=20&height=30"))["state"], "done")
+        after = self.facts("a.jpg").json
+        resized = self.request("GET", "/a.jpg")
+        self.assertEqual((after["width"], after["height"], after["upright_width"], after["upright_height"]), (20, 30, 20, 30))
+        self.assertIn(after["orientation"], (None, 1))
+        self.assertEqual(after["bytes"], len(resized.body))
+        self.assertEqual(after["etag"], resized.headers["ETag"])
+        self.assertNotEqual(after["etag"], before["etag"])
+
+
+ISO_UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+class TestJsonLogs(RealProcessTestCase):
+    """`python3 ims.py --log-format json`: one JSON object per line on stderr."""
+
+    def start(self, *arguments, env=None):
+        instance = self.start_instance(*arguments, env=env)
+        self.port = instance.port
+        with open(instance.log_path, "rb") as file:
+            self.log_start = len(file.read())
+        return instance
+
+    def events(self, instance):
+        """Return every line of stderr written since the start, each parsed as a JSON object."""
+        with open(instance.log_path, "rb") as file:
+            data = file.read()[self.log_start:]
+        text = data.decode("utf-8")  # JSON text is UTF-8 (RFC 8259); anything else fails here
+        complete, _, _ = text.rpartition("\n")
+        events = []
+        for line in complete.split("\n") if complete else []:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                self.fail(f"a line of stderr is no JSON: {line[:300]!r}")
+            self.assertIsInstance(event, dict, line)
+            self.assertIn(event.get("event"), ("request", "job", "error"), line)
+            events.append(event)
+        return events
+
+    def event_of(self, instance, **fields):
+        """Wait for the one event with `fields` and return it."""
+        def found():
+            return [event for event in self.events(instance) if all(event.get(key) == value for key, value in fields.items())]
+
+        try:
+            wait_for(found)
+        except AssertionError:
+            self.fail(f"no event with {fields}; the log has {self.events(instance)[-5:]}")
+        matches = found()
+        self.assertEqual(len(matches), 1, matches)
+        return matches[0]
+
+    def assertRequestEvent(self, instance, reply, method, path, sent_before):
+        event = self.event_of(instance, event="request", request_id=reply.headers["X-Request-Id"])
+        self.assertEqual(set(event), REQUEST_LOG_FIELDS, event)
+        self.assertIsNotNone(ISO_UTC_TIME.fullmatch(event["time"]), event["time"])
+        self.assertLessEqual(abs(epoch_of(event["time"]) - sent_before), DEADLINE_SECONDS)
+        self.assertEqual((event["client"], event["method"], event["path"]), ("127.0.0.1", method, path))
+        self.assertIs(type(event["status"]), int)
+        self.assertEqual(event["status"], reply.status)
+        self.assertIs(type(event["bytes"]), int)
+        self.assertEqual(event["bytes"], len(reply.body))
+        self.assertIs(type(event["duration"]), float)
+        self.assertGreaterEqual(event["duration"], 0)
+        self.assertLess(event["duration"], DEADLINE_SECONDS)
+        return event
+
+    def test_every_request_is_one_json_line_with_the_contract_s_fields(self):
+        instance = self.start("--log-format", "json")
+        data = make_image("PNG", (40, 30))
+        body, content_type = multipart_body(files=[("file", "a.png", data)])
+        connection = self.connect()
+        etag = None
+        for method, path, headers, request_body, status in (
+            ("GET", "/?x=1", {"X-Request-Id": "client-id-1"}, None, 200),
+            ("POST", "/", {"Content-Type": content_type}, body, 201),
+            ("GET", "/a.png", {}, None, 200),
+            ("GET", "/a.png?width=3", {}, None, 200),
+            ("HEAD", "/a.png", {}, None, 200),
+            ("GET", "/a.png", {"Range": "bytes=0-9"}, None, 206),
+            ("GET", "/a.png", "etag", None, 304),
+            ("GET", "/missing.png?v=2", {}, None, 404),
+            ("GET", "/a.png?width=abc", {}, None, 400),
+            ("PUT", "/", {}, b"", 405),
+            ("GET", "/healthz", {}, None, 200),
+        ):
+            with self.subTest(method=method, path=path, status=status):
+                if headers == "etag":
+                    headers = {"If-None-Match": etag}
+                sent_before = time.time()
+                reply = self.request(method, path, request_body, headers, connection)
+                self.assertEqual(reply.status, status, reply.body)
+                etag = etag or reply.headers["ETag"] if path == "/a.png" else etag
+                event = self.assertRequestEvent(instance, reply, method, path, sent_before)
+                if "X-Request-Id" in headers:
+                    self.assertEqual(event["request_id"], headers["X-Request-Id"])
+                else:
+                    self.assertIsNotNone(MADE_REQUEST_ID.fullmatch(event["request_id"]))
+        self.events(instance)
+
+    def test_jobs_that_end_are_logged(self):
+        instance = self.start("--log-format", "json")
+        self.store("a.png", make_image("PNG", (40, 30)))
+        with open(os.path.join(self.storage, "broken.png"), "wb") as file:
+            file.write(make_image("PNG", (64, 48))[:60])
+        for name, state in (("a.png", "done"), ("broken.png", "failed")):
+            with self.subTest(state=state):
+                location = self.submit(name, "width=10&height=10")
+                job = self.wait_job(location)
+                self.assertEqual(job["state"], state)
+                event = self.event_of(instance, event="job", job=job_id_of(location))
+                self.assertEqual(set(event), JOB_LOG_FIELDS, event)
+                self.assertIsNotNone(ISO_UTC_TIME.fullmatch(event["time"]), event["time"])
+                self.assertEqual((event["image"], event["state"]), (name, state))
+                if state == "done":
+                    self.assertIsNone(event["error"])
+                    self.assertIs(type(event["duration"]), float)
+                    self.assertGreaterEqual(event["duration"], 0)
+                else:
+                    self.assertIsInstance(event["error"], str)
+                    self.assertTrue(event["error"])
+                    self.assertIn(type(event["duration"]), (float, type(None)))
+        self.events(instance)
+
+    def test_a_job_cancelled_by_a_delete_is_logged(self):
+        instance = self.start("--log-format", "json", "--resize-workers", "1")
+        self.store("slow.png", SLOW_SOURCE)
+        self.hold_resize(self.submit("slow.png", SLOW_FOREVER))
+        self.store("a.png", make_image("PNG"))
+        location = self.submit("a.png", "width=10&height=10")
+        self.assertEqual(self.request("DELETE", "/a.png").status, 204)
+        self.assertEqual(self.wait_job(location)["state"], "cancelled")
+        event = self.event_of(instance, event="job", job=job_id_of(location))
+        self.assertEqual(set(event), JOB_LOG_FIELDS, event)
+        self.assertEqual((event["image"], event["state"]), ("a.png", "cancelled"))
+        self.assertIn(type(event["duration"]), (float, type(None)))
+        self.events(instance)
+
+    def test_hostile_methods_and_paths_still_give_one_json_line_each(self):
+        instance = self.start("--log-format", "json")
+        for request_line in (
+            b'GET /a"b\\c.png HTTP/1.1',
+            b"GET /\x01\x1b[31m\x7f.png HTTP/1.1",
+            b"GET /\xff\xfe\xc3(.png?\xff=\xfe HTTP/1.1",
+            b"GET /\xe2\x80\xa8\xe2\x80\xa9.png?a=\"'\\ HTTP/1.1",
+            b'B"R\\EW / HTTP/1.1',
+            b"GET\x00 / HTTP/1.1",
+            b"\xff\xfe / HTTP/1.1",
+            b"GET /%22%5C%00%0A.png?x=%ff HTTP/1.1",
+            b"GARBAGE\x00\x01",
+            b"GET /a.png HTTP/1.1\r\nX-Request-Id: \x01\xff\"\\",
+            b"GET /a.png HTTP/1.1\r\nUser-Agent: \xff\"\\\x1b\r\nReferer: \"\\",
+        ):
+            with self.subTest(request_line=request_line):
+                before = len(self.events(instance))
+                reply = self.parse_reply(self.raw_exchange(request_line + b"\r\nHost: ims.test\r\nConnection: close\r\n\r\n"))
+                self.assertLess(reply.status, 500, reply.body)
+                event = self.event_of(instance, event="request", request_id=reply.headers["X-Request-Id"])
+                self.assertEqual(event["status"], reply.status)
+                self.assertEqual(set(event), REQUEST_LOG_FIELDS, event)
+                # What could not be parsed may be null; what could is text.
+                self.assertIsInstance(event["method"], (str, type(None)))
+                self.assertIsInstance(event["path"], (str, type(None)))
+                self.assertEqual(len(self.events(instance)), before + 1)
+        self.assertEqual(self.request("GET", "/").status, 200)
+
+    def test_the_environment_variable_chooses_json_too(self):
+        instance = self.start(env={"IMS_LOG_FORMAT": "json"})
+        reply = self.request("GET", "/?from=env")
+        self.assertRequestEvent(instance, reply, "GET", "/?from=env", time.time())
+
+    def test_the_default_stays_the_common_log_format(self):
+        instance = self.start()
+        reply = self.request("GET", "/?x=1")
+        self.assertEqual(reply.status, 200)
+        line = self.wait_for_log(instance, '"GET /?x=1 HTTP/1.1"')
+        self.assertRegex(line, r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4} \d\d:\d\d:\d\d\] "GET /\?x=1 HTTP/1\.1" 200 -?\d*$')
+        with self.assertRaises(ValueError):
+            json.loads(line)
+
+    def test_an_unknown_log_format_exits_with_status_2_and_usage(self):
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "ims.py"), "--port", "0", "--storage", self.storage, "--log-format", "xml"],
+            capture_output=True, text=True, timeout=DEADLINE_SECONDS, cwd=HERE,
+        )
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("usage:", result.stderr)
+        self.assertIn("--log-format", result.stderr)
+        self.assertIn("xml", result.stderr)
+        self.assertEqual(result.stdout, "")
+
+
+class TestJsonErrorEvents(HTTPTestCase):
+    """An unexpected error in an in-process server that logs JSON: an "error" event beside the request's."""
+
+    def setUp(self):
+        self.stderr = io.StringIO()
+        patcher = mock.patch("sys.stderr", self.stderr)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tempdir.cleanup)
+        self.storage = os.path.join(self.tempdir.name, "storage")
+        self.server = ims.make_server(self.storage, host="127.0.0.1", port=0, quiet=False, log_format="json")
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        thread.start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.host, self.port = self.server.server_address[:2]
+
+    def events(self):
+        lines = self.stderr.getvalue().split("\n")
+        return [json.loads(line) for line in lines[:-1]]
+
+    def test_a_500_logs_an_error_event_with_the_traceback_and_a_request_event(self):
+        with mock.patch.object(ims.Handler, "list_images", side_effect=RuntimeError("boom \" \\ \x01")):
+            reply = self.request("GET", "/?q=1", headers={"X-Request-Id": "broken-1"})
+        self.assertError(reply, 500, None)
+        self.assertEqual(reply.headers["X-Request-Id"], "broken-1")
+        wait_for(lambda: len([event for event in self.events() if event.get("request_id") == "broken-1"]) == 2)
+        events = {event["event"]: event for event in self.events() if event.get("request_id") == "broken-1"}
+        self.assertEqual(set(events), {"error", "request"})
+        error = events["error"]
+        self.assertEqual(set(error), {"time", "event", "request_id", "message", "traceback"})
+        self.assertIsNotNone(ISO_UTC_TIME.fullmatch(error["time"]))
+        self.assertIsInstance(error["message"], str)
+        self.assertIn("boom", error["traceback"])
+        self.assertIn("RuntimeError", error["traceback"])
+        self.assertEqual((events["request"]["status"], events["request"]["path"]), (500, "/?q=1"))
+        for line in self.stderr.getvalue().split("\n")[:-1]:
+            self.assertIsInstance(json.loads(line), dict, line)
+
+
+class TestCorsCommandLine(RealProcessTestCase):
+    def test_the_flag_repeats_and_the_environment_variable_splits_on_commas_and_spaces(self):
+        for arguments, env in (
+            (("--cors-origin", "http://a.test", "--cors-origin", "http://b.test:81"), None),
+            ((), {"IMS_CORS_ORIGIN": "http://a.test, http://b.test:81"}),
+            ((), {"IMS_CORS_ORIGIN": "http://a.test http://b.test:81"}),
+        ):
+            with self.subTest(arguments=arguments, env=env):
+                self.port = self.start_instance(*arguments, env=env).port
+                for origin in ("http://a.test", "http://b.test:81"):
+                    reply = self.request("OPTIONS", "/", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+                    self.assertEqual(reply.status, 204, reply.body)
+                    self.assertEqual(reply.headers["Access-Control-Allow-Origin"], origin)
+                reply = self.request("GET", "/", headers={"Origin": "http://c.test"})
+                self.assertEqual(cors_headers(reply), [])
+        self.port = self.start_instance().port
+        self.assertEqual(self.request("OPTIONS", "/", headers={"Origin": "http://a.test"}).status, 405)
 
 
 if __name__ == "__main__":
