@@ -4426,6 +4426,8 @@ CORS_EXPOSED_HEADERS = "Location, ETag, Last-Modified, Retry-After, Content-Disp
 CORS_MAX_AGE = 600
 _HEADER_NAME_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 NO_HEADERS = Headers()
+# An Origin field in a head too long to parse, for the CORS headers of its 414 or 431.
+_ORIGIN_FIELD = re.compile(rb"\nOrigin:[ \t]*([\x21-\x7e]+)[ \t]*\r?\n", re.IGNORECASE)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -4487,6 +4489,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         except HTTPError as error:
             self.started = time.perf_counter()
+            # A page on another origin reads this answer too, if the head read so far names an
+            # origin allowed.
+            origin = _ORIGIN_FIELD.search(self.partial_head)
+            if origin is not None:
+                self.headers = Headers([("Origin", origin.group(1).decode("ascii"))])
             self.send_error(error.status, error.message)
             self.end_request()
             return
@@ -4532,7 +4539,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         MAX_REQUEST_LINE_BYTES, and 431 when the head outgrows MAX_HEAD_BYTES.
         """
         deadline = time.monotonic() + self.timeout
-        head = b""
+        head = self.partial_head = b""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -4553,7 +4560,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.rfile.read(len(data) - len(stripped))
                 data = stripped
             searched_from = max(0, len(head) - 3)
-            head += data
+            head = self.partial_head = head + data
             end = _HEAD_END.search(head, searched_from)
             consumed = end.end() - (len(head) - len(data)) if end else len(data)
             self.rfile.read(consumed)

@@ -25,6 +25,7 @@ import random
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -11268,6 +11269,1220 @@ class TestCorsCommandLine(RealProcessTestCase):
                 self.assertEqual(cors_headers(reply), [])
         self.port = self.start_instance().port
         self.assertEqual(self.request("OPTIONS", "/", headers={"Origin": "http://a.test"}).status, 405)
+
+
+# ====
+# Issue 12: CORS in a real browser
+# ====
+# A front end served from another origin (a second, tiny stdlib server on another port of
+# 127.0.0.1) whose script talks to a real `python3 ims.py` with fetch() and XMLHttpRequest, in
+# headless Chromium: the list, an upload, a download, a resize and its job, deletes with If-Match,
+# digests, errors (400, 404, 412, 413, 414, 431, 503). With --cors-origin naming the front end (or
+# `*`) every read succeeds and the exposed headers are readable; without it, or with another
+# origin, the browser blocks every read, says so in its console, and sends no preflighted request
+# at all. The page writes what it saw into its DOM, one <li> of JSON per step; the test reads them.
+# And the gallery page's tiles, showing the image facts, in the same browser.
+
+import http.server  # noqa: E402 (the front end's server, here with the only tests that need it)
+
+FRONT_END_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Another origin</title><link rel="icon" href="data:,"></head>
+<body><h1>A front end on another origin</h1><ol id="results"></ol><script src="/front.js"></script></body></html>
+"""
+
+# Reads from its own address ?ims= (IMS's origin) and ?mode=: "scenario" (the default: the steps of
+# FRONT_END_STEPS, uploading as ?name=, and with ?credentialed=1 one more request, with
+# credentials), "errors" (an upload of ?big= bytes, a request line too long, a request head too
+# large: errors that IMS answers early) or "health" (GET /healthz). A step that cannot read its
+# answer records the error fetch() rejected with (or XMLHttpRequest's error event); later steps
+# then fall back on what the page knows without reading: the upload's name, If-Match values of its
+# own. Every body that is not JSON is recorded as its length and SHA-256.
+FRONT_END_SCRIPT = r"""
+"use strict";
+const query = new URLSearchParams(location.search);
+const ims = query.get("ims"), name = query.get("name");
+const results = document.getElementById("results");
+const READ = ["Location", "ETag", "Last-Modified", "X-Request-Id", "Content-Type", "Retry-After", "Repr-Digest"];
+
+function record(step, value) {
+  const item = document.createElement("li");
+  item.dataset.step = step;
+  item.textContent = JSON.stringify(value);
+  results.append(item);
+  return value;
+}
+
+async function call(step, path, init) {
+  let response;
+  try {
+    response = await fetch(ims + path, init);
+  } catch (error) {
+    return record(step, {ok: false, error: error.name + ": " + error.message});
+  }
+  const headers = {};
+  for (const header of READ) headers[header] = response.headers.get(header);
+  const visible = Array.from(response.headers.keys());
+  const type = response.headers.get("Content-Type") || "";
+  let body;
+  if (type.startsWith("application/json")) {
+    body = await response.json();
+  } else {
+    const bytes = await response.arrayBuffer();
+    body = {bytes: bytes.byteLength, sha256: await sha256(bytes)};
+  }
+  return record(step, {ok: true, status: response.status, headers, visible, body});
+}
+
+async function sha256(data) {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return btoa(String.fromCharCode(...digest));
+}
+
+function uploadWithXhr(file) {
+  return new Promise((resolve) => {
+    const form = new FormData();
+    form.append("file", file, name);
+    const request = new XMLHttpRequest();
+    request.open("POST", ims + "/");
+    request.onload = () => {
+      const headers = {};
+      for (const header of READ) headers[header] = request.getResponseHeader(header);
+      let body = request.responseText;
+      try { body = JSON.parse(body); } catch (error) { /* kept as text */ }
+      resolve(record("upload", {ok: true, status: request.status, headers, body}));
+    };
+    request.onerror = () => resolve(record("upload", {ok: false, status: request.status, error: "XMLHttpRequest error event"}));
+    request.send(form);
+  });
+}
+
+async function run() {
+  await call("list", "/");
+  const picture = await (await fetch("/upload.png")).blob();
+  const upload = await uploadWithXhr(picture);
+  const path = (upload.ok && upload.headers.Location) || "/" + encodeURIComponent(name);
+  const first = await call("get", path);
+  const firstTag = (first.ok && first.headers.ETag) || '"not-read"';
+  // A body whose Content-Digest does not match it is refused, as the server reads it.
+  const parameters = JSON.stringify({width: 20, height: 10, fit: "fill"});
+  const wrong = await sha256(new TextEncoder().encode(parameters + " "));
+  await call("bad-digest-patch", path, {method: "PATCH", body: parameters,
+                                        headers: {"Content-Type": "application/json", "Content-Digest": "sha-256=:" + wrong + ":"}});
+  const resize = await call("patch", path, {method: "PATCH", headers: {"Content-Type": "application/json"}, body: parameters});
+  if (resize.ok && resize.headers.Location) await call("job", resize.headers.Location + "?wait=30");
+  else record("job", {ok: false, error: "no job to follow"});
+  await call("stale-delete", path, {method: "DELETE", headers: {"If-Match": firstTag}});
+  const second = await call("get-again", path, {headers: {"Want-Repr-Digest": "sha-256=5"}});
+  const tag = (second.ok && second.headers.ETag) || "*";
+  await call("delete", path, {method: "DELETE", headers: {"If-Match": tag, "X-Request-Id": "front-end-delete-1"}});
+  await call("gone", path);
+  if (query.get("credentialed")) await call("credentialed", "/", {credentials: "include"});
+}
+
+async function errors() {
+  const form = new FormData();
+  form.append("file", new Blob([new Uint8Array(Number(query.get("big")))], {type: "image/png"}), "big.png");
+  await call("too-big", "/", {method: "POST", body: form});
+  await call("too-long", "/" + "a".repeat(9000) + ".png");
+  await call("head-too-large", "/existing.png", {headers: {"X-Padding": "p".repeat(70000)}});
+}
+
+async function health() {
+  await call("health", "/healthz");
+}
+
+({scenario: run, errors, health})[query.get("mode") || "scenario"]()
+  .catch((error) => record("script", {ok: false, error: String(error)}))
+  .finally(() => { document.body.dataset.done = "true"; });
+"""
+
+# Every step of FRONT_END_SCRIPT, in order (credentialed only when asked for).
+FRONT_END_STEPS = ("list", "upload", "get", "bad-digest-patch", "patch", "job", "stale-delete", "get-again", "delete", "gone")
+MADE_REQUEST_ID = r"[0-9a-f]{32}"
+
+
+class FrontEndHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the server's `files` ({path: (content type, bytes)}) to GET, and 404 otherwise."""
+
+    def do_GET(self):
+        found = self.server.files.get(urllib.parse.urlsplit(self.path).path)
+        if found is None:
+            self.send_error(404)
+            return
+        content_type, body = found
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+@dataclasses.dataclass
+class CorsTarget:
+    """An ims.py the front end talks to: its origin, storage folder and log."""
+
+    origin: str
+    storage: str
+    log_path: str
+
+    def log(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def logged(self, method, path):
+        """Return the statuses of its log lines of `method path`, in order."""
+        return [int(status) for status in re.findall(rf'"{method} {re.escape(path)} HTTP/1\.1" (\d{{3}})', self.log())]
+
+
+class TestCorsInBrowser(BrowserTestCase):
+    """The front end on http://127.0.0.1:<another port> against ims.py with and without --cors-origin.
+
+    Every scenario gets an ims.py of its own (so that no preflight Chromium cached for one can
+    serve another); the class's own server, with --cors-origin naming the front end, shows the
+    gallery page and its tiles' image facts.
+    """
+
+    UPLOADED = make_image("PNG", (64, 48))
+    EXISTING = {"existing.png": make_image("PNG", (8, 6))}
+    images = {
+        "anim.gif": animation("GIF"),
+        "IMG_X.jpeg": readme_photo(),
+        "turned.jpg": make_image("JPEG", (64, 48), orientation=6),
+        "plain.png": make_image("PNG", (30, 20)),
+    }
+
+    @classmethod
+    def setUpClass(cls):
+        front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FrontEndHandler)
+        front.daemon_threads = True
+        front.files = {
+            "/": ("text/html; charset=utf-8", FRONT_END_PAGE.encode()),
+            "/front.js": ("text/javascript; charset=utf-8", FRONT_END_SCRIPT.encode()),
+            "/upload.png": ("image/png", cls.UPLOADED),
+        }
+        thread = threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        cls.addClassCleanup(front.server_close)
+        cls.addClassCleanup(front.shutdown)
+        cls.front_port = front.server_address[1]
+        cls.front_origin = f"http://127.0.0.1:{cls.front_port}"
+        cls.server_arguments = ("--cors-origin", cls.front_origin)
+        cls.targets = 0
+        super().setUpClass()
+
+    def start_target(self, *arguments):
+        """Start an ims.py of this test's own with `arguments`, its folder holding EXISTING; return its CorsTarget."""
+        type(self).targets += 1
+        folder = os.path.join(self.tempdir, f"target-{self.targets}")
+        storage = os.path.join(folder, "storage")
+        os.makedirs(storage)
+        for name, data in self.EXISTING.items():
+            with open(os.path.join(storage, name), "wb") as file:
+                file.write(data)
+        log_path = os.path.join(folder, "ims.log")
+        log = open(log_path, "wb")
+        self.addCleanup(log.close)
+        # Unbuffered: a request's log line is in the file once it is answered, on every Python.
+        process, port = start_ims(self, "--storage", storage, *arguments, env={"PYTHONUNBUFFERED": "1"}, log=log)
+        return CorsTarget(f"http://127.0.0.1:{port}", storage, log_path)
+
+    def run_front_end(self, target, name, credentialed=False):
+        """Open the front end against `target`, uploading as `name`; return {step: what it saw} once its script ends."""
+        query = {"name": name}
+        if credentialed:
+            query["credentialed"] = "1"
+        return self.open_front_end(target, FRONT_END_STEPS + (("credentialed",) if credentialed else ()), **query)
+
+    def open_front_end(self, target, expected_steps, **query):
+        """Open the front end against `target` with `query`; return {step: what it saw} once its script ends."""
+        self.driver.get(f"{self.front_origin}/?{urllib.parse.urlencode(dict(query, ims=target.origin))}")
+        self.wait_until(lambda: self.js("return document.body.dataset.done === 'true'"), "the front end's script ends",
+                        lambda: self.find("#results").text)
+        steps = self.js("return Array.from(document.querySelectorAll('#results li'), (item) => [item.dataset.step, item.textContent])")
+        results = {step: json.loads(value) for step, value in steps}
+        self.assertNotIn("script", results, f"the front end's script failed: {results}")
+        self.assertEqual([step for step, value in steps], list(expected_steps), results)
+        self.assertNotIn("Traceback", target.log(), f"the server logged a traceback:\n{target.log()[-3000:]}")
+        return results
+
+    def console_errors(self, shortened=False):
+        """Return the messages of the SEVERE entries of the browser's console since it was last read
+        (`shortened`: a run of 20 or more of one character, as in a long URL, said in a few)."""
+        messages = [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
+        if shortened:
+            messages = [re.sub(r"(.)\1{19,}", lambda run: f"{run.group(1)}…({len(run.group())} of them)", message)
+                        for message in messages]
+        return messages
+
+    def assertRead(self, results, step, status):
+        """The step's answer was readable from the script, and of `status`; return it."""
+        result = results[step]
+        with self.about(step):
+            if not result["ok"]:
+                self.fail(f"the script could not read the answer: {result}; the console says {self.console_errors(shortened=True)}")
+            self.assertEqual(result["status"], status, result)
+        return result
+
+    def assertBlocked(self, results, step):
+        """The browser kept the step's answer from the script: fetch() rejected with a TypeError."""
+        result = results[step]
+        with self.about(step):
+            self.assertFalse(result["ok"], f"the script read the answer: {result}")
+            self.assertTrue(result["error"].startswith("TypeError"), result)
+
+    def assertEveryStepWorks(self, target, name, results):
+        """What the front end saw when every read is allowed, and what the server did."""
+        self.assertEqual(self.assertRead(results, "list", 200)["body"], sorted(self.EXISTING))
+        upload = self.assertRead(results, "upload", 201)
+        self.assertEqual(upload["headers"]["Location"], "/" + name, upload)
+        self.assertEqual(upload["body"], "Image successfully uploaded")
+        self.assertRegex(upload["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, upload)
+        got = self.assertRead(results, "get", 200)
+        sha256 = base64.b64encode(hashlib.sha256(self.UPLOADED).digest()).decode()
+        self.assertEqual(got["body"], {"bytes": len(self.UPLOADED), "sha256": sha256}, got)
+        self.assertIsNone(got["headers"]["Repr-Digest"], "Repr-Digest without Want-Repr-Digest")
+        self.assertEqual(got["headers"]["Content-Type"], "image/png", got)
+        self.assertTrue(got["headers"]["ETag"], f"the ETag cannot be read: {got}")
+        self.assertTrue(got["headers"]["Last-Modified"], got)
+        self.assertRegex(got["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, got)
+        self.assertIn("x-request-id", got["visible"])
+        refused = self.assertRead(results, "bad-digest-patch", 400)
+        self.assertTrue(refused["body"]["message"], refused)
+        patch = self.assertRead(results, "patch", 202)
+        self.assertRegex(patch["headers"]["Location"] or "", r"^/jobs/[A-Za-z0-9_-]+$", patch)
+        job = self.assertRead(results, "job", 200)["body"]
+        self.assertEqual((job["state"], job["image"], job["width"], job["height"]), ("done", name, 20, 10), job)
+        stale = self.assertRead(results, "stale-delete", 412)
+        self.assertIn(name, stale["body"]["message"], stale)
+        self.assertRegex(stale["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, stale)
+        again = self.assertRead(results, "get-again", 200)
+        self.assertNotEqual(again["headers"]["ETag"], got["headers"]["ETag"], "the resize made no new version")
+        self.assertEqual(again["headers"]["Repr-Digest"], f"sha-256=:{again['body']['sha256']}:", again)
+        deleted = self.assertRead(results, "delete", 204)
+        self.assertEqual(deleted["headers"]["X-Request-Id"], "front-end-delete-1", deleted)
+        gone = self.assertRead(results, "gone", 404)
+        self.assertIn(name, gone["body"]["message"], gone)
+        self.assertRegex(gone["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, gone)
+        self.assertNotIn(name, folder_files(target.storage))
+        # The preflights: of the PATCH and of each DELETE (its If-Match, then X-Request-Id too).
+        path = "/" + name
+        self.wait_until(lambda: target.logged("DELETE", path), "the DELETE is in the log", target.log)
+        preflights = target.logged("OPTIONS", path)
+        self.assertGreaterEqual(len(preflights), 2, f"the preflights are not in the log:\n{target.log()}")
+        self.assertEqual(set(preflights), {204}, target.log())
+        self.assertEqual(target.logged("PATCH", path), [400, 202])
+        self.assertEqual(target.logged("DELETE", path), [412, 204])
+
+    def assertEveryReadIsBlocked(self, target, name, results, preflight_status):
+        """What the front end saw when the browser allows no read, and that nothing preflighted was sent."""
+        for step in ("list", "get", "bad-digest-patch", "patch", "stale-delete", "get-again", "delete", "gone"):
+            self.assertBlocked(results, step)
+        self.assertFalse(results["upload"]["ok"], results["upload"])
+        self.assertEqual(results["upload"]["status"], 0, results["upload"])
+        self.assertEqual(results["job"], {"ok": False, "error": "no job to follow"})
+        # A form's POST needs no preflight: the browser sent it, and the server stored the file (CORS
+        # keeps answers from scripts; it does not stop simple requests).
+        self.wait_until(lambda: target.logged("POST", "/"), "the upload reached the server", target.log)
+        self.assertEqual(target.logged("POST", "/"), [201])
+        # The preflighted PATCH and DELETEs never left the browser: the file is still there, unchanged.
+        self.assertIn(name, folder_files(target.storage))
+        with open(os.path.join(target.storage, name), "rb") as file:
+            self.assertEqual(file.read(), self.UPLOADED)
+        path = "/" + name
+        preflights = target.logged("OPTIONS", path)
+        self.assertTrue(preflights, f"no preflight is in the log:\n{target.log()}")
+        self.assertEqual(set(preflights), {preflight_status}, target.log())
+        self.assertEqual(target.logged("PATCH", path), [])
+        self.assertEqual(target.logged("DELETE", path), [])
+        # The console says why, for the reads and for the preflights.
+        errors = self.console_errors()
+        blocked = [message for message in errors if "blocked by CORS policy" in message]
+        self.assertTrue(blocked, f"no CORS error in the console: {errors}")
+        for step, url in (("list", target.origin + "/"), ("get", target.origin + path)):
+            with self.about(step):
+                self.assertTrue(any(f"at '{url}' from origin '{self.front_origin}'" in message for message in blocked), blocked)
+        self.assertTrue(any("XMLHttpRequest" in message for message in blocked), f"the upload's is not there: {blocked}")
+        self.assertTrue(any("preflight" in message for message in blocked), f"no preflight's: {blocked}")
+        return blocked
+
+    def test_with_the_front_ends_origin_allowed_every_step_works_and_headers_are_exposed(self):
+        target = self.start_target("--cors-origin", "http://other.test:8000", "--cors-origin", self.front_origin)
+        name = "from-afar.png"
+        results = self.run_front_end(target, name)
+        self.assertEveryStepWorks(target, name, results)
+        # Only the answers of 4xx the script asked for (400, 412, 404) are in the console.
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+        # A 503, and its JSON, are readable too: /healthz while the storage folder is gone.
+        os.rename(target.storage, target.storage + ".away")
+        self.addCleanup(os.rename, target.storage + ".away", target.storage)
+        health = self.assertRead(self.open_front_end(target, ("health",), mode="health"), "health", 503)
+        self.assertEqual(health["body"]["status"], "unavailable", health)
+        self.assertTrue(health["body"]["message"], health)
+        self.assertRegex(health["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, health)
+        self.assertNothingBlockedOrThrown(allow_failed_requests=True)
+
+    def test_errors_answered_early_are_readable_too(self):
+        # "on every answer, errors included": an upload refused by its Content-Length, a request
+        # line too long and a request head too large (the last two refused before IMS has parsed
+        # the headers, Origin among them). Each is checked, and every failure told at once.
+        target = self.start_target("--cors-origin", self.front_origin, "--max-upload", "100000")
+        results = self.open_front_end(target, ("too-big", "too-long", "head-too-large"), mode="errors", big=200000)
+        console = self.console_errors(shortened=True)
+        failures = []
+        for step, status, words in (("too-big", 413, "100000"), ("too-long", 414, "8192"), ("head-too-large", 431, "65536")):
+            result = results[step]
+            if not result["ok"]:
+                failures.append(f"{step}: the script could not read the answer ({status} expected): {result}")
+                continue
+            try:
+                self.assertEqual(result["status"], status, result)
+                self.assertIn(words, result["body"]["message"], result)
+                self.assertRegex(result["headers"]["X-Request-Id"] or "", MADE_REQUEST_ID, result)
+            except AssertionError as error:
+                failures.append(f"{step}: {error}")
+        if failures:
+            self.fail("\n".join(failures) + f"\nThe console says: {console}\nThe server's log: {target.log()[-2000:]}")
+        self.assertEqual(folder_files(target.storage), sorted(self.EXISTING))
+        self.assertEqual(self.watched(), {"violations": [], "errors": [], "alerts": []})
+        self.assertEqual([message for message in console if "CORS" in message], [])
+
+    def test_without_cors_origin_the_browser_blocks_every_read_and_every_preflighted_request(self):
+        target = self.start_target()
+        name = "no-cors.png"
+        results = self.run_front_end(target, name)
+        # Without --cors-origin nothing changes: OPTIONS stays 405.
+        blocked = self.assertEveryReadIsBlocked(target, name, results, 405)
+        self.assertTrue(any("No 'Access-Control-Allow-Origin' header" in message for message in blocked), blocked)
+
+    def test_with_another_origin_allowed_the_browser_blocks_every_read(self):
+        # The same port on another host name is another origin.
+        target = self.start_target("--cors-origin", f"http://localhost:{self.front_port}")
+        name = "elsewhere.png"
+        results = self.run_front_end(target, name)
+        # The preflights of an origin not allowed: 204 without any Access-Control-* header.
+        self.assertEveryReadIsBlocked(target, name, results, 204)
+        reply = self.request_to(target, "OPTIONS", "/existing.png",
+                                {"Origin": self.front_origin, "Access-Control-Request-Method": "DELETE"})
+        self.assertEqual(reply.status, 204, reply.body)
+        self.assertEqual([header for header in reply.headers if header.lower().startswith("access-control-")], [])
+
+    def test_with_any_origin_allowed_every_request_without_credentials_works(self):
+        target = self.start_target("--cors-origin", "*")
+        name = "anyone.png"
+        results = self.run_front_end(target, name, credentialed=True)
+        self.assertEveryStepWorks(target, name, results)
+        # A request with credentials cannot be answered with `*` (the browser blocks it), and the
+        # console says so, its one CORS error.
+        self.assertBlocked(results, "credentialed")
+        cors_errors = [message for message in self.console_errors() if "CORS" in message]
+        self.assertEqual(len(cors_errors), 1, cors_errors)
+        self.assertIn("'*'", cors_errors[0])
+        self.assertIn("credentials", cors_errors[0])
+
+    def request_to(self, target, method, path, headers):
+        """Send one request straight to `target` (not from the browser); return the whole Reply."""
+        address = urllib.parse.urlsplit(target.origin)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=DEADLINE_SECONDS)
+        try:
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            connection.close()
+
+    def assertBytesShown(self, text, size):
+        """`text` gives the file's size, `size` bytes, rounded to the digits it shows."""
+        units = {"bytes": (1,), "B": (1,), "kB": (1000,), "KB": (1000, 1024), "KiB": (1024,),
+                 "MB": (1000 ** 2,), "MiB": (1024 ** 2,)}
+        match = re.search(r"(\d+(?:[.,]\d+)?)\s*(bytes|B|kB|KB|KiB|MB|MiB)\b", text)
+        self.assertIsNotNone(match, f"no size in bytes in {text!r}")
+        shown = match.group(1).replace(",", ".")
+        last_digit = 10 ** -len(shown.partition(".")[2])
+        self.assertTrue(any(abs(float(shown) * unit - size) <= (last_digit / 2 + 1e-9) * unit for unit in units[match.group(2)]),
+                        f"{text!r} does not give {size} bytes")
+
+    def test_the_gallery_tiles_show_the_image_facts(self):
+        # name: (format, upright size, frames shown, ICC shown)
+        expected = {
+            "anim.gif": ("GIF", "64×48", 3, False),
+            "IMG_X.jpeg": ("JPEG", "1200×1600", None, True),
+            "turned.jpg": ("JPEG", "48×64", None, False),
+            "plain.png": ("PNG", "30×20", None, False),
+        }
+        self.open_page()
+        self.assertEqual(self.tile_names(), sorted(expected))
+        for name, (image_format, upright, frames, icc) in expected.items():
+            with self.about(name):
+                facts = self.request("GET", "/" + urllib.parse.quote(name) + "?facts")
+                self.assertEqual(facts.status, 200, facts.body)
+                facts = facts.json
+                self.assertEqual((facts["format"], "{}×{}".format(facts["upright_width"], facts["upright_height"]),
+                                  facts["frames"], facts["animated"], facts["icc_profile"], facts["bytes"]),
+                                 (image_format, upright, frames or 1, bool(frames), icc, len(self.images[name])), facts)
+                text = self.tile_state(name)["facts"]
+                self.assertRegex(text, rf"(?i)\b{image_format}\b")
+                self.assertIn(upright, text)
+                self.assertBytesShown(text, len(self.images[name]))
+                if frames:
+                    self.assertRegex(text, rf"(?i)\b{frames}\s*frames\b")
+                else:
+                    self.assertNotRegex(text, r"(?i)frame")
+                if icc:
+                    self.assertIn("ICC", text)
+                else:
+                    self.assertNotIn("ICC", text)
+        self.assertThumbnailsDecode()
+        self.assertNothingBlockedOrThrown()
+
+# Issue 12: metrics with their real consumers
+# ====
+# GET /metrics read as Prometheus reads it: by a strict reader of the text format (below), by
+# prometheus_client's parser and promtool's linter, across the workers of a real `python3 ims.py
+# --workers 3`, and by a real Prometheus (Debian's) that scrapes a real ims.py with the README's
+# config and answers queries on what it scraped. prometheus_client (requirements-dev.txt) and
+# Debian's prometheus (which brings promtool) are installed by .ci/run; the tests that need them
+# skip, saying why, without them.
+
+try:
+    from prometheus_client import parser as prometheus_parser
+except ImportError:
+    prometheus_parser = None
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The families spec12 lists, and the type each is declared with (`# TYPE <name> <type>`).
+METRIC_FAMILIES = {
+    "ims_info": "gauge",
+    "ims_workers": "gauge",
+    "ims_http_requests_total": "counter",
+    "ims_http_request_duration_seconds": "histogram",
+    "ims_http_received_bytes_total": "counter",
+    "ims_http_sent_bytes_total": "counter",
+    "ims_http_open_connections": "gauge",
+    "ims_uploads_total": "counter",
+    "ims_upload_bytes_total": "counter",
+    "ims_images": "gauge",
+    "ims_image_bytes": "gauge",
+    "ims_resize_jobs_total": "counter",
+    "ims_resize_queue_jobs": "gauge",
+    "ims_resize_running": "gauge",
+    "ims_resize_duration_seconds": "histogram",
+    "ims_rendition_cache_hits_total": "counter",
+    "ims_rendition_cache_misses_total": "counter",
+    "ims_rendition_cache_evictions_total": "counter",
+    "ims_rendition_cache_bytes": "gauge",
+    "process_cpu_seconds_total": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+    "process_start_time_seconds": "gauge",
+}
+
+# The families without labels in spec12: each has its one sample from the start.
+UNLABELLED_FAMILIES = tuple(
+    name for name in METRIC_FAMILIES if METRIC_FAMILIES[name] != "histogram" and name not in (
+        "ims_info", "ims_http_requests_total", "ims_resize_jobs_total",
+    )
+)
+
+# Every value each label may take (spec12: label values are bounded, never an image name).
+LABEL_VALUES = {
+    "method": {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"},
+    "route": {"/", "/{name}", "/jobs/{id}", "/healthz", "/metrics", "none"},
+    "state": set(ENDED_STATES),
+    "kind": {"job", "rendition"},
+}
+
+METRIC_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # colons are for recording rules, not exporters
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+SAMPLE_LINE = re.compile(r"([^\s{]+)(?:\{(.*)\})?[ \t]+(\S+)(?:[ \t]+(-?\d+))?")
+LABEL_PAIR = re.compile(r'\s*([^\s=,]+)\s*=\s*"((?:[^"\\\n]|\\[\\"n])*)"\s*(?:,|$)')
+
+
+@dataclasses.dataclass
+class Metrics:
+    """One scrape of GET /metrics: the declared types, and the samples as (name, labels, value)."""
+
+    text: str
+    types: dict
+    helps: dict
+    samples: list
+
+    def value(self, name, **labels):
+        """Return the sum of the samples `name` whose labels include `labels`; 0 when there is none."""
+        return sum(value for sample, sample_labels, value in self.samples
+                   if sample == name and all(sample_labels.get(key) == wanted for key, wanted in labels.items()))
+
+    def series(self, name):
+        """Return the (labels, value) of every sample called `name`."""
+        return [(labels, value) for sample, labels, value in self.samples if sample == name]
+
+    def requests(self):
+        """Return ims_http_requests_total as a Counter of (method, route, status)."""
+        return collections.Counter({
+            (labels.get("method"), labels.get("route"), labels.get("status")): value
+            for labels, value in self.series("ims_http_requests_total")
+        })
+
+    def family_of(self, name):
+        """Return the declared family a sample belongs to (a histogram's _bucket/_sum/_count too), or None."""
+        if name in self.types:
+            return name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and self.types.get(name[:-len(suffix)]) in ("histogram", "summary"):
+                return name[:-len(suffix)]
+        return None
+
+
+def parse_metrics(test, text):
+    """Read Prometheus' text format 0.0.4 strictly; fail `test` at the first line it does not allow."""
+    test.assertTrue(text.endswith("\n"), "the text does not end with a line feed")
+    types, helps, samples, seen, sampled = {}, {}, [], set(), set()
+    for number, line in enumerate(text.split("\n")[:-1], 1):
+        where = f"line {number}: {line!r}"
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            words = line.split(None, 3)
+            if len(words) >= 3 and words[1] == "TYPE":
+                test.assertEqual(len(words), 4, where)
+                test.assertRegex(words[2], METRIC_NAME, where)
+                test.assertNotIn(words[2], types, f"a second TYPE for one family, {where}")
+                test.assertFalse({words[2], *(words[2] + suffix for suffix in ("_bucket", "_sum", "_count"))} & sampled,
+                                 f"a TYPE after its family's samples, {where}")
+                test.assertIn(words[3], ("counter", "gauge", "histogram", "summary", "untyped"), where)
+                types[words[2]] = words[3]
+            elif len(words) >= 3 and words[1] == "HELP":
+                test.assertNotIn(words[2], helps, f"a second HELP for one family, {where}")
+                helps[words[2]] = words[3] if len(words) == 4 else ""
+            continue
+        match = SAMPLE_LINE.fullmatch(line)
+        test.assertIsNotNone(match, f"not a sample, {where}")
+        name, label_text, value_text, _ = match.groups()
+        test.assertRegex(name, f"^{METRIC_NAME.pattern}$", where)
+        labels, position = {}, 0
+        label_text = label_text or ""
+        while position < len(label_text.rstrip()):
+            pair = LABEL_PAIR.match(label_text, position)
+            test.assertIsNotNone(pair, f"bad labels at {label_text[position:]!r}, {where}")
+            key, raw = pair.groups()
+            test.assertRegex(key, f"^{LABEL_NAME.pattern}$", where)
+            test.assertFalse(key.startswith("__"), f"a label name reserved to Prometheus, {where}")
+            test.assertNotIn(key, labels, f"a label twice, {where}")
+            labels[key] = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), raw)
+            position = pair.end()
+        try:
+            value = float(value_text)
+        except ValueError:
+            test.fail(f"not a number, {where}")
+        identity = (name, tuple(sorted(labels.items())))
+        test.assertNotIn(identity, seen, f"a series twice, {where}")
+        seen.add(identity)
+        sampled.add(name)
+        samples.append((name, labels, value))
+    return Metrics(text, types, helps, samples)
+
+
+class MetricsAssertions:
+    """Scraping GET /metrics and the checks every scrape must pass. Mixed into ServerTestCases."""
+
+    def scrape(self, connection=None):
+        """GET /metrics (on a new connection, closed after, unless given one); check it; return its Metrics."""
+        own = self.connect() if connection is None else None
+        try:
+            reply = self.request("GET", "/metrics", connection=connection or own)
+        finally:
+            if own is not None:
+                own.close()
+        self.assertEqual(reply.status, 200, reply.body[:300])
+        self.assertEqual(reply.headers["Content-Type"], METRICS_CONTENT_TYPE)
+        metrics = parse_metrics(self, reply.body.decode("utf-8"))
+        self.assertWellFormed(metrics)
+        return metrics
+
+    def assertWellFormed(self, metrics):
+        """The spec's families with their types, Prometheus' naming rules, bounded labels, sane histograms."""
+        for name, kind in METRIC_FAMILIES.items():
+            self.assertEqual(metrics.types.get(name), kind, f"# TYPE {name} {kind} is missing")
+        for name in UNLABELLED_FAMILIES:
+            self.assertEqual([labels for labels, _ in metrics.series(name)], [{}], f"{name}: not one unlabelled sample")
+        info = metrics.series("ims_info")
+        self.assertEqual(info, [({"version": ims.__version__, "pillow": Image.__version__}, 1.0)])
+        for name, kind in metrics.types.items():
+            if kind == "counter":
+                self.assertTrue(name.endswith("_total"), f"the counter {name} does not end with _total")
+            else:
+                self.assertFalse(name.endswith("_total"), f"the {kind} {name} ends with _total")
+        for name, labels, value in metrics.samples:
+            family = metrics.family_of(name)
+            if family is not None and metrics.types[family] == "counter":
+                self.assertGreaterEqual(value, 0, f"{name}{labels}")
+            for key, allowed in LABEL_VALUES.items():
+                if key in labels:
+                    self.assertIn(labels[key], allowed, f"{name}{labels}")
+            if "status" in labels:
+                self.assertRegex(labels["status"], r"^[1-5]\d\d$", f"{name}{labels}")
+            self.assertTrue(family is not None or not name.startswith(("ims_", "process_")),
+                            f"{name} belongs to no family declared with # TYPE")
+        for labels, _ in metrics.series("ims_http_requests_total"):
+            self.assertEqual(set(labels), {"method", "route", "status"}, labels)
+        for labels, _ in metrics.series("ims_resize_jobs_total"):
+            self.assertEqual(set(labels), {"state"}, labels)
+        for name, kind in metrics.types.items():
+            if kind == "histogram":
+                self.assertHistogram(metrics, name)
+
+    def assertHistogram(self, metrics, name):
+        """Every series of the histogram `name`: buckets by rising `le`, cumulative, +Inf == _count, a _sum."""
+        groups = collections.defaultdict(list)
+        for labels, value in metrics.series(f"{name}_bucket"):
+            self.assertIn("le", labels, f"{name}_bucket{labels}")
+            rest = tuple(sorted((key, value) for key, value in labels.items() if key != "le"))
+            groups[rest].append((float(labels["le"]), value))
+        counts = {tuple(sorted(labels.items())): value for labels, value in metrics.series(f"{name}_count")}
+        sums = {tuple(sorted(labels.items())): value for labels, value in metrics.series(f"{name}_sum")}
+        self.assertEqual(set(groups), set(counts), f"{name}: buckets and _count of other series")
+        self.assertEqual(set(groups), set(sums), f"{name}: buckets and _sum of other series")
+        for rest, buckets in groups.items():
+            bounds = [bound for bound, _ in buckets]
+            self.assertEqual(bounds, sorted(bounds), f"{name}{dict(rest)}: buckets not in rising order")
+            self.assertEqual(len(set(bounds)), len(bounds), f"{name}{dict(rest)}: one bound twice")
+            self.assertEqual(bounds[-1], float("inf"), f'{name}{dict(rest)}: no le="+Inf" bucket')
+            values = [value for _, value in buckets]
+            self.assertEqual(values, sorted(values), f"{name}{dict(rest)}: buckets not cumulative: {buckets}")
+            self.assertEqual(values[-1], counts[rest], f'{name}{dict(rest)}: le="+Inf" is not _count')
+            self.assertGreaterEqual(sums[rest], 0, f"{name}{dict(rest)}: a negative _sum of durations")
+
+    def settled_scrape(self, condition):
+        """Scrape until `condition(metrics)` holds; return that scrape.
+
+        A request is counted once its answer has been sent, a moment after the client has it, so a
+        scrape at once may miss the last one: tests wait for what they expect at least, then check
+        it is exact (counters never go back, so a count past the expected one shows).
+        """
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while True:
+            metrics = self.scrape()
+            if condition(metrics):
+                return metrics
+            if time.monotonic() > deadline:
+                self.fail(f"no scrape within {DEADLINE_SECONDS} s shows what the test expects; the last one counts "
+                          f"requests {dict(metrics.requests())}, jobs {metrics.series('ims_resize_jobs_total')}, "
+                          f"rendition cache hits {metrics.value('ims_rendition_cache_hits_total')}, misses "
+                          f"{metrics.value('ims_rendition_cache_misses_total')}")
+            threading.Event().wait(0.01)
+
+
+class TestMetricsText(MetricsAssertions, RenditionTestCase, HTTPTestCase):
+    """GET /metrics of an in-process server: the text, the families, exact counts after known requests."""
+
+    def test_the_text_is_prometheus_format_with_every_family_of_the_spec(self):
+        metrics = self.scrape()  # the checks of assertWellFormed
+        self.assertEqual(metrics.value("ims_workers"), 1)
+        self.assertEqual(metrics.value("ims_images"), 0)
+        self.assertEqual(metrics.value("ims_resize_running"), 0)
+        self.assertEqual(metrics.value("ims_resize_queue_jobs"), 0)
+        self.assertGreater(metrics.value("process_resident_memory_bytes"), 10_000_000)
+        self.assertGreaterEqual(metrics.value("process_virtual_memory_bytes"), metrics.value("process_resident_memory_bytes"))
+        self.assertGreater(metrics.value("process_open_fds"), 0)
+        self.assertGreaterEqual(metrics.value("process_max_fds"), metrics.value("process_open_fds"))
+        self.assertLessEqual(metrics.value("process_start_time_seconds"), time.time())
+        self.assertGreater(metrics.value("process_cpu_seconds_total"), 0)
+
+    @unittest.skipUnless(prometheus_parser, "prometheus_client is not installed (python3 -m pip install -r requirements-dev.txt)")
+    def test_prometheus_client_parses_every_family_with_its_type(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        self.assertEqual(self.request("GET", "/a.png?width=10").status, 200)
+        text = self.scrape().text
+        families = {family.name: family for family in prometheus_parser.text_string_to_metric_families(text)}
+        for name, kind in METRIC_FAMILIES.items():
+            # The parser names a counter's family without _total (OpenMetrics' way), its samples with it.
+            family = families.get(name[:-len("_total")] if kind == "counter" else name)
+            self.assertIsNotNone(family, f"{name} is not among the parsed families: {sorted(families)}")
+            self.assertEqual(family.type, kind, name)
+            names = {sample.name for sample in family.samples}
+            if kind == "histogram":
+                self.assertEqual(names, {f"{name}_bucket", f"{name}_sum", f"{name}_count"}, name)
+            else:
+                self.assertEqual(names, {name}, name)
+        requests = families["ims_http_requests"].samples
+        self.assertIn({"method": "POST", "route": "/", "status": "201"}, [sample.labels for sample in requests])
+
+    @unittest.skipUnless(shutil.which("promtool"), "promtool is not installed (Debian: apt-get install prometheus, as .ci/run does)")
+    def test_promtool_check_metrics_finds_no_problem(self):
+        self.assertEqual(self.upload("a.png", make_image("PNG")).status, 201)
+        text = self.scrape().text
+        result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                                timeout=DEADLINE_SECONDS)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+    def test_counters_move_by_exactly_the_requests_made(self):
+        images = {f"count-{index}.png": make_image("PNG", (64 + index, 48)) for index in range(3)}
+        before = self.scrape()
+        expected = collections.Counter()
+        sent_bodies = received_bodies = 0
+
+        def ask(method, path, status, route, body=None, headers=None):
+            nonlocal sent_bodies, received_bodies
+            reply = self.request(method, path, body, headers)
+            self.assertEqual(reply.status, status, (method, path, reply.body[:300]))
+            expected[(method, route, str(status))] += 1
+            sent_bodies += len(body or b"")
+            received_bodies += len(reply.body)
+            return reply
+
+        for name, data in images.items():
+            body, content_type = multipart_body(files=[("file", name, data)])
+            ask("POST", "/", 201, "/", body, {"Content-Type": content_type})
+        for name in [*images, "count-0.png"]:
+            ask("GET", f"/{name}", 200, "/{name}")
+        ask("HEAD", "/count-1.png", 200, "/{name}")
+        ask("GET", "/", 200, "/")
+        ask("GET", "/", 200, "/")
+        ask("GET", "/missing.png", 404, "/{name}")
+        ask("GET", "/missing.png", 404, "/{name}")
+        ask("GET", "/no/such/path", 404, "none")
+        location = ask("PATCH", "/count-0.png?width=32&height=24", 202, "/{name}").headers["Location"]
+        self.assertEqual(ask("GET", f"{location}?wait={DEADLINE_SECONDS}", 200, "/jobs/{id}").json["state"], "done")
+        ask("GET", "/jobs/nosuchjob", 404, "/jobs/{id}")
+        ask("GET", "/count-1.png?width=20", 200, "/{name}")  # rendered: a miss
+        ask("GET", "/count-1.png?width=20", 200, "/{name}")  # from the cache: a hit
+
+        def delta(metrics, name, **labels):
+            return metrics.value(name, **labels) - before.value(name, **labels)
+
+        def requests_delta(metrics):
+            counts = metrics.requests()
+            counts.subtract(before.requests())
+            return collections.Counter({key: value for key, value in counts.items() if value and key[1] != "/metrics"})
+
+        def timed_as_counted(metrics):
+            return all(metrics.value("ims_http_request_duration_seconds_count", route=route)
+                       == metrics.value("ims_http_requests_total", route=route)
+                       for route in LABEL_VALUES["route"] - {"/metrics"})
+
+        after = self.settled_scrape(lambda metrics: (
+            all(requests_delta(metrics)[key] >= count for key, count in expected.items())
+            and delta(metrics, "ims_resize_jobs_total", state="done") >= 1
+            and delta(metrics, "ims_rendition_cache_hits_total") >= 1
+            and timed_as_counted(metrics)
+        ))
+        self.assertEqual(requests_delta(after), expected)
+        self.assertEqual(delta(after, "ims_uploads_total"), 3)
+        self.assertEqual(delta(after, "ims_upload_bytes_total"), sum(len(data) for data in images.values()))
+        self.assertEqual(delta(after, "ims_resize_jobs_total", state="done"), 1)
+        self.assertEqual(delta(after, "ims_resize_jobs_total", state="failed"), 0)
+        self.assertEqual(delta(after, "ims_resize_jobs_total", state="cancelled"), 0)
+        self.assertEqual(delta(after, "ims_rendition_cache_misses_total"), 1)
+        self.assertEqual(delta(after, "ims_rendition_cache_hits_total"), 1)
+        self.assertEqual(delta(after, "ims_rendition_cache_evictions_total"), 0)
+        self.assertEqual(delta(after, "ims_resize_duration_seconds_count", kind="job"), 1)
+        self.assertEqual(delta(after, "ims_resize_duration_seconds_count", kind="rendition"), 1)
+        self.assertGreater(after.value("ims_rendition_cache_bytes"), 0)
+        self.assertGreaterEqual(delta(after, "ims_http_received_bytes_total"), sent_bodies)
+        self.assertGreaterEqual(delta(after, "ims_http_sent_bytes_total"), received_bodies)
+        # Every answered request is in the duration histogram of its route, once (waited for above).
+        self.assertTrue(timed_as_counted(after))
+        self.assertEqual(after.value("ims_images"), len(self.stored_files()))
+        self.assertEqual(after.value("ims_image_bytes"),
+                         sum(os.path.getsize(os.path.join(self.storage, name)) for name in self.stored_files()))
+
+    def test_scrapes_count_themselves_as_get_metrics(self):
+        key = ("GET", "/metrics", "200")
+        first = self.scrape().requests()[key]
+        for _ in range(3):
+            self.scrape()
+        # Counted after its answer, a scrape may or may not see itself; the three before it, it must.
+        last = self.settled_scrape(lambda metrics: metrics.requests()[key] >= first + 3)
+        self.assertLessEqual(last.requests()[key], first + 5)
+
+    def test_no_label_value_is_an_image_name_a_job_id_or_a_path(self):
+        words = ["quokka", "narwhal", "wombat", "axolotl", "capybara", "okapi"]
+        self.assertEqual(self.upload("quokka-4711.png", make_image("PNG")).status, 201)
+        self.assertEqual(self.upload("narwhal 5309.jpg", make_image("JPEG")).status, 201)
+        self.assertEqual(self.request("GET", "/quokka-4711.png").status, 200)
+        self.assertEqual(self.request("GET", "/narwhal_5309.jpg?width=10").status, 200)
+        self.assertEqual(self.request("GET", "/wombat-8128.png").status, 404)
+        self.assertEqual(self.request("GET", "/axolotl/2718").status, 404)
+        self.assertEqual(self.request("DELETE", "/okapi.gif").status, 404)
+        location = self.submit("quokka-4711.png", "width=10&height=10")
+        words.append(location.rsplit("/", 1)[1])
+        self.wait_job(location)
+        # A method of no route and no standard: counted as "other", with the status sent.
+        answer = self.raw_exchange(b"BREW /capybara-1414.png HTTP/1.1\r\nHost: ims.test\r\nConnection: close\r\n\r\n")
+        self.assertRegex(answer, rb"^HTTP/1\.[01] [45]\d\d ")
+        metrics = self.settled_scrape(lambda metrics: any(
+            labels["method"] == "other" for labels, _ in metrics.series("ims_http_requests_total")
+        ))
+        for word in words:
+            self.assertNotIn(word, metrics.text)
+        for labels, _ in metrics.series("ims_http_requests_total"):
+            self.assertIn(labels["route"], LABEL_VALUES["route"], labels)
+
+    def test_open_connections_counts_those_open_now(self):
+        idle = [self.connect() for _ in range(3)]
+        for connection in idle:
+            self.assertEqual(self.request("GET", "/", connection=connection).status, 200)
+        scraper = self.connect()
+        # Connections of the requests before are counted until the server has seen them close.
+        wait_for(lambda: self.scrape(scraper).value("ims_http_open_connections") == 4)
+        for connection in idle:
+            connection.close()
+        wait_for(lambda: self.scrape(scraper).value("ims_http_open_connections") == 1)
+
+    def test_a_running_resize_shows_and_a_cancelled_one_is_counted(self):
+        before = self.scrape()
+        location = self.start_slow_resize()
+        running = self.settled_scrape(lambda metrics: metrics.value("ims_resize_running") == 1)
+        self.assertEqual(running.value("ims_resize_queue_jobs"), 1)
+        self.assertEqual(self.request("DELETE", "/slow.png").status, 204)
+        self.assertEqual(self.wait_job(location)["state"], "cancelled")
+        after = self.settled_scrape(lambda metrics: metrics.value("ims_resize_jobs_total", state="cancelled") >= 1)
+        self.assertEqual(after.value("ims_resize_jobs_total", state="cancelled")
+                         - before.value("ims_resize_jobs_total", state="cancelled"), 1)
+        self.assertEqual(after.value("ims_resize_jobs_total", state="done"), 0)
+        self.settled_scrape(lambda metrics: metrics.value("ims_resize_running") == 0
+                            and metrics.value("ims_resize_queue_jobs") == 0)
+
+    def test_head_has_the_headers_of_get_and_no_body(self):
+        reply = self.request("HEAD", "/metrics")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.headers["Content-Type"], METRICS_CONTENT_TYPE)
+        self.assertEqual(reply.body, b"")
+        self.assertGreater(int(reply.headers["Content-Length"]), 0)
+
+    def test_other_methods_are_405(self):
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            with self.subTest(method=method):
+                reply = self.request(method, "/metrics", b"x=1" if method in ("POST", "PUT", "PATCH") else None,
+                                     {"Content-Type": FORM})
+                self.assertError(reply, 405, None)
+                allowed = {word.strip() for word in (reply.headers["Allow"] or "").split(",")}
+                self.assertLessEqual({"GET", "HEAD"}, allowed, reply.headers["Allow"])
+                self.assertNotIn(method, allowed)
+
+    def test_with_metrics_off_metrics_is_404(self):
+        server = start_server(self, os.path.join(self.tempdir.name, "off"), metrics=False)
+        connection = self.connect(server.server_address[:2])
+        for method in ("GET", "HEAD"):
+            with self.subTest(method=method):
+                self.assertEqual(self.request(method, "/metrics", connection=connection).status, 404)
+        self.assertEqual(self.request("GET", "/", connection=connection).status, 200)
+
+
+class TestMetricsAcrossWorkers(MetricsAssertions, RealProcessTestCase):
+    """`python3 ims.py --workers 3`: whichever worker answers a scrape, it counts for all of them."""
+
+    def scrape_on_new_connection(self, instance):
+        """Scrape on a new connection; return the Metrics and the worker that answered."""
+        connection = self.connect()
+        metrics = self.scrape(connection)
+        pid = serving_pid(connection, instance.workers())
+        connection.close()
+        return metrics, pid
+
+    def start_time_of(self, pid):
+        """Return when process `pid` started, in seconds since the epoch (from /proc)."""
+        with open("/proc/stat") as file:
+            boot = next(int(line.split()[1]) for line in file if line.startswith("btime "))
+        with open(f"/proc/{pid}/stat") as file:
+            ticks = int(file.read().rpartition(")")[2].split()[19])
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+    def test_every_worker_answers_for_all_and_nothing_goes_down_when_one_is_killed(self):
+        instance = self.start_instance("--workers", "3")
+        self.port = instance.port
+        workers = instance.workers()
+        self.assertEqual(len(workers), 3, f"the supervisor's workers: {workers}")
+        key = dict(method="GET", route="/", status="200")
+        base = self.scrape().value("ims_http_requests_total", **key)
+        answered = collections.Counter()
+        for _ in range(60):
+            connection = self.connect()
+            self.assertEqual(self.request("GET", "/", connection=connection).status, 200)
+            answered[serving_pid(connection, workers)] += 1
+            connection.close()
+        self.assertEqual(set(answered), set(workers), f"who answered: {answered}")
+        self.settled_scrape(lambda metrics: metrics.value("ims_http_requests_total", **key) >= base + 60)
+
+        # Scrapes on new connections until each worker has answered some: every one shows all 60.
+        scraped = collections.Counter()
+        for _ in range(100):
+            metrics, pid = self.scrape_on_new_connection(instance)
+            self.assertEqual(metrics.value("ims_http_requests_total", **key), base + 60, f"as worker {pid} counts")
+            self.assertEqual(metrics.value("ims_workers"), 3)
+            scraped[pid] += 1
+            if set(scraped) == set(workers) and sum(scraped.values()) >= 6:
+                break
+        self.assertEqual(set(scraped), set(workers), f"who answered the scrapes: {scraped}")
+        self.assertAlmostEqual(metrics.value("process_start_time_seconds"), self.start_time_of(instance.process.pid),
+                               delta=1.0, msg="not the supervisor's start time")
+        cpu_before = metrics.value("process_cpu_seconds_total")
+        counters_before = {(name, tuple(sorted(labels.items()))): value for name, labels, value in metrics.samples
+                           if metrics.types.get(metrics.family_of(name)) == "counter"}
+
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{victim}") and len(instance.workers()) == 3)
+        replacement = set(instance.workers()) - set(workers)
+        self.assertEqual(len(replacement), 1, instance.workers())
+        scraped = collections.Counter()
+
+        def scrape_after_the_kill():
+            metrics, pid = self.scrape_on_new_connection(instance)
+            self.assertEqual(metrics.value("ims_http_requests_total", **key), base + 60, f"as worker {pid} counts")
+            self.assertGreaterEqual(metrics.value("process_cpu_seconds_total"), cpu_before,
+                                    f"process_cpu_seconds_total went down, as worker {pid} counts")
+            for name, labels, value in metrics.samples:
+                identity = (name, tuple(sorted(labels.items())))
+                if identity in counters_before:
+                    self.assertGreaterEqual(value, counters_before[identity], f"{name}{labels} went down")
+            scraped[pid] += 1
+            return replacement <= set(scraped) and len(scraped) >= 2
+
+        # Until the new worker (listening a moment after it starts) and another have answered.
+        wait_for(scrape_after_the_kill)
+
+    def test_metrics_off_from_the_command_line_or_the_environment(self):
+        for arguments, env in ((("--workers", "2", "--metrics", "off"), {}), ((), {"IMS_METRICS": "off"}),
+                               (("--metrics", "on"), {"IMS_METRICS": "off"})):
+            with self.subTest(arguments=arguments, env=env):
+                self.port = self.start_instance(*arguments, env=env).port
+                status = self.request("GET", "/metrics").status
+                self.assertEqual(status, 200 if "on" in arguments else 404)
+
+
+PROMETHEUS = shutil.which("prometheus", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]))
+PROMTOOL = shutil.which("promtool", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]))
+
+
+def readme_block(fence, holding):
+    """Return the README's first ```<fence> block that holds `holding`."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        blocks = [block.split("```", 1)[0] for block in file.read().split(f"```{fence}\n")[1:]]
+    found = [block for block in blocks if holding in block]
+    if not found:
+        raise AssertionError(f"no ```{fence} block of the README holds {holding!r}")
+    return found[0]
+
+
+@unittest.skipUnless(PROMETHEUS, "prometheus is not installed (Debian: apt-get install prometheus, as .ci/run does)")
+class TestPrometheus(RealProcessTestCase):
+    """A real Prometheus scraping a real `python3 ims.py` every second, with the README's config."""
+
+    def setUp(self):
+        super().setUp()
+        self.port = self.start_instance().port
+        self.prometheus_port = self.start_prometheus(self.port)
+
+    def readme_config(self, target_port):
+        """The README's prometheus.yml, scraping `target_port` every second instead of every 15 s."""
+        config = readme_block("yaml", "scrape_configs:")
+        for old in ("127.0.0.1:5000", "scrape_interval: 15s"):
+            self.assertIn(old, config, "the README's Prometheus config has changed: change this test too")
+        return config.replace("127.0.0.1:5000", f"127.0.0.1:{target_port}").replace(
+            "scrape_interval: 15s", "scrape_interval: 1s")
+
+    def start_prometheus(self, target_port):
+        """Start Prometheus in a temporary folder; return its port once it is ready."""
+        self.folder = tempfile.mkdtemp(prefix="ims-prometheus-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        config = os.path.join(self.folder, "prometheus.yml")
+        with open(config, "w") as file:
+            file.write(self.readme_config(target_port))
+        port = free_port()
+        self.prometheus_log = os.path.join(self.folder, "prometheus.log")
+        output = open(self.prometheus_log, "wb")
+        self.addCleanup(output.close)
+        process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={os.path.join(self.folder, 'data')}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=output, stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True,
+        )
+        self.addCleanup(self.stop_prometheus, process)
+        self.prometheus = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
+        self.addCleanup(self.prometheus.close)
+
+        def is_ready():
+            if process.poll() is not None:
+                self.fail(f"prometheus exited with status {process.returncode}: {self.prometheus_output()}")
+            try:
+                return self.prometheus_get("/-/ready")[0] == 200
+            except OSError:
+                self.prometheus.close()
+                return False
+
+        wait_for(is_ready)
+        return port
+
+    def stop_prometheus(self, process):
+        process.terminate()
+        try:
+            self.assertEqual(process.wait(timeout=DEADLINE_SECONDS), 0, self.prometheus_output())
+        finally:
+            self.end_session(process.pid)
+            process.wait()
+
+    def prometheus_output(self):
+        with open(self.prometheus_log, errors="replace") as file:
+            return file.read()[-3000:]
+
+    def prometheus_get(self, path):
+        self.prometheus.request("GET", path)
+        response = self.prometheus.getresponse()
+        return response.status, response.read()
+
+    def query(self, expression):
+        """Return the result of an instant query through Prometheus' HTTP API (a list of vector samples)."""
+        status, body = self.prometheus_get("/api/v1/query?" + urllib.parse.urlencode({"query": expression}))
+        answer = json.loads(body)
+        self.assertEqual((status, answer["status"]), (200, "success"), answer)
+        return answer["data"]["result"]
+
+    def query_value(self, expression):
+        """Return the one value an instant query gives, or None when it gives none."""
+        result = self.query(expression)
+        self.assertLessEqual(len(result), 1, result)
+        return float(result[0]["value"][1]) if result else None
+
+    def targets(self):
+        status, body = self.prometheus_get("/api/v1/targets")
+        return json.loads(body)["data"]["activeTargets"]
+
+    def wait_for_query(self, expression, predicate, timeout=60):
+        """Wait until `predicate(value of expression)` holds; fail saying what Prometheus saw of IMS."""
+        try:
+            wait_for(lambda: predicate(self.query_value(expression)), timeout)
+        except AssertionError:
+            self.fail(f"{expression} is {self.query_value(expression)} after {timeout} s; "
+                      f"targets: {self.targets()}; log: {self.prometheus_output()}")
+
+    def test_prometheus_scrapes_ims_and_sees_its_requests(self):
+        self.wait_for_query('up{job="ims"}', lambda value: value == 1)
+        target, = self.targets()
+        self.assertEqual((target["health"], target["lastError"]), ("up", ""), target)
+        self.assertEqual(target["scrapeUrl"], f"http://127.0.0.1:{self.port}/metrics")
+        info, = self.query('ims_info{job="ims"}')
+        self.assertEqual((info["metric"]["version"], info["metric"]["pillow"]), (ims.__version__, Image.__version__))
+        expression = 'sum(ims_http_requests_total{job="ims",route="/"})'
+        before = self.query_value(expression) or 0
+        for _ in range(10):
+            self.assertEqual(self.request("GET", "/").status, 200)
+        self.wait_for_query(expression, lambda value: (value or 0) >= before + 10)
+        # A histogram that PromQL can read: the rate of requests to / answered within +Inf.
+        self.wait_for_query('sum(ims_http_request_duration_seconds_bucket{job="ims",route="/",le="+Inf"})',
+                            lambda value: (value or 0) >= before + 10)
+
+    @unittest.skipUnless(PROMTOOL, "promtool is not installed (Debian: apt-get install prometheus)")
+    def test_promtool_accepts_the_readme_config_as_written(self):
+        config = os.path.join(self.folder, "readme.yml")
+        with open(config, "w") as file:
+            file.write(readme_block("yaml", "scrape_configs:"))
+        result = subprocess.run([PROMTOOL, "check", "config", config], capture_output=True, text=True,
+                                timeout=DEADLINE_SECONDS)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_prometheus_accepts_every_query_the_readme_offers(self):
+        queries = [line for line in readme_block("promql", "ims_").splitlines() if line.strip()]
+        self.assertGreaterEqual(len(queries), 3)
+        for query in queries:
+            with self.subTest(query=query):
+                self.query(query)  # a query Prometheus cannot parse or run is status 400 "error"
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+class TestOperationsExamples(RealProcessTestCase):
+    """The README's systemd unit and container health check, as written, against a real `python3 ims.py`."""
+
+    def healthcheck_command(self, port):
+        """Return the argv of the Dockerfile's HEALTHCHECK, its python3 this one, asking `port`."""
+        dockerfile = readme_block("dockerfile", "HEALTHCHECK").replace("\\\n", " ")
+        line, = [line for line in dockerfile.splitlines() if line.startswith("HEALTHCHECK ")]
+        argv = json.loads(line.split(" CMD ", 1)[1])
+        self.assertEqual(argv[0], "python3")
+        self.assertIn("127.0.0.1:5000/healthz", argv[-1])
+        return [sys.executable, *argv[1:-1], argv[-1].replace("127.0.0.1:5000", f"127.0.0.1:{port}")]
+
+    def test_the_container_health_check_passes_while_healthy_and_fails_while_the_folder_is_unusable(self):
+        self.port = self.start_instance().port
+        command = self.healthcheck_command(self.port)
+        healthy = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+        self.assertEqual((healthy.returncode, healthy.stderr), (0, ""))
+        for case in ("gone", "a file"):
+            with self.subTest(storage=case):
+                moved = os.path.join(self.tempdir.name, "moved")
+                os.rename(self.storage, moved)
+                if case == "a file":
+                    open(self.storage, "w").close()
+                reply = self.request("GET", "/healthz")
+                self.assertEqual(reply.status, 503, reply.body)
+                self.assertEqual(reply.json["status"], "unavailable", reply.body)
+                failed = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+                self.assertEqual(failed.returncode, 1, failed.stderr)
+                self.assertIn("503", failed.stderr)
+                if case == "a file":
+                    os.remove(self.storage)
+                os.rename(moved, self.storage)
+                again = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+                self.assertEqual((again.returncode, again.stderr), (0, ""))
+        with self.subTest(storage="read-only"):
+            # A read-only bind mount of the folder on itself, as a volume mounted read-only. Root
+            # passes any permission check, so a mount is the one way to show it as root.
+            mounted = subprocess.run(["mount", "--bind", self.storage, self.storage], capture_output=True, text=True)
+            if mounted.returncode != 0:
+                self.skipTest(f"cannot bind-mount the folder here (needs root): {mounted.stderr.strip()}")
+            self.addCleanup(subprocess.run, ["umount", self.storage], capture_output=True)
+            remounted = subprocess.run(["mount", "-o", "remount,ro,bind", self.storage], capture_output=True, text=True)
+            self.assertEqual(remounted.returncode, 0, remounted.stderr)
+            self.assertEqual(self.request("GET", "/healthz").status, 503)
+            failed = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+            self.assertEqual(failed.returncode, 1, failed.stderr)
+            self.assertIn("503", failed.stderr)
+            self.assertEqual(subprocess.run(["umount", self.storage], capture_output=True).returncode, 0)
+            again = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+            self.assertEqual((again.returncode, again.stderr), (0, ""))
+        self.end_session(self.instances[0].process.pid)
+        stopped = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+        self.assertEqual(stopped.returncode, 1, stopped.stderr)
+
+    def readme_unit(self):
+        return readme_block("ini", "[Service]")
+
+    @unittest.skipUnless(SYSTEMD_ANALYZE, "systemd-analyze is not installed (Debian: the systemd package)")
+    def test_systemd_analyze_verify_finds_nothing_to_say_of_the_unit(self):
+        path = os.path.join(self.tempdir.name, "ims.service")
+        with open(path, "w") as file:
+            file.write(self.readme_unit())
+        result = subprocess.run([SYSTEMD_ANALYZE, "verify", path], capture_output=True, text=True,
+                                timeout=DEADLINE_SECONDS)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+    def test_the_unit_runs_ims_with_options_it_takes(self):
+        lines = dict(line.split("=", 1) for line in self.readme_unit().splitlines() if "=" in line and not line.startswith("#"))
+        for key, value in (("Restart", "on-failure"), ("KillSignal", "SIGTERM"), ("NoNewPrivileges", "yes"),
+                           ("ProtectSystem", "strict"), ("ReadWritePaths", "/var/lib/ims"), ("User", "ims")):
+            self.assertEqual(lines.get(key), value, key)
+        argv = shlex.split(lines["ExecStart"])
+        self.assertEqual(argv[:2], ["/usr/bin/python3", "/opt/ims/ims.py"])
+        arguments = argv[2:]
+        for option, value in (("--host", "0.0.0.0"), ("--storage", "/var/lib/ims"), ("--port", "5000")):
+            self.assertEqual(arguments[arguments.index(option) + 1], value, option)
+        # Here: this folder, this host only, a free port; every other option as written.
+        arguments[arguments.index("--host") + 1] = "127.0.0.1"
+        arguments[arguments.index("--storage") + 1] = self.storage
+        arguments[arguments.index("--port") + 1] = "0"
+        instance = self.start_instance(*arguments)
+        self.port = instance.port
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        instance.process.send_signal(signal.SIGTERM)
+        self.assertEqual(instance.process.wait(timeout=DEADLINE_SECONDS), 0)
 
 
 if __name__ == "__main__":
