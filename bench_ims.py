@@ -107,20 +107,40 @@ them (SIGTERM, then SIGKILL) whatever happens. Scenarios, in the order they run:
                 on the volume; Store.open + close (its 12-byte read included) against os.open +
                 fstat + close, on local disk and on the volume (timeit, µs). Needs root and /dev/fuse;
                 starts glusterd only when none runs, and then stops that one
+    health      /healthz and /metrics (issue 12) under load, on a fresh IMS over 100 copies of the 20 KB
+                JPEG: while wrk -t2 -c8 asks GET / and the JPEG in turn (a Lua script), one client GETs
+                /healthz 2,000 times over 10 s, a new connection each and one kept alive in turn: p50,
+                p99 (target < 20 ms) and max of each, ms; then /metrics the same way (1,000 times) and
+                its size in bytes; then both again while 8 resize jobs stay queued or running (8 of the
+                names replaced by uploads of the 12-megapixel ../shared/photos/ photos, each PATCHed
+                to about 12 megapixels again as soon as its job ends), beside how long a job takes
+                from its 202 to its end (what a request queued behind them would wait); the notes
+                give /healthz with no load, wrk's req/s and the cores the server and other
+                processes kept busy in each window, and where the server's own histogram
+                (ims_http_request_duration_seconds) puts the same requests; last, the server's CPU per
+                /healthz and per /metrics with no load
+    metrics-cost
+                what counting and JSON logs cost small GETs: three IMS (metrics on, --metrics off,
+                --log-format json), each logging to a file, wrk -t2 -c8 -d5s on the 20 KB JPEG, --repeat
+                rounds (at least 5), each round the three in turn, unpinned and then (or first) with the
+                servers held to CPU 0 and wrk to CPU 1: req/s, the server's CPU time per request, and
+                the ratios on / off (target >= 0.97, in req/s and in CPU per request) and json / common;
+                then Metrics.count_request timed in this process (timeit), on and disabled, and its
+                share of the server's CPU per request (target <= 3 %), which wrk cannot resolve here
 
 rendition-get and rendition-cold measure the IMS servers that render (with --baseline, the IMS
 before too when it has renditions; the seed never renders, and a server that answers a rendition
 with the original is noted, not measured); rendition-crowd and rendition-burst run on fresh servers
 of their own, IMS and with --baseline the IMS before. page measures IMS only, on fresh servers of
 its own. soak, slow-clients, patch-burst and the
-scaling scenarios after them measure IMS only (patch-burst also the IMS before with --baseline),
+scaling and issue 12 scenarios after them measure IMS only (patch-burst also the IMS before with --baseline),
 each on fresh servers of their own (the other columns say n/a). nginx's config, pid, error log and
 temporary files are in the scratch folder; it runs as root's user when the bench runs as root, so
 its workers can read the storage.
 
 --repeat N (default 3) is the number of runs of each wrk scenario (median), of 15 MB uploads
 (largest growth), of resize-8 rounds (median), of fresh starts for first-resize, of PATCH bursts,
-of nginx-resize rounds, of rendition-crowd, rendition-burst and page rounds (median); upload, upload-4,
+of nginx-resize rounds, of rendition-crowd, rendition-burst, page and metrics-cost rounds (median); upload, upload-4,
 resize and rendition-cold have their own series. "IMS vs seed" is a factor where above 1 means IMS
 is better, whatever the unit.
 
@@ -945,10 +965,14 @@ def run_wrk(url: str, arguments: list[str] = WRK_ARGUMENTS) -> dict[str, float]:
     """Run wrk on one URL; return requests per second, the requests made and the errors it counted."""
     completed = subprocess.run(["wrk", *arguments, url], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, check=False)
-    output = completed.stdout
+    return parse_wrk(completed.returncode, completed.stdout)
+
+
+def parse_wrk(returncode: int, output: str) -> dict[str, float]:
+    """Return requests per second, the requests made and the errors counted from wrk's output."""
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
     requests = re.search(r"(\d+) requests in ", output)
-    if completed.returncode != 0 or not rate or not requests:
+    if returncode != 0 or not rate or not requests:
         raise BenchError(f"wrk failed: {output.strip()[-200:]}")
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non_success = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -3747,6 +3771,562 @@ def scenario_gluster(bench: Bench) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------
+# Issue 12: /healthz and /metrics under load, and what counting and JSON logs cost.
+# ------------------------------------------------------------------------------------------
+
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+HEALTH_NAMES = 100  # small.jpeg and list-000 to list-098, all the 20 KB JPEG
+HEALTH_LOAD_SECONDS = 10  # each window of probes; wrk runs a second longer on each side
+HEALTH_LOAD_ARGUMENTS = ["-t2", "-c8"]
+HEALTH_PROBES = 2000  # per window of /healthz: half on a new connection each, half on one kept alive
+METRICS_PROBES = 1000  # per window of /metrics, the same way (a scrape costs the server more)
+IDLE_PROBES = 400  # /healthz with no load, a reference
+HEALTH_MAX_P99_MS = 20
+HEALTH_RESIZE_JOBS = 8  # kept queued or running through the resize windows
+HEALTH_RESIZE_PHOTOS = ("IMG_2039.jpeg", "IMG_X.jpeg")  # 4032x3024 (12.2 MP), taken in turn
+HEALTH_RESIZE_SETTLE_SECONDS = 60
+IDLE_COST_REQUESTS = 500  # /metrics GETs (and 4 times as many /healthz) timed by the server's CPU clock
+# wrk's Lua: each connection asks GET / and GET /small.jpeg in turn.
+MIXED_LOAD_SCRIPT = """\
+-- GET / and GET /small.jpeg in turn on each connection (bench_ims.py, scenario health).
+local paths = {"/", "/small.jpeg"}
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", paths[counter % 2 + 1])
+end
+"""
+METRICS_COST_MIN_ROUNDS = 5
+METRICS_COST_SETUPS = {"on": [], "off": ["--metrics", "off"], "json": ["--log-format", "json"]}
+METRICS_COST_MIN_FACTOR = 0.97  # counting may cost small GETs 3 % of their rate at most
+METRICS_FAMILIES = ("ims_http_requests_total", "ims_http_request_duration_seconds_bucket", "ims_resize_queue_jobs",
+                    "process_cpu_seconds_total")
+
+
+def prepare_small_storage(folder: Path, small_image: Path, count: int = HEALTH_NAMES) -> None:
+    """Fill a storage folder with count copies of the 20 KB JPEG: small.jpeg, list-000, list-001..."""
+    folder.mkdir()
+    shutil.copyfile(small_image, folder / "small.jpeg")
+    for index in range(count - 1):
+        shutil.copyfile(small_image, folder / f"list-{index:03d}.jpeg")
+
+
+@dataclasses.dataclass
+class Probe:
+    """One probe's answer: seconds from connecting (or sending, kept alive) to the last byte, status, body."""
+
+    seconds: float
+    status: int | None
+    body: bytes
+    error: str = ""
+
+
+def probe_once(server: Server, path: str, connection: http.client.HTTPConnection | None) -> Probe:
+    """GET path on connection (kept alive), or on a new connection closed after it when connection is None."""
+    fresh = connection is None
+    started = time.perf_counter()
+    try:
+        if fresh:
+            connection = http.client.HTTPConnection(server.host, server.port, timeout=CLIENT_TIMEOUT_SECONDS)
+            connection.request("GET", path, headers={"Connection": "close"})
+        else:
+            connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        return Probe(time.perf_counter() - started, response.status, body)
+    except (OSError, http.client.HTTPException) as error:
+        if not fresh:
+            connection.close()  # http.client connects again on the next request
+        return Probe(math.inf, None, b"", f"{type(error).__name__}: {error}")
+    finally:
+        if fresh:
+            connection.close()
+
+
+def probe_series(server: Server, path: str, count: int, seconds: float,
+                 overrun: float = math.inf) -> dict[str, list[Probe]]:
+    """GET path count times, evenly spread over seconds, new connections and a kept-alive one in turn.
+
+    A probe late on its schedule (the one before it took long) goes at once; none starts once
+    seconds + overrun have passed (the load may be over). Returns {"fresh": [...], "kept": [...]}.
+    One thread, so that the client takes little of the CPUs.
+    """
+    probes = {"fresh": [], "kept": []}
+    kept = http.client.HTTPConnection(server.host, server.port, timeout=CLIENT_TIMEOUT_SECONDS)
+    interval = seconds / count
+    next_start = time.monotonic()
+    deadline = next_start + seconds + overrun
+    try:
+        for index in range(count):
+            if time.monotonic() > deadline:
+                break
+            pause = next_start - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            next_start += interval
+            if index % 2:
+                probes["kept"].append(probe_once(server, path, kept))
+            else:
+                probes["fresh"].append(probe_once(server, path, None))
+    finally:
+        kept.close()
+    return probes
+
+
+def check_probes(probes: list[Probe], path: str) -> list[str]:
+    """Mark every probe that is not a 200 as never answered (math.inf); return what went wrong, counted."""
+    failures = collections.Counter()
+    for index, probe in enumerate(probes):
+        if probe.status != 200:
+            failures[probe.error or f"answered {probe.status}"] += 1
+            probes[index] = Probe(math.inf, probe.status, probe.body, probe.error)
+    return [f"GET {path}: {what} x{count}" for what, count in failures.items()]
+
+
+def milliseconds(value: float) -> float:
+    return value * 1000
+
+
+class Load:
+    """Context manager: wrk -t2 -c8 with MIXED_LOAD_SCRIPT on a server for `seconds`; result once it ends."""
+
+    def __init__(self, server: Server, script: Path, seconds: float):
+        self.command = ["wrk", *HEALTH_LOAD_ARGUMENTS, f"-d{math.ceil(seconds)}s", "-s", str(script), server.url("/")]
+        self.result: dict[str, float] = {}
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        output, _ = self.process.communicate()
+        if exc_info[0] is None:
+            self.result = parse_wrk(self.process.returncode, output)
+
+
+class ResizeFeeder:
+    """Context manager: keeps `jobs` resize jobs queued or running, a thread per photo name.
+
+    Each thread PATCHes its photo to one of two sizes of about 12 megapixels (its upright aspect kept,
+    the two in turn, so that every job decodes, resizes and encodes 11 to 12 megapixels), waits with GET
+    /jobs/<id>?wait= for the job to end, and PATCHes again, until the context ends. A sampler counts
+    the jobs between their 202 and their end every 20 ms.
+    """
+
+    def __init__(self, server: Server, photos: dict[str, tuple[int, int]]):
+        self.server = server
+        self.photos = photos  # name: upright (width, height)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.ended = collections.Counter()
+        self.failures = collections.Counter()
+        self.durations: list[float] = []  # seconds from a PATCH's 202 to its job's end
+        self.samples: list[int] = []
+        self.sampling = False
+        self.threads = [threading.Thread(target=self.feed, args=(name, size)) for name, size in photos.items()]
+        self.threads.append(threading.Thread(target=self.sample))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def feed(self, name: str, upright: tuple[int, int]) -> None:
+        width, height = upright
+        # A little smaller first: the photo's own size could be taken for nothing to do.
+        sizes = [(width - width // 64 * 2, height - height // 64 * 2), (width, height)]
+        connection = http.client.HTTPConnection(self.server.host, self.server.port, timeout=JOB_WAIT_SECONDS + 30)
+        turn = 0
+        try:
+            while not self.stop.is_set():
+                target = sizes[turn % 2]
+                turn += 1
+                try:
+                    status, headers, _ = request_json(connection, "PATCH", "/" + name,
+                                                      {"width": target[0], "height": target[1]})
+                    if status != 202 or not headers.get("Location"):
+                        self.failures[f"PATCH answered {status}"] += 1
+                        time.sleep(0.1)
+                        continue
+                    with self.lock:
+                        self.in_flight += 1
+                    accepted = time.perf_counter()
+                    try:
+                        job = {}
+                        while job.get("state") not in ("done", "failed", "cancelled"):
+                            status, _, job = request_json(connection, "GET", f"{headers['Location']}?wait={JOB_WAIT_SECONDS}")
+                            if status != 200 or not isinstance(job, dict):
+                                raise BenchError(f"GET {headers['Location']} answered {status}")
+                    finally:
+                        with self.lock:
+                            self.in_flight -= 1
+                    self.ended[job["state"]] += 1
+                    self.durations.append(time.perf_counter() - accepted)
+                except (OSError, http.client.HTTPException, BenchError) as error:
+                    self.failures[type(error).__name__] += 1
+                    connection.close()
+                    time.sleep(0.1)
+        finally:
+            connection.close()
+
+    def sample(self) -> None:
+        while not self.stop.is_set():
+            if self.sampling:
+                self.samples.append(self.in_flight)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(HEALTH_RESIZE_SETTLE_SECONDS)
+
+
+def health_window(server: Server, script: Path, path: str, count: int, feeder: ResizeFeeder | None = None):
+    """Probe path count times over HEALTH_LOAD_SECONDS while wrk loads the server; return (probes, load, notes).
+
+    wrk starts a second before the probes and ends two seconds or so after them.
+    """
+    others = OtherLoad()
+    histogram_before = route_histogram(server, path)
+    ticks_before = tree_cpu_ticks(server.process.pid)
+    with Load(server, script, HEALTH_LOAD_SECONDS + 3) as load:
+        time.sleep(1)
+        if feeder:
+            feeder.sampling = True
+        started = time.monotonic()
+        probes = probe_series(server, path, count, HEALTH_LOAD_SECONDS, overrun=1)
+        probing = time.monotonic() - started
+        if feeder:
+            feeder.sampling = False
+    server.check_alive()
+    cores = (tree_cpu_ticks(server.process.pid) - ticks_before) / os.sysconf("SC_CLK_TCK") / (HEALTH_LOAD_SECONDS + 3)
+    notes = check_probes(probes["fresh"], path) + check_probes(probes["kept"], path)
+    sent = len(probes["fresh"]) + len(probes["kept"])
+    if sent < count:
+        notes.append(f"only {sent} of {count} probes sent in {probing:.1f} s (each waits for the one before): "
+                     f"the rest would have gone after the load")
+    notes.append(describe_histogram(histogram_before, route_histogram(server, path), path))
+    notes.append(f"background: wrk {' '.join(HEALTH_LOAD_ARGUMENTS)} GET / and /small.jpeg in turn, "
+                 f"{load.result['requests_per_second']:,.0f} req/s, {load.result['errors']} errors; server tree busy "
+                 f"{cores:.2f} cores; other processes {others.cores():.2f} cores")
+    return probes, load.result, notes
+
+
+HISTOGRAM_BUCKET = re.compile(r'^ims_http_request_duration_seconds_bucket\{route="([^"]*)",le="([^"]+)"\} (\S+)$',
+                              re.MULTILINE)
+
+
+def route_histogram(server: Server, route: str) -> dict[float, float]:
+    """Return the server's own histogram of a route's request durations, {upper bound in s: cumulative count}."""
+    probe = probe_once(server, METRICS_PATH, None)
+    if probe.status != 200:
+        return {}
+    return {float(bound): float(count) for name, bound, count in HISTOGRAM_BUCKET.findall(probe.body.decode())
+            if name == route}
+
+
+def describe_histogram(before: dict[float, float], after: dict[float, float], route: str) -> str:
+    """Say where the p50 and p99 of the requests counted between two histograms fall, by the server's clock."""
+    counts = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
+    total = counts.get(math.inf, 0)
+    if not total:
+        return f"the server's ims_http_request_duration_seconds{{route=\"{route}\"}}: nothing counted"
+
+    def bound_of(fraction: float) -> str:
+        bound = next(bound for bound, count in counts.items() if count >= fraction * total)
+        return "over 60 s" if bound == math.inf else f"<= {bound * 1000:g} ms"
+
+    over = {limit: total - counts.get(limit, total) for limit in (0.005, 0.025)}
+    return (f"the same {total:,.0f} requests by the server's own clock (ims_http_request_duration_seconds, head read "
+            f"to answer sent): p50 {bound_of(0.5)}, p99 {bound_of(0.99)}, {over[0.005]:,.0f} over 5 ms, "
+            f"{over[0.025]:,.0f} over 25 ms; the rest of the client's time is before the head is read (connecting, "
+            f"a thread, the GIL, the CPUs) or after the answer is sent")
+
+
+def latency_rows(label: str, probes: dict[str, list[Probe]], notes: list[str], target: bool) -> list[Row]:
+    """Rows p50, p99 and max (ms) of each kind of connection; the p99 rows carry the target when asked."""
+    rows = []
+    names = {"fresh": "new connection each", "kept": "one kept-alive connection"}
+    for kind in ("fresh", "kept"):
+        times = [probe.seconds for probe in probes[kind]]
+        rows += [
+            Row("health", f"{label}, {names[kind]} ({len(times)}), p50", "ms", milliseconds(percentile(times, 0.5)),
+                higher_is_better=False),
+            Row("health", "same, p99", "ms", milliseconds(percentile(times, 0.99)), higher_is_better=False,
+                **({"target": f"< {HEALTH_MAX_P99_MS} ms", "max_ims": HEALTH_MAX_P99_MS} if target else {})),
+            Row("health", "same, max", "ms", milliseconds(max(times)), higher_is_better=False),
+        ]
+    rows[0].note = "; ".join(notes)
+    return rows
+
+
+def check_health_answer(server: Server) -> None:
+    """Raise BenchError unless GET /healthz answers 200 {"status": "ok"} and GET /metrics 200 text."""
+    probe = probe_once(server, HEALTH_PATH, None)
+    if probe.status != 200:
+        raise BenchError(f"GET {HEALTH_PATH} answered {probe.status or probe.error}: ims.py without issue 12?")
+    if json.loads(probe.body) != {"status": "ok"}:
+        raise BenchError(f"GET {HEALTH_PATH} answered {probe.body[:100]!r}")
+    probe = probe_once(server, METRICS_PATH, None)
+    if probe.status != 200:
+        raise BenchError(f"GET {METRICS_PATH} answered {probe.status or probe.error}")
+
+
+def metrics_sample(body: bytes, name: str) -> float | None:
+    """Return the value of the first sample of a metric without labels (or the sum of its labelled ones)."""
+    total, found = 0.0, False
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    return total if found else None
+
+
+def scenario_health(bench: Bench) -> list[Row]:
+    script = bench.scratch / "mixed-load.lua"
+    script.write_text(MIXED_LOAD_SCRIPT)
+    storage = bench.scratch / "health-storage"
+    prepare_small_storage(storage, bench.small_image)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        server = start_ims(storage, bench.scratch, [], "health")
+        stop_later(stack, bench, "health", server)
+        check_answers(server, ["/", "/small.jpeg"])
+        check_health_answer(server)
+
+        idle = probe_series(server, HEALTH_PATH, IDLE_PROBES, IDLE_PROBES * 0.005)
+        idle_notes = check_probes(idle["fresh"], HEALTH_PATH) + check_probes(idle["kept"], HEALTH_PATH)
+        idle_notes.append("no load: "
+                          + "; ".join(f"{kind} p50 {milliseconds(percentile([p.seconds for p in idle[kind]], 0.5)):.2f} "
+                                      f"p99 {milliseconds(percentile([p.seconds for p in idle[kind]], 0.99)):.2f} "
+                                      f"max {milliseconds(max(p.seconds for p in idle[kind])):.2f} ms"
+                                      for kind in ("fresh", "kept")))
+
+        probes, load, notes = health_window(server, script, HEALTH_PATH, HEALTH_PROBES)
+        rows += latency_rows(f"GET {HEALTH_PATH} under load", probes, idle_notes + notes, target=True)
+        loads = {"no resizes": load["requests_per_second"]}
+
+        probes, load, notes = health_window(server, script, METRICS_PATH, METRICS_PROBES)
+        sizes = sorted(len(probe.body) for probe in probes["kept"] + probes["fresh"] if probe.status == 200)
+        rows += latency_rows(f"GET {METRICS_PATH} under load", probes, notes, target=False)
+
+        # Eight of the small names become 12-megapixel photos (uploaded, so that the name count stays).
+        connection = server.connect()
+        photos = {}
+        try:
+            for index in range(HEALTH_RESIZE_JOBS):
+                status, _, _ = request_json(connection, "DELETE", f"/list-{HEALTH_NAMES - 2 - index:03d}.jpeg")
+                if status != 204:
+                    raise BenchError(f"DELETE answered {status}")
+        finally:
+            connection.close()
+        from PIL import Image
+        for index in range(HEALTH_RESIZE_JOBS):
+            photo = SHARED / "photos" / HEALTH_RESIZE_PHOTOS[index % len(HEALTH_RESIZE_PHOTOS)]
+            name = server.fresh_name("photo-")
+            upload_file(server, photo, name)
+            with Image.open(photo) as image:  # upright: EXIF orientations 5 to 8 swap the sides
+                photos[name] = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size
+        with ResizeFeeder(server, photos) as feeder:
+            if not wait_for(lambda: feeder.in_flight >= HEALTH_RESIZE_JOBS, 10):
+                raise BenchError(f"only {feeder.in_flight} resize jobs in flight after 10 s: {dict(feeder.failures)}")
+            ended_before = len(feeder.durations)
+            resize_ticks = reaped_children_ticks(server.process.pid)
+            probes, load, notes = health_window(server, script, HEALTH_PATH, HEALTH_PROBES, feeder)
+            health_samples = list(feeder.samples)
+            feeder.samples.clear()
+            loads["resizes"] = load["requests_per_second"]
+            resize_notes = [(f"{HEALTH_RESIZE_JOBS} PATCHes of 12-megapixel photos ({', '.join(HEALTH_RESIZE_PHOTOS)} "
+                            f"uploaded) kept in flight (--resize-workers default: 2 run, the rest queue): jobs between "
+                            f"their 202 and their end, sampled every 20 ms: min {min(health_samples)}, mean "
+                            f"{statistics.mean(health_samples):.1f}; {len(feeder.durations) - ended_before} jobs "
+                            f"ended during the window, each {statistics.median(feeder.durations[ended_before:]):.2f} s "
+                            f"from its 202 to its end (median; a request queued behind the resizes would wait as "
+                            f"long), their processes' CPU "
+                            f"{(reaped_children_ticks(server.process.pid) - resize_ticks) / os.sysconf('SC_CLK_TCK'):.1f} s")]
+            rows += latency_rows(f"GET {HEALTH_PATH} under load + {HEALTH_RESIZE_JOBS} resize jobs", probes,
+                                 resize_notes + notes, target=True)
+            probes, load, notes = health_window(server, script, METRICS_PATH, METRICS_PROBES, feeder)
+            queue_gauges = sorted({metrics_sample(probe.body, "ims_resize_queue_jobs") for probe in probes["kept"]
+                                   if probe.status == 200} - {None})
+            notes.insert(0, f"jobs in flight: min {min(feeder.samples)}, mean {statistics.mean(feeder.samples):.1f}; "
+                            f"ims_resize_queue_jobs seen: {', '.join(f'{value:g}' for value in queue_gauges) or 'none'}")
+            rows += latency_rows(f"GET {METRICS_PATH} under load + {HEALTH_RESIZE_JOBS} resize jobs", probes, notes,
+                                 target=False)
+        if feeder.failures:
+            rows[-6].note += "; resize feeder: " + ", ".join(f"{what} x{count}" for what, count in feeder.failures.items())
+        if set(feeder.ended) - {"done"}:
+            rows[-6].note += f"; jobs ended: {dict(feeder.ended)}"
+        # What one answer costs the server's own process when nothing else runs, by its CPU clock.
+        scrape_costs = {}
+        for path, count in ((HEALTH_PATH, IDLE_COST_REQUESTS * 4), (METRICS_PATH, IDLE_COST_REQUESTS)):
+            connection = server.connect()
+            try:
+                ticks_before = cpu_ticks([server.process.pid])
+                for _ in range(count):
+                    connection.request("GET", path)
+                    connection.getresponse().read()
+                ticks = cpu_ticks([server.process.pid]) - ticks_before
+            finally:
+                connection.close()
+            scrape_costs[path] = ticks / os.sysconf("SC_CLK_TCK") / count * 1e6
+    missing = [family for family in METRICS_FAMILIES if metrics_sample(probes["kept"][-1].body, family) is None]
+    rows += [
+        *(Row("health", f"server CPU per GET {path}, no load, one kept-alive connection", "µs", cost,
+              higher_is_better=False,
+              note=(f"{IDLE_COST_REQUESTS * 4 if path == HEALTH_PATH else IDLE_COST_REQUESTS:,} GETs one after "
+                    f"another, the server process's CPU clock (10 ms ticks); {HEALTH_NAMES} names in the folder")
+              if path == HEALTH_PATH else "")
+          for path, cost in scrape_costs.items()),
+        Row("health", f"GET {METRICS_PATH} body size", "bytes", statistics.median(sizes) if sizes else None,
+            higher_is_better=False,
+            note=(f"min {sizes[0]:,}, max {sizes[-1]:,} bytes over the answers" if sizes else "no 200 answers")
+                 + (f"; families missing: {', '.join(missing)}" if missing else "")),
+        Row("health", "background load, wrk req/s, with resizes / without", "x", loads["resizes"] / loads["no resizes"],
+            note=f"{loads['no resizes']:,.0f} req/s without, {loads['resizes']:,.0f} with (the /healthz windows)"),
+    ]
+    return rows
+
+
+def set_tree_affinity(pid: int, cpus: set[int]) -> None:
+    """Hold every thread of a process and of its descendants to cpus (threads they start later inherit it)."""
+    for member in [pid, *descendants(pid)]:
+        for task in Path(f"/proc/{member}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(int(task.name), cpus)
+
+
+def scenario_metrics_cost(bench: Bench) -> list[Row]:
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    setups = METRICS_COST_SETUPS
+    names = {"on": "metrics on, common log", "off": "--metrics off, common log", "json": "metrics on, --log-format json"}
+    every_cpu = os.sched_getaffinity(0)
+    # "pinned": the server's threads held to one CPU and wrk to the other, so that one process's threads
+    # do not hand the GIL across two cores (which halves or doubles its rate from one run to the next).
+    modes = {"free": None, "pinned": ({0}, {1})} if len(every_cpu) >= 2 else {"free": None}
+    runs = max(bench.repeat, METRICS_COST_MIN_ROUNDS)
+    rates = {(mode, setup): [] for mode in modes for setup in setups}
+    cpu = {(mode, setup): [] for mode in modes for setup in setups}
+    others = []
+    errors = collections.Counter()
+    logs = {setup: bench.scratch / f"metrics-cost-{setup}.log" for setup in setups}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for setup, options in setups.items():
+            storage = bench.scratch / f"metrics-cost-{setup}-storage"
+            prepare_small_storage(storage, bench.small_image)
+            servers[setup] = start_ims(storage, bench.scratch, options, f"metrics-cost-{setup}", log=logs[setup])
+            stop_later(stack, bench, f"metrics-cost {setup}", servers[setup])
+        for server in servers.values():
+            check_answers(server, ["/small.jpeg"])
+        metrics_status = probe_once(servers["off"], METRICS_PATH, None).status
+        order = list(setups)
+        for run in range(runs):
+            round_others = OtherLoad()
+            for mode, cpus in in_turn(modes, run):
+                for server in servers.values():
+                    set_tree_affinity(server.process.pid, cpus[0] if cpus else every_cpu)
+                wrk_arguments = (["taskset", "-c", ",".join(map(str, cpus[1]))] if cpus else []) + ["wrk"]
+                # Each round starts with the next setup: each goes first, second and last in turn.
+                for setup in order[run % 3:] + order[:run % 3]:
+                    server = servers[setup]
+                    server.check_alive()
+                    ticks_before = tree_cpu_ticks(server.process.pid)
+                    completed = subprocess.run([*wrk_arguments, *WRK_ARGUMENTS, server.url("/small.jpeg")],
+                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+                    result = parse_wrk(completed.returncode, completed.stdout)
+                    ticks = tree_cpu_ticks(server.process.pid) - ticks_before
+                    rates[mode, setup].append(result["requests_per_second"])
+                    cpu[mode, setup].append(ticks / clock_ticks / max(result["requests"], 1) * 1e6)
+                    errors[mode, setup] += result["errors"]
+            others.append(round_others.cores())
+        for server in servers.values():
+            set_tree_affinity(server.process.pid, every_cpu)
+        counted = probe_once(servers["on"], METRICS_PATH, None)
+    # The counting itself, timed in this process: far below what wrk can tell apart on a shared machine.
+    try:
+        ims = load_ims()
+        counting = per_call_microseconds(
+            lambda metrics=ims.Metrics(): metrics.count_request("GET", "/{name}", 200, 0.0003, 80, 20_200),
+            lambda metrics=ims.Metrics(enabled=False): metrics.count_request("GET", "/{name}", 200, 0.0003, 80, 20_200))
+    except (AttributeError, TypeError) as error:
+        counting, counting_problem = None, f"{type(error).__name__}: {error}"
+    log_notes = []
+    for setup in ("on", "json"):
+        lines = logs[setup].read_bytes().splitlines()
+        per_line = logs[setup].stat().st_size / max(len(lines), 1)
+        last = lines[-1].decode(errors="replace") if lines else ""
+        if setup == "json":
+            try:
+                fine = json.loads(last).get("event") == "request"
+            except (ValueError, AttributeError):
+                fine = False
+        else:
+            fine = bool(LOG_LINE.search(last))
+        log_notes.append(f"{names[setup]}: {len(lines):,} lines, {per_line:.0f} bytes a line"
+                         + ("" if fine else f", last line unexpected: {last[:120]!r}"))
+
+    def pairs(mode: str, first: str, second: str) -> str:
+        return ", ".join(f"{a / b:.3f}" for a, b in zip(rates[mode, first], rates[mode, second]))
+
+    command = " ".join(WRK_ARGUMENTS)
+    counted_total = metrics_sample(counted.body, "ims_http_requests_total") if counted.status == 200 else None
+    what = {"free": "", "pinned": ", server on CPU 0, wrk on CPU 1"}
+    rows = []
+    for mode in modes:
+        medians = {setup: statistics.median(rates[mode, setup]) for setup in setups}
+        cpu_medians = {setup: statistics.median(cpu[mode, setup]) for setup in setups}
+        rows += [
+            *(Row("metrics-cost", f"GET 20 KB JPEG, {names[setup]}, wrk {command}{what[mode]} (median of {runs})",
+                  "req/s", medians[setup], note=f"runs {', '.join(f'{rate:,.0f}' for rate in rates[mode, setup])}")
+              for setup in setups),
+            *(Row("metrics-cost", f"server CPU per request, {names[setup]}{what[mode]} (median of {runs})", "µs",
+                  cpu_medians[setup], higher_is_better=False,
+                  note=f"runs {', '.join(f'{value:.0f}' for value in cpu[mode, setup])}")
+              for setup in setups),
+            Row("metrics-cost", f"req/s, metrics on / --metrics off{what[mode]}", "x", medians["on"] / medians["off"],
+                target=f">= {METRICS_COST_MIN_FACTOR}", min_ims=METRICS_COST_MIN_FACTOR,
+                note=f"ratio of each round's pair of runs: {pairs(mode, 'on', 'off')}"),
+            Row("metrics-cost", f"CPU per request, --metrics off / metrics on{what[mode]}", "x",
+                cpu_medians["off"] / cpu_medians["on"], target=f">= {METRICS_COST_MIN_FACTOR}",
+                min_ims=METRICS_COST_MIN_FACTOR,
+                note="the same ratio by the server's CPU time, which other processes' load moves less than req/s: "
+                     + ", ".join(f"{off / on:.3f}" for on, off in zip(cpu[mode, "on"], cpu[mode, "off"]))
+                     + " a round"),
+            Row("metrics-cost", f"req/s, --log-format json / common (metrics on){what[mode]}", "x",
+                medians["json"] / medians["on"],
+                note=f"ratio of each round's pair of runs: {pairs(mode, 'json', 'on')}; CPU per request, common / "
+                     f"json: {cpu_medians['on'] / cpu_medians['json']:.3f}"),
+        ]
+    if counting:
+        reference_mode = "pinned" if "pinned" in modes else "free"
+        server_cpu = statistics.median(cpu[reference_mode, "on"])
+        share = (counting[0] - counting[1]) / server_cpu * 100
+        rows += [
+            Row("metrics-cost", "Metrics.count_request, once per request, in this process (timeit)", "µs", counting[0],
+                higher_is_better=False,
+                note=f"disabled (--metrics off) {counting[1]:.2f} µs; median of {TIMEIT_BATCHES} batches; a new "
+                     "connection adds two Metrics.add('open_connections'), wrk's are kept alive"),
+            Row("metrics-cost", f"counting's share of the server's CPU per request{what[reference_mode]}", "%", share,
+                higher_is_better=False, target="<= 3 %", max_ims=3,
+                note=f"(count_request on - off) / {server_cpu:.1f} µs, the median CPU per request with metrics on "
+                     "above"),
+        ]
+    else:
+        rows.append(Row("metrics-cost", "Metrics.count_request in this process", "", note=counting_problem))
+    problems = [f"{names[setup]} {mode}: {count} socket errors or non-2xx answers"
+                for (mode, setup), count in errors.items() if count]
+    rows[0].note += "; ".join([
+        "", (f"each round: the unpinned and pinned runs in turn, in each the three servers in turn, each going "
+             f"first in turn; logs to a file each ({'; '.join(log_notes)}); --metrics off answered GET {METRICS_PATH} "
+            f"{metrics_status}; ims_http_requests_total at the end with metrics on: {counted_total}; other processes "
+             f"kept {', '.join(f'{cores:.2f}' for cores in others)} cores busy in the rounds"), *problems])
+    return rows
+
+
 SCENARIOS = {
     "idle-rss": (scenario_idle_rss, []),
     "list": (scenario_list, ["wrk"]),
@@ -3770,6 +4350,8 @@ SCENARIOS = {
     "nginx": (scenario_nginx, ["wrk", "nginx"]),
     "nginx-resize": (scenario_nginx_resize, ["nginx"]),
     "gluster": (scenario_gluster, ["wrk", "curl", "nginx", "gluster", "glusterd", "mount.glusterfs"]),
+    "health": (scenario_health, ["wrk"]),
+    "metrics-cost": (scenario_metrics_cost, ["wrk"]),
 }
 
 
