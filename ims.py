@@ -31,6 +31,7 @@ import functools
 import hashlib
 import html
 import http.server
+import itertools
 import json
 import math
 import mmap
@@ -2605,12 +2606,12 @@ def repr_digest(algorithm, digest):
     return f"{algorithm}=:{base64.b64encode(digest).decode('ascii')}:"
 
 
-def request_id(headers):
-    """Return the client's X-Request-Id when it is 1 to 128 visible ASCII characters, else a new one."""
+def client_request_id(headers):
+    """Return the client's X-Request-Id when it is 1 to 128 visible ASCII characters, else None."""
     given = headers.get("X-Request-Id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return secrets.token_hex(16)
+    return None
 
 
 def parse_origins(value):
@@ -4621,7 +4622,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = request.method, request.target, request.version
         self.headers = request.headers
         self.body_is_consumed = not request.has_body
-        self.request_id = request_id(request.headers)
+        self.request_id = client_request_id(request.headers) or self.server.new_request_id()
 
     def decide_keep_alive(self):
         """Decide, once per answer, whether the connection serves another request after it.
@@ -4651,12 +4652,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if name is None:
                 raise HTTPError(404, f"there is nothing at {path[:200]!r}; images live at /<name> with an image extension")
             actions, arguments, self.route_name = IMAGE_ACTIONS, (self.server.store.resolve(name),), "/{name}"
-        is_cors_on = bool(self.server.settings.cors_origin)
-        if self.command == "OPTIONS" and is_cors_on:
-            return self.answer_options, (actions,)
         action = actions.get(self.command)
         if action is None:
-            allowed = ", ".join(actions) + (", OPTIONS" if is_cors_on else "")
+            if self.command == "OPTIONS" and self.server.settings.cors_origin:
+                return self.answer_options, (actions,)
+            allowed = ", ".join(actions) + (", OPTIONS" if self.server.settings.cors_origin else "")
             raise HTTPError(405, f"{self.command} is not allowed here; use {allowed}", {"Allow": allowed})
         return getattr(self, action), arguments
 
@@ -5028,7 +5028,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.response_started = True
         self.status = status
         if self.request_id is None:
-            self.request_id = secrets.token_hex(16)
+            self.request_id = self.server.new_request_id()
         lines = [
             f"HTTP/1.1 {status} {self.responses[status][0]}",
             f"Server: {self.server_version}",
@@ -5141,6 +5141,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.metrics = metrics or Metrics(enabled=settings.metrics)
         self.metrics.use_block(block)
         self._log_lock = threading.Lock()
+        # Made request ids: random per process (each worker makes its own), then counted, which
+        # costs no system call per request.
+        self._request_id_prefix = secrets.token_hex(8)
+        self._request_numbers = itertools.count()
         self.store = Store(settings.storage, settings.cache_size, functools.partial(self.metrics.add, "cache_evictions"))
         self.store.scan()
         allow_pixels(settings.max_pixels)
@@ -5216,6 +5220,10 @@ class Server(http.server.ThreadingHTTPServer):
     def is_stopping(self):
         """Tell whether the server has begun to stop."""
         return self._is_stopping
+
+    def new_request_id(self):
+        """Return a request id of 32 hex digits that no other request to any instance gets."""
+        return f"{self._request_id_prefix}{next(self._request_numbers):016x}"
 
     def job_ended(self, job, seconds):
         """Count a Job this instance ended, and log it in the JSON format; `seconds` its resize process ran, or None."""
