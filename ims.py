@@ -2550,10 +2550,8 @@ class BodyDigests:
                 members = parse_dictionary(content_digest)
             except ValueError as error:
                 raise HTTPError(400, f"Content-Digest is not a dictionary like sha-256=:<base64>: ({error})") from None
-            promised = {}
-            for key, item in members:
-                if key in DIGEST_ALGORITHMS:
-                    promised[key] = item
+            # A key given twice means its last value (RFC 8941 §4.2.2).
+            promised = {key: item for key, item in members if key in DIGEST_ALGORITHMS}
             for key, item in promised.items():
                 digest = _byte_sequence(item)
                 hasher = hashlib.new(DIGEST_ALGORITHMS[key])
