@@ -332,6 +332,14 @@ def format_http_date(seconds):
     return email.utils.formatdate(seconds, usegmt=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _log_time(seconds):
+    # The Common Log Format's time, as http.server writes it: 04/Dec/2026 23:40:00, local time.
+    moment = time.localtime(seconds)
+    month = http.server.BaseHTTPRequestHandler.monthname[moment.tm_mon]
+    return f"{moment.tm_mday:02d}/{month}/{moment.tm_year:04d} {moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d}"
+
+
 def sniff_format(head):
     """Return the allowed format whose signature the bytes `head` begin with, or None.
 
@@ -4530,6 +4538,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             super().log_request(self.status, self.body_bytes_sent)
 
+    def log_date_time_string(self):
+        # The stdlib formats the local time anew for every line; it changes once a second.
+        return _log_time(int(time.time()))
+
     def read_request_head(self):
         """Return the bytes of the next request head, or None when the client closed the connection.
 
@@ -4890,7 +4902,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             start, length, status = byte_range[0], byte_range[1] - byte_range[0] + 1, 206
             headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{size}"
         headers["Content-Length"] = str(length)
-        algorithm = wanted_digest(self.headers)
+        algorithm = wanted_digest(self.headers) if "Want-Repr-Digest" in self.headers else None
         if algorithm is not None:
             headers["Repr-Digest"] = repr_digest(algorithm, self.server.store.digest(stored, algorithm))
         self.send_head(status, headers)
