@@ -4671,13 +4671,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return getattr(self, action), arguments
 
     def allowed_origin(self):
-        """Return what Access-Control-Allow-Origin answers this request's Origin: "*", the origin, or None."""
+        """Return what Access-Control-Allow-Origin answers this request's Origin: "*", the origin, or None.
+
+        "*" goes on every answer, Origin or not: the same for everyone, it is what a shared cache may keep.
+        """
         allowed = self.server.settings.cors_origin
+        if allowed == ("*",):
+            return "*"
         origin = self.headers.get("Origin")
         if not allowed or origin is None:
             return None
-        if allowed == ("*",):
-            return "*"
         return origin if origin.lower() in allowed else None
 
     # Routes

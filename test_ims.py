@@ -10470,6 +10470,13 @@ class TestCorsAnyOrigin(CorsTestCase):
                     self.assertEqual(reply.status, status, reply.body)
                     self.assertSimpleCors(reply, "*")
 
+    def test_answers_without_an_origin_carry_the_star_too(self):
+        for path in ("/", "/healthz", "/missing.png"):
+            with self.subTest(path=path):
+                reply = self.request("GET", path)
+                self.assertEqual(reply.headers["Access-Control-Allow-Origin"], "*")
+                self.assertIn("ETag", reply.headers["Access-Control-Expose-Headers"])
+
 
 class TestCorsOriginList(CorsTestCase):
     server_options = {"cors_origin": "http://a.test http://b.test:81,http://c.test"}
