@@ -3222,9 +3222,11 @@ class Resizer:
     or by the next to start.
     """
 
-    def __init__(self, store, workers, max_queue, timeout_seconds, max_pixels, metrics=None, on_job_end=None):
+    def __init__(self, store, workers, max_queue, timeout_seconds, max_pixels, metrics=None, on_job_end=None, log=None):
         self._store = store
         self._metrics = metrics or Metrics(enabled=False)
+        # log(event, message, details=None), as log_event() with the server's format.
+        self._log = log or functools.partial(log_event, "common")
         # Told of every job this instance ends: on_job_end(job, seconds its resize process ran or None).
         self._on_job_end = on_job_end
         self._max_pixels = max_pixels
@@ -3340,7 +3342,7 @@ class Resizer:
                 # The folder may be gone or read-only for a while: said once, not twice a second.
                 message = getattr(error, "message", None) or str(error)
                 if message != self._last_queue_error:
-                    sys.stderr.write(f"ims.py: cannot run the folder's resize queue: {message}\n")
+                    self._log("error", f"cannot run the folder's resize queue: {message}")
                     self._last_queue_error = message
 
     def _start_ready_jobs(self):
@@ -3508,7 +3510,7 @@ class Resizer:
         except HTTPError as failure:
             outcome = Outcome(FAILED, failure.message)
         except Exception:
-            traceback.print_exc()
+            self._log("error", f"resize job {job.id} of {job.image!r} failed unexpectedly", traceback.format_exc())
         finally:
             try:
                 if target is not None:
@@ -3524,7 +3526,7 @@ class Resizer:
                     if self._on_job_end is not None:
                         self._on_job_end(job, run.seconds)
             except Exception:
-                traceback.print_exc()
+                self._log("error", f"resize job {job.id} could not be ended", traceback.format_exc())
             finally:
                 with self._condition:
                     self._runs.pop(job.id, None)
@@ -5153,7 +5155,6 @@ class Server(http.server.ThreadingHTTPServer):
         # With --workers, the instance's Metrics, made by the supervisor, and this worker's block of it.
         self.metrics = metrics or Metrics(enabled=settings.metrics)
         self.metrics.use_block(block)
-        self._log_lock = threading.Lock()
         # Made request ids: random per process (each worker makes its own), then counted, which
         # costs no system call per request.
         self._request_id_prefix = secrets.token_hex(8)
@@ -5176,6 +5177,7 @@ class Server(http.server.ThreadingHTTPServer):
             settings.max_pixels,
             self.metrics,
             self.job_ended,
+            self.log_event,
         )
         self.renditions = Renditions(self.store, self.resizer, settings.max_pixels, self.metrics)
         try:
@@ -5247,10 +5249,11 @@ class Server(http.server.ThreadingHTTPServer):
 
     def log_json(self, fields):
         """Write one log line: `fields` as a JSON object, after the time."""
-        line = json.dumps({"time": _iso_time(time.time()), **fields}) + "\n"
-        with self._log_lock:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+        log_json(fields)
+
+    def log_event(self, event, message, details=None):
+        """Log what is not a request, in the server's log format."""
+        log_event(self.settings.log_format, event, message, details)
 
     def track_handler(self, handler, is_open):
         """Remember the open connections, so stopping can close the idle ones."""
@@ -5286,7 +5289,7 @@ class Server(http.server.ThreadingHTTPServer):
             self.store.remove_leftovers()
         except OSError as error:
             # The folder went while serving: nothing of it is left to clean.
-            sys.stderr.write(f"ims.py: cannot remove leftovers from {self.settings.storage}: {error.strerror or error}\n")
+            self.log_event("error", f"cannot remove leftovers from {self.settings.storage}: {error.strerror or error}")
 
     def _cut_connections(self, only_idle):
         # Shutting a socket down wakes the thread blocked reading it.
@@ -5305,10 +5308,27 @@ class Server(http.server.ThreadingHTTPServer):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def handle_error(self, request, client_address):
-        if self.settings.log_format == "json":
-            self.log_json({"event": "error", "message": f"unexpected error serving {client_address}", "traceback": traceback.format_exc()})
-        else:
-            sys.stderr.write(f"unexpected error serving {client_address}:\n{traceback.format_exc()}")
+        self.log_event("error", f"unexpected error serving {client_address}", traceback.format_exc())
+
+
+# One line of JSON is written whole, whichever threads log at once.
+_LOG_LOCK = threading.Lock()
+
+
+def log_json(fields):
+    """Write `fields` on a line of stderr as one JSON object, after the time."""
+    line = json.dumps({"time": _iso_time(time.time()), **fields}) + "\n"
+    with _LOG_LOCK:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def log_event(log_format, event, message, details=None):
+    """Log what is not a request: "ims.py: <message>" and the details (a traceback) as they are, or a JSON object."""
+    if log_format == "json":
+        log_json({"event": event, "message": message, **({"traceback": details} if details else {})})
+    else:
+        sys.stderr.write(f"ims.py: {message}\n{details or ''}")
 
 
 def make_server(storage, host="127.0.0.1", port=5000, quiet=False, **options):
@@ -5446,7 +5466,7 @@ def _run_worker(settings, listener, ready_descriptor, metrics, block):
     try:
         server = Server(settings, listener=None if REUSE_PORT_BALANCES else listener, supervisor_pid=os.getppid(), metrics=metrics, block=block)
     except OSError as error:
-        sys.stderr.write(f"ims.py: worker {os.getpid()} cannot serve on {settings.host}:{settings.port}: {error}\n")
+        log_event(settings.log_format, "error", f"worker {os.getpid()} cannot serve on {settings.host}:{settings.port}: {error}")
         return 1
     try:
         os.write(ready_descriptor, b"+")
@@ -5477,7 +5497,7 @@ def serve_workers(settings):
     try:
         listener = _reserve_port(settings)
     except OSError as error:
-        sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
+        log_event(settings.log_format, "error", f"cannot serve on {settings.host}:{settings.port}: {error}")
         return 1
     settings = dataclasses.replace(settings, port=listener.getsockname()[1])
     # Every worker counts in its own block of these; a restarted one in its predecessor's.
@@ -5508,7 +5528,7 @@ def serve_workers(settings):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 status = _run_worker(settings, listener, writer, metrics, block)
             except BaseException:
-                traceback.print_exc()
+                log_event(settings.log_format, "error", f"worker {os.getpid()} failed", traceback.format_exc())
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -5538,7 +5558,7 @@ def serve_workers(settings):
         if worker is None or is_stopping:
             continue
         started, block = worker
-        sys.stderr.write(f"ims.py: worker {pid} {_describe_exit(status)}; restarting it\n")
+        log_event(settings.log_format, "worker", f"worker {pid} {_describe_exit(status)}; restarting it")
         if time.monotonic() - started < WORKER_RESTART_SECONDS:
             time.sleep(WORKER_RESTART_SECONDS)
         if not is_stopping:
@@ -5551,13 +5571,13 @@ def main(argv=None):
     """Run IMS until SIGINT or SIGTERM; return the exit status."""
     settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     for warning in mount_warnings(mount_of(settings.storage)):
-        sys.stderr.write(f"ims.py: warning: {warning}\n")
+        log_event(settings.log_format, "warning", f"warning: {warning}")
     if settings.workers > 1:
         return serve_workers(settings)
     try:
         server = Server(settings)
     except OSError as error:
-        sys.stderr.write(f"ims.py: cannot serve on {settings.host}:{settings.port}: {error}\n")
+        log_event(settings.log_format, "error", f"cannot serve on {settings.host}:{settings.port}: {error}")
         return 1
     print_serving(settings, server.server_address)
     serve(server)

@@ -1355,6 +1355,44 @@ class TestMetrics(unittest.TestCase):
         self.assertEqual(ims._labels({"a": 'x"y\\z\nw'}), '{a="x\\"y\\\\z\\nw"}')
 
 
+class TestLogEvents(unittest.TestCase):
+    """What is logged besides requests: a line of text, or with --log-format json an object per line."""
+
+    def test_events_are_text_lines_or_json_objects(self):
+        with mock.patch("sys.stderr", io.StringIO()) as stderr:
+            ims.log_event("common", "warning", "warning: the folder is on NFS")
+            ims.log_event("common", "error", "it broke", "Traceback (most recent call last):\n  ...\n")
+        self.assertEqual(stderr.getvalue(), "ims.py: warning: the folder is on NFS\nims.py: it broke\nTraceback (most recent call last):\n  ...\n")
+        with mock.patch("sys.stderr", io.StringIO()) as stderr:
+            ims.log_event("json", "warning", "warning: the folder is on NFS")
+            ims.log_event("json", "error", "it broke\nbadly", "Traceback (most recent call last):\n  ...\n")
+        lines = stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first, second = (json.loads(line) for line in lines)
+        self.assertEqual((first["event"], first["message"]), ("warning", "warning: the folder is on NFS"))
+        self.assertNotIn("traceback", first)
+        self.assertEqual((second["event"], second["message"], second["traceback"]), ("error", "it broke\nbadly", "Traceback (most recent call last):\n  ...\n"))
+        self.assertRegex(second["time"], r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+
+    def test_a_queue_that_cannot_be_read_is_logged_once_as_json(self):
+        tempdir = tempfile.TemporaryDirectory()
+        self.addCleanup(tempdir.cleanup)
+        with mock.patch("sys.stderr", io.StringIO()) as stderr:
+            server = ims.make_server(tempdir.name, port=0, log_format="json")
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            try:
+                os.rename(os.path.join(tempdir.name, ".ims", "queue"), os.path.join(tempdir.name, ".ims", "queue-away"))
+                wait_for(lambda: "resize queue" in stderr.getvalue())
+            finally:
+                os.rename(os.path.join(tempdir.name, ".ims", "queue-away"), os.path.join(tempdir.name, ".ims", "queue"))
+                server.shutdown()
+                server.server_close()
+        events = [json.loads(line) for line in stderr.getvalue().splitlines()]
+        errors = [event for event in events if event["event"] == "error"]
+        self.assertEqual(len(errors), 1, events)
+        self.assertIn("cannot run the folder's resize queue", errors[0]["message"])
+
+
 class HTTPTestCase(ServerTestCase):
     """ServerTestCase plus raw-socket helpers for what http.client cannot send or see."""
 
