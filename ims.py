@@ -653,6 +653,15 @@ def _is_in_place(path, descriptor):
         return False
 
 
+def _remember(cache, key, value):
+    # Keep what one version of a file gives (`key` names the version) in a cache of at most
+    # MAX_SNIFFED_VERSIONS entries, which starts again when full; return the value.
+    if len(cache) >= MAX_SNIFFED_VERSIONS:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _close_quietly(descriptor):
     # Closing a file only read can fail only where another host removed it meanwhile (ESTALE):
     # nothing is lost.
@@ -1017,9 +1026,7 @@ class Store:
                     facts = image_facts(file)
             except HTTPError:
                 return None
-            if len(self._facts) >= MAX_SNIFFED_VERSIONS:
-                self._facts.clear()
-            self._facts[version] = facts
+            _remember(self._facts, version, facts)
         return version, self._facts.get(version)
 
     def totals(self):
@@ -1047,10 +1054,7 @@ class Store:
                     break
                 hasher.update(data)
                 offset += len(data)
-            digest = hasher.digest()
-            if len(self._digests) >= MAX_SNIFFED_VERSIONS:
-                self._digests.clear()
-            self._digests[key] = digest
+            digest = _remember(self._digests, key, hasher.digest())
         return digest
 
     def health(self):
@@ -1759,11 +1763,7 @@ class Store:
 
     def _sniff(self, descriptor, version):
         image_format = sniff_format(os.pread(descriptor, SNIFF_BYTES, 0))
-        content_type = CONTENT_TYPE_BY_FORMAT.get(image_format, UNKNOWN_CONTENT_TYPE)
-        if len(self._content_types) >= MAX_SNIFFED_VERSIONS:
-            self._content_types.clear()
-        self._content_types[version] = content_type
-        return content_type
+        return _remember(self._content_types, version, CONTENT_TYPE_BY_FORMAT.get(image_format, UNKNOWN_CONTENT_TYPE))
 
     def _refresh(self, force=False):
         try:
@@ -4527,7 +4527,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.quiet:
             return
         if self.server.settings.log_format == "json":
-            self.server.log_json({
+            log_json({
                 "event": "request",
                 "request_id": self.request_id,
                 "client": self.client_address[0],
@@ -4607,7 +4607,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as error:
             if self.server.settings.log_format == "json":
-                self.server.log_json({"event": "error", "request_id": self.request_id, "message": f"unexpected error in {self.requestline!r}: {error!r}", "traceback": traceback.format_exc()})
+                log_json({"event": "error", "request_id": self.request_id, "message": f"unexpected error in {self.requestline!r}: {error!r}", "traceback": traceback.format_exc()})
             else:
                 # log_error() escapes line breaks; the traceback follows on stderr as it is.
                 self.log_error("unexpected error in %r: %r", self.requestline, error)
@@ -5244,12 +5244,8 @@ class Server(http.server.ThreadingHTTPServer):
         """Count a Job this instance ended, and log it in the JSON format; `seconds` its resize process ran, or None."""
         self.metrics.count_job_end(job.state)
         if not self.quiet and self.settings.log_format == "json":
-            self.log_json({"event": "job", "job": job.id, "image": job.image, "state": job.state, "error": job.error,
+            log_json({"event": "job", "job": job.id, "image": job.image, "state": job.state, "error": job.error,
                            "duration": None if seconds is None else round(seconds, 6)})
-
-    def log_json(self, fields):
-        """Write one log line: `fields` as a JSON object, after the time."""
-        log_json(fields)
 
     def log_event(self, event, message, details=None):
         """Log what is not a request, in the server's log format."""
