@@ -4001,16 +4001,16 @@ def _sample(value):
 
 
 def _process_status(pid):
-    # (CPU seconds with those of waited-for children, resident bytes, virtual bytes, open
-    # descriptors, start in clock ticks after boot) of a process, from Linux's /proc; None when gone.
+    # (CPU clock ticks with those of waited-for children, resident bytes, virtual bytes, open
+    # descriptors, start in seconds after boot) of a process, from Linux's /proc; None when gone.
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
             text = file.read()
         fields = text[text.rindex(b")") + 2:].split()
         ticks = os.sysconf("SC_CLK_TCK")
-        cpu = sum(int(fields[index]) for index in (11, 12, 13, 14)) / ticks
+        cpu_ticks = sum(int(fields[index]) for index in (11, 12, 13, 14))
         open_descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-        return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), int(fields[20]), open_descriptors, int(fields[19]) / ticks
+        return cpu_ticks, int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), int(fields[20]), open_descriptors, int(fields[19]) / ticks
     except (OSError, ValueError, IndexError):
         return None
 
@@ -4040,7 +4040,9 @@ def process_exposition(pids, supervisor_pid):
         started = _boot_time() + statuses[0][4]
     except OSError:
         started = None
-    gauge("process_cpu_seconds_total", "counter", "User and system CPU time of the instance's processes and the resize processes they ended.", sum(status[0] for status in statuses))
+    # Ticks are summed before they become seconds: floats summed in another order could make the
+    # counter seem to go down when a dead worker's ticks move to its supervisor.
+    gauge("process_cpu_seconds_total", "counter", "User and system CPU time of the instance's processes and the resize processes they ended.", sum(status[0] for status in statuses) / os.sysconf("SC_CLK_TCK"))
     gauge("process_resident_memory_bytes", "gauge", "Resident memory of the instance's serving processes.", sum(status[1] for status in statuses))
     gauge("process_virtual_memory_bytes", "gauge", "Virtual memory of the instance's serving processes.", sum(status[2] for status in statuses))
     gauge("process_open_fds", "gauge", "Open file descriptors of the instance's serving processes.", sum(status[3] for status in statuses))
